@@ -1,0 +1,287 @@
+"""Data in, tensors out: image decoding, image transforms, caption cleaning, COCO-Karpathy sets.
+
+Every function here is deterministic except the training-time random crop, and every failure
+carries a short machine-usable reason that the pipeline records in its manifests.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from vlp_core.tokenizer import tokenize
+
+if TYPE_CHECKING:
+    from vlp_core.config import BlipConfig
+
+# --------------------------------------------------------------------------- images
+
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; anything larger is refused before decoding
+DECODE_REASONS = ("missing_file", "not_an_image", "truncated", "corrupt", "too_large")
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used. `reason` is one of DECODE_REASONS; `detail` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file path or encoded bytes into an upright RGB image.
+
+    EXIF orientation is applied; palette, alpha (composited on white), CMYK, 16-bit and animated
+    (first frame) images are converted. Raises ImageDecodeError with a reason from DECODE_REASONS.
+    """
+    if isinstance(source, bytes):
+        name, stream = "<bytes>", io.BytesIO(source)
+    else:
+        name, stream = str(source), source
+        if not Path(source).is_file():
+            raise ImageDecodeError("missing_file", f"no file at {name}")
+    try:
+        with Image.open(stream) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    "too_large", f"{name} is {width}x{height}, above the limit of {max_pixels} pixels"
+                )
+            image.load()  # the first frame of an animation
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as error:
+        raise ImageDecodeError("not_an_image", f"{name} is not a recognised image format") from error
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError("too_large", f"{name}: {error}") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        reason = "truncated" if "truncated" in str(error).lower() or isinstance(error, EOFError) else "corrupt"
+        raise ImageDecodeError(reason, f"{name}: {error}") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels become white."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    if image.mode.startswith("I"):
+        # 16-bit (or wider) grey levels: rescale to 0..255 instead of clipping.
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalised float tensor (3, S, S), S = config.vision.image_size.
+
+    Training adds a light random resized crop (about 80-100 % of the area). There is deliberately
+    no horizontal flip: captions say "left of" / "right of", and a flip would make them false.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: bool = False
+    min_crop_area: float = 0.8
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.train:
+            image = image.crop(self._random_crop_box(*image.size))
+        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def _random_crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """A box covering about [min_crop_area, 1] of the image; its aspect is the image's times [3/4, 4/3]."""
+        area_fraction, log_aspect, left_fraction, top_fraction = torch.rand(4).tolist()
+        area = self.min_crop_area + (1 - self.min_crop_area) * area_fraction
+        aspect = math.exp(math.log(3 / 4) + log_aspect * math.log(16 / 9))
+        crop_w = min(width, max(1, round(width * math.sqrt(area * aspect))))
+        crop_h = min(height, max(1, round(height * math.sqrt(area / aspect))))
+        left = round(left_fraction * (width - crop_w))
+        top = round(top_fraction * (height - crop_h))
+        return left, top, left + crop_w, top + crop_h
+
+
+def image_transform(config: BlipConfig, train: bool) -> ImageTransform:
+    """The model's image transform: resize to the configured size and normalise (see ImageTransform)."""
+    return ImageTransform(
+        image_size=config.vision.image_size,
+        mean=tuple(config.image_mean),
+        std=tuple(config.image_std),
+        train=train,
+    )
+
+
+# --------------------------------------------------------------------------- captions
+
+_HTML_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z!][^<>]*>", re.DOTALL)  # "a < b > c" is not a tag
+
+
+def normalize_caption(text: str | bytes, max_chars: int) -> tuple[str | None, str | None]:
+    """Clean one web caption. Returns (caption, reason).
+
+    Invalid UTF-8 is decoded with replacement and flagged: ("repaired text", "invalid_utf8").
+    A caption with nothing left is rejected: (None, "empty_caption"). Otherwise (caption, None).
+    Cleaning strips HTML tags and entities, control/format characters and U+FFFD, applies NFC,
+    collapses whitespace and cuts to at most `max_chars` characters at a word boundary.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    flag = None
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            text, flag = text.decode("utf-8", errors="replace"), "invalid_utf8"
+    previous = None
+    while text != previous:  # entities can hide tags ("&lt;b&gt;"), so repeat until stable
+        previous = text
+        text = unicodedata.normalize("NFC", _HTML_TAG.sub(" ", html.unescape(_drop_control(text))))
+    text = _truncate_at_word(" ".join(text.split()), max_chars)
+    if not text:
+        return None, "empty_caption"
+    return text, flag
+
+
+def _drop_control(text: str) -> str:
+    """Whitespace-like control characters become spaces; other control/format/unassigned go."""
+    return "".join(
+        " " if char.isspace() else char
+        for char in text
+        if char.isspace() or (unicodedata.category(char)[0] != "C" and char != "\ufffd")
+    )
+
+
+def _truncate_at_word(text: str, max_chars: int) -> str:
+    """Cut `text` to at most max_chars, preferring to drop a partial last word."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    if text[max_chars] != " " and " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip()
+
+
+# --------------------------------------------------------------------------- COCO Karpathy
+
+
+class CocoFormatError(ValueError):
+    """An annotation file that does not follow the COCO Karpathy format."""
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One image and all of its captions."""
+
+    image_path: Path
+    captions: tuple[str, ...]
+    image_id: str
+
+
+def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionRecord]:
+    """Read `[{"image": str, "caption": str | [str], "image_id": ...}, ...]` into one record per image.
+
+    Entries that share an image are merged (the Karpathy train split has one entry per caption).
+    `image_id` is optional; without it the image path stands in. Errors name the file and entry.
+    """
+    annotation_json = Path(annotation_json)
+    try:
+        entries = json.loads(annotation_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CocoFormatError(f"{annotation_json}: not valid JSON ({error})") from error
+    if not isinstance(entries, list):
+        raise CocoFormatError(f"{annotation_json}: expected a JSON list of entries, got {type(entries).__name__}")
+    captions: dict[str, list[str]] = {}
+    image_ids: dict[str, str] = {}
+    for index, entry in enumerate(entries):
+        image, entry_captions, image_id = _parse_entry(entry, f"{annotation_json}: entry {index}")
+        if image_ids.setdefault(image, image_id) != image_id:
+            raise CocoFormatError(
+                f"{annotation_json}: entry {index}: image {image!r} has image_id {image_id!r}, "
+                f"but an earlier entry gave it {image_ids[image]!r}"
+            )
+        captions.setdefault(image, []).extend(entry_captions)
+    return [
+        CaptionRecord(Path(image_root) / image, tuple(texts), image_ids[image]) for image, texts in captions.items()
+    ]
+
+
+def _parse_entry(entry: object, where: str) -> tuple[str, list[str], str]:
+    """Validate one annotation entry; returns (image, captions, image_id)."""
+    if not isinstance(entry, dict):
+        raise CocoFormatError(f"{where}: expected an object, got {type(entry).__name__}")
+    image = entry.get("image")
+    if not isinstance(image, str) or not image:
+        raise CocoFormatError(f"{where}: field 'image' must be a non-empty string (a path under the image root)")
+    caption = entry.get("caption")
+    captions = [caption] if isinstance(caption, str) else caption
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise CocoFormatError(f"{where}: field 'caption' must be a string or a non-empty list of strings")
+    image_id = entry.get("image_id", image)
+    if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+        raise CocoFormatError(f"{where}: field 'image_id' must be a string or an integer")
+    return image, captions, str(image_id)
+
+
+class CocoCaptionSet(Dataset):
+    """(image tensor (3,S,S), caption, image index) for every caption of every record.
+
+    The image index (position of the record) lets a loss treat captions of one image as positives.
+    """
+
+    def __init__(self, records: list[CaptionRecord], transform: ImageTransform):
+        self.records = records
+        self.transform = transform
+        self.pairs = [(r, c) for r, record in enumerate(records) for c in range(len(record.captions))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+        record_index, caption_index = self.pairs[index]
+        record = self.records[record_index]
+        image = self.transform(load_image(record.image_path))
+        return image, record.captions[caption_index], record_index
+
+
+@dataclass(frozen=True)
+class CaptionCollator:
+    """Stack a list of CocoCaptionSet items into a batch dict (picklable for DataLoader workers).
+
+    Returns pixel_values (B,3,S,S), input_ids / attention_mask (B,L) as `tokenize` makes them
+    ([CLS] ... [SEP], right padded) and image_index (B,).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+
+    def __call__(self, batch: list[tuple[torch.Tensor, str, int]]) -> dict[str, torch.Tensor]:
+        images, captions, image_index = zip(*batch)
+        input_ids, attention_mask = tokenize(self.tokenizer, list(captions), self.max_length)
+        return {
+            "pixel_values": torch.stack(images),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_index": torch.tensor(image_index, dtype=torch.long),
+        }
