@@ -1,0 +1,183 @@
+"""BLIP's three pretraining objectives as pure functions of tensors.
+
+Each loss returns a named dict (open_clip style) so that callers can log every term:
+
+- ``itc_loss``: image-text contrastive loss with momentum distillation and a feature queue.
+- ``sample_hard_negatives`` + ``itm_loss``: image-text matching on ITC-mined hard negatives.
+- ``lm_loss``: image-grounded captioning loss (next-token cross-entropy with label smoothing).
+
+Shapes: B batch, E projection width, Q queue length, L text length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum(targets * log_softmax(logits)); both (B, N)."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    image_features_m: torch.Tensor,
+    text_features_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    queue_ids: torch.Tensor,
+    image_ids: torch.Tensor,
+    temp: torch.Tensor | float,
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """Image-text contrastive loss with momentum distillation (BLIP's ITA).
+
+    The online features are contrasted against the momentum features of the batch followed by the
+    queue. Every column showing the same ``image_id`` as the row is a positive (several captions of
+    one image are all correct). The targets mix the momentum model's own similarity distribution
+    with the ground truth: ``alpha * softmax(sim_m) + (1 - alpha) * positives / num_positives``.
+
+    Args:
+        image_features, text_features: (B, E) L2-normalised online features.
+        image_features_m, text_features_m: (B, E) L2-normalised momentum features (no grad).
+        image_queue, text_queue: (E, Q) momentum features of earlier batches (Q may be 0).
+        queue_ids: (Q,) image ids of the queued features.
+        image_ids: (B,) image id of each pair in the batch.
+        temp: softmax temperature (scalar), expected already clamped to [0.001, 0.5].
+        alpha: distillation weight in [0, 1].
+
+    Returns:
+        ``itc_loss`` (scalar) and the detached in-batch similarities ``sim_i2t``, ``sim_t2i``
+        (B, B), online rows against momentum columns, from which ITM mines its hard negatives.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if image_queue.shape != text_queue.shape or image_queue.shape[1] != queue_ids.shape[0]:
+        raise ValueError(
+            "queues disagree: image_queue, text_queue must both be (E, Q) and queue_ids (Q,), got "
+            f"{tuple(image_queue.shape)}, {tuple(text_queue.shape)}, {tuple(queue_ids.shape)}"
+        )
+    batch_size = image_features.shape[0]
+    all_ids = torch.cat([image_ids, queue_ids])
+    positives = (image_ids[:, None] == all_ids[None, :]).float()
+    ground_truth = positives / positives.sum(dim=1, keepdim=True)
+
+    with torch.no_grad():
+        image_features_m_all = torch.cat([image_features_m.t(), image_queue], dim=1)  # (E, B+Q)
+        text_features_m_all = torch.cat([text_features_m.t(), text_queue], dim=1)
+        sim_i2t_m = image_features_m @ text_features_m_all / temp
+        sim_t2i_m = text_features_m @ image_features_m_all / temp
+        targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * ground_truth
+        targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * ground_truth
+
+    sim_i2t = image_features @ text_features_m_all / temp  # (B, B+Q)
+    sim_t2i = text_features @ image_features_m_all / temp
+    loss = (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+    return {
+        "itc_loss": loss,
+        "sim_i2t": sim_i2t[:, :batch_size].detach(),
+        "sim_t2i": sim_t2i[:, :batch_size].detach(),
+    }
+
+
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    image_ids: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one hard negative text per image and one hard negative image per text.
+
+    Candidates are sampled with probability softmax(sim) over the batch, renormalised after masking
+    out every positive (same ``image_id``), so captions of the same image are never negatives.
+
+    Args:
+        sim_i2t, sim_t2i: (B, B) similarities (logits); row b scores pair b against all columns.
+        image_ids: (B,) image id of each pair.
+        generator: makes the draw reproducible; sampling runs on the generator's device.
+
+    Returns:
+        ``(neg_text_index, neg_image_index)``, both (B,) long: the text index to pair with image b,
+        and the image index to pair with text b.
+    """
+    positives = image_ids[:, None] == image_ids[None, :]
+    if positives.all(dim=1).any():
+        raise ValueError(
+            "cannot mine ITM negatives: some pair shares its image_id with the whole batch; "
+            "a batch needs at least two distinct image_ids (shuffle, or use a larger batch)"
+        )
+
+    def draw(sim: torch.Tensor) -> torch.Tensor:
+        # Masking in logit space keeps the distribution exact even when softmax would underflow.
+        weights = F.softmax(sim.detach().float().masked_fill(positives, float("-inf")), dim=1)
+        if generator is not None:
+            weights = weights.to(generator.device)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(sim.device)
+
+    return draw(sim_i2t), draw(sim_t2i)
+
+
+def itm_loss(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy of the ITM head on B positives followed by 2B negatives.
+
+    Args:
+        logits: (3B, 2); rows [0, B) are matched pairs, rows [B, 3B) the mined negatives (column 1
+            is "match").
+
+    Returns:
+        ``itm_loss`` (scalar) and ``itm_accuracy`` (scalar, detached) for logging.
+    """
+    if logits.ndim != 2 or logits.shape[1] != 2 or logits.shape[0] % 3 != 0:
+        raise ValueError(f"ITM logits must be (3B, 2): B positives then 2B negatives, got {tuple(logits.shape)}")
+    batch_size = logits.shape[0] // 3
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:batch_size] = 1
+    return {
+        "itm_loss": F.cross_entropy(logits.float(), labels),
+        "itm_accuracy": (logits.detach().argmax(dim=1) == labels).float().mean(),
+    }
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    label_smoothing: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """Next-token cross-entropy of the captioning decoder, averaged over caption tokens.
+
+    Position t predicts token t+1. Targets inside the first ``prompt_length`` tokens (``[DEC]`` and
+    the prompt "a picture of ") and padding (``attention_mask == 0``) are excluded, so the model
+    learns the caption, not the fixed prompt.
+
+    Args:
+        logits: (B, L, V) decoder outputs for ``input_ids``.
+        input_ids: (B, L) ids starting with ``[DEC]``.
+        attention_mask: (B, L), 1 for real tokens, 0 for padding.
+        prompt_length: number of leading tokens that are never targets (>= 1).
+        label_smoothing: as in ``F.cross_entropy`` (BLIP uses 0.1).
+
+    Returns:
+        ``lm_loss`` (scalar).
+    """
+    if logits.shape[:2] != input_ids.shape or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"shapes disagree: logits {tuple(logits.shape)} must be (B, L, V) for input_ids "
+            f"{tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)}"
+        )
+    if not 1 <= prompt_length < input_ids.shape[1]:
+        raise ValueError(f"prompt_length must be in [1, L={input_ids.shape[1]}), got {prompt_length}")
+    targets = input_ids.masked_fill(attention_mask == 0, -100)
+    targets[:, :prompt_length] = -100
+    if (targets[:, 1:] == -100).all():
+        raise ValueError("no caption tokens to learn from: every target is prompt or padding")
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        targets[:, 1:].flatten(),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+    return {"lm_loss": loss}
