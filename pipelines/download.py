@@ -1,0 +1,216 @@
+"""Download stage: a URL list (url, caption) → webdataset shards (img2dataset) → the generation-0 manifest.
+
+Every input URL becomes exactly one manifest row: downloaded ones are kept with their sha256 and size,
+failed ones are marked `kept=False, reject_stage="download"` with a short reason (`http_404`,
+`decode_error`, `timeout`, `url_policy`, ...) and img2dataset's message in `reject_detail`.
+
+Resume: img2dataset skips shards that have their `_stats.json`; a shard torn by a crash has none and is
+downloaded again. Each finished shard is turned into `samples/part-<shard>.parquet` plus a completion
+marker, so a re-run converts only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipelines.atomic import atomic_write_parquet
+from pipelines.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
+from pipelines.url_policy import UrlPolicy
+
+log = logging.getLogger(__name__)
+
+STAGE = "download"
+REFUSED_SHARD = "refused"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """How img2dataset fetches. `allowed_networks` lets otherwise refused private ranges through."""
+
+    image_size: int = 384            # longest side after resizing; smaller images are kept as they are
+    processes: int = 1
+    threads: int = 16
+    samples_per_shard: int = 1000
+    timeout_s: int = 10
+    retries: int = 0
+    allowed_networks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"download config: {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.retries < 0:
+            raise ValueError(f"download config: retries must be ≥ 0, got {self.retries}")
+        UrlPolicy(self.allowed_networks)  # validates the CIDRs
+
+
+def read_url_list(path: Path) -> pa.Table:
+    """Read an img2dataset-style URL list (Parquet or CSV with `url` and optional `caption`).
+
+    Returns a table with columns row_index (int64), url, caption (strings)."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: URL list not found")
+    try:
+        table = pacsv.read_csv(path) if path.suffix in (".csv", ".tsv") else pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"{path}: cannot read URL list as {path.suffix or 'parquet'} ({error})") from None
+    if "url" not in table.schema.names:
+        raise ManifestError(f"{path}: URL list needs a 'url' column (found: {table.schema.names})")
+    captions = table["caption"] if "caption" in table.schema.names else pa.nulls(table.num_rows)
+    return pa.table({
+        "row_index": pa.array(range(table.num_rows), pa.int64()),
+        "url": pc.cast(table["url"], pa.string()),
+        "caption": pc.cast(captions, pa.string()),
+    })
+
+
+def download(url_list: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
+    """Download every URL of `url_list` into `generation` (normally gen 0); returns its manifest rows."""
+    urls = read_url_list(url_list)
+    policy = UrlPolicy(config.allowed_networks)
+    verdicts = [policy.check(url) for url in urls["url"].to_pylist()]
+    allowed = urls.filter(pa.array([v is None for v in verdicts]))
+    log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
+
+    _write_refused_part(generation, urls, verdicts)
+    if allowed.num_rows:
+        shard_dir = generation.path / "shards"
+        if not _all_shards_done(generation, allowed.num_rows, config):
+            _run_img2dataset(_pin_input(generation, allowed), shard_dir, config)
+        for stats_file in sorted(shard_dir.glob("*_stats.json")):
+            shard = stats_file.name.removesuffix("_stats.json")
+            if not generation.is_done(STAGE, shard):
+                _convert_shard(generation, shard_dir / f"{shard}.parquet")
+
+    table = generation.read_samples()
+    if table.num_rows != urls.num_rows:
+        raise RuntimeError(
+            f"download: manifest has {table.num_rows} rows for {urls.num_rows} URLs; some shards failed "
+            f"(see {generation.path / 'shards'}); run the download again to retry them"
+        )
+    generation.write_info(generation_info(
+        table, dataset=generation.dataset, number=generation.number, parent=None, stages=[STAGE],
+        config_digest=config_digest(asdict(config)), inputs={"url_list": str(Path(url_list).resolve())},
+    ))
+    return table
+
+
+def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[str | None]) -> None:
+    refused = [(row, verdict) for row, verdict in zip(urls.to_pylist(), verdicts) if verdict is not None]
+    rows = {
+        "image_id": [_image_id(r["row_index"]) for r, _ in refused],
+        "url": [r["url"] for r, _ in refused],
+        "caption": [r["caption"] for r, _ in refused],
+        "caption_source": ["web"] * len(refused),
+        "generation": [generation.number] * len(refused),
+        "kept": [False] * len(refused),
+        "reject_stage": [STAGE] * len(refused),
+        "reject_reason": ["url_policy"] * len(refused),
+        "reject_detail": [verdict for _, verdict in refused],
+    }
+    generation.write_part(REFUSED_SHARD, samples_table(rows))
+    generation.mark_done(STAGE, REFUSED_SHARD, {"rows": len(refused)})
+
+
+def _pin_input(generation: Generation, allowed: pa.Table) -> Path:
+    """Write the img2dataset input once; a re-run must see the same list, or shard numbers would shift."""
+    path = generation.path / "work" / "urls.parquet"
+    if path.exists():
+        if not pq.read_table(path).equals(allowed):
+            raise ManifestError(
+                f"{generation.path}: was started with a different URL list or URL policy; "
+                "download into a new generation folder (or delete this one)"
+            )
+    else:
+        atomic_write_parquet(allowed, path)
+    return path
+
+
+def _all_shards_done(generation: Generation, n_urls: int, config: DownloadConfig) -> bool:
+    n_shards = -(-n_urls // config.samples_per_shard)
+    return all(generation.is_done(STAGE, f"{i:05d}") for i in range(n_shards))
+
+
+def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) -> None:
+    from img2dataset import download as img2dataset_download  # heavy import, only when downloading
+
+    img2dataset_download(
+        url_list=str(input_path),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=["row_index"],
+        output_format="webdataset",
+        output_folder=str(shard_dir),
+        image_size=config.image_size,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        processes_count=config.processes,
+        thread_count=config.threads,
+        number_sample_per_shard=config.samples_per_shard,
+        timeout=config.timeout_s,
+        retries=config.retries,
+        incremental_mode="incremental",
+        compute_hash="sha256",
+        enable_wandb=False,
+        disallowed_header_directives=[],
+    )
+
+
+def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
+    """img2dataset's per-sample parquet of one shard → one manifest part + its completion marker."""
+    shard = shard_parquet.stem
+    rows = pq.read_table(shard_parquet).sort_by("row_index").to_pylist()
+    ok = [r["status"] == "success" for r in rows]
+    tar_ref = f"{generation.path.name}/shards/{shard}.tar"
+    table = samples_table({
+        "image_id": [_image_id(r["row_index"]) for r in rows],
+        "image_ref": [f"{tar_ref}#{r['key']}" if k else None for r, k in zip(rows, ok)],
+        "url": [r["url"] for r in rows],
+        "image_sha256": [r["sha256"] if k else None for r, k in zip(rows, ok)],
+        "width": [r["original_width"] if k else None for r, k in zip(rows, ok)],
+        "height": [r["original_height"] if k else None for r, k in zip(rows, ok)],
+        "caption": [r["caption"] for r in rows],
+        "caption_source": ["web"] * len(rows),
+        "generation": [generation.number] * len(rows),
+        "kept": ok,
+        "reject_stage": [None if k else STAGE for k in ok],
+        "reject_reason": [None if k else failure_reason(r["error_message"]) for r, k in zip(rows, ok)],
+        "reject_detail": [None if k else r["error_message"] for r, k in zip(rows, ok)],
+    })
+    generation.write_part(shard, table)
+    generation.mark_done(STAGE, shard, {"rows": len(rows), "succeeded": sum(ok)})
+    log.info("download: shard %s → %d rows, %d images", shard, len(rows), sum(ok))
+
+
+_REASONS = [
+    (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
+    (re.compile(r"timed out", re.I), lambda m: "timeout"),
+    (re.compile(r"Connection refused", re.I), lambda m: "connection_refused"),
+    (re.compile(r"redirect", re.I), lambda m: "redirect_error"),
+    (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), lambda m: "dns_error"),
+    (re.compile(r"unknown url type|unsupported", re.I), lambda m: "unsupported_url"),
+    (re.compile(r"cannot identify image|truncated|decod|imread|image file", re.I), lambda m: "decode_error"),
+]
+
+
+def failure_reason(error_message: str | None) -> str:
+    """A short, stable reason for an img2dataset error message (the message itself goes to reject_detail)."""
+    for pattern, reason in _REASONS:
+        match = pattern.search(error_message or "")
+        if match:
+            return reason(match)
+    return "download_error"
+
+
+def _image_id(row_index: int) -> str:
+    return f"web-{row_index:09d}"
