@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from vlp_core.config import BlipConfig, TextConfig, VisionConfig, load_preset, preset_names
+
+
+def test_presets_are_listed_and_round_trip():
+    assert {"tiny", "base", "large"} <= set(preset_names())
+    for name in preset_names():
+        config = load_preset(name)
+        assert config.name == name
+        assert BlipConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_base_and_large_match_the_paper():
+    base, large = load_preset("base"), load_preset("large")
+    assert (base.vision.image_size, base.vision.patch_size, base.vision.hidden_size) == (224, 16, 768)
+    assert (base.embed_dim, base.queue_size, base.momentum, base.alpha, base.temp) == (256, 57600, 0.995, 0.4, 0.07)
+    assert (large.vision.hidden_size, large.vision.num_layers) == (1024, 24)
+    assert large.text == base.text
+
+
+def test_tiny_is_small():
+    tiny = load_preset("tiny")
+    assert (tiny.vision.image_size, tiny.vision.patch_size) == (64, 8)
+    assert tiny.vision.hidden_size <= 128 and tiny.text.hidden_size <= 128
+    assert 2 <= tiny.vision.num_layers <= 4 and 2 <= tiny.text.num_layers <= 4
+    assert tiny.vision.num_patches == 64
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"available presets: \['base', 'large', 'tiny'"):
+        load_preset("huge")
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"vision": {"patch_size": 7}}, r"VisionConfig.patch_size must be a divisor of image_size=64"),
+        ({"vision": {"num_heads": 3}}, r"VisionConfig.num_heads must be a divisor of hidden_size=128"),
+        ({"text": {"vocab_size": 0}}, r"TextConfig.vocab_size must be a positive integer"),
+        ({"text": {"dropout": 1.5}}, r"TextConfig.dropout must be in \[0, 1\)"),
+        ({"momentum": 1.0}, r"BlipConfig.momentum must be in \(0, 1\)"),
+        ({"temp": 0.0}, r"BlipConfig.temp"),
+        ({"max_text_length": 65}, r"max_text_length must be at most text.max_position=64"),
+        ({"image_std": [0.5, 0.5]}, r"BlipConfig.image_std must be three numbers"),
+        ({"queue_siz": 3}, r"unknown field\(s\) \['queue_siz'\]"),
+        ({"text": {"layers": 3}}, r"TextConfig: unknown field\(s\) \['layers'\]"),
+    ],
+)
+def test_bad_fields_name_the_field(patch, message):
+    data = load_preset("tiny").to_dict()
+    for key, value in patch.items():
+        if isinstance(value, dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    with pytest.raises(ValueError, match=message):
+        BlipConfig.from_dict(data)
+
+
+def test_missing_section_and_missing_field():
+    with pytest.raises(ValueError, match="'vision' and 'text' sections"):
+        BlipConfig.from_dict({"text": {}})
+    data = load_preset("tiny").to_dict()
+    del data["vision"]["num_heads"]
+    with pytest.raises(ValueError, match="num_heads"):
+        BlipConfig.from_dict(data)
+
+
+def test_hf_config_round_trip():
+    tiny = load_preset("tiny")
+    assert VisionConfig.from_hf(tiny.vision.to_hf()) == tiny.vision
+    hf_text = tiny.text.to_hf(encoder_hidden_size=tiny.vision.hidden_size, pad_id=0, bos_id=7, sep_id=3)
+    assert TextConfig.from_hf(hf_text) == tiny.text
+    assert (hf_text.encoder_hidden_size, hf_text.bos_token_id, hf_text.eos_token_id) == (128, 7, 3)
