@@ -64,17 +64,18 @@ def itc_loss(
     positives = (image_ids[:, None] == all_ids[None, :]).float()
     ground_truth = positives / positives.sum(dim=1, keepdim=True)
 
-    with torch.no_grad():
-        image_features_m_all = torch.cat([image_features_m.t(), image_queue], dim=1)  # (E, B+Q)
-        text_features_m_all = torch.cat([text_features_m.t(), text_queue], dim=1)
-        sim_i2t_m = image_features_m @ text_features_m_all / temp
-        sim_t2i_m = text_features_m @ image_features_m_all / temp
-        targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * ground_truth
-        targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * ground_truth
+    with torch.autocast(image_features.device.type, enabled=False):  # similarities in float32
+        with torch.no_grad():
+            image_features_m_all = torch.cat([image_features_m.t(), image_queue], dim=1).float()  # (E, B+Q)
+            text_features_m_all = torch.cat([text_features_m.t(), text_queue], dim=1).float()
+            sim_i2t_m = image_features_m.float() @ text_features_m_all / temp
+            sim_t2i_m = text_features_m.float() @ image_features_m_all / temp
+            targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * ground_truth
+            targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * ground_truth
 
-    sim_i2t = image_features @ text_features_m_all / temp  # (B, B+Q)
-    sim_t2i = text_features @ image_features_m_all / temp
-    loss = (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+        sim_i2t = image_features.float() @ text_features_m_all / temp  # (B, B+Q)
+        sim_t2i = text_features.float() @ image_features_m_all / temp
+        loss = (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2
     return {
         "itc_loss": loss,
         "sim_i2t": sim_i2t[:, :batch_size].detach(),

@@ -1,0 +1,136 @@
+"""CLIP ranker: scores candidate captions by image-text cosine similarity (BLIP-2 / LAION-COCO recipe).
+
+The ranker is an open_clip model, trained or loaded independently of the BLIP filter. Architectures are
+open_clip JSON configs: open_clip's own (``ViT-B-32``, ``ViT-L-14``, ...) plus ours in
+``vlp_core/configs/clip/`` (``clip_tiny``). Weights only ever come from a local file (safetensors, or a
+tensors-only ``torch.load(weights_only=True)``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from safetensors.torch import load_file, save_file
+
+CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
+
+
+def _register_our_configs() -> None:
+    """Make ``vlp_core/configs/clip/*.json`` known to open_clip (once)."""
+    if not all(path.stem in open_clip.list_models() for path in CLIP_CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+
+def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a tensors-only torch file (never unpickles objects)."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist")
+    if checkpoint.suffix == ".safetensors":
+        return load_file(checkpoint)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{checkpoint} is not a tensors-only checkpoint ({error}); convert it to safetensors"
+        ) from error
+    state = state.get("state_dict", state)  # open_clip training checkpoints wrap the weights
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+class ClipRanker:
+    """An open_clip model in eval mode with its tokenizer and image transform.
+
+    Shapes: N images, E embedding width, K_i candidate captions of image i.
+    """
+
+    def __init__(self, model_name: str, model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
+                 device: torch.device) -> None:
+        self.model_name = model_name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess  # PIL image -> (3, H, W) normalised tensor
+        self.device = device
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` preprocessed images -> ``(N, E)`` L2-normalised features (float32).
+        Compute once per image and reuse for all of its candidates."""
+        with self._autocast():
+            features = self.model.encode_image(images.to(self.device))
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, captions: list[str]) -> torch.Tensor:
+        """``K`` captions -> ``(K, E)`` L2-normalised features (float32)."""
+        with self._autocast():
+            features = self.model.encode_text(self.tokenizer(captions).to(self.device))
+        return F.normalize(features.float(), dim=-1)
+
+    def scores(self, image_features: torch.Tensor, captions: list[list[str]]) -> list[torch.Tensor]:
+        """Cosine similarity of each image with each of its candidates.
+
+        Args:
+            image_features: ``(N, E)`` from :meth:`image_features`.
+            captions: N lists, the candidates of image i (possibly empty).
+
+        Returns:
+            N tensors, the i-th of shape ``(K_i,)`` on the CPU.
+        """
+        if len(captions) != len(image_features):
+            raise ValueError(f"got {len(image_features)} images but {len(captions)} caption lists")
+        flat = [caption for candidates in captions for caption in candidates]
+        if not flat:
+            return [torch.zeros(0) for _ in captions]
+        text_features = self.text_features(flat).split([len(candidates) for candidates in captions])
+        image_features = image_features.to(self.device)
+        return [(text @ image).cpu() for image, text in zip(image_features, text_features)]
+
+    def contrastive_loss(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """open_clip's symmetric InfoNCE on a batch of N matched pairs, for training the ranker."""
+        with self._autocast():
+            image_features = self.model.encode_image(images.to(self.device), normalize=True)
+            text_features = self.model.encode_text(self.tokenizer(captions).to(self.device), normalize=True)
+        loss = ClipLoss()(image_features.float(), text_features.float(), self.model.logit_scale.exp())
+        return {"contrastive_loss": loss}
+
+
+def load_clip(model_name: str, checkpoint: Path | None = None, device: str | torch.device = "cpu") -> ClipRanker:
+    """Build open_clip architecture ``model_name`` (randomly initialised) and load ``checkpoint`` if given.
+
+    The model is returned in eval mode; call ``ranker.model.train()`` to train it.
+    """
+    _register_our_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP architecture {model_name!r}; known: {sorted(open_clip.list_models())}")
+    device = torch.device(device)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        state_dict = _read_state_dict(checkpoint)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise ValueError(f"{checkpoint} does not hold weights for CLIP {model_name!r}: {error}") from error
+    model.eval()
+    return ClipRanker(model_name, model, open_clip.get_tokenizer(model_name), preprocess, device)
+
+
+def save_clip(ranker: ClipRanker, path: Path) -> None:
+    """Write the ranker's weights to a ``.safetensors`` file, atomically (temp file + rename)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_clip writes safetensors; give a path ending in .safetensors, not {path}")
+    state_dict = {key: value.detach().contiguous().cpu() for key, value in ranker.model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(state_dict, temporary)
+    temporary.replace(path)
