@@ -1,0 +1,350 @@
+"""Tests for vlp_core.generation: token rules, decoding loops against references, the BLIP decoder."""
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlp_core.blip import BlipModel
+from vlp_core.config import load_preset
+from vlp_core.generation import (
+    BlipDecoder,
+    DecodingRules,
+    apply_repetition_penalty,
+    beam_search,
+    generate,
+    greedy_choice,
+    nucleus_choice,
+    nucleus_filter,
+    sample_from,
+    sample_tokens,
+    select_beams,
+)
+from vlp_core.tokenizer import special_ids, train_tokenizer
+
+# --------------------------------------------------------------------------- pure token rules
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()
+    kept = lambda p: nucleus_filter(logits, p).isfinite()[0].tolist()  # noqa: E731
+    assert kept(0.79) == [False, True, False, True]
+    assert kept(0.81) == [True, True, False, True]
+    assert kept(0.01) == [False, True, False, False]
+    assert kept(1.0) == [True] * 4
+    assert torch.equal(nucleus_filter(logits, 0.81)[0, :2], logits[0, :2])  # kept logits are untouched
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.floats(-20, 20), min_size=1, max_size=12), top_p=st.floats(0.001, 1.0))
+def test_nucleus_properties(logits, top_p):
+    logits = torch.tensor([logits], dtype=torch.float64)
+    kept = nucleus_filter(logits, top_p).isfinite()[0]
+    probs = logits.softmax(dim=-1)[0]
+    assert kept.any()
+    assert probs[kept].sum() >= top_p - 1e-9 or kept.all()
+    smallest_kept = probs[kept].min()
+    assert probs[kept].sum() - smallest_kept < top_p + 1e-9  # minimal: without its least likely member it falls short
+    assert (probs[~kept] <= smallest_kept + 1e-12).all()  # and it holds the most likely tokens
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[0, 1, 1]])
+    penalised = apply_repetition_penalty(logits, seen, 2.0)
+    assert penalised.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_sample_from_inverts_the_cdf():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75]] * 4)
+    assert sample_from(probs, torch.tensor([0.0, 0.2499, 0.25, 0.9999])).tolist() == [1, 1, 3, 3]
+    draws = sample_from(probs[:1].expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    assert set(draws.tolist()) == {1, 3}
+    assert (draws == 3).float().mean().item() == pytest.approx(0.75, abs=0.015)
+
+
+def test_select_beams_routes_sep_candidates():
+    scores = torch.tensor([[-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]])
+    tokens = torch.tensor([[7, 1, 8, 9, 1, 6]])  # [SEP] = 1 at ranks 1 and 4
+    finishing, continuing = select_beams(scores, tokens, sep_id=1, num_beams=3)
+    assert finishing.tolist() == [[False, True, False, False, False, False]]  # rank 4 is outside the beam
+    assert continuing.tolist() == [[0, 2, 3]]
+
+
+def test_rules_mask_unknown_ids_and_early_sep():
+    rules = DecodingRules(sep_id=1, vocab_limit=4, min_length=2, max_length=5)
+    logits, history = torch.zeros(1, 6), torch.tensor([[0]])
+    assert rules.apply(logits, history, generated=1).isfinite().tolist() == [[True, False, True, True, False, False]]
+    assert rules.apply(logits, history, generated=2).isfinite().tolist() == [[True, True, True, True, False, False]]
+
+
+# --------------------------------------------------------------------------- decoding loops on a toy model
+
+SEP = 1
+PROMPT = torch.tensor([0])
+
+
+class ToyDecoder:
+    """A language model whose next-token logits are a fixed random function of (image, prefix)."""
+
+    def __init__(self, num_images: int, vocab: int):
+        self.num_images, self.vocab = num_images, vocab
+        self.rows: list[tuple[int, tuple[int, ...]]] = []
+        self.batch_sizes: list[int] = []
+
+    def logits(self, image: int, prefix: tuple[int, ...]) -> torch.Tensor:
+        seed = hash((image, prefix)) % 2**31
+        return 2 * torch.randn(self.vocab, generator=torch.Generator().manual_seed(seed))
+
+    def _all_logits(self) -> torch.Tensor:
+        self.batch_sizes.append(len(self.rows))
+        return torch.stack([self.logits(image, prefix) for image, prefix in self.rows])
+
+    def start(self, copies):
+        self.rows = [(image, ()) for image in range(self.num_images) for _ in range(copies)]
+        return self._all_logits()
+
+    def step(self, tokens):
+        assert len(tokens) == len(self.rows)
+        self.rows = [(image, prefix + (token,)) for (image, prefix), token in zip(self.rows, tokens.tolist())]
+        return self._all_logits()
+
+    def keep(self, rows):
+        self.rows = [self.rows[row] for row in rows.tolist()]
+
+
+def exhaustive_best(decoder: ToyDecoder, rules: DecodingRules, image: int) -> list[tuple[float, list[int]]]:
+    """Every caption the rules allow with its mean log-probability, best first."""
+    found = []
+
+    def extend(prefix: tuple[int, ...], total: float) -> None:
+        history = torch.tensor([PROMPT.tolist() + list(prefix)])
+        log_probs = rules.apply(decoder.logits(image, prefix)[None], history, len(prefix)).log_softmax(-1)[0]
+        for token in range(decoder.vocab):
+            if math.isinf(log_probs[token]):
+                continue
+            caption, score = prefix + (token,), total + log_probs[token].item()
+            if token == SEP or len(caption) == rules.max_length:
+                found.append((score / len(caption), list(caption)))
+            else:
+                extend(caption, score)
+
+    extend((), 0.0)
+    return sorted(found, key=lambda hypothesis: -hypothesis[0])
+
+
+def test_wide_beam_search_is_exhaustive():
+    rules = DecodingRules(sep_id=SEP, vocab_limit=5, min_length=1, max_length=3)
+    decoder = ToyDecoder(num_images=2, vocab=6)
+    results = beam_search(decoder, rules, PROMPT, num_images=2, num_beams=25, num_captions=4)
+    for image in range(2):
+        assert results[image] == [caption for _, caption in exhaustive_best(decoder, rules, image)[:4]]
+
+
+def test_narrow_beam_search_returns_valid_captions_and_stops_finished_images():
+    rules = DecodingRules(sep_id=SEP, vocab_limit=8, min_length=2, max_length=6)
+    decoder = ToyDecoder(num_images=3, vocab=8)
+    results = beam_search(decoder, rules, PROMPT, num_images=3, num_beams=3, num_captions=2)
+    for captions in results:
+        assert len(captions) == 2 and captions[0] != captions[1]
+        for caption in captions:
+            assert 2 <= len(caption) <= 6 and all(token < 8 for token in caption)
+            assert SEP not in caption[:-1] and (caption[-1] == SEP or len(caption) == 6)
+    assert decoder.batch_sizes[0] == 9 and all(size % 3 == 0 for size in decoder.batch_sizes)
+
+
+def test_greedy_loop_matches_step_by_step_argmax_and_drops_finished_rows():
+    rules = DecodingRules(sep_id=SEP, vocab_limit=4, min_length=0, max_length=8)
+    decoder = ToyDecoder(num_images=6, vocab=4)
+    results = sample_tokens(decoder, rules, PROMPT, copies=1, choose=greedy_choice)
+    for image, caption in enumerate(results):
+        prefix = ()
+        while not prefix or (prefix[-1] != SEP and len(prefix) < 8):
+            history = torch.tensor([PROMPT.tolist() + list(prefix)])
+            prefix += (rules.apply(decoder.logits(image, prefix)[None], history, len(prefix)).argmax().item(),)
+        assert caption == list(prefix)
+    sizes = decoder.batch_sizes
+    assert sizes == sorted(sizes, reverse=True) and len(sizes) == max(len(c) for c in results)
+    assert sizes[-1] == sum(len(c) == max(len(c) for c in results) for c in results)
+
+
+@pytest.mark.parametrize("min_length,max_length", [(0, 1), (3, 3), (2, 7)])
+def test_sampled_lengths_respect_the_limits(min_length, max_length):
+    rules = DecodingRules(sep_id=SEP, vocab_limit=3, min_length=min_length, max_length=max_length)
+    choose = nucleus_choice(top_p=0.9, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    for caption in sample_tokens(ToyDecoder(num_images=4, vocab=3), rules, PROMPT, copies=5, choose=choose):
+        assert SEP not in caption[:-1] and len(caption) <= max_length
+        assert caption[-1] == SEP or len(caption) == max_length
+        assert len(caption) - (caption[-1] == SEP) >= min_length
+
+
+# --------------------------------------------------------------------------- the BLIP decoder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = "a picture of large small red blue green circle square triangle left right the to".split()
+    corpus = [" ".join(words[i : i + 5]) for i in range(len(words))] * 3
+    return train_tokenizer(corpus, vocab_size=64)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    tiny = load_preset("tiny")
+    config = dataclasses.replace(
+        tiny,
+        vision=dataclasses.replace(tiny.vision, image_size=32, num_layers=2),
+        text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=2),
+    )
+    model = BlipModel(config).eval()
+    with torch.no_grad():  # make [SEP] likely so captions end at different lengths
+        model.text_decoder.cls.predictions.bias[special_ids(tokenizer).sep] += 3.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class RecomputingDecoder:
+    """Reference decoder: re-runs model.lm_logits on every full sequence at every step (no cache)."""
+
+    def __init__(self, model, image_embeds, prompt_ids):
+        self.model, self.image_embeds, self.prompt_ids = model, image_embeds, prompt_ids.tolist()
+        self.rows: list[tuple[int, list[int]]] = []
+
+    def _logits(self):
+        images = torch.tensor([image for image, _ in self.rows])
+        ids = torch.tensor([tokens for _, tokens in self.rows])
+        return self.model.lm_logits(self.image_embeds[images], ids, torch.ones_like(ids))[:, -1].float()
+
+    def start(self, copies):
+        self.rows = [(image, self.prompt_ids) for image in range(len(self.image_embeds)) for _ in range(copies)]
+        return self._logits()
+
+    def step(self, tokens):
+        self.rows = [(image, ids + [token]) for (image, ids), token in zip(self.rows, tokens.tolist())]
+        return self._logits()
+
+    def keep(self, rows):
+        self.rows = [self.rows[row] for row in rows.tolist()]
+
+
+def decoders(model, tokenizer, pixels):
+    ids = special_ids(tokenizer)
+    prompt = torch.tensor([ids.dec, *tokenizer("a picture of", add_special_tokens=False)["input_ids"]])
+    rules = DecodingRules(ids.sep, len(tokenizer), min_length=2, max_length=12)
+    with torch.no_grad():
+        image_embeds = model.encode_image(pixels)
+    return rules, prompt, BlipDecoder(model, image_embeds, prompt), RecomputingDecoder(model, image_embeds, prompt)
+
+
+def test_cached_logits_equal_full_recomputation(model, tokenizer, pixels):
+    _, prompt, cached, reference = decoders(model, tokenizer, pixels)
+    tokens = torch.tensor([5, 9, 7, 6, 8, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(cached.start(2), reference.start(2), atol=1e-5, rtol=1e-5)
+        keep = torch.tensor([4, 0, 1])
+        for _ in range(3):
+            torch.testing.assert_close(cached.step(tokens), reference.step(tokens), atol=1e-5, rtol=1e-5)
+            cached.keep(keep)
+            reference.keep(keep)
+            tokens = tokens[keep] + 1
+            keep = torch.arange(len(tokens))
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
+def test_cached_decoding_equals_recomputing_decoding(model, tokenizer, pixels, method):
+    rules, prompt, cached, reference = decoders(model, tokenizer, pixels)
+    outputs = []
+    with torch.no_grad():
+        for decoder in (cached, reference):
+            if method == "beam":
+                outputs.append(beam_search(decoder, rules, prompt, len(pixels), num_beams=3, num_captions=3))
+            else:
+                copies, choose = (1, greedy_choice) if method == "greedy" else (
+                    4, nucleus_choice(0.9, 1.0, torch.Generator().manual_seed(3)))
+                outputs.append(sample_tokens(decoder, rules, prompt, copies, choose))
+    assert outputs[0] == outputs[1]
+    if method == "nucleus":
+        assert len({len(caption) for caption in outputs[0]}) > 2  # rows really finished at different steps
+
+
+def test_generate_encodes_each_image_once_and_computes_cross_attention_once(model, tokenizer, pixels):
+    vision_batches, cross_key_batches = [], []
+    hooks = [
+        model.vision_model.register_forward_hook(lambda m, args, kwargs, out: vision_batches.append(
+            kwargs["pixel_values"].shape[0]), with_kwargs=True),
+        *[layer.crossattention.self.key.register_forward_hook(
+            lambda m, args, out: cross_key_batches.append(args[0].shape[0]))
+          for layer in model.text_decoder.bert.encoder.layer],
+    ]
+    try:
+        captions = generate(model, tokenizer, pixels, num_captions=5, generator=torch.Generator().manual_seed(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert vision_batches == [3]
+    assert cross_key_batches == [3] * len(model.text_decoder.bert.encoder.layer)
+    assert [len(per_image) for per_image in captions] == [5, 5, 5]
+    assert all(isinstance(caption, str) for caption in itertools.chain(*captions))
+
+
+def test_generate_is_reproducible_under_a_seed(model, tokenizer, pixels):
+    def run(seed):
+        return generate(model, tokenizer, pixels, num_captions=4, min_length=3,
+                        generator=torch.Generator().manual_seed(seed))
+
+    first = run(0)
+    assert first == run(0)
+    assert first != run(1)
+    assert len({caption for per_image in first for caption in per_image}) > 3  # sampling gives variety
+
+
+def test_generate_strips_the_prompt_and_restores_training_mode(model, tokenizer, pixels):
+    model.train()
+    try:
+        greedy = generate(model, tokenizer, pixels[:1], method="greedy", min_length=0, max_length=12)
+        assert model.training
+    finally:
+        model.eval()
+    with torch.no_grad():
+        rules, prompt, cached, _ = decoders(model, tokenizer, pixels[:1])
+        rules = dataclasses.replace(rules, min_length=0)
+        expected = sample_tokens(cached, rules, prompt, 1, greedy_choice)
+    assert greedy == [[tokenizer.decode(expected[0], skip_special_tokens=True)]]
+    beams = generate(model, tokenizer, pixels[:2], method="beam", num_beams=3, num_captions=2)
+    assert [len(per_image) for per_image in beams] == [2, 2]
+    assert generate(model, tokenizer, pixels[:0]) == []
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        ({"num_captions": 0}, "num_captions must be >= 1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"min_length": 9, "max_length": 8}, "min_length must be in"),
+        ({"method": "topk"}, "method must be one of"),
+        ({"method": "greedy", "num_captions": 2}, "greedy decoding gives one caption"),
+        ({"method": "beam", "num_beams": 2, "num_captions": 3}, "need num_beams >= num_captions"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"max_length": 200}, "exceeds the decoder's 64 positions"),
+    ],
+)
+def test_generate_rejects_bad_arguments(model, tokenizer, pixels, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, tokenizer, pixels, **arguments)
+
+
+def test_generate_rejects_bad_pixels(model, tokenizer):
+    with pytest.raises(ValueError, match=r"pixel_values must be \(N, 3, H, W\)"):
+        generate(model, tokenizer, torch.zeros(3, 32, 32))

@@ -1,0 +1,315 @@
+"""Batched captioning with BLIP's image-grounded decoder: nucleus sampling, greedy and beam search.
+
+Work per call, for N images and K captions (or beams) each:
+- each image is encoded once; the prompt runs once per image, which also computes the decoder's
+  cross-attention keys/values; the cache is then repeated K times (no image work is repeated);
+- each step feeds one new token per unfinished row and reads every other key/value from the cache;
+- rows that have finished are dropped from the batch together with their cache entries.
+
+Lengths count caption tokens after the prompt: every caption has at least `min_length` tokens before
+its [SEP], and at most `max_length` tokens, [SEP] included.
+
+Determinism: the same inputs, batch and generator seed give the same captions (the random draws come
+from `generator`, on the CPU unless the generator lives elsewhere). Across batch sizes captions are
+NOT identical: the draws are shared out differently and batched kernels round differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from vlp_core.blip import BlipModel
+from vlp_core.inference import inference_mode
+from vlp_core.tokenizer import special_ids
+
+METHODS = ("nucleus", "greedy", "beam")
+NEG_INF = float("-inf")
+
+# --------------------------------------------------------------------------- token rules
+
+
+def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) logits -> (B, V) with -inf outside the nucleus: the smallest set of most likely
+    tokens whose probabilities sum to at least `top_p`. The most likely token always stays."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass of the more likely tokens already reaches top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as in transformers: for every token id in `previous_ids` (B, T),
+    a positive logit is divided by `penalty` and a negative one multiplied. Returns new (B, V) logits."""
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, previous_ids)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, previous_ids, seen)
+
+
+def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: (B, V) probabilities and (B,) draws in [0, 1) -> (B,) token ids.
+    Works on any device with uniforms drawn elsewhere; zero-probability tokens are never picked."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniform.to(cdf) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def select_beams(scores: torch.Tensor, tokens: torch.Tensor, sep_id: int, num_beams: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the best candidates of each image, sorted best first: scores and tokens (n, C), C >= 2W.
+
+    Returns `finishing` (n, C) bool: candidates that end with [SEP] and rank among the first W (as in
+    transformers' beam search), and `continuing` (n, W): positions of the W best candidates without [SEP]
+    (each beam proposes [SEP] at most once, so there are always W of them).
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    is_sep = tokens == sep_id
+    finishing = is_sep & (positions < num_beams) & scores.isfinite()
+    continuing = (is_sep.long() * tokens.shape[1] + positions).argsort(dim=1)[:, :num_beams]
+    return finishing, continuing
+
+
+@dataclass(frozen=True)
+class DecodingRules:
+    """What every method applies to next-token logits: ids the tokenizer cannot decode
+    (>= vocab_limit) are never produced, [SEP] waits for `min_length` tokens, repeats are penalised."""
+
+    sep_id: int
+    vocab_limit: int
+    min_length: int
+    max_length: int
+    repetition_penalty: float = 1.0
+
+    def apply(self, logits: torch.Tensor, history: torch.Tensor, generated: int) -> torch.Tensor:
+        """(B, V) float logits, (B, T) prompt + tokens so far, of which `generated` are new -> (B, V)."""
+        logits = apply_repetition_penalty(logits, history, self.repetition_penalty)
+        logits = logits.clone()
+        logits[:, self.vocab_limit :] = NEG_INF
+        if generated < self.min_length:
+            logits[:, self.sep_id] = NEG_INF
+        return logits
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+class TokenDecoder(Protocol):
+    """Incremental next-token logits for a batch of rows (the loops below only need this)."""
+
+    def start(self, copies: int) -> torch.Tensor:
+        """Run the prompt; every image becomes `copies` consecutive rows. -> (N * copies, V)."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token (B,) to every row. -> (B, V) logits of the token after it."""
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder to) these rows only, e.g. drop finished ones or follow beam parents."""
+
+
+class BlipDecoder:
+    """BLIP's text decoder with a key/value cache for self- and cross-attention."""
+
+    def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor):
+        """image_embeds (N, 1+P, Dv); prompt_ids (Lp,) starting with [DEC]."""
+        self.model = model
+        self.image_embeds = image_embeds
+        self.prompt_ids = prompt_ids
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self.row_embeds = image_embeds
+
+    def start(self, copies: int) -> torch.Tensor:
+        prompts = self.prompt_ids.expand(len(self.image_embeds), -1)
+        logits = self._forward(prompts, self.image_embeds)  # cross-attention keys/values: once per image
+        self.cache.batch_repeat_interleave(copies)
+        self.row_embeds = self.image_embeds.repeat_interleave(copies, dim=0)
+        return logits.repeat_interleave(copies, dim=0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Cross-attention reads its keys/values from the cache; the embeddings only switch it on.
+        return self._forward(tokens.unsqueeze(1), self.row_embeds)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.row_embeds = self.row_embeds[rows]
+
+    def _forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        output = self.model.text_decoder(
+            input_ids=input_ids, encoder_hidden_states=image_embeds, past_key_values=self.cache, use_cache=True
+        )
+        return output.logits[:, -1, :].float()
+
+
+# --------------------------------------------------------------------------- decoding loops
+
+TokenChooser = Callable[[torch.Tensor], torch.Tensor]  # (B, V) processed logits -> (B,) token ids
+
+
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def nucleus_choice(top_p: float, temperature: float, generator: torch.Generator | None) -> TokenChooser:
+    """Sample from the top-p nucleus of softmax(logits / temperature), drawing from `generator`."""
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        probs = nucleus_filter(logits / temperature, top_p).softmax(dim=-1)
+        uniform = torch.rand(len(probs), generator=generator, device=draw_device)
+        return sample_from(probs, uniform)
+
+    return choose
+
+
+def sample_tokens(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.Tensor, copies: int,
+                  choose: TokenChooser) -> list[list[int]]:
+    """Greedy or sampled decoding of `copies` rows per image. Returns the new token ids of each row
+    (N * copies lists, image-major), [SEP] included when produced."""
+    logits = decoder.start(copies)
+    history = prompt_ids.expand(len(logits), -1)
+    rows = torch.arange(len(logits))
+    results: list[list[int]] = [[] for _ in range(len(logits))]
+    for generated in range(rules.max_length):
+        next_ids = choose(rules.apply(logits, history, generated))
+        history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
+        done = (next_ids == rules.sep_id) | (generated + 1 == rules.max_length)
+        for row, token_ids in zip(rows[done.cpu()].tolist(), history[done, len(prompt_ids):].tolist(), strict=True):
+            results[row] = token_ids
+        alive = (~done).nonzero().squeeze(1)
+        if len(alive) == 0:
+            break
+        if len(alive) < len(done):
+            decoder.keep(alive)
+            history, rows, next_ids = history[alive], rows[alive.cpu()], next_ids[alive]
+        logits = decoder.step(next_ids)
+    return results
+
+
+def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.Tensor, num_images: int,
+                num_beams: int, num_captions: int) -> list[list[list[int]]]:
+    """Beam search scoring a caption by its mean token log-probability (length penalty 1).
+
+    An image stops when it has `num_beams` finished captions and no live beam can still beat the worst
+    of them (transformers' default heuristic). Returns, per image, the `num_captions` best token lists.
+    """
+    width = num_beams
+    logits = decoder.start(width)
+    vocab = logits.shape[-1]
+    history = prompt_ids.expand(len(logits), -1)
+    beam_scores = torch.full((num_images, width), NEG_INF, device=logits.device)
+    beam_scores[:, 0] = 0.0  # the W copies are identical: expand only the first
+    images = list(range(num_images))  # images still searching, in row order
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(num_images)]
+    for generated in range(rules.max_length):
+        length = generated + 1
+        log_probs = rules.apply(logits, history, generated).log_softmax(dim=-1).view(len(images), width, vocab)
+        candidates = (beam_scores.unsqueeze(2) + log_probs).view(len(images), width * vocab)
+        scores, flat = candidates.topk(min(2 * width, width * vocab), dim=1)
+        parents, tokens = flat // vocab, flat % vocab
+        finishing, continuing = select_beams(scores, tokens, rules.sep_id, width)
+        if length == rules.max_length:  # out of room: live beams finish as they are
+            finishing.scatter_(1, continuing, scores.gather(1, continuing).isfinite())
+        for slot, candidate in finishing.nonzero().tolist():
+            row = slot * width + parents[slot, candidate].item()
+            token_ids = history[row, len(prompt_ids):].tolist() + [tokens[slot, candidate].item()]
+            finished[images[slot]].append((scores[slot, candidate].item() / length, token_ids))
+        searching = []
+        for slot, image in enumerate(images):
+            finished[image] = sorted(finished[image], key=lambda hypothesis: -hypothesis[0])[:width]
+            best_live = scores[slot, continuing[slot, 0]].item() / length
+            full = len(finished[image]) == width and best_live <= finished[image][-1][0]
+            if length < rules.max_length and not full:
+                searching.append(slot)
+        if not searching:
+            break
+        kept = torch.tensor(searching, device=scores.device)
+        picks = continuing[kept]
+        rows = (kept.unsqueeze(1) * width + parents[kept].gather(1, picks)).view(-1)
+        next_ids = tokens[kept].gather(1, picks).view(-1)
+        beam_scores = scores[kept].gather(1, picks)
+        history = torch.cat([history[rows], next_ids.unsqueeze(1)], dim=1)
+        images = [images[slot] for slot in searching]
+        decoder.keep(rows)
+        logits = decoder.step(next_ids)
+    return [[token_ids for _, token_ids in hypotheses[:num_captions]] for hypotheses in finished]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def generate(
+    model: BlipModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pixel_values: torch.Tensor,
+    *,
+    num_captions: int = 1,
+    method: str = "nucleus",
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    min_length: int = 5,
+    max_length: int = 30,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 3,
+    prompt: str | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[str]]:
+    """Caption N images (N, 3, H, W): returns N lists of `num_captions` strings, prompt stripped.
+
+    method: "nucleus" (BLIP's CapFilt sampler; uses top_p, temperature, generator), "greedy" (one
+    caption per image) or "beam" (uses num_beams >= num_captions). prompt defaults to model.config.prompt.
+    """
+    prompt = model.config.prompt if prompt is None else prompt
+    _check_arguments(num_captions, method, top_p, temperature, min_length, max_length, repetition_penalty, num_beams)
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be (N, 3, H, W), got shape {tuple(pixel_values.shape)}")
+    ids = special_ids(tokenizer)
+    prompt_ids = [ids.dec, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    positions = model.config.text.max_position
+    if len(prompt_ids) + max_length > positions:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens with [DEC]) + max_length ({max_length}) exceeds the "
+                         f"decoder's {positions} positions; lower max_length")
+    if len(pixel_values) == 0:
+        return []
+    rules = DecodingRules(ids.sep, min(len(tokenizer), model.config.text.vocab_size), min_length, max_length,
+                          repetition_penalty)
+    with inference_mode(model) as device:
+        prompt_tensor = torch.tensor(prompt_ids, device=device)
+        decoder = BlipDecoder(model, model.encode_image(pixel_values.to(device)), prompt_tensor)
+        if method == "beam":
+            per_image = beam_search(decoder, rules, prompt_tensor, len(pixel_values), num_beams, num_captions)
+        else:
+            choose = greedy_choice if method == "greedy" else nucleus_choice(top_p, temperature, generator)
+            rows = sample_tokens(decoder, rules, prompt_tensor, num_captions, choose)
+            per_image = [rows[i : i + num_captions] for i in range(0, len(rows), num_captions)]
+    return [tokenizer.batch_decode(token_lists, skip_special_tokens=True) for token_lists in per_image]
+
+
+def _check_arguments(num_captions: int, method: str, top_p: float, temperature: float, min_length: int,
+                     max_length: int, repetition_penalty: float, num_beams: int) -> None:
+    """Raise ValueError naming the first bad argument and what it must be."""
+    problems = [
+        (method in METHODS, f"method must be one of {METHODS}, got {method!r}"),
+        (num_captions >= 1, f"num_captions must be >= 1, got {num_captions}"),
+        (0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
+        (temperature > 0.0, f"temperature must be > 0, got {temperature}"),
+        (max_length >= 1, f"max_length must be >= 1, got {max_length}"),
+        (0 <= min_length <= max_length, f"min_length must be in [0, max_length={max_length}], got {min_length}"),
+        (repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {repetition_penalty}"),
+        (method != "greedy" or num_captions == 1,
+         f"greedy decoding gives one caption per image; use num_captions=1 or method='nucleus' (got {num_captions})"),
+        (method != "beam" or num_beams >= num_captions,
+         f"beam search returns at most num_beams captions: need num_beams >= num_captions, got {num_beams} < "
+         f"{num_captions}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(message)
