@@ -203,8 +203,11 @@ def model(tokenizer):
         text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=2),
     )
     model = BlipModel(config).eval()
-    with torch.no_grad():  # make [SEP] likely so captions end at different lengths
-        model.text_decoder.cls.predictions.bias[special_ids(tokenizer).sep] += 3.0
+    with torch.no_grad():  # an untrained model barely looks at the image and has flat next-token distributions
+        for layer in model.text_decoder.bert.encoder.layer:
+            layer.crossattention.self.value.weight.mul_(30.0)  # captions now depend on the image,
+        model.text_decoder.cls.predictions.transform.LayerNorm.weight.mul_(20.0)  # distributions are peaked,
+        model.text_decoder.cls.predictions.bias[special_ids(tokenizer).sep] += 3.0  # and [SEP] comes early
     return model
 
 
@@ -275,6 +278,11 @@ def test_cached_decoding_equals_recomputing_decoding(model, tokenizer, pixels, m
     assert outputs[0] == outputs[1]
     if method == "nucleus":
         assert len({len(caption) for caption in outputs[0]}) > 2  # rows really finished at different steps
+
+
+def test_images_matter_to_the_test_model(model, tokenizer, pixels):
+    captions = generate(model, tokenizer, pixels, method="greedy", min_length=4, max_length=10)
+    assert len({caption for (caption,) in captions}) == 3
 
 
 def test_generate_encodes_each_image_once_and_computes_cross_attention_once(model, tokenizer, pixels):
@@ -348,3 +356,24 @@ def test_generate_rejects_bad_arguments(model, tokenizer, pixels, arguments, mes
 def test_generate_rejects_bad_pixels(model, tokenizer):
     with pytest.raises(ValueError, match=r"pixel_values must be \(N, 3, H, W\)"):
         generate(model, tokenizer, torch.zeros(3, 32, 32))
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_matches_transformers_generate_on_the_exported_captioner(model, tokenizer, pixels, tmp_path, method):
+    checkpoint = pytest.importorskip("vlp_core.checkpoint")
+    from transformers import BlipForConditionalGeneration
+
+    checkpoint.export_hf_captioner(model, tokenizer, tmp_path)
+    hf_model = BlipForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids = special_ids(tokenizer)
+    prompt = [ids.dec, *tokenizer("a picture of", add_special_tokens=False)["input_ids"], ids.sep]  # HF drops [SEP]
+    with torch.no_grad():
+        hf_output = hf_model.generate(
+            pixel_values=pixels, input_ids=torch.tensor([prompt] * len(pixels)), min_new_tokens=3,
+            max_new_tokens=10, do_sample=False, num_beams=1 if method == "greedy" else 3,
+        )
+    expected = [[tokenizer.decode(row[len(prompt) - 1 :], skip_special_tokens=True)] for row in hf_output]
+    ours = generate(model, tokenizer, pixels, method=method, num_beams=3, min_length=3, max_length=10,
+                    prompt="a picture of")
+    assert ours == expected
+    assert len({caption for (caption,) in ours}) > 1
