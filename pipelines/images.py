@@ -1,0 +1,59 @@
+"""Read the image bytes behind a manifest's `image_ref`.
+
+An `image_ref` is either `<path>.tar#<key>` (a webdataset shard written by the download stage; the
+member is `<key>.<ext>`) or a plain image file path. Relative paths are relative to the dataset folder
+(`<root>/<dataset>/`), so a dataset folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from functools import lru_cache
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageRefError(LookupError):
+    """An image_ref points at nothing readable."""
+
+
+class ImageStore:
+    """Random access to the images of one dataset folder; tar shards are indexed once per store."""
+
+    def __init__(self, dataset_dir: Path) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        self._tar_index = lru_cache(maxsize=64)(self._index_tar)
+
+    def read(self, image_ref: str) -> bytes:
+        """The encoded bytes of the image `image_ref` names."""
+        path_part, _, key = image_ref.partition("#")
+        path = self._resolve(path_part)
+        if not key:
+            try:
+                return path.read_bytes()
+            except OSError as error:
+                raise ImageRefError(f"image_ref {image_ref!r}: cannot read {path} ({error.strerror})") from None
+        members = self._tar_index(path)
+        member = members.get(key)
+        if member is None:
+            raise ImageRefError(f"image_ref {image_ref!r}: no image with key {key!r} in {path}")
+        with tarfile.open(path) as tar:
+            return tar.extractfile(member).read()
+
+    def _resolve(self, path_part: str) -> Path:
+        path = Path(path_part)
+        return path if path.is_absolute() else self.dataset_dir / path
+
+    @staticmethod
+    def _index_tar(path: Path) -> dict[str, tarfile.TarInfo]:
+        """key → image member of one tar shard."""
+        try:
+            with tarfile.open(path) as tar:
+                return {
+                    Path(m.name).stem: m
+                    for m in tar.getmembers()
+                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS
+                }
+        except (OSError, tarfile.TarError) as error:
+            raise ImageRefError(f"{path}: unreadable shard ({error})") from None
