@@ -1,0 +1,27 @@
+"""Test-wide setup: offline environment, and one local Ray cluster shared by the tests that need it."""
+
+import os
+
+import pytest
+
+for name, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}.items():
+    os.environ.setdefault(name, value)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray (2 CPUs, 127.0.0.1) for the whole session; shut down at the end."""
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
