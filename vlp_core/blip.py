@@ -64,6 +64,10 @@ class BlipModel(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised pixels -> ``(B, 1 + P, Dv)`` patch embeddings ([CLS] first)."""
+        size = self.config.vision.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixel_values must be (B, 3, {size}, {size}) for this model, got "
+                             f"{tuple(pixel_values.shape)}; resize images with the model's image transform")
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,7 @@ class BlipModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoder (no cross-attention): ``(B, L)`` ids and mask -> ``(B, L, Dt)``."""
+        self._check_text(input_ids, attention_mask)
         return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -84,6 +89,7 @@ class BlipModel(nn.Module):
 
         ``image_embeds`` ``(B, 1 + P, Dv)`` row-aligned with ``input_ids`` ``(B, L)`` whose column 0 is ``[ENC]``.
         """
+        self._check_text(input_ids, attention_mask)
         hidden = self.text_encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -98,12 +104,21 @@ class BlipModel(nn.Module):
 
         ``image_embeds`` ``(B, 1 + P, Dv)``; ``input_ids`` ``(B, L)`` start with ``[DEC]``.
         """
+        self._check_text(input_ids, attention_mask)
         return self.text_decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=self._image_mask(image_embeds),
         ).logits
+
+    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids and attention_mask must both be (B, L), got {tuple(input_ids.shape)} "
+                             f"and {tuple(attention_mask.shape)}")
+        if input_ids.shape[1] > self.config.text.max_position:
+            raise ValueError(f"texts of {input_ids.shape[1]} tokens exceed text.max_position="
+                             f"{self.config.text.max_position}; tokenize with a smaller max_length")
 
     @staticmethod
     def _image_mask(image_embeds: torch.Tensor) -> torch.Tensor:

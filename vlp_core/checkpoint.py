@@ -241,7 +241,7 @@ def import_hf(directory: str | Path) -> tuple[BlipModel, PreTrainedTokenizerBase
     if architecture not in hf_classes:
         raise ValueError(f"{folder}: architecture {architecture!r} is not supported; expected one of "
                          f"{sorted(hf_classes)}")
-    hf_model = hf_classes[architecture].from_pretrained(str(folder))
+    hf_model = hf_classes[architecture].from_pretrained(str(folder), weights_only=True)
     tokenizer = load_tokenizer(folder)
     config = _config_from_hf(hf_config, name=folder.name)
     _check_vocabulary(config, tokenizer)

@@ -130,6 +130,17 @@ def test_outputs_depend_on_the_image(model, inputs):
                                   model.lm_logits(swapped, input_ids, mask), atol=1e-4)
 
 
+def test_bad_shapes_are_clear_errors(model, inputs):
+    pixels, input_ids, mask = inputs
+    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 64, 64\).*got \(4, 3, 32, 32\)"):
+        model.encode_image(pixels[:, :, :32, :32])
+    with pytest.raises(ValueError, match="must both be \\(B, L\\)"):
+        model.encode_text(input_ids, mask[:, :-1])
+    too_long = torch.ones(1, model.config.text.max_position + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceed text.max_position=64"):
+        model.lm_logits(model.encode_image(pixels[:1]), too_long, too_long)
+
+
 def test_deepcopy_keeps_the_ties(model):
     twin = copy.deepcopy(model)
     encoder_layer, decoder_layer = twin.text_encoder.encoder.layer[0], twin.text_decoder.bert.encoder.layer[0]
