@@ -8,7 +8,6 @@ tensors-only ``torch.load(weights_only=True)``); nothing is downloaded.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from vlp_core.checkpoint import load_state_dict_file
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
 
@@ -25,22 +26,6 @@ def _register_our_configs() -> None:
     """Make ``vlp_core/configs/clip/*.json`` known to open_clip (once)."""
     if not all(path.stem in open_clip.list_models() for path in CLIP_CONFIG_DIR.glob("*.json")):
         open_clip.add_model_config(CLIP_CONFIG_DIR)
-
-
-def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a tensors-only torch file (never unpickles objects)."""
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist")
-    if checkpoint.suffix == ".safetensors":
-        return load_file(checkpoint)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{checkpoint} is not a tensors-only checkpoint ({error}); convert it to safetensors"
-        ) from error
-    state = state.get("state_dict", state)  # open_clip training checkpoints wrap the weights
-    return {key.removeprefix("module."): value for key, value in state.items()}
 
 
 class ClipRanker:
@@ -104,7 +89,8 @@ class ClipRanker:
 
 
 def load_clip(model_name: str, checkpoint: Path | None = None, device: str | torch.device = "cpu") -> ClipRanker:
-    """Build open_clip architecture ``model_name`` (randomly initialised) and load ``checkpoint`` if given.
+    """Build open_clip architecture ``model_name`` (randomly initialised) and load ``checkpoint`` if given:
+    a ``.safetensors`` file or a plain tensor state dict in ``.pt/.pth/.bin`` (never unpickled).
 
     The model is returned in eval mode; call ``ranker.model.train()`` to train it.
     """
@@ -115,7 +101,9 @@ def load_clip(model_name: str, checkpoint: Path | None = None, device: str | tor
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        state_dict = _read_state_dict(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist")
+        state_dict = load_state_dict_file(checkpoint)
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:
