@@ -6,6 +6,7 @@
     web/pairs.parquet                 key, path (URL path on the world server), caption (the alt-text)
     web/images/<key>.jpg              every web image, faulty URLs included
     ground_truth/web_noise.parquet    key, noise_type, fault, true_caption, scene (json) — evaluation only
+    ground_truth/scenes.parquet       image_id, split (human | test), scene (json) — evaluation only
     human/annotations.json + images/  COCO Karpathy format, `captions_per_image` paraphrases per image
     test/annotations.json + images/   the same, held out
 
@@ -29,6 +30,7 @@ from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines.atomic import atomic_write_bytes, atomic_write_json, atomic_write_parquet
 from pipelines.world_grammar import NOISE_TYPES, Scene, describe, paraphrases, sample_scene, web_caption
@@ -98,6 +100,7 @@ class WorldPaths:
     web_pairs: Path
     web_images: Path
     web_noise: Path
+    scenes: Path  # the truth of the human and test images
     human_root: Path  # COCO image paths in annotations.json are relative to this folder
     human_annotations: Path
     test_root: Path
@@ -108,6 +111,7 @@ class WorldPaths:
         root = Path(root)
         return cls(root=root, world_json=root / "world.json", web_pairs=root / "web" / "pairs.parquet",
                    web_images=root / "web" / "images", web_noise=root / "ground_truth" / "web_noise.parquet",
+                   scenes=root / "ground_truth" / "scenes.parquet",
                    human_root=root / "human", human_annotations=root / "human" / "annotations.json",
                    test_root=root / "test", test_annotations=root / "test" / "annotations.json")
 
@@ -119,8 +123,13 @@ def make_world(out_dir: Path, config: WorldConfig) -> WorldPaths:
         return paths
     atomic_write_json(paths.root / _IN_PROGRESS, config.to_dict())
     noise, faults = _write_web(paths, config)
-    _write_coco_set(paths.human_root, "h", config.n_human, config)
-    _write_coco_set(paths.test_root, "t", config.n_test, config)
+    human = _write_coco_set(paths.human_root, "h", config.n_human, config)
+    test = _write_coco_set(paths.test_root, "t", config.n_test, config)
+    atomic_write_parquet(pa.table({
+        "image_id": list(human) + list(test),
+        "split": ["human"] * len(human) + ["test"] * len(test),
+        "scene": [scene.to_json() for scene in [*human.values(), *test.values()]],
+    }), paths.scenes)
     atomic_write_json(paths.world_json, {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -139,6 +148,15 @@ def load_world(out_dir: Path) -> tuple[WorldConfig, WorldPaths]:
         raise ValueError(f"{out_dir} is not a synthetic world folder (no world.json); make one with "
                          "`capfilt world --out DIR`")
     return WorldConfig(**info["config"]), paths
+
+
+def load_scenes(paths: WorldPaths) -> dict[str, Scene]:
+    """The true scene of every image of a world, by web key or human/test image id."""
+    scenes = {}
+    for table_path, id_column in ((paths.web_noise, "key"), (paths.scenes, "image_id")):
+        table = pq.read_table(table_path, columns=[id_column, "scene"])
+        scenes.update(zip(table[id_column].to_pylist(), map(Scene.from_json, table["scene"].to_pylist())))
+    return scenes
 
 
 def rate_counts(rates: Mapping[str, float], n: int) -> dict[str, int]:
@@ -199,18 +217,21 @@ def _write_web(paths: WorldPaths, config: WorldConfig) -> tuple[dict[str, int], 
     return noise_counts, faults_counts
 
 
-def _write_coco_set(root: Path, prefix: str, n: int, config: WorldConfig) -> None:
-    """n clean images with `captions_per_image` paraphrases each, as COCO Karpathy json + PNG images."""
-    records = []
+def _write_coco_set(root: Path, prefix: str, n: int, config: WorldConfig) -> dict[str, Scene]:
+    """n clean images with `captions_per_image` paraphrases each, as COCO Karpathy json + PNG images.
+
+    Returns the scene of each image id."""
+    records, scenes = [], {}
     for i in range(n):
         image_id = f"{prefix}{i + 1:06d}"
         rng = item_rng(config, image_id)
-        scene = sample_scene(rng)
+        scene = scenes[image_id] = sample_scene(rng)
         records.append({"image": f"images/{image_id}.png", "caption": paraphrases(scene, rng, config.captions_per_image),
                         "image_id": image_id})
         image = render_scene(scene, config.image_size, np.random.default_rng(rng.getrandbits(64)))
         atomic_write_bytes(root / records[-1]["image"], _encode(image, "PNG"))
     atomic_write_json(root / "annotations.json", records)
+    return scenes
 
 
 def _encode(image, image_format: str) -> bytes:
