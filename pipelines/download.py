@@ -81,11 +81,12 @@ def download(url_list: Path, generation: Generation, config: DownloadConfig) -> 
     allowed = urls.filter(pa.array([v is None for v in verdicts]))
     log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
 
+    pinned_input = _pin_input(generation, allowed)
     _write_refused_part(generation, urls, verdicts)
     if allowed.num_rows:
         shard_dir = generation.path / "shards"
         if not _all_shards_done(generation, allowed.num_rows, config):
-            _run_img2dataset(_pin_input(generation, allowed), shard_dir, config)
+            _run_img2dataset(pinned_input, shard_dir, config)
         for stats_file in sorted(shard_dir.glob("*_stats.json")):
             shard = stats_file.name.removesuffix("_stats.json")
             if not generation.is_done(STAGE, shard):
