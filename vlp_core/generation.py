@@ -222,13 +222,13 @@ def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.T
             row = slot * width + parents[slot, candidate].item()
             token_ids = history[row, len(prompt_ids):].tolist() + [tokens[slot, candidate].item()]
             finished[images[slot]].append((scores[slot, candidate].item() / length, token_ids))
-        searching = []
-        for slot, image in enumerate(images):
+        for image in images:
             finished[image] = sorted(finished[image], key=lambda hypothesis: -hypothesis[0])[:width]
-            best_live = scores[slot, continuing[slot, 0]].item() / length
-            full = len(finished[image]) == width and best_live <= finished[image][-1][0]
-            if length < rules.max_length and not full:
-                searching.append(slot)
+        best_live = (scores.gather(1, continuing[:, :1]).squeeze(1) / length).tolist()
+        searching = [
+            slot for slot, image in enumerate(images)
+            if length < rules.max_length and not _settled(finished[image], best_live[slot], width)
+        ]
         if not searching:
             break
         kept = torch.tensor(searching, device=scores.device)
@@ -241,6 +241,12 @@ def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.T
         decoder.keep(rows)
         logits = decoder.step(next_ids)
     return [[token_ids for _, token_ids in hypotheses[:num_captions]] for hypotheses in finished]
+
+
+def _settled(hypotheses: list[tuple[float, list[int]]], best_live_score: float, width: int) -> bool:
+    """True when an image has `width` finished (score, tokens), best first, and its best live beam
+    scores no better than the worst of them."""
+    return len(hypotheses) == width and best_live_score <= hypotheses[-1][0]
 
 
 # --------------------------------------------------------------------------- entry point
