@@ -67,7 +67,7 @@ class WorldConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"WorldConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
         if not isinstance(self.slow_seconds, (int, float)) or not 0 <= self.slow_seconds <= 60:
-            raise ValueError(f"WorldConfig.slow_seconds must be a number of seconds in [0, 60], got {self.slow_seconds!r}")
+            raise ValueError(f"WorldConfig.slow_seconds must be a number in [0, 60], got {self.slow_seconds!r}")
         noise = _checked_rates("noise_rates", self.noise_rates, NOISE_TYPES)
         if not math.isclose(sum(noise.values()), 1.0, abs_tol=1e-6):
             raise ValueError(f"WorldConfig.noise_rates must sum to 1, got {sum(noise.values()):.6g} ({noise})")
@@ -119,7 +119,7 @@ class WorldPaths:
 def make_world(out_dir: Path, config: WorldConfig) -> WorldPaths:
     """Write the world described by `config` into `out_dir` (see the module docstring) and return its paths."""
     paths = WorldPaths.at(out_dir)
-    if _holds_world(paths, config):
+    if _already_made(paths, config):
         return paths
     atomic_write_json(paths.root / _IN_PROGRESS, config.to_dict())
     noise, faults = _write_web(paths, config)
@@ -160,8 +160,9 @@ def load_scenes(paths: WorldPaths) -> dict[str, Scene]:
 
 
 def rate_counts(rates: Mapping[str, float], n: int) -> dict[str, int]:
-    """Split `n` items by `rates` (summing to 1): floors, then the largest remainders get one more each."""
-    exact = {key: rate * n for key, rate in rates.items()}
+    """Split `n` items in proportion to `rates`: floors, then the largest remainders get one more each."""
+    total = sum(rates.values())
+    exact = {key: rate / total * n for key, rate in rates.items()}
     counts = {key: math.floor(value) for key, value in exact.items()}
     by_remainder = sorted(rates, key=lambda key: counts[key] - exact[key])  # stable: ties keep rates' order
     for key in by_remainder[: n - sum(counts.values())]:
@@ -181,7 +182,7 @@ def fault_counts(rates: Mapping[str, float], n: int) -> dict[str, int]:
     return counts
 
 
-def item_rng(config: WorldConfig, key: str) -> random.Random:
+def _item_rng(config: WorldConfig, key: str) -> random.Random:
     """The random generator of one item (or one list, e.g. "noise-labels"); independent of every other."""
     return random.Random(f"capfilt-world/{config.seed}/{key}")
 
@@ -196,11 +197,11 @@ def _shuffled_labels(counts: Mapping[str, int], rng: random.Random) -> list[str]
 def _write_web(paths: WorldPaths, config: WorldConfig) -> tuple[dict[str, int], dict[str, int]]:
     n = config.n_web
     keys = [f"w{i + 1:06d}" for i in range(n)]
-    rngs = [item_rng(config, key) for key in keys]
+    rngs = [_item_rng(config, key) for key in keys]
     scenes = [sample_scene(rng) for rng in rngs]
     noise_counts, faults_counts = rate_counts(config.noise_rates, n), fault_counts(config.fault_rates, n)
-    noise = _shuffled_labels(noise_counts, item_rng(config, "noise-labels"))
-    faults = _shuffled_labels(faults_counts, item_rng(config, "fault-labels"))
+    noise = _shuffled_labels(noise_counts, _item_rng(config, "noise-labels"))
+    faults = _shuffled_labels(faults_counts, _item_rng(config, "fault-labels"))
     captions, true_captions = [], []
     for key, rng, scene, noise_type in zip(keys, rngs, scenes, noise):
         captions.append(web_caption(noise_type, scene, scenes, rng))
@@ -224,12 +225,13 @@ def _write_coco_set(root: Path, prefix: str, n: int, config: WorldConfig) -> dic
     records, scenes = [], {}
     for i in range(n):
         image_id = f"{prefix}{i + 1:06d}"
-        rng = item_rng(config, image_id)
+        rng = _item_rng(config, image_id)
         scene = scenes[image_id] = sample_scene(rng)
-        records.append({"image": f"images/{image_id}.png", "caption": paraphrases(scene, rng, config.captions_per_image),
+        image_path = f"images/{image_id}.png"
+        records.append({"image": image_path, "caption": paraphrases(scene, rng, config.captions_per_image),
                         "image_id": image_id})
         image = render_scene(scene, config.image_size, np.random.default_rng(rng.getrandbits(64)))
-        atomic_write_bytes(root / records[-1]["image"], _encode(image, "PNG"))
+        atomic_write_bytes(root / image_path, _encode(image, "PNG"))
     atomic_write_json(root / "annotations.json", records)
     return scenes
 
@@ -250,7 +252,7 @@ def _read_world_json(paths: WorldPaths) -> dict | None:
     return info
 
 
-def _holds_world(paths: WorldPaths, config: WorldConfig) -> bool:
+def _already_made(paths: WorldPaths, config: WorldConfig) -> bool:
     """True if `paths.root` already holds this exact world, False if it may be (re)written; raises otherwise."""
     marker = paths.root / _IN_PROGRESS
     if marker.is_file():

@@ -55,8 +55,8 @@ def test_layout_and_pairs(world: Path, truth: list[dict]) -> None:
     assert pairs.column_names == ["key", "path", "caption"] and pairs.num_rows == 60
     for pair, row in zip(pairs.to_pylist(), truth):
         assert pair["key"] == row["key"]
-        expected = f"images/{pair['key']}.jpg" if row["fault"] == NO_FAULT else f"fault/{row['fault']}/{pair['key']}.jpg"
-        assert pair["path"] == expected
+        folder = "images" if row["fault"] == NO_FAULT else f"fault/{row['fault']}"
+        assert pair["path"] == f"{folder}/{pair['key']}.jpg"
         with Image.open(paths.web_images / f"{pair['key']}.jpg") as image:
             assert (image.format, image.size, image.mode) == ("JPEG", (48, 48), "RGB")
 
@@ -86,7 +86,8 @@ def test_fault_counts_follow_rates_with_one_of_each_from_twenty_pairs() -> None:
 
 
 def test_every_web_caption_behaves_as_its_noise_label_says(world: Path, truth: list[dict]) -> None:
-    captions = dict(zip(*pq.read_table(world / "web" / "pairs.parquet", columns=["key", "caption"]).to_pydict().values()))
+    pairs = pq.read_table(world / "web" / "pairs.parquet").to_pylist()
+    captions = {pair["key"]: pair["caption"] for pair in pairs}
     for row in truth:
         scene, caption = Scene.from_json(row["scene"]), captions[row["key"]]
         parsed, accuracy = parse_caption(caption), attribute_accuracy(caption, scene)
