@@ -47,19 +47,28 @@ def score_captions(
     itc_scores: list[float] = []
     with inference_mode(model) as device:
         image_embeds = model.encode_image(pixel_values.to(device))  # (N, 1+P, Dv), once per image
-        image_features = model.image_features(image_embeds).float()  # (N, E)
         for start in range(0, len(texts), batch_size):
             owner = torch.tensor(owners[start : start + batch_size], device=device)
             input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
                                                  model.config.max_text_length)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            text_features = model.text_features(model.encode_text(input_ids, attention_mask)).float()  # (b, E)
-            itc_scores += (text_features * image_features[owner]).sum(dim=-1).tolist()
-            itm_ids = input_ids.clone()
-            itm_ids[:, 0] = special_ids(tokenizer).enc
-            itm_logits = model.itm_logits(image_embeds[owner], itm_ids, attention_mask).float()  # (b, 2)
-            itm_scores += itm_logits.softmax(dim=-1)[:, 1].tolist()
+            itm, itc = _score_batch(model, image_embeds, owner, input_ids.to(device), attention_mask.to(device),
+                                    special_ids(tokenizer).enc)
+            itm_scores += itm.tolist()
+            itc_scores += itc.tolist()
     return _split_per_image(captions, itm_scores, itc_scores)
+
+
+def _score_batch(model: BlipModel, image_embeds: torch.Tensor, owner: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, enc_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM match probability and ITC similarity (b,) of b captions (b, L) against their images:
+    row i against image_embeds[owner[i]] (N, 1+P, Dv)."""
+    image_embeds = image_embeds[owner]  # (b, 1+P, Dv): each image repeated over its own captions
+    text_features = model.text_features(model.encode_text(input_ids, attention_mask))
+    itc = (text_features.float() * model.image_features(image_embeds).float()).sum(dim=-1)
+    itm_ids = input_ids.clone()
+    itm_ids[:, 0] = enc_id  # the image-grounded encoder reads [ENC] in place of [CLS]
+    itm = model.itm_logits(image_embeds, itm_ids, attention_mask).float().softmax(dim=-1)[:, 1]
+    return itm, itc
 
 
 def _split_per_image(captions: list[list[str]], itm: list[float], itc: list[float]) -> list[CaptionScores]:
