@@ -261,9 +261,13 @@ def _already_made(paths: WorldPaths, config: WorldConfig) -> bool:
         raise ValueError(f"{paths.root} holds a half-written world with another config; delete the folder")
     info = _read_world_json(paths)
     if info is not None:
-        if info["config"] == config.to_dict():
+        asked = config.to_dict()
+        differences = [f"{key}={info['config'].get(key)!r}, asked {value!r}" for key, value in asked.items()
+                       if info["config"].get(key) != value]
+        if not differences:
             return True
-        raise ValueError(f"{paths.root} holds another world ({info['config']}); choose another folder or delete it")
+        raise ValueError(f"{paths.root} holds another world ({'; '.join(differences)}); "
+                         "choose another folder or delete it")
     if paths.root.exists() and any(paths.root.iterdir()):
         raise ValueError(f"{paths.root} is not empty and holds no world; choose an empty or new folder")
     return False

@@ -24,9 +24,8 @@ import pyarrow.parquet as pq
 from pipelines.atomic import atomic_write_parquet
 from pipelines.world import FAULT_TYPES, load_world
 
-_KEY = r"(?P<key>[A-Za-z0-9_-]+)"
-_IMAGE_ROUTE = re.compile(rf"/images/{_KEY}\.jpg")
-_FAULT_ROUTE = re.compile(rf"/fault/(?P<fault>{'|'.join(FAULT_TYPES)})/{_KEY}\.jpg")
+# /images/<key>.jpg, or /fault/<fault type>/<key>.jpg
+_ROUTE = re.compile(rf"/(?:images|fault/(?P<fault>{'|'.join(FAULT_TYPES)}))/(?P<key>[A-Za-z0-9_-]+)\.jpg")
 _JPEG_START_OF_SCAN = b"\xff\xda"
 _HTML_PAGE = (b"<!doctype html>\n<html><head><title>Product page</title></head>\n"
               b"<body><h1>Great deals</h1><p>Click to buy. Free shipping on all orders.</p></body></html>\n")
@@ -45,23 +44,20 @@ class _WorldRequestHandler(BaseHTTPRequestHandler):
     server: _WorldHTTPServer
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        image_match, fault_match = _IMAGE_ROUTE.fullmatch(path), _FAULT_ROUTE.fullmatch(path)
-        match = image_match or fault_match
-        image_path = self.server.images_dir / f"{match['key']}.jpg" if match else None
-        if image_path is None or not image_path.is_file():
-            return self._send(404, "text/plain", b"not found\n")
-        fault = fault_match["fault"] if fault_match else None
-        if fault == "http_404":
-            return self._send(404, "text/plain", b"not found\n")
-        if fault == "html":
-            return self._send(200, "text/html; charset=utf-8", _HTML_PAGE)
-        image = image_path.read_bytes()
-        if fault == "corrupt":
-            return self._send(200, "image/jpeg", image[: image.index(_JPEG_START_OF_SCAN)])
-        if fault == "slow":
-            time.sleep(self.server.slow_seconds)
-        self._send(200, "image/jpeg", image)
+        route = _ROUTE.fullmatch(urlsplit(self.path).path)
+        image_path = self.server.images_dir / f"{route['key']}.jpg" if route else None
+        fault = route["fault"] if route else None
+        if image_path is None or not image_path.is_file() or fault == "http_404":
+            self._send(404, "text/plain", b"not found\n")
+        elif fault == "html":
+            self._send(200, "text/html; charset=utf-8", _HTML_PAGE)
+        elif fault == "corrupt":
+            image = image_path.read_bytes()
+            self._send(200, "image/jpeg", image[: image.index(_JPEG_START_OF_SCAN)])
+        else:
+            if fault == "slow":
+                time.sleep(self.server.slow_seconds)
+            self._send(200, "image/jpeg", image_path.read_bytes())
 
     def _send(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)
