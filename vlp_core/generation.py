@@ -107,7 +107,7 @@ class TokenDecoder(Protocol):
     """Incremental next-token logits for a batch of rows (the loops below only need this)."""
 
     def start(self, copies: int) -> torch.Tensor:
-        """Run the prompt; every image becomes `copies` consecutive rows. -> (N * copies, V)."""
+        """Run the prompt (once per decoder); every image becomes `copies` consecutive rows. -> (N * copies, V)."""
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token (B,) to every row. -> (B, V) logits of the token after it."""
@@ -144,7 +144,8 @@ class BlipDecoder:
 
     def _forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         output = self.model.text_decoder(
-            input_ids=input_ids, encoder_hidden_states=image_embeds, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, encoder_hidden_states=image_embeds, past_key_values=self.cache, use_cache=True,
+            logits_to_keep=1,
         )
         return output.logits[:, -1, :].float()
 
