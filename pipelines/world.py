@@ -25,8 +25,9 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Mapping
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -157,6 +158,14 @@ def load_scenes(paths: WorldPaths) -> dict[str, Scene]:
         table = pq.read_table(table_path, columns=[id_column, "scene"])
         scenes.update(zip(table[id_column].to_pylist(), map(Scene.from_json, table["scene"].to_pylist())))
     return scenes
+
+
+def web_key(url: str) -> str:
+    """The key of the web pair a world-server URL serves ("http://127.0.0.1:8000/fault/slow/w000012.jpg" → "w000012").
+
+    Evaluation uses it to join manifest rows (which keep the URL) with ground_truth/web_noise.parquet.
+    """
+    return PurePosixPath(urlsplit(url).path).stem
 
 
 def rate_counts(rates: Mapping[str, float], n: int) -> dict[str, int]:

@@ -15,6 +15,7 @@ from pipelines.world import (
     load_world,
     make_world,
     rate_counts,
+    web_key,
 )
 from pipelines.world_grammar import NOISY_TYPES, Scene, attribute_accuracy, parse_caption
 from vlp_core.data import load_coco_karpathy
@@ -162,3 +163,8 @@ def test_config_validation_names_the_field(options: dict, message: str) -> None:
 def test_partial_rate_maps_are_completed_with_zeros() -> None:
     config = WorldConfig(noise_rates={"clean": 1.0}, fault_rates={})
     assert config.noise_rates["empty"] == 0.0 and config.fault_rates == dict.fromkeys(DEFAULT_FAULT_RATES, 0.0)
+
+
+def test_web_key_reads_the_key_back_from_any_world_url() -> None:
+    assert web_key("http://127.0.0.1:8000/images/w000012.jpg") == "w000012"
+    assert web_key("http://127.0.0.1:8000/fault/slow/w000013.jpg?x=1") == "w000013"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.world import WorldConfig, make_world
+from pipelines.world import WorldConfig, make_world, web_key
 from pipelines.world_server import WorldServer
 
 N_WEB = 30
@@ -96,6 +96,7 @@ def test_url_list_has_one_row_per_web_pair(server: WorldServer, world: Path, tmp
     assert urls.column_names == ["url", "caption"] and urls.num_rows == N_WEB
     assert urls["url"].to_pylist() == [f"{server.base_url}/{p}" for p in pairs["path"].to_pylist()]
     assert urls["caption"].to_pylist() == pairs["caption"].to_pylist()
+    assert [web_key(url) for url in urls["url"].to_pylist()] == pairs["key"].to_pylist()
 
 
 def test_binds_loopback_on_an_ephemeral_port_and_stop_frees_it(world: Path) -> None:
