@@ -52,7 +52,8 @@ def test_human_rows_and_lineage(world: WorldPaths, tmp_path: Path) -> None:
     assert {(row["image_id"], row["caption"]) for row in human} == expected_captions
     for row in human:
         path = Path(row["image_ref"])
-        assert path.is_absolute() and path == (world.human_root / "images" / f"{row["image_id"].removeprefix("human-")}.png").resolve()
+        image_name = row["image_id"].removeprefix("human-") + ".png"
+        assert path.is_absolute() and path == (world.human_root / "images" / image_name).resolve()
         assert row["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert (row["width"], row["height"]) == (64, 64)
         assert row["kept"] and row["generation"] == 1 and row["parent_generation"] == 0
