@@ -26,6 +26,7 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Mapping
 from urllib.parse import urlsplit
 
@@ -38,11 +39,11 @@ from pipelines.world_grammar import NOISE_TYPES, Scene, describe, paraphrases, s
 from pipelines.world_render import render_scene
 
 FORMAT_VERSION = 1
-DEFAULT_NOISE_RATES = {"clean": 0.50, "partial": 0.10, "wrong_attribute": 0.15, "other_image": 0.15,
-                       "boilerplate": 0.07, "empty": 0.03}
+DEFAULT_NOISE_RATES = MappingProxyType({"clean": 0.50, "partial": 0.10, "wrong_attribute": 0.15,
+                                        "other_image": 0.15, "boilerplate": 0.07, "empty": 0.03})
 FAULT_TYPES = ("http_404", "corrupt", "html", "slow")
 NO_FAULT = "none"
-DEFAULT_FAULT_RATES = {"http_404": 0.01, "corrupt": 0.01, "html": 0.01, "slow": 0.005}
+DEFAULT_FAULT_RATES = MappingProxyType({"http_404": 0.01, "corrupt": 0.01, "html": 0.01, "slow": 0.005})
 MIN_FAULTS_FROM = 20  # with at least this many web pairs, every fault with a rate > 0 occurs at least once
 JPEG_QUALITY = 90
 MAX_ITEMS = 999_999  # keys have six digits
@@ -51,6 +52,8 @@ _IN_PROGRESS = ".world-in-progress.json"
 
 @dataclass(frozen=True)
 class WorldConfig:
+    """What world to make. Validated on creation; rate maps may leave out types (they get rate 0)."""
+
     seed: int = 0
     n_web: int = 2000
     n_human: int = 500
