@@ -9,14 +9,15 @@ Work per call, for N images and K captions (or beams) each:
 Lengths count caption tokens after the prompt: every caption has at least `min_length` tokens before
 its [SEP], and at most `max_length` tokens, [SEP] included.
 
-Determinism: the same inputs, batch and generator seed give the same captions (the random draws come
-from `generator`, on the CPU unless the generator lives elsewhere). Across batch sizes captions are
-NOT identical: the draws are shared out differently and batched kernels round differently.
+Determinism: the same inputs, batch and generator seed give the same captions. With one seed per
+image (`seeds`) an image's captions do not depend on the batch it is in: on the CPU in float32 they
+are identical across batch sizes and orders (tested). Under CUDA bf16, batched kernels round
+differently per batch shape, so a rare draw that falls on a probability boundary can still flip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -152,21 +153,35 @@ class BlipDecoder:
 
 # --------------------------------------------------------------------------- decoding loops
 
-TokenChooser = Callable[[torch.Tensor], torch.Tensor]  # (B, V) processed logits -> (B,) token ids
+RowDraws = Callable[[], torch.Tensor]  # a fresh uniform draw in [0, 1) for every row: (N * copies,)
+TokenChooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, V) logits, (B,) row ids -> (B,) tokens
 
 
-def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+def row_draws(num_images: int, copies: int, generator: torch.Generator | None = None,
+              seeds: Sequence[int] | None = None) -> RowDraws:
+    """Uniform draws for all N * copies rows at each step (finished rows draw too, so nothing shifts).
+
+    With `seeds` (one per image) image i's rows draw from their own generator seeded with seeds[i]:
+    its captions then do not depend on which other images share the batch. Otherwise every row draws
+    from `generator` (torch's global CPU generator when None).
+    """
+    if seeds is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+        return lambda: torch.rand(num_images * copies, generator=generator, device=device)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return lambda: torch.cat([torch.rand(copies, generator=image_generator) for image_generator in generators])
+
+
+def greedy_choice(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def nucleus_choice(top_p: float, temperature: float, generator: torch.Generator | None) -> TokenChooser:
-    """Sample from the top-p nucleus of softmax(logits / temperature), drawing from `generator`."""
-    draw_device = generator.device if generator is not None else torch.device("cpu")
+def nucleus_choice(top_p: float, temperature: float, draws: RowDraws) -> TokenChooser:
+    """Sample from the top-p nucleus of softmax(logits / temperature) with each row's own draw."""
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
+    def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         probs = nucleus_filter(logits / temperature, top_p).softmax(dim=-1)
-        uniform = torch.rand(len(probs), generator=generator, device=draw_device)
-        return sample_from(probs, uniform)
+        return sample_from(probs, draws()[rows])
 
     return choose
 
@@ -180,7 +195,7 @@ def sample_tokens(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch
     rows = torch.arange(len(logits))
     results: list[list[int]] = [[] for _ in range(len(logits))]
     for generated in range(rules.max_length):
-        next_ids = choose(rules.apply(logits, history, generated))
+        next_ids = choose(rules.apply(logits, history, generated), rows)
         history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
         done = (next_ids == rules.sep_id) | (generated + 1 == rules.max_length)
         for row, token_ids in zip(rows[done.cpu()].tolist(), history[done, len(prompt_ids):].tolist(), strict=True):
@@ -268,11 +283,13 @@ def generate(
     num_beams: int = 3,
     prompt: str | None = None,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[list[str]]:
     """Caption N images (N, 3, H, W): returns N lists of `num_captions` strings, prompt stripped.
 
-    method: "nucleus" (BLIP's CapFilt sampler; uses top_p, temperature, generator), "greedy" (one
-    caption per image) or "beam" (uses num_beams >= num_captions). prompt defaults to model.config.prompt.
+    method: "nucleus" (BLIP's CapFilt sampler; uses top_p, temperature and generator or seeds), "greedy"
+    (one caption per image) or "beam" (uses num_beams >= num_captions). prompt defaults to
+    model.config.prompt. seeds: one per image, making each image's captions independent of its batch.
     """
     prompt = model.config.prompt if prompt is None else prompt
     _check_arguments(num_captions, method, top_p, temperature, min_length, max_length, repetition_penalty, num_beams)
@@ -284,6 +301,9 @@ def generate(
     if len(prompt_ids) + max_length > positions:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens with [DEC]) + max_length ({max_length}) exceeds the "
                          f"decoder's {positions} positions; lower max_length")
+    if seeds is not None and (generator is not None or len(seeds) != len(pixel_values)):
+        raise ValueError(f"seeds must hold one seed per image ({len(pixel_values)}, got {len(seeds)}) and "
+                         "cannot be combined with generator")
     if len(pixel_values) == 0:
         return []
     rules = DecodingRules(ids.sep, min(len(tokenizer), model.config.text.vocab_size), min_length, max_length,
@@ -294,7 +314,8 @@ def generate(
         if method == "beam":
             per_image = beam_search(decoder, rules, prompt_tensor, len(pixel_values), num_beams, num_captions)
         else:
-            choose = greedy_choice if method == "greedy" else nucleus_choice(top_p, temperature, generator)
+            draws = row_draws(len(pixel_values), num_captions, generator, seeds)
+            choose = greedy_choice if method == "greedy" else nucleus_choice(top_p, temperature, draws)
             rows = sample_tokens(decoder, rules, prompt_tensor, num_captions, choose)
             per_image = [rows[i : i + num_captions] for i in range(0, len(rows), num_captions)]
     return [tokenizer.batch_decode(token_lists, skip_special_tokens=True) for token_lists in per_image]

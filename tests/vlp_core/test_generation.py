@@ -20,6 +20,7 @@ from vlp_core.generation import (
     greedy_choice,
     nucleus_choice,
     nucleus_filter,
+    row_draws,
     sample_from,
     sample_tokens,
     select_beams,
@@ -176,7 +177,7 @@ def test_greedy_loop_matches_step_by_step_argmax_and_drops_finished_rows():
 @pytest.mark.parametrize("min_length,max_length", [(0, 1), (3, 3), (2, 7)])
 def test_sampled_lengths_respect_the_limits(min_length, max_length):
     rules = DecodingRules(sep_id=SEP, vocab_limit=3, min_length=min_length, max_length=max_length)
-    choose = nucleus_choice(top_p=0.9, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    choose = nucleus_choice(0.9, 1.0, row_draws(4, 5, generator=torch.Generator().manual_seed(0)))
     for caption in sample_tokens(ToyDecoder(num_images=4, vocab=3), rules, PROMPT, copies=5, choose=choose):
         assert SEP not in caption[:-1] and len(caption) <= max_length
         assert caption[-1] == SEP or len(caption) == max_length
@@ -273,7 +274,7 @@ def test_cached_decoding_equals_recomputing_decoding(model, tokenizer, pixels, m
                 outputs.append(beam_search(decoder, rules, prompt, len(pixels), num_beams=3, num_captions=3))
             else:
                 copies, choose = (1, greedy_choice) if method == "greedy" else (
-                    4, nucleus_choice(0.9, 1.0, torch.Generator().manual_seed(3)))
+                    4, nucleus_choice(0.9, 1.0, row_draws(len(pixels), 4, torch.Generator().manual_seed(3))))
                 outputs.append(sample_tokens(decoder, rules, prompt, copies, choose))
     assert outputs[0] == outputs[1]
     if method == "nucleus":
@@ -316,6 +317,16 @@ def test_generate_is_reproducible_under_a_seed(model, tokenizer, pixels):
     assert len({caption for per_image in first for caption in per_image}) > 3  # sampling gives variety
 
 
+def test_per_image_seeds_make_captions_independent_of_the_batch(model, tokenizer, pixels):
+    def run(images, seeds):
+        return generate(model, tokenizer, pixels[images], num_captions=3, min_length=2, seeds=seeds)
+
+    together = run([0, 1, 2], [10, 11, 12])
+    assert together == [run([image], [10 + image])[0] for image in range(3)]
+    assert run([2, 0], [12, 10]) == [together[2], together[0]]
+    assert run([0], [99]) != together[:1]
+
+
 def test_generate_strips_the_prompt_and_restores_training_mode(model, tokenizer, pixels):
     model.train()
     try:
@@ -346,6 +357,8 @@ def test_generate_strips_the_prompt_and_restores_training_mode(model, tokenizer,
         ({"method": "beam", "num_beams": 2, "num_captions": 3}, "need num_beams >= num_captions"),
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
         ({"max_length": 200}, "exceeds the decoder's 64 positions"),
+        ({"seeds": [1, 2]}, "one seed per image"),
+        ({"seeds": [1, 2, 3], "generator": torch.Generator()}, "cannot be combined with generator"),
     ],
 )
 def test_generate_rejects_bad_arguments(model, tokenizer, pixels, arguments, message):
