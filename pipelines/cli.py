@@ -125,7 +125,8 @@ def _world(args: argparse.Namespace) -> None:
     from pipelines.world import make_world
 
     paths = make_world(args.out, _world_config(args))
-    print(f"world written to {args.out} ({paths})")
+    print(f"world written to {paths.root}: web pairs {paths.web_pairs}, human set {paths.human_annotations}, "
+          f"test set {paths.test_annotations}")
 
 
 def _serve_world(args: argparse.Namespace) -> None:
