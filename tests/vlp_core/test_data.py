@@ -12,12 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from vlp_core.config import load_preset
 from vlp_core.data import (
     CaptionCollator,
     CocoCaptionSet,
     CocoFormatError,
     ImageDecodeError,
     ImageTransform,
+    image_transform,
     load_coco_karpathy,
     load_image,
     normalize_caption,
@@ -154,6 +156,17 @@ def test_transform_resizes_and_normalises():
     pixels = transform(Image.new("RGB", (40, 30), (255, 0, 51)))
     assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
     torch.testing.assert_close(pixels[:, 5, 5], torch.tensor([1.0, -1.0, 0.2]))
+
+
+def test_image_transform_follows_the_model_config():
+    config = load_preset("tiny")
+    evaluation, training = image_transform(config, train=False), image_transform(config, train=True)
+    assert (evaluation.image_size, evaluation.mean, evaluation.std) == (64, config.image_mean, config.image_std)
+    assert training.train and not evaluation.train
+    grey = evaluation(Image.new("RGB", (100, 80), (128, 128, 128)))
+    expected = (128 / 255 - torch.tensor(config.image_mean)) / torch.tensor(config.image_std)
+    assert grey.shape == (3, 64, 64)
+    torch.testing.assert_close(grey[:, 10, 10], expected)
 
 
 def test_train_transform_crops_lightly_and_never_flips():
