@@ -116,34 +116,46 @@ def run_evaluate(config: EvaluateConfig, generation: Generation) -> dict[str, An
     Writes `<generation>/evaluation.json` and returns the same dict.
     """
     world = load_world(config.world_dir)[1] if config.world_dir is not None else None
-    samples = generation.read_samples()  # fail on a bad generation before any model work
+    samples = generation.read_samples()  # a bad generation or test set fails before any model work
+    references = {record.image_id: list(record.captions) for record in load_test_set(config)}
     init_ray(config.ray_address)
     task = ray.remote(num_cpus=1, num_gpus=config.num_gpus)(evaluate_checkpoint)
-    model = ray.get(task.remote(config))
-    records = load_coco_karpathy(config.test_annotations, config.test_image_root)
-    references = {record.image_id: list(record.captions) for record in records}
+    checkpoint: CheckpointResults = ray.get(task.remote(config))
 
     results: dict[str, Any] = {
         "dataset": generation.dataset,
         "generation": generation.number,
-        "checkpoint": {"path": str(Path(config.checkpoint).resolve()), "digest": model.digest},
+        "checkpoint": {"path": str(Path(config.checkpoint).resolve()), "digest": checkpoint.digest},
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "test_set": {"images": len(records), "texts": sum(len(texts) for texts in references.values())},
-        "retrieval": model.retrieval,
-        "retrieval_itc": model.retrieval_itc,
-        "captioning": caption_scores(references, model.captions),
+        "test_set": {"images": len(references), "texts": sum(len(texts) for texts in references.values())},
+        "retrieval": checkpoint.retrieval,
+        "retrieval_itc": checkpoint.retrieval_itc,
+        "captioning": caption_scores(references, checkpoint.captions),
         "caption_examples": [
             {"image_id": image_id, "caption": caption, "reference": references[image_id][0]}
-            for image_id, caption in list(model.captions.items())[:N_EXAMPLES]
+            for image_id, caption in list(checkpoint.captions.items())[:N_EXAMPLES]
         ],
     }
     if world is not None:
-        results["world"] = world_metrics(samples, world, model.captions)
+        results["world"] = world_metrics(samples, world, checkpoint.captions)
     atomic_write_json(generation.path / EVALUATION_FILE, results)
-    log.info("evaluate: %s on %s gen %d: %s, %s", model.digest, generation.dataset, generation.number,
-             model.retrieval, results["captioning"])
+    log.info("evaluate: %s on %s gen %d: %s, %s", checkpoint.digest, generation.dataset, generation.number,
+             checkpoint.retrieval, results["captioning"])
     return results
+
+
+def load_test_set(config: EvaluateConfig) -> list[CaptionRecord]:
+    """The held-out images and their captions; image ids must be unique (they key the captions)."""
+    records = load_coco_karpathy(config.test_annotations, config.test_image_root)
+    if not records:
+        raise ValueError(f"{config.test_annotations}: the test set has no images")
+    seen: dict[str, Path] = {}
+    for record in records:
+        if seen.setdefault(record.image_id, record.image_path) != record.image_path:
+            raise ValueError(f"{config.test_annotations}: image_id {record.image_id!r} names two images "
+                             f"({seen[record.image_id]} and {record.image_path}); give each image its own id")
+    return records
 
 
 # --------------------------------------------------------------------------- the model (runs as a Ray task)
@@ -153,7 +165,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> CheckpointResults:
     """Retrieval recalls and one caption per test image; runs on a GPU when the task has one."""
     device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     model, tokenizer, digest = load_checkpoint(config.checkpoint, device)
-    records = load_coco_karpathy(config.test_annotations, config.test_image_root)
+    records = load_test_set(config)
     transform = image_transform(model.config, train=False)
     texts = [text for record in records for text in record.captions]
     text_image = [index for index, record in enumerate(records) for _ in record.captions]

@@ -14,6 +14,7 @@ import torch
 from pipelines.evaluate import (
     EVALUATION_FILE,
     EvaluateConfig,
+    load_test_set,
     run_evaluate,
     top_k_itm_scores,
     world_metrics,
@@ -164,3 +165,13 @@ def test_config_validation_names_the_field(world: WorldPaths, checkpoint: tuple[
         EvaluateConfig(folder, world.test_annotations, world.test_root, k_test=0)
     with pytest.raises(ValueError, match="checkpoint .* is not a checkpoint folder"):
         EvaluateConfig(tmp_path / "none", world.test_annotations, world.test_root)
+
+
+def test_test_set_image_ids_must_be_unique(world: WorldPaths, checkpoint: tuple[Path, str], tmp_path: Path) -> None:
+    annotations = json.loads(world.test_annotations.read_text())
+    annotations[1]["image_id"] = annotations[0]["image_id"]
+    duplicated = tmp_path / "test.json"
+    duplicated.write_text(json.dumps(annotations))
+    config = EvaluateConfig(checkpoint[0], duplicated, world.test_root)
+    with pytest.raises(ValueError, match=f"image_id '{annotations[0]['image_id']}' names two images"):
+        load_test_set(config)
