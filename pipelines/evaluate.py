@@ -231,8 +231,8 @@ def top_k_itm_scores(model: BlipModel, tokenizer: PreTrainedTokenizerBase, recor
     start = 0
     for batch_records, pixels in _image_batches(records, transform, batch_size):
         batch_pairs = [sorted(pairs[image]) for image in range(start, start + len(batch_records))]
-        scores = score_captions(model, tokenizer, pixels, [[texts[t] for t in candidates] for candidates in batch_pairs],
-                                batch_size=batch_size)
+        candidate_texts = [[texts[t] for t in candidates] for candidates in batch_pairs]
+        scores = score_captions(model, tokenizer, pixels, candidate_texts, batch_size=batch_size)
         for offset, (candidates, image_scores) in enumerate(zip(batch_pairs, scores, strict=True)):
             itm[start + offset, candidates] = image_scores.itm
         start += len(batch_records)

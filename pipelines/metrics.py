@@ -104,7 +104,8 @@ def caption_scores(references: Mapping[str, Sequence[str]], candidates: Mapping[
     """
     if set(references) != set(candidates) or not references:
         missing = sorted(set(references) ^ set(candidates))[:5]
-        raise ValueError(f"references and candidates must cover the same, non-empty set of images (differ at {missing})")
+        raise ValueError("references and candidates must cover the same, non-empty set of images "
+                         f"(they differ at {missing})")
     empty = [key for key, texts in references.items() if not texts]
     if empty:
         raise ValueError(f"images without reference captions: {empty[:5]}")
