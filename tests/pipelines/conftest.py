@@ -1,0 +1,107 @@
+"""Shared fixtures for the inference stage tests: a downloaded web generation and tiny checkpoints.
+
+Downloading and model building happen once per session; each test copies generation 0 into its own
+root, so stages write their target generations next to a private copy.
+"""
+
+import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.download import DownloadConfig, download
+from pipelines.manifest import Generation
+from pipelines.world import WorldConfig, WorldPaths, make_world
+from pipelines.world_server import WorldServer
+from vlp_core.blip import BlipModel
+from vlp_core.checkpoint import save_checkpoint
+from vlp_core.clip import load_clip, save_clip
+from vlp_core.config import load_preset
+from vlp_core.data import load_coco_karpathy
+from vlp_core.tokenizer import train_tokenizer
+
+STAGE_WORLD = WorldConfig(seed=5, n_web=40, n_human=40, n_test=20, slow_seconds=0.1)
+
+
+@pytest.fixture(scope="session")
+def stage_world(tmp_path_factory: pytest.TempPathFactory) -> WorldPaths:
+    return make_world(tmp_path_factory.mktemp("stage_world"), STAGE_WORLD)
+
+
+@pytest.fixture(scope="session")
+def downloaded_gen0(tmp_path_factory: pytest.TempPathFactory, stage_world: WorldPaths) -> Generation:
+    """Generation 0 of dataset "world": the stage world's 40 web pairs in 4 shards."""
+    generation = Generation(tmp_path_factory.mktemp("stage_manifests"), "world", 0)
+    with WorldServer(stage_world.root) as server:
+        url_list = server.write_url_list(tmp_path_factory.mktemp("stage_urls") / "urls.parquet")
+        download(url_list, generation, DownloadConfig(samples_per_shard=10, threads=8,
+                                                      allowed_networks=("127.0.0.1/32",)))
+    return generation
+
+
+@pytest.fixture
+def web_gen0(tmp_path: Path, downloaded_gen0: Generation) -> Generation:
+    """A private copy of generation 0 under this test's tmp_path."""
+    copy = Generation(tmp_path / "manifests", downloaded_gen0.dataset, 0)
+    shutil.copytree(downloaded_gen0.path, copy.path)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_checkpoint(tmp_path_factory: pytest.TempPathFactory, stage_world: WorldPaths) -> Path:
+    """A randomly initialised 1-layer BLIP (32 px images) with a tokenizer trained on the world's captions."""
+    records = load_coco_karpathy(stage_world.human_annotations, stage_world.human_root)
+    tokenizer = train_tokenizer([caption for record in records for caption in record.captions], vocab_size=200)
+    tiny = load_preset("tiny")
+    config = dataclasses.replace(
+        tiny,
+        vision=dataclasses.replace(tiny.vision, image_size=32, num_layers=1),
+        text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=1),
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoints") / "blip"
+    save_checkpoint(BlipModel(config), tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised clip_tiny, saved as safetensors."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoints") / "clip.safetensors"
+    save_clip(load_clip("clip_tiny"), path)
+    return path
+
+
+@pytest.fixture
+def kill_midway():
+    """Run Python `code` in a subprocess and SIGKILL it once `stage` has finished at least one of
+    `shards` of `target` and not all of them; returns the shards that were done at the kill."""
+
+    def run(code: str, target: Generation, stage: str, shards: list[str]) -> list[str]:
+        def done() -> list[str]:
+            return [shard for shard in shards if target.is_done(stage, shard)]
+
+        process = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            while not done():
+                if process.poll() is not None:
+                    raise AssertionError(f"the {stage} run exited ({process.returncode}) before finishing a shard")
+                time.sleep(0.01)  # polling interval only; nothing is asserted on timing
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        finished = done()
+        assert 0 < len(finished) < len(shards), f"killed with {finished} done; the test needs a run cut midway"
+        return finished
+
+    return run
