@@ -29,6 +29,18 @@ from vlp_core.tokenizer import train_tokenizer
 STAGE_WORLD = WorldConfig(seed=5, n_web=40, n_human=40, n_test=20, slow_seconds=0.1)
 
 
+def copy_dataset(generation: Generation, root: Path) -> Generation:
+    """Copy the dataset folder holding `generation` (all its generations) under `root`; returns the copy."""
+    shutil.copytree(generation.path.parent, Path(root) / generation.dataset)
+    return Generation(Path(root), generation.dataset, generation.number)
+
+
+@pytest.fixture(scope="session")
+def dataset_copier():
+    """`copy_dataset` for test modules (which cannot import conftest)."""
+    return copy_dataset
+
+
 @pytest.fixture(scope="session")
 def stage_world(tmp_path_factory: pytest.TempPathFactory) -> WorldPaths:
     return make_world(tmp_path_factory.mktemp("stage_world"), STAGE_WORLD)
@@ -48,9 +60,7 @@ def downloaded_gen0(tmp_path_factory: pytest.TempPathFactory, stage_world: World
 @pytest.fixture
 def web_gen0(tmp_path: Path, downloaded_gen0: Generation) -> Generation:
     """A private copy of generation 0 under this test's tmp_path."""
-    copy = Generation(tmp_path / "manifests", downloaded_gen0.dataset, 0)
-    shutil.copytree(downloaded_gen0.path, copy.path)
-    return copy
+    return copy_dataset(downloaded_gen0, tmp_path / "manifests")
 
 
 @pytest.fixture(scope="session")
