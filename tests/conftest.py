@@ -11,8 +11,14 @@ for name, value in {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    # One thread per process: on 2 shared cores, torch's default threading is several times slower.
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(name, value)
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
