@@ -12,10 +12,11 @@ generation's web rows joined to `ground_truth/web_noise.parquet` give the filter
 noise type and a noise type × decision table; the kept captions' attribute accuracy per source says how
 clean the bootstrapped dataset is.
 
-Ray: the model work runs as one Ray task (with `num_gpus` from the config), so a driver without a GPU
-can evaluate on a cluster's GPU node. The test set is small (BLIP's COCO test is 5k images) and the
-similarity matrix must be whole to rank, so the task does not split further. Results are written
-atomically to `<generation>/evaluation.json` and returned.
+Ray: the model work runs in Ray tasks (each loads the checkpoint once, with `num_gpus` from the config),
+so a driver without a GPU can evaluate on a cluster's GPU nodes. One task encodes every image and text
+(the similarity matrix must be whole to rank) and captions the images; the ITM re-rank, which costs
+about 20x more (k_test pairs per image and per text), is split by image over `concurrency` tasks.
+Results are written atomically to `<generation>/evaluation.json` and returned.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pipelines.metrics import (
     removal_metrics,
     reranked_scores,
     retrieval_recalls,
-    top_k_candidates,
+    top_k_pairs,
 )
 from pipelines.ray_runtime import init_ray
 from pipelines.world import WorldPaths, load_scenes, load_world, web_key
@@ -77,7 +78,8 @@ class EvaluateConfig:
     max_length: int = 30
     world_dir: Path | None = None    # a synthetic world folder: adds the world metrics
     batch_size: int = 32             # images (and texts) per forward pass
-    num_gpus: float = 0.0            # GPUs for the Ray task that runs the model
+    concurrency: int = 1             # Ray tasks sharing the ITM re-rank
+    num_gpus: float = 0.0            # GPUs per Ray task
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -93,6 +95,7 @@ class EvaluateConfig:
             (0 <= self.min_length <= self.max_length,
              f"need 0 <= min_length <= max_length, got {self.min_length} and {self.max_length}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
             (self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}"),
         ]
         for ok, message in problems:
@@ -101,12 +104,11 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class CheckpointResults:
-    """What the model task returns: recalls with and without the ITM re-rank, and a caption per image id."""
+class EncodedTestSet:
+    """What the encoding task returns: ITC similarities (N images, T texts) and a caption per image id."""
 
     digest: str
-    retrieval: dict[str, float]
-    retrieval_itc: dict[str, float]
+    similarity: np.ndarray
     captions: dict[str, str]
 
 
@@ -117,31 +119,36 @@ def run_evaluate(config: EvaluateConfig, generation: Generation) -> dict[str, An
     """
     world = load_world(config.world_dir)[1] if config.world_dir is not None else None
     samples = generation.read_samples()  # a bad generation or test set fails before any model work
-    references = {record.image_id: list(record.captions) for record in load_test_set(config)}
+    records = load_test_set(config)
+    references = {record.image_id: list(record.captions) for record in records}
+    text_image = [index for index, record in enumerate(records) for _ in record.captions]
     init_ray(config.ray_address)
-    task = ray.remote(num_cpus=1, num_gpus=config.num_gpus)(evaluate_checkpoint)
-    checkpoint: CheckpointResults = ray.get(task.remote(config))
+    on_ray = ray.remote(num_cpus=1, num_gpus=config.num_gpus)
+    encoded: EncodedTestSet = ray.get(on_ray(encode_and_caption).remote(config))
+    similarity = encoded.similarity
+    itm = _rerank_on_ray(on_ray(score_pairs), config, top_k_pairs(similarity, config.k_test), similarity.shape)
 
     results: dict[str, Any] = {
         "dataset": generation.dataset,
         "generation": generation.number,
-        "checkpoint": {"path": str(Path(config.checkpoint).resolve()), "digest": checkpoint.digest},
+        "checkpoint": {"path": str(Path(config.checkpoint).resolve()), "digest": encoded.digest},
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "test_set": {"images": len(references), "texts": sum(len(texts) for texts in references.values())},
-        "retrieval": checkpoint.retrieval,
-        "retrieval_itc": checkpoint.retrieval_itc,
-        "captioning": caption_scores(references, checkpoint.captions),
+        "retrieval": retrieval_recalls(reranked_scores(similarity, itm, config.k_test),
+                                       reranked_scores(similarity.T, itm.T, config.k_test), text_image),
+        "retrieval_itc": retrieval_recalls(similarity, similarity.T, text_image),
+        "captioning": caption_scores(references, encoded.captions),
         "caption_examples": [
             {"image_id": image_id, "caption": caption, "reference": references[image_id][0]}
-            for image_id, caption in list(checkpoint.captions.items())[:N_EXAMPLES]
+            for image_id, caption in list(encoded.captions.items())[:N_EXAMPLES]
         ],
     }
     if world is not None:
-        results["world"] = world_metrics(samples, world, checkpoint.captions)
+        results["world"] = world_metrics(samples, world, encoded.captions)
     atomic_write_json(generation.path / EVALUATION_FILE, results)
-    log.info("evaluate: %s on %s gen %d: %s, %s", checkpoint.digest, generation.dataset, generation.number,
-             checkpoint.retrieval, results["captioning"])
+    log.info("evaluate: %s on %s gen %d: %s, %s", encoded.digest, generation.dataset, generation.number,
+             results["retrieval"], results["captioning"])
     return results
 
 
@@ -161,32 +168,55 @@ def load_test_set(config: EvaluateConfig) -> list[CaptionRecord]:
 # --------------------------------------------------------------------------- the model (runs as a Ray task)
 
 
-def evaluate_checkpoint(config: EvaluateConfig) -> CheckpointResults:
-    """Retrieval recalls and one caption per test image; runs on a GPU when the task has one."""
-    device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    model, tokenizer, digest = load_checkpoint(config.checkpoint, device)
-    records = load_test_set(config)
-    transform = image_transform(model.config, train=False)
-    texts = [text for record in records for text in record.captions]
-    text_image = [index for index, record in enumerate(records) for _ in record.captions]
+def _rerank_on_ray(score_task: Any, config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int, int]
+                   ) -> np.ndarray:
+    """(N, T) ITM scores of `pairs` (the texts to score per image), NaN elsewhere, from `concurrency` tasks
+    that each score a contiguous slice of the images."""
+    slices = [chunk for chunk in np.array_split(np.arange(len(pairs)), config.concurrency) if len(chunk)]
+    futures = [score_task.remote(config, int(chunk[0]), [pairs[i] for i in chunk]) for chunk in slices]
+    itm = np.full(shape, np.nan, dtype=np.float32)
+    for chunk, scores in zip(slices, ray.get(futures), strict=True):
+        for image, texts, image_scores in zip(chunk, (pairs[i] for i in chunk), scores, strict=True):
+            itm[image, texts] = image_scores
+    return itm
 
+
+def encode_and_caption(config: EvaluateConfig) -> EncodedTestSet:
+    """ITC similarity of every test image and text, and one caption per image (a Ray task, or in-process)."""
+    model, tokenizer, digest = _load_model(config)
+    records = load_test_set(config)
+    texts = [text for record in records for text in record.captions]
     text_features = _text_features(model, tokenizer, texts, config.batch_size)  # (T, E)
     image_features, captions = [], {}
-    for batch_records, pixels in _image_batches(records, transform, config.batch_size):
-        with inference_mode(model) as model_device:
-            image_features.append(model.image_features(model.encode_image(pixels.to(model_device))).float().cpu())
+    for batch_records, pixels in _image_batches(records, image_transform(model.config, train=False), config.batch_size):
+        with inference_mode(model) as device:
+            image_features.append(model.image_features(model.encode_image(pixels.to(device))).float().cpu())
         for record, caption in zip(batch_records, _caption(model, tokenizer, pixels, config), strict=True):
             captions[record.image_id] = caption
     similarity = (torch.cat(image_features) @ text_features.T).numpy()  # (N, T)
+    return EncodedTestSet(digest=digest, similarity=similarity, captions=captions)
 
-    itm = top_k_itm_scores(model, tokenizer, records, texts, similarity, config.k_test, config.batch_size)
-    return CheckpointResults(
-        digest=digest,
-        retrieval=retrieval_recalls(reranked_scores(similarity, itm, config.k_test),
-                                    reranked_scores(similarity.T, itm.T, config.k_test), text_image),
-        retrieval_itc=retrieval_recalls(similarity, similarity.T, text_image),
-        captions=captions,
-    )
+
+def score_pairs(config: EvaluateConfig, first_image: int, pairs: list[list[int]]) -> list[list[float]]:
+    """ITM match probabilities of test images first_image, first_image + 1, ... with the texts (indices
+    into all test captions, image-major) listed for each in `pairs` (a Ray task, or in-process)."""
+    model, tokenizer, _ = _load_model(config)
+    records = load_test_set(config)
+    texts = [text for record in records for text in record.captions]
+    images = records[first_image : first_image + len(pairs)]
+    scores: list[list[float]] = []
+    transform = image_transform(model.config, train=False)
+    for batch_records, pixels in _image_batches(images, transform, config.batch_size):
+        batch_pairs = pairs[len(scores) : len(scores) + len(batch_records)]
+        candidate_texts = [[texts[t] for t in candidates] for candidates in batch_pairs]
+        scores += [s.itm for s in score_captions(model, tokenizer, pixels, candidate_texts, config.batch_size)]
+    return scores
+
+
+def _load_model(config: EvaluateConfig) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
+    """The checkpoint on the task's GPU if it was given one, else on the CPU."""
+    device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return load_checkpoint(config.checkpoint, device)
 
 
 def _image_batches(records: list[CaptionRecord], transform: ImageTransform, batch_size: int
@@ -216,27 +246,6 @@ def _caption(model: BlipModel, tokenizer: PreTrainedTokenizerBase, pixels: torch
     captions = generate(model, tokenizer, pixels, method=config.caption_method, num_beams=config.num_beams,
                         min_length=config.min_length, max_length=config.max_length)
     return [candidates[0] for candidates in captions]
-
-
-def top_k_itm_scores(model: BlipModel, tokenizer: PreTrainedTokenizerBase, records: list[CaptionRecord],
-                     texts: list[str], similarity: np.ndarray, k: int, batch_size: int) -> np.ndarray:
-    """(N, T) ITM match probabilities of every pair in an image's or a text's ITC top k (`similarity`
-    (N, T)); NaN elsewhere. Each pair is scored once, whichever direction asked for it."""
-    pairs: list[set[int]] = [set(candidates) for candidates in top_k_candidates(similarity, k).tolist()]
-    for text, images in enumerate(top_k_candidates(similarity.T, k).tolist()):
-        for image in images:
-            pairs[image].add(text)
-    itm = np.full(similarity.shape, np.nan, dtype=np.float32)
-    transform = image_transform(model.config, train=False)
-    start = 0
-    for batch_records, pixels in _image_batches(records, transform, batch_size):
-        batch_pairs = [sorted(pairs[image]) for image in range(start, start + len(batch_records))]
-        candidate_texts = [[texts[t] for t in candidates] for candidates in batch_pairs]
-        scores = score_captions(model, tokenizer, pixels, candidate_texts, batch_size=batch_size)
-        for offset, (candidates, image_scores) in enumerate(zip(batch_pairs, scores, strict=True)):
-            itm[start + offset, candidates] = image_scores.itm
-        start += len(batch_records)
-    return itm
 
 
 # --------------------------------------------------------------------------- the world's truth

@@ -30,6 +30,16 @@ def top_k_candidates(similarity: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
+def top_k_pairs(similarity: np.ndarray, k: int) -> list[list[int]]:
+    """For each image (row of `similarity` (N, T)), the sorted texts in its ITC top k or whose top k
+    (over images) contains it: every pair a BLIP re-rank in either direction needs, each once."""
+    pairs = [set(texts) for texts in top_k_candidates(similarity, k).tolist()]
+    for text, images in enumerate(top_k_candidates(similarity.T, k).tolist()):
+        for image in images:
+            pairs[image].add(text)
+    return [sorted(texts) for texts in pairs]
+
+
 def reranked_scores(similarity: np.ndarray, itm: np.ndarray, k: int) -> np.ndarray:
     """BLIP's retrieval scores: the k best candidates of each query by ITC `similarity` (Q, C) are
     re-scored as ITM + ITC; every other candidate gets -inf, so it ranks below them.

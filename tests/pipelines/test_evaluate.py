@@ -14,13 +14,14 @@ import torch
 from pipelines.evaluate import (
     EVALUATION_FILE,
     EvaluateConfig,
+    encode_and_caption,
     load_test_set,
     run_evaluate,
-    top_k_itm_scores,
+    score_pairs,
     world_metrics,
 )
 from pipelines.manifest import Generation, samples_table
-from pipelines.metrics import top_k_candidates
+from pipelines.metrics import reranked_scores, retrieval_recalls, top_k_pairs
 from pipelines.world import WorldConfig, WorldPaths, make_world
 from pipelines.world_grammar import NOISY_TYPES
 from vlp_core.blip import BlipModel
@@ -114,25 +115,23 @@ def test_world_metrics_refuse_a_generation_of_another_world(world: WorldPaths, t
         world_metrics(generation.read_samples(), world, {})
 
 
-def test_itm_scores_exactly_the_top_k_pairs_of_both_directions(world: WorldPaths,
-                                                                checkpoint: tuple[Path, str]) -> None:
-    """Batched sparse ITM scoring fills every top-k pair (image→text and text→image) with the score a
-    full image × text scoring gives, and nothing else."""
+def test_score_pairs_in_slices_equals_full_scoring(world: WorldPaths, checkpoint: tuple[Path, str]) -> None:
+    """Scoring the top-k pairs slice by slice, in batches, gives the scores of a full image × text scoring."""
     folder, _ = checkpoint
+    config = EvaluateConfig(folder, world.test_annotations, world.test_root, batch_size=2)
     model, tokenizer, _ = load_checkpoint(folder)
-    records = load_coco_karpathy(world.test_annotations, world.test_root)
+    records = load_test_set(config)
     texts = [text for record in records for text in record.captions]
     transform = image_transform(model.config, train=False)
     pixels = torch.stack([transform(load_image(record.image_path)) for record in records])
     full = score_captions(model, tokenizer, pixels, [texts] * len(records))
     full_itm, itc = np.array([s.itm for s in full]), np.array([s.itc for s in full])  # (N, T)
 
-    sparse = top_k_itm_scores(model, tokenizer, records, texts, itc, k=2, batch_size=4)
-    expected = np.zeros_like(itc, dtype=bool)
-    expected[np.arange(N_TEST)[:, None], top_k_candidates(itc, 2)] = True
-    expected[top_k_candidates(itc.T, 2), np.arange(len(texts))[:, None]] = True
-    assert (~np.isnan(sparse) == expected).all()
-    assert np.allclose(sparse[expected], full_itm[expected], atol=1e-5)
+    pairs = top_k_pairs(itc, 2)
+    scores = score_pairs(config, 0, pairs[:3]) + score_pairs(config, 3, pairs[3:])
+    assert len(scores) == N_TEST
+    for image, (texts_of_image, image_scores) in enumerate(zip(pairs, scores)):
+        assert np.allclose(image_scores, full_itm[image, texts_of_image], atol=1e-5)
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -140,7 +139,7 @@ def test_run_evaluate_writes_evaluation_json(world: WorldPaths, checkpoint: tupl
                                              generation: Generation) -> None:
     folder, digest = checkpoint
     config = EvaluateConfig(folder, world.test_annotations, world.test_root, k_test=4, num_beams=2,
-                            max_length=8, min_length=2, batch_size=4, world_dir=world.root)
+                            max_length=8, min_length=2, batch_size=4, concurrency=2, world_dir=world.root)
     results = run_evaluate(config, generation)
 
     assert json.loads((generation.path / EVALUATION_FILE).read_text()) == json.loads(json.dumps(results))
@@ -155,6 +154,17 @@ def test_run_evaluate_writes_evaluation_json(world: WorldPaths, checkpoint: tupl
     assert [e["image_id"] for e in results["caption_examples"]] == [f"t{i:06d}" for i in range(1, N_TEST + 1)]
     accuracy = results["world"]["test_caption_accuracy"]
     assert accuracy["n"] == N_TEST and 0.0 <= accuracy["mean"] <= 1.0
+
+    # The same numbers in-process, from one task's worth of work (no slicing).
+    encoded = encode_and_caption(config)
+    assert {e["image_id"]: e["caption"] for e in results["caption_examples"]} == encoded.captions
+    pairs = top_k_pairs(encoded.similarity, config.k_test)
+    itm = np.full(encoded.similarity.shape, np.nan)
+    for image, (texts, scores) in enumerate(zip(pairs, score_pairs(config, 0, pairs))):
+        itm[image, texts] = scores
+    text_image = [i // CAPTIONS_PER_IMAGE for i in range(N_TEST * CAPTIONS_PER_IMAGE)]
+    assert results["retrieval"] == pytest.approx(retrieval_recalls(
+        reranked_scores(encoded.similarity, itm, 4), reranked_scores(encoded.similarity.T, itm.T, 4), text_image))
 
 
 def test_config_validation_names_the_field(world: WorldPaths, checkpoint: tuple[Path, str], tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pipelines.metrics import (
     retrieval_recalls,
     simple_tokenize,
     top_k_candidates,
+    top_k_pairs,
 )
 from pipelines.world_grammar import NOISY_TYPES, Scene, SceneObject
 
@@ -37,6 +38,12 @@ def test_top_k_candidates_best_first_with_stable_ties() -> None:
     assert top_k_candidates(np.array([[0.1, 0.5]]), 16).tolist() == [[1, 0]]  # k larger than the candidates
     with pytest.raises(ValueError, match="k must be"):
         top_k_candidates(SIMILARITY, 0)
+
+
+def test_top_k_pairs_join_both_directions_once() -> None:
+    # image top 1: t0, t0, t4; text top 1 (columns): t0→0, t1→2, t2→0, t3→1, t4→2, t5→1
+    assert top_k_pairs(SIMILARITY, 1) == [[0, 2], [0, 3, 5], [1, 4]]
+    assert all(len(texts) == 6 for texts in top_k_pairs(SIMILARITY, 3)), "every text's top 3 has all 3 images"
 
 
 def test_first_relevant_rank_and_recall() -> None:
