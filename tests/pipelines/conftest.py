@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipelines.shards
 from pipelines.download import DownloadConfig, download
 from pipelines.manifest import Generation
 from pipelines.world import WorldConfig, WorldPaths, make_world
@@ -87,6 +88,14 @@ def tiny_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("checkpoints") / "clip.safetensors"
     save_clip(load_clip("clip_tiny"), path)
     return path
+
+
+@pytest.fixture
+def no_inference(monkeypatch):
+    """Make any model inference through the stages' shard loop fail loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was run")
+    monkeypatch.setattr(pipelines.shards, "_map_requests", refuse)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pytest
 import ray
 
-import pipelines.shards
 from pipelines.caption import CaptionConfig, run_caption
 from pipelines.filter import FilterConfig, rethreshold, run_filter
 from pipelines.images import ImageStore
@@ -48,14 +47,6 @@ def filtered(captioned: Generation, config: FilterConfig, tmp_path_factory, data
     target = dataset_copier(captioned, tmp_path_factory.mktemp("filtered"))
     run_filter(config, target)
     return target
-
-
-@pytest.fixture
-def no_inference(monkeypatch):
-    """Make any model inference through the shard loop fail loudly."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was run")
-    monkeypatch.setattr(pipelines.shards, "_map_requests", refuse)
 
 
 def _is_empty(caption: str | None) -> bool:
