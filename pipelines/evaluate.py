@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -123,10 +123,9 @@ def run_evaluate(config: EvaluateConfig, generation: Generation) -> dict[str, An
     references = {record.image_id: list(record.captions) for record in records}
     text_image = [index for index, record in enumerate(records) for _ in record.captions]
     init_ray(config.ray_address)
-    on_ray = ray.remote(num_cpus=1, num_gpus=config.num_gpus)
-    encoded: EncodedTestSet = ray.get(on_ray(encode_and_caption).remote(config))
+    encoded: EncodedTestSet = ray.get(_as_task(encode_and_caption, config).remote(config))
     similarity = encoded.similarity
-    itm = _rerank_on_ray(on_ray(score_pairs), config, top_k_pairs(similarity, config.k_test), similarity.shape)
+    itm = _itm_on_ray(config, top_k_pairs(similarity, config.k_test), similarity.shape)
 
     results: dict[str, Any] = {
         "dataset": generation.dataset,
@@ -165,20 +164,25 @@ def load_test_set(config: EvaluateConfig) -> list[CaptionRecord]:
     return records
 
 
-# --------------------------------------------------------------------------- the model (runs as a Ray task)
+def _as_task(function: Callable, config: EvaluateConfig) -> ray.remote_function.RemoteFunction:
+    """`function` as a Ray task with one CPU and the config's GPUs."""
+    return ray.remote(num_cpus=1, num_gpus=config.num_gpus)(function)
 
 
-def _rerank_on_ray(score_task: Any, config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int, int]
-                   ) -> np.ndarray:
+def _itm_on_ray(config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
     """(N, T) ITM scores of `pairs` (the texts to score per image), NaN elsewhere, from `concurrency` tasks
     that each score a contiguous slice of the images."""
     slices = [chunk for chunk in np.array_split(np.arange(len(pairs)), config.concurrency) if len(chunk)]
-    futures = [score_task.remote(config, int(chunk[0]), [pairs[i] for i in chunk]) for chunk in slices]
+    task = _as_task(score_pairs, config)
+    futures = [task.remote(config, int(chunk[0]), [pairs[i] for i in chunk]) for chunk in slices]
     itm = np.full(shape, np.nan, dtype=np.float32)
     for chunk, scores in zip(slices, ray.get(futures), strict=True):
-        for image, texts, image_scores in zip(chunk, (pairs[i] for i in chunk), scores, strict=True):
-            itm[image, texts] = image_scores
+        for image, image_scores in zip(chunk, scores, strict=True):
+            itm[image, pairs[image]] = image_scores
     return itm
+
+
+# --------------------------------------------------------------------------- the model (Ray tasks, or in-process)
 
 
 def encode_and_caption(config: EvaluateConfig) -> EncodedTestSet:
@@ -257,8 +261,8 @@ def world_metrics(samples: pa.Table, world: WorldPaths, test_captions: dict[str,
     scenes = load_scenes(world)
     truth = pq.read_table(world.web_noise, columns=["key", "noise_type"]).to_pydict()
     noise_by_key = dict(zip(truth["key"], truth["noise_type"]))
-    rows = samples.select(["sample_id", "image_id", "url", "caption", "caption_source", "kept", "reject_stage"])
-    rows = rows.to_pylist()
+    columns = ["sample_id", "image_id", "url", "caption", "caption_source", "kept", "reject_stage"]
+    rows = samples.select(columns).to_pylist()
     web = [row for row in rows if row["caption_source"] == "web"]
     key_of_image = {row["image_id"]: web_key(row["url"]) for row in web}
     unknown = [row["url"] for row in web if key_of_image[row["image_id"]] not in noise_by_key]
