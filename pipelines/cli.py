@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -13,7 +14,6 @@ from typing import Callable
 from pipelines.manifest import Generation, ManifestError, list_generations
 
 DEFAULT_ROOT = Path("data_manifests")
-LOOPBACK = "127.0.0.1/32"
 
 # Offline by default: no model hub, no telemetry. Users with a hub mirror can override these.
 for _name, _value in {
@@ -25,8 +25,12 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+Commands = argparse._SubParsersAction  # what add_subparsers() returns
+
+
+def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None]) -> int:
+    """Run the `capfilt` command; `extensions` add subcommands (the flows layer adds `run`)."""
+    parser = build_parser(*extensions)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -37,18 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_command(commands: Commands, name: str, handler: Callable[[argparse.Namespace], None],
+                help: str) -> argparse.ArgumentParser:
+    """A subcommand whose `handler(args)` runs it."""
+    sub = commands.add_parser(name, help=help, description=help)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, handler: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
-        return sub
+    command = functools.partial(add_command, commands)
 
     world = command("world", _world, "Make a synthetic web world (images, noisy alt-texts, COCO-format sets).")
     world.add_argument("--out", type=Path, required=True, help="folder to write the world into")
-    _add_world_size_options(world)
+    add_world_options(world)
 
     serve = command("serve-world", _serve_world, "Serve a world's web images on 127.0.0.1 until Ctrl-C.")
     serve.add_argument("world_dir", type=Path)
@@ -65,14 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     generations = command("generations", _generations, "List generations with counts by source and reject reason.")
     generations.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
 
-    run = command("run", _run, "Run the bootstrapping loop; --preset tiny needs no input (it makes a world).")
-    run.add_argument("--preset", default="tiny", choices=["tiny"], help="embedded default configuration")
-    run.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (default: %(default)s)")
-    _add_world_size_options(run)
+    for extend in extensions:
+        extend(commands)
     return parser
 
 
-def _add_world_size_options(parser: argparse.ArgumentParser) -> None:
+def add_world_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-web", type=int, default=2000, help="web image-text pairs (default: %(default)s)")
     parser.add_argument("--n-human", type=int, default=500, help="human-annotated images (default: %(default)s)")
@@ -100,7 +106,7 @@ def _add_download_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=int, default=10, help="seconds per URL (default: %(default)s)")
 
 
-def _world_config(args: argparse.Namespace):
+def world_config(args: argparse.Namespace):
     from pipelines.world import WorldConfig
 
     options = dict(seed=args.seed, n_web=args.n_web, n_human=args.n_human, n_test=args.n_test,
@@ -124,7 +130,7 @@ def _parse_rates(text: str) -> dict[str, float]:
 def _world(args: argparse.Namespace) -> None:
     from pipelines.world import make_world
 
-    paths = make_world(args.out, _world_config(args))
+    paths = make_world(args.out, world_config(args))
     print(f"world written to {paths.root}: web pairs {paths.web_pairs}, human set {paths.human_annotations}, "
           f"test set {paths.test_annotations}")
 
@@ -142,46 +148,21 @@ def _serve_world(args: argparse.Namespace) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from pipelines.download import DownloadConfig, download
+    from pipelines.download import DownloadConfig, download, download_world
 
-    networks = tuple(args.allow_network)
     generation = Generation(args.root, args.dataset, 0)
-    if args.world:
-        networks += (LOOPBACK,)
     config = DownloadConfig(image_size=args.image_size, processes=args.processes, threads=args.threads,
                             samples_per_shard=args.samples_per_shard, timeout_s=args.timeout,
-                            allowed_networks=networks)
+                            allowed_networks=tuple(args.allow_network))
     if args.world:
-        _download_world(args.world, generation, config)
+        download_world(args.world, generation, config)
     else:
         download(args.url_list, generation, config)
     print(format_generations(args.root))
 
 
-def _download_world(world_dir: Path, generation: Generation, config) -> None:
-    """Serve the world on loopback, write its URL list next to the generation, download it."""
-    from pipelines.download import download
-    from pipelines.world_server import WorldServer
-
-    with WorldServer(world_dir) as server:
-        url_list = server.write_url_list(generation.path / "work" / "world_urls.parquet")
-        download(url_list, generation, config)
-
-
 def _generations(args: argparse.Namespace) -> None:
     print(format_generations(args.root))
-
-
-def _run(args: argparse.Namespace) -> None:
-    from pipelines.download import DownloadConfig
-    from pipelines.world import make_world
-
-    world_dir, root = args.out / "world", args.out / "data_manifests"
-    make_world(world_dir, _world_config(args))
-    _download_world(world_dir, Generation(root, "world", 0),
-                    DownloadConfig(samples_per_shard=1000, allowed_networks=(LOOPBACK,)))
-    print(format_generations(root))
-    print(f"\nmanifests: {root.resolve()}")
 
 
 def format_generations(root: Path) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "download"
 REFUSED_SHARD = "refused"
+LOOPBACK = "127.0.0.1/32"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,16 @@ def download(url_list: Path, generation: Generation, config: DownloadConfig) -> 
         config_digest=config_digest(asdict(config)), inputs={"url_list": str(Path(url_list).resolve())},
     ))
     return table
+
+
+def download_world(world_dir: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
+    """Serve a synthetic world on loopback for the duration of its download (loopback allowed)."""
+    from pipelines.world_server import WorldServer
+
+    config = replace(config, allowed_networks=(*config.allowed_networks, LOOPBACK))
+    with WorldServer(world_dir) as server:
+        url_list = server.write_url_list(generation.path / "work" / "world_urls.parquet")
+        return download(url_list, generation, config)
 
 
 def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[str | None]) -> None:

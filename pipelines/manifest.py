@@ -233,6 +233,15 @@ def list_generations(root: Path) -> list[Generation]:
     return found
 
 
+def manifest_digest(generation: Generation) -> str:
+    """A digest of a generation's rows (its part files' names and bytes): `sha256:<16 hex>`."""
+    digest = hashlib.sha256()
+    for part in sorted(generation.samples_dir.glob("part-*.parquet")):
+        digest.update(part.name.encode())
+        digest.update(part.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 def config_digest(config: Mapping[str, Any]) -> str:
     """A short, stable digest of a JSON-serialisable config: `sha256:<16 hex>`."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,44 @@
+"""The `capfilt` command line: help everywhere, clear errors and exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import add_flow_commands, main
+from pipelines.cli import build_parser
+
+COMMANDS = sorted(build_parser(add_flow_commands)._subparsers._group_actions[0].choices)
+
+
+def test_every_product_command_is_there() -> None:
+    assert {"world", "serve-world", "download", "generations", "run"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_on_every_subcommand(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: capfilt {command}" in capsys.readouterr().out
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([str(Path(sys.executable).parent / "capfilt"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "COMMAND" in out.stdout
+
+
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["download", "--url-list", str(tmp_path / "none.parquet"), "--root", str(tmp_path)]) == 2
+    assert "URL list not found" in capsys.readouterr().err
+    assert main(["world", "--out", str(tmp_path / "w"), "--n-web", "0"]) == 2
+    assert "n_web" in capsys.readouterr().err
+    assert main(["world", "--out", str(tmp_path / "w"), "--noise", "clean=abc"]) == 2
+    assert "TYPE=RATE" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists(), "nothing written for a bad config"
+
+
+def test_generations_on_an_empty_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generations", "--root", str(tmp_path)]) == 0
+    assert "no generations" in capsys.readouterr().out
