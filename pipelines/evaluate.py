@@ -35,7 +35,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipelines.atomic import atomic_write_json
+from pipelines.caption import STAGE as CAPTION_STAGE
 from pipelines.download import STAGE as DOWNLOAD_STAGE
+from pipelines.filter import STAGE as FILTER_STAGE
 from pipelines.manifest import Generation
 from pipelines.metrics import (
     attribute_accuracy_summary,
@@ -272,12 +274,12 @@ def world_metrics(samples: pa.Table, world: WorldPaths, test_captions: dict[str,
 
     noise = [noise_by_key[key_of_image[row["image_id"]]] for row in web]
     decisions = ["kept" if row["kept"] else row["reject_stage"] for row in web]
-    # Rows that failed to download never met the filter: they count in the decision table only.
-    screened = [(n, d) for n, d in zip(noise, decisions) if d != DOWNLOAD_STAGE]
+    # Images that failed to download or decode never met the filter: they count in the decision table only.
+    screened = [(n, d) for n, d in zip(noise, decisions) if d not in (DOWNLOAD_STAGE, CAPTION_STAGE)]
     screened_noise = [n for n, _ in screened]
     return {
         "test_caption_accuracy": attribute_accuracy_summary(test_captions, scenes),
-        "filter": removal_metrics(screened_noise, [d == "filter" for _, d in screened], NOISY_TYPES),
+        "filter": removal_metrics(screened_noise, [d == FILTER_STAGE for _, d in screened], NOISY_TYPES),
         "all_stages": removal_metrics(screened_noise, [d != "kept" for _, d in screened], NOISY_TYPES),
         "decisions": confusion_table(noise, decisions),
         "kept_caption_accuracy": {

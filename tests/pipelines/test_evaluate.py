@@ -59,7 +59,7 @@ def checkpoint(world: WorldPaths, tmp_path_factory: pytest.TempPathFactory) -> t
 def decision(index: int) -> str:
     """The made-up fate of web pair `index`."""
     if index % 5 == 0:
-        return "download"
+        return "download" if index % 2 else "caption"  # never reached the filter
     if index % 3 == 0:
         return "filter"
     return "rank" if index % 7 == 0 else "kept"
@@ -76,7 +76,7 @@ def generation(world: WorldPaths, tmp_path_factory: pytest.TempPathFactory) -> G
         image_id, fate = f"web-{index:09d}", decision(index)
         rows.append({"image_id": image_id, "url": f"http://127.0.0.1:9/{pair['path']}", "caption": pair["caption"],
                      "caption_source": "web", "kept": fate == "kept", "reject_stage": None if fate == "kept" else fate})
-        if fate != "download":
+        if fate not in ("download", "caption"):
             rows.append({"image_id": image_id, "caption": true["true_caption"], "caption_source": "synthetic",
                          "kept": True, "reject_stage": None})
             rows.append({"image_id": image_id, "caption": "a picture", "caption_source": "synthetic",
@@ -91,7 +91,7 @@ def test_world_metrics_match_the_known_decisions(world: WorldPaths, generation: 
     metrics = world_metrics(generation.read_samples(), world, {})
     noise = pq.read_table(world.web_noise)["noise_type"].to_pylist()
     fates = [decision(i) for i in range(N_WEB)]
-    screened = [(n, f) for n, f in zip(noise, fates) if f != "download"]
+    screened = [(n, f) for n, f in zip(noise, fates) if f not in ("download", "caption")]
     filtered_noisy = sum(n in NOISY_TYPES and f == "filter" for n, f in screened)
     assert metrics["filter"]["pairs"] == len(screened) == N_WEB - N_WEB // 5
     assert metrics["filter"]["precision"] == pytest.approx(filtered_noisy / sum(f == "filter" for _, f in screened))
