@@ -34,10 +34,16 @@ def itc_loss(
 ) -> dict[str, torch.Tensor]:
     """Image-text contrastive loss with momentum distillation (BLIP's ITA).
 
-    The online features are contrasted against the momentum features of the batch followed by the
-    queue. Every column showing the same ``image_id`` as the row is a positive (several captions of
-    one image are all correct). The targets mix the momentum model's own similarity distribution
-    with the ground truth: ``alpha * softmax(sim_m) + (1 - alpha) * positives / num_positives``.
+    Each online feature is contrasted against the other modality's online features of the batch
+    followed by the queue. Every column showing the same ``image_id`` as the row is a positive (several
+    captions of one image are all correct). The targets mix the momentum model's own similarity
+    distribution (momentum batch + queue) with the ground truth:
+    ``alpha * softmax(sim_m) + (1 - alpha) * positives / num_positives``.
+
+    One deliberate departure from BLIP's code: there the in-batch columns are momentum features too.
+    BLIP starts from pretrained encoders; from scratch, momentum keys are near-identical for hundreds
+    of steps and give the online encoders almost no gradient. Online in-batch columns (as in CLIP)
+    let both towers learn from the first step; the queue and the soft targets stay as in BLIP.
 
     Args:
         image_features, text_features: (B, E) L2-normalised online features.
@@ -50,7 +56,7 @@ def itc_loss(
 
     Returns:
         ``itc_loss`` (scalar) and the detached in-batch similarities ``sim_i2t``, ``sim_t2i``
-        (B, B), online rows against momentum columns, from which ITM mines its hard negatives.
+        (B, B) of the online features, from which ITM mines its hard negatives.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -65,16 +71,17 @@ def itc_loss(
     ground_truth = positives / positives.sum(dim=1, keepdim=True)
 
     with torch.autocast(image_features.device.type, enabled=False):  # similarities in float32
+        image_queue, text_queue = image_queue.float(), text_queue.float()
         with torch.no_grad():
-            image_features_m_all = torch.cat([image_features_m.t(), image_queue], dim=1).float()  # (E, B+Q)
-            text_features_m_all = torch.cat([text_features_m.t(), text_queue], dim=1).float()
-            sim_i2t_m = image_features_m.float() @ text_features_m_all / temp
-            sim_t2i_m = text_features_m.float() @ image_features_m_all / temp
+            image_m, text_m = image_features_m.float(), text_features_m.float()
+            sim_i2t_m = image_m @ torch.cat([text_m.t(), text_queue], dim=1) / temp  # (B, B+Q)
+            sim_t2i_m = text_m @ torch.cat([image_m.t(), image_queue], dim=1) / temp
             targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * ground_truth
             targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * ground_truth
 
-        sim_i2t = image_features.float() @ text_features_m_all / temp  # (B, B+Q)
-        sim_t2i = text_features.float() @ image_features_m_all / temp
+        image, text = image_features.float(), text_features.float()
+        sim_i2t = image @ torch.cat([text.t(), text_queue], dim=1) / temp  # (B, B+Q)
+        sim_t2i = text @ torch.cat([image.t(), image_queue], dim=1) / temp
         loss = (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2
     return {
         "itc_loss": loss,

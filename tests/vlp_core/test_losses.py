@@ -23,8 +23,9 @@ def empty_queue(dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_itc_without_distillation_or_queue_equals_open_clip_loss():
     image, text = unit(6, 16, seed=0), unit(6, 16, seed=1)
+    image_m, text_m = unit(6, 16, seed=2), unit(6, 16, seed=3)  # unused when alpha = 0
     temp = 0.07
-    out = itc_loss(image, text, image, text, *empty_queue(16), torch.arange(6), temp, alpha=0.0)
+    out = itc_loss(image, text, image_m, text_m, *empty_queue(16), torch.arange(6), temp, alpha=0.0)
     reference = ClipLoss()(image, text, logit_scale=torch.tensor(1 / temp))
     torch.testing.assert_close(out["itc_loss"], reference)
     assert out["sim_i2t"].shape == out["sim_t2i"].shape == (6, 6)
@@ -38,13 +39,14 @@ def test_itc_full_distillation_equals_cross_entropy_against_momentum_softmax():
     out = itc_loss(image, text, image_m, text_m, image_queue, text_queue,
                    torch.arange(10, 15), torch.arange(4), temp, alpha=1.0)
 
-    all_text_m = torch.cat([text_m, text_queue.t()])  # (B+Q, E)
-    all_image_m = torch.cat([image_m, image_queue.t()])
+    keys_text, keys_image = torch.cat([text, text_queue.t()]), torch.cat([image, image_queue.t()])  # (B+Q, E)
+    keys_text_m, keys_image_m = torch.cat([text_m, text_queue.t()]), torch.cat([image_m, image_queue.t()])
     total = 0.0
     for b in range(4):
-        for query, query_m, keys in ((image[b], image_m[b], all_text_m), (text[b], text_m[b], all_image_m)):
+        for query, keys, query_m, keys_m in ((image[b], keys_text, image_m[b], keys_text_m),
+                                             (text[b], keys_image, text_m[b], keys_image_m)):
             logits = [float(query @ k) / temp for k in keys]
-            logits_m = [float(query_m @ k) / temp for k in keys]
+            logits_m = [float(query_m @ k) / temp for k in keys_m]
             z, z_m = math.log(sum(map(math.exp, logits))), sum(map(math.exp, logits_m))
             total += -sum(math.exp(lm) / z_m * (lo - z) for lo, lm in zip(logits, logits_m))
     assert out["itc_loss"].item() == pytest.approx(total / 8, rel=1e-5)
@@ -65,7 +67,7 @@ def test_itc_counts_queued_features_of_the_same_image_as_positives():
     torch.testing.assert_close(out["itc_loss"], expected)
 
 
-def test_itc_gradients_flow_to_online_features_only():
+def test_itc_gradients_flow_to_both_online_towers_and_not_to_momentum_features():
     image, text = unit(3, 8, seed=12).requires_grad_(), unit(3, 8, seed=13).requires_grad_()
     image_m, text_m = unit(3, 8, seed=14).requires_grad_(), unit(3, 8, seed=15).requires_grad_()
     out = itc_loss(image, text, image_m, text_m, *empty_queue(8), torch.arange(3), 0.07, alpha=0.4)
