@@ -57,7 +57,7 @@ class CaptionConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config("caption", [
+        check_config(type(self).__name__, [
             (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
             (self.num_captions >= 1, f"num_captions must be >= 1, got {self.num_captions}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),

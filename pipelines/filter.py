@@ -62,7 +62,7 @@ class FilterConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config("filter", [
+        check_config(type(self).__name__, [
             (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
             _check_threshold(self.threshold),
             (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),

@@ -51,7 +51,7 @@ class RankConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config("rank", [
+        check_config(type(self).__name__, [
             (self.clip_checkpoint is None or Path(self.clip_checkpoint).is_file(),
              f"clip_checkpoint {self.clip_checkpoint} is not a file"),
             (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),

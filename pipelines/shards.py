@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
+import ray
 import torch
 
 from pipelines.images import ImageRefError, ImageStore
 from pipelines.manifest import SAMPLE_SCHEMA, Generation, ManifestError
+from pipelines.ray_runtime import init_ray
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def check_config(name: str, problems: list[tuple[bool, str]]) -> None:
     """Raise ValueError for the first (ok, message) pair that is not ok, naming the config."""
     for ok, message in problems:
         if not ok:
-            raise ValueError(f"{name} config: {message}")
+            raise ValueError(f"{name}: {message}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +85,8 @@ class ActorPoolConfig:
 
 def part_shards(generation: Generation) -> list[str]:
     """The shard names of a generation's parts, sorted (`part-00000.parquet` -> "00000")."""
-    return sorted(p.name.removeprefix("part-").removesuffix(".parquet") for p in generation.samples_dir.glob("part-*.parquet"))
+    parts = generation.samples_dir.glob("part-*.parquet")
+    return sorted(part.name.removeprefix("part-").removesuffix(".parquet") for part in parts)
 
 
 def shards_finished_by(target: Generation, stage: str) -> list[str]:
@@ -249,10 +252,6 @@ def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, st
 
 def _map_requests(stage: ShardedStage, requests: list[pa.Table], pool: ActorPoolConfig) -> Iterator[Row]:
     """Stream the results of `stage`'s actor pool over the requests (one Ray Data block per batch)."""
-    import ray  # imported here so that row helpers stay usable without starting anything
-
-    from pipelines.ray_runtime import init_ray
-
     init_ray(pool.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     blocks = [table.slice(start, pool.batch_size)

@@ -123,7 +123,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(ray_local, web_gen0
 
 
 def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="caption config: top_p must be in"):
+    with pytest.raises(ValueError, match="CaptionConfig: top_p must be in"):
         CaptionConfig(tiny_blip_checkpoint, top_p=0)
     with pytest.raises(ValueError, match="min_length must be in"):
         CaptionConfig(tiny_blip_checkpoint, min_length=9, max_length=8)

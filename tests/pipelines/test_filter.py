@@ -128,7 +128,7 @@ def test_scored_shards_refuse_another_filter_checkpoint(filtered, tiny_blip_chec
 
 
 def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_path, no_inference):
-    with pytest.raises(ValueError, match="filter config: threshold is an ITM probability"):
+    with pytest.raises(ValueError, match="FilterConfig: threshold is an ITM probability"):
         FilterConfig(tiny_blip_checkpoint, threshold=1.5)
     with pytest.raises(ValueError, match="max_caption_chars must be >= 1"):
         FilterConfig(tiny_blip_checkpoint, max_caption_chars=0)

@@ -94,7 +94,7 @@ def test_rerun_skips_ranked_shards_and_a_new_threshold_reopens_them(ranked, tmp_
 
 
 def test_bad_inputs_fail_before_any_work(tiny_clip_checkpoint, downloaded_gen0, tmp_path, no_inference):
-    with pytest.raises(ValueError, match="rank config: top_k must be >= 1"):
+    with pytest.raises(ValueError, match="RankConfig: top_k must be >= 1"):
         RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=0)
     with pytest.raises(ValueError, match="is not a file"):
         RankConfig("clip_tiny", tmp_path / "missing.safetensors")
