@@ -7,7 +7,8 @@ counts). The human set is small and needs no model, so it is read in-process, wi
 
 A human image that cannot be decoded is kept in the manifest as a rejected row
 (`reject_stage="assemble"`, reason from `vlp_core.data.DECODE_REASONS`), never dropped silently.
-Resume: part-human has a completion marker; a re-run rewrites only generation.json.
+Resume: part-human has a completion marker; a re-run rewrites only generation.json (so, after a
+re-threshold and re-rank, it refreshes the counts).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Mapping
 
 import pyarrow as pa
 
-from pipelines.manifest import Generation, generation_info, samples_table
+from pipelines.manifest import Generation, ManifestError, generation_info, samples_table
+from pipelines.shards import part_shards
 from vlp_core.data import CaptionRecord, ImageDecodeError, load_coco_karpathy, load_image
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,7 @@ def run_assemble(
     bad = {role: digest for role, digest in checkpoints.items() if not isinstance(digest, str) or not digest}
     if bad:
         raise ValueError(f"assemble: checkpoints need a non-empty digest string per role, got {bad}")
-    if not target.samples_dir.is_dir():
-        raise ValueError(f"assemble: {target.path} has no samples; run the caption, filter and rank stages first")
+    _check_stages_finished(target, stages)
     if not target.is_done(STAGE, HUMAN_SHARD):
         records = load_coco_karpathy(config.human_annotations, config.human_image_root)  # validates before writing
         human = human_rows(records, target.number, parent)
@@ -85,15 +86,29 @@ def run_assemble(
     return table
 
 
+def _check_stages_finished(target: Generation, stages: list[str]) -> None:
+    """Every candidate shard of `target` (all but part-human) must carry the marker of every stage."""
+    shards = [shard for shard in part_shards(target) if shard != HUMAN_SHARD]
+    if not shards:
+        raise ManifestError(f"assemble: {target.path} has no candidate parts; run the caption, filter and rank "
+                            "stages into it first")
+    for stage in stages:
+        unfinished = [shard for shard in shards if not target.is_done(stage, shard)]
+        if unfinished:
+            raise ManifestError(f"assemble: the {stage} stage has not finished shard(s) {unfinished} of "
+                                f"{target.path}; run it to completion first")
+
+
 def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa.Table:
-    """One manifest row per caption of every record; size and sha256 come from the image file."""
+    """One manifest row per distinct caption of every record (a sample_id names an (image, source, caption)
+    triple, so a repeated caption is stored once); size and sha256 come from the image file."""
     columns: dict[str, list] = {name: [] for name in (
         "image_id", "image_ref", "image_sha256", "width", "height", "caption", "kept", "reject_stage",
         "reject_reason", "reject_detail")}
     for record in records:
         image_ref = str(Path(record.image_path).resolve())
         facts = _image_facts(Path(image_ref))
-        for caption in record.captions:
+        for caption in dict.fromkeys(record.captions):
             columns["image_id"].append(HUMAN_ID_PREFIX + record.image_id)
             columns["image_ref"].append(image_ref)
             columns["caption"].append(caption)

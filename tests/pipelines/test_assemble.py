@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.assemble import AssembleConfig, run_assemble
-from pipelines.manifest import Generation, samples_table
+from pipelines.manifest import Generation, ManifestError, samples_table
 from pipelines.world import WorldConfig, WorldPaths, make_world
 from vlp_core.data import CocoFormatError
 
@@ -23,8 +23,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> WorldPaths:
                       WorldConfig(seed=1, n_web=20, n_human=N_HUMAN, n_test=0, captions_per_image=CAPTIONS_PER_IMAGE))
 
 
-def candidate_generation(root: Path) -> Generation:
-    """Generation 1 after caption/filter/rank: one web and two synthetic candidates of two images."""
+def candidate_generation(root: Path, finished: list[str] = STAGES) -> Generation:
+    """Generation 1 after the `finished` stages: one web and two synthetic candidates of two images."""
     generation = Generation(root, "world", 1)
     generation.write_part("00000", samples_table({
         "image_id": ["web-000000000"] * 3 + ["web-000000001"] * 3,
@@ -36,6 +36,8 @@ def candidate_generation(root: Path) -> Generation:
         "reject_stage": ["filter", None, None, None, None, "rank"],
         "reject_reason": ["itm_below_threshold", None, None, None, None, "clip_rank"],
     }))
+    for stage in finished:
+        generation.mark_done(stage, "00000", {})
     return generation
 
 
@@ -70,6 +72,18 @@ def test_human_rows_and_lineage(world: WorldPaths, tmp_path: Path) -> None:
     assert counts["kept_by_source"] == {"human": 18, "synthetic": 3, "web": 1}
     assert counts["images_by_source"] == {"human": N_HUMAN, "synthetic": 2, "web": 2}
     assert counts["rejected_by_stage_reason"] == {"filter/itm_below_threshold": 1, "rank/clip_rank": 1}
+
+
+def test_repeated_human_caption_is_stored_once(world: WorldPaths, tmp_path: Path) -> None:
+    annotations = json.loads(world.human_annotations.read_text())
+    annotations[0]["caption"].append(annotations[0]["caption"][0])
+    repeated = tmp_path / "repeated.json"
+    repeated.write_text(json.dumps(annotations))
+    table = run_assemble(AssembleConfig(repeated, world.human_root), candidate_generation(tmp_path), 0,
+                         CHECKPOINTS, STAGES, "sha256:1")
+    human_ids = [sid for sid, source in zip(table["sample_id"].to_pylist(), table["caption_source"].to_pylist())
+                 if source == "human"]
+    assert len(human_ids) == len(set(human_ids)) == N_HUMAN * CAPTIONS_PER_IMAGE
 
 
 def test_rerun_keeps_the_human_part(world: WorldPaths, tmp_path: Path) -> None:
@@ -119,7 +133,11 @@ def test_config_and_arguments_fail_before_any_work(world: WorldPaths, tmp_path: 
     with pytest.raises(ValueError, match="human_image_root .* is not a folder"):
         AssembleConfig(world.human_annotations, tmp_path / "nowhere")
     config = AssembleConfig(world.human_annotations, world.human_root)
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(ManifestError, match="no candidate parts"):
         run_assemble(config, Generation(tmp_path, "world", 3), 2, CHECKPOINTS, STAGES, "sha256:1")
+    unranked = candidate_generation(tmp_path / "unranked", finished=["caption", "filter"])
+    with pytest.raises(ManifestError, match=r"the rank stage has not finished shard\(s\) \['00000'\]"):
+        run_assemble(config, unranked, 0, CHECKPOINTS, STAGES, "sha256:1")
+    assert not unranked.part_path("human").exists()
     with pytest.raises(ValueError, match="non-empty digest"):
         run_assemble(config, candidate_generation(tmp_path), 0, {"filter": ""}, STAGES, "sha256:1")
