@@ -9,6 +9,7 @@ rises while the queue fills, and a short queue keeps that to the first two steps
 import dataclasses
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -223,10 +224,14 @@ def test_train_clip_learns_and_exports_a_ranker(ray_local, world, small_set, tmp
 
 
 @pytest.mark.slow
-def test_two_workers_train_with_ddp(ray_local, world, small_set, tmp_path):
-    config = TrainConfig(preset="tiny", max_steps=4, checkpoint_every=4, num_workers=2,
+def test_two_workers_pretrain_with_ddp_and_share_the_itc_queue(ray_local, generation, micro_checkpoint, tmp_path):
+    config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=4, checkpoint_every=4, num_workers=2,
                          **{**FAST, "batch_size": BATCH // 2})
-    result = finetune_captioner(config, small_set, world.human_root, tmp_path / "run")
+    result = pretrain(config, generation, tmp_path / "run")
     assert result.steps == 4
     assert result.losses[-1]["lm_loss"] < result.losses[0]["lm_loss"]
     assert load_checkpoint(result.checkpoint_dir)[2] == result.digest
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-4" / STATE_FILE, weights_only=True)
+    queued_ids = state["trainee"]["pretrainer.image_queue._ids"]
+    # the last two steps of both ranks (2 × 4 pairs each): every one of the 8 images twice
+    assert sorted(Counter(queued_ids.tolist()).values()) == [2] * 8
