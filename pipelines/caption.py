@@ -81,16 +81,19 @@ class CaptionActor(ImageModelActor):
         self.transform = image_transform(self.model.config, train=False)
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
+        """One `generate` call per image, so that its captions do not depend on its batch."""
+        return [{"captions": self._caption(pixels[index : index + 1], request["image_id"])}
+                for index, request in enumerate(requests)]
+
+    def _caption(self, pixels: torch.Tensor, image_id: str) -> list[str]:
+        """(1, 3, S, S) -> K captions sampled with a generator seeded from (seed, image_id)."""
         c = self.config
-        return [
-            {"captions": generate(
-                self.model, self.tokenizer, pixels[index : index + 1], num_captions=c.num_captions, method="nucleus",
-                top_p=c.top_p, temperature=c.temperature, min_length=c.min_length, max_length=c.max_length,
-                repetition_penalty=c.repetition_penalty,
-                generator=torch.Generator().manual_seed(image_seed(c.seed, request["image_id"])),
-            )[0]}
-            for index, request in enumerate(requests)
-        ]
+        generator = torch.Generator().manual_seed(image_seed(c.seed, image_id))
+        return generate(
+            self.model, self.tokenizer, pixels, num_captions=c.num_captions, method="nucleus", top_p=c.top_p,
+            temperature=c.temperature, min_length=c.min_length, max_length=c.max_length,
+            repetition_penalty=c.repetition_penalty, generator=generator,
+        )[0]
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class _Captioning:
     config: CaptionConfig
     web: Generation
     target: Generation
-    name: str = STAGE
+    name: ClassVar[str] = STAGE
 
     def web_rows(self, shard: str) -> list[Row]:
         rows = read_part(self.web.part_path(shard)).to_pylist()

@@ -109,7 +109,7 @@ def _stats(rows: list[Row], threshold: float, model_ref: str | None) -> dict[str
 class _Filtering:
     config: FilterConfig
     target: Generation
-    name: str = STAGE
+    name: ClassVar[str] = STAGE
 
     def rows(self, shard: str) -> list[Row]:
         """The shard as the caption stage left it (a re-run after a crash ignores a half-done filter)."""

@@ -98,7 +98,7 @@ def clip_ranks(rows: list[Row], clip_score: dict[str, float]) -> dict[str, int]:
 class _Ranking:
     config: RankConfig
     target: Generation
-    name: str = STAGE
+    name: ClassVar[str] = STAGE
 
     def rows(self, shard: str) -> list[Row]:
         """The shard as the filter left it."""
