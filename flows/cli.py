@@ -20,8 +20,36 @@ def add_flow_commands(commands: Commands) -> None:
     run.add_argument("--num-captions", type=int, help="synthetic captions per image, K")
     run.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
     run.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
-    run.add_argument("--n-web", type=int, default=2000, help="web pairs of the synthetic world")
+    run.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
+
+
+    deploy = add_command(commands, "deploy", _deploy,
+                         "Serve the flow's deployments (capfilt/nightly on a cron schedule, capfilt/on-demand) "
+                         "on the Prefect server at PREFECT_API_URL until Ctrl-C.")
+    deploy.add_argument("--cron", default="0 2 * * *", help="schedule of capfilt/nightly (default: %(default)s)")
+    deploy.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                        help="default flow parameter, e.g. url_list='\"/data/urls.parquet\"' or rounds=2 "
+                        "(repeatable; see the capfilt flow's parameters)")
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from flows.deploy import serve_deployments
+
+    serve_deployments(_parse_params(args.param), cron=args.cron)
+
+
+def _parse_params(items: list[str]) -> dict[str, object]:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value  # a bare string such as a path
+    return params
 
 
 def _run(args: argparse.Namespace) -> None:

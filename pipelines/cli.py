@@ -21,6 +21,7 @@ for _name, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine is slow to start it
 }.items():
     os.environ.setdefault(_name, _value)
 

@@ -10,6 +10,7 @@ for name, value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",
     # One thread per process: on 2 shared cores, torch's default threading is several times slower.
     "OMP_NUM_THREADS": "1",
