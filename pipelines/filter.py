@@ -29,6 +29,7 @@ from pipelines.shards import (
     ImageModelActor,
     Row,
     caption_requests,
+    captioned_shards,
     check_config,
     commit_shard,
     model_text,
@@ -172,7 +173,7 @@ def rethreshold(target: Generation, threshold: float) -> pa.Table:
 def run_filter(config: FilterConfig, target: Generation) -> pa.Table:
     """Score and decide every captioned shard of `target`; already scored shards are only re-decided
     at `config.threshold`. Returns the target's rows."""
-    shards = shards_finished_by(target, "caption")
+    shards = captioned_shards(target)
     scored = [shard for shard in shards if target.is_done(STAGE, shard)]
     if scored:
         checkpoint_digest = file_digest(Path(config.checkpoint) / WEIGHTS_FILE)

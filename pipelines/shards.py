@@ -89,11 +89,22 @@ def part_shards(generation: Generation) -> list[str]:
     return sorted(part.name.removeprefix("part-").removesuffix(".parquet") for part in parts)
 
 
-def shards_finished_by(target: Generation, stage: str) -> list[str]:
-    """The target's shards, after checking that `stage` finished every one of them."""
+def captioned_shards(target: Generation) -> list[str]:
+    """The target's candidate shards: those the caption stage finished. Other parts (the human pairs
+    that assemble adds, a part whose caption run was cut short) are left alone, and named in the log."""
     shards = part_shards(target)
-    if not shards:
-        raise ManifestError(f"{target.path}: no parts; run the {stage} stage into this generation first")
+    captioned = [shard for shard in shards if target.is_done("caption", shard)]
+    if not captioned:
+        raise ManifestError(f"{target.path}: no captioned shards; run the caption stage into this generation first")
+    if len(captioned) < len(shards):
+        log.info("%s: parts without a caption marker are not candidates: %s", target.path,
+                 sorted(set(shards) - set(captioned)))
+    return captioned
+
+
+def shards_finished_by(target: Generation, stage: str) -> list[str]:
+    """The target's candidate shards, after checking that `stage` finished every one of them."""
+    shards = captioned_shards(target)
     unfinished = [shard for shard in shards if not target.is_done(stage, shard)]
     if unfinished:
         raise ManifestError(f"{target.path}: the {stage} stage has not finished shard(s) {unfinished}; "

@@ -136,7 +136,7 @@ def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_pa
         rethreshold(captioned, -0.1)
     with pytest.raises(ManifestError, match="the filter stage has not finished"):
         rethreshold(captioned, 0.5)
-    with pytest.raises(ManifestError, match="run the caption stage into this generation first"):
+    with pytest.raises(ManifestError, match="no captioned shards; run the caption stage"):
         run_filter(FilterConfig(tiny_blip_checkpoint), Generation(tmp_path, "world", 1))
 
 

@@ -100,5 +100,5 @@ def test_bad_inputs_fail_before_any_work(tiny_clip_checkpoint, downloaded_gen0, 
         RankConfig("clip_tiny", tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         RankConfig("clip_tiny", None, batch_size=0)
-    with pytest.raises(ManifestError, match="the filter stage has not finished"):
+    with pytest.raises(ManifestError, match="no captioned shards"):
         run_rank(RankConfig("clip_tiny", None), Generation(downloaded_gen0.root, "world", 0))
