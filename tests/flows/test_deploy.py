@@ -4,41 +4,17 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from processes import free_port, stop_group, wait_until
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def _wait_until(check, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s} s")
-        time.sleep(1)
 
 
 def _healthy(api_url: str) -> bool:
@@ -53,16 +29,16 @@ def _healthy(api_url: str) -> bool:
 def prefect_env(tmp_path_factory: pytest.TempPathFactory):
     """A Prefect server on 127.0.0.1 with its own PREFECT_HOME; yields the environment to reach it."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_until(lambda: _healthy(env["PREFECT_API_URL"]), "the Prefect server answers", 180)
+        wait_until(lambda: _healthy(env["PREFECT_API_URL"]), "the Prefect server answers", 180)
         yield env
     finally:
-        _stop(server)
+        stop_group(server, signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +51,11 @@ def served(prefect_env: dict, tmp_path_factory: pytest.TempPathFactory):
         env=prefect_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait_until(lambda: _prefect(prefect_env, "deployment", "inspect", "capfilt/on-demand").returncode == 0,
+        wait_until(lambda: _prefect(prefect_env, "deployment", "inspect", "capfilt/on-demand").returncode == 0,
                     "the deployments are registered", 180)
         yield prefect_env, out
     finally:
-        _stop(process)
+        stop_group(process, signal.SIGINT)
         log.close()
 
 

@@ -5,8 +5,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,30 +14,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import free_port, stop_group, wait_until
 
 BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:  # it answers (Ray's token auth may say 401): it is up
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s} s") from None
-            time.sleep(0.5)
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:  # it answers (Ray's token auth may say 401): it is up
+        return True
+    except OSError:
+        return False
 
 
 def _cluster_env() -> dict[str, str]:
@@ -50,7 +39,7 @@ def _cluster_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 in its own process group: (gcs address, dashboard/job address)."""
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     env = _cluster_env()
     head = subprocess.Popen(
@@ -61,15 +50,10 @@ def ray_head():
     )
     try:
         dashboard = f"http://127.0.0.1:{dashboard_port}"
-        _wait_for_http(f"{dashboard}/api/version", timeout_s=120)
+        wait_until(lambda: _answers(f"{dashboard}/api/version"), "the Ray dashboard answers", 120)
         yield f"127.0.0.1:{gcs_port}", dashboard
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -1,0 +1,34 @@
+"""Helpers for tests that start real servers (Ray head, Prefect server) as process groups."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Callable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float) -> None:
+    """Poll `check` every half second; TimeoutError naming `what` if it is not true in time."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.5)
+
+
+def stop_group(process: subprocess.Popen, first_signal: int = signal.SIGTERM) -> None:
+    """Stop a process started with start_new_session=True, and everything it started, by its PID."""
+    os.killpg(process.pid, first_signal)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
