@@ -12,7 +12,6 @@ batch an image lands in, and a resumed run writes the same captions as an uninte
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,8 +35,6 @@ from pipelines.shards import (
 from vlp_core.checkpoint import load_checkpoint
 from vlp_core.data import image_transform
 from vlp_core.generation import generate
-
-log = logging.getLogger(__name__)
 
 STAGE = "caption"
 

@@ -13,7 +13,6 @@ that are already scored does the same. A changed decision invalidates the shard'
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,6 @@ from pipelines.shards import (
 from vlp_core.checkpoint import WEIGHTS_FILE, file_digest, load_checkpoint
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
-
-log = logging.getLogger(__name__)
 
 STAGE = "filter"
 

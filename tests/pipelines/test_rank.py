@@ -3,7 +3,6 @@ tiny BLIP (captioner and filter) and a randomly initialised clip_tiny saved as s
 
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
