@@ -51,14 +51,15 @@ class RunSettings:
 
     model_preset: str = "tiny"
     rounds: int = 1
-    pretrain_steps: int = 600
-    finetune_steps: int = 300
-    clip_steps: int = 300
+    pretrain_steps: int = 300
+    finetune_steps: int = 150
+    clip_steps: int = 150
     batch_size: int = 32
     lr: float = 3e-4
     num_captions: int = 5
     itm_threshold: float = 0.5
     top_k: int = 2
+    k_test: int = 8                        # evaluation: ITC candidates re-ranked by ITM per query
     clip_model: str = "clip_tiny"
     clip_checkpoint: Path | None = None    # a trained open_clip state dict; None trains clip_model here
     inference_batch_size: int = 32
@@ -66,7 +67,7 @@ class RunSettings:
     num_gpus: float = 0.0
     ray_address: str | None = None
     seed: int = 0
-    world: WorldConfig = WorldConfig(n_web=2000, n_human=500, n_test=200)  # made when no url_list is given
+    world: WorldConfig = WorldConfig(n_web=2000, n_human=500, n_test=100)  # made when no url_list is given
 
 
 RUN_PRESETS = {
@@ -196,7 +197,7 @@ def _training(settings: RunSettings, steps: int, *, preset: str | None = None,
 def _evaluation(settings: RunSettings, inputs: Inputs, model: train.TrainResult) -> evaluate.EvaluateConfig:
     return evaluate.EvaluateConfig(
         checkpoint=model.checkpoint_dir, test_annotations=inputs.test_annotations,
-        test_image_root=inputs.test_image_root, world_dir=inputs.world_dir,
+        test_image_root=inputs.test_image_root, world_dir=inputs.world_dir, k_test=settings.k_test,
         batch_size=settings.inference_batch_size, ray_address=settings.ray_address,
     )
 

@@ -67,7 +67,7 @@ class CaptionConfig(ActorPoolConfig):
 
 
 class CaptionActor(ImageModelActor):
-    """Holds one captioner; samples K captions per image, each image with its own generator."""
+    """Holds one captioner; samples K captions per image, each image with its own seeded generator."""
 
     output_fields: ClassVar[list[pa.Field]] = [pa.field("captions", pa.list_(pa.string()))]
 
@@ -78,19 +78,15 @@ class CaptionActor(ImageModelActor):
         self.transform = image_transform(self.model.config, train=False)
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
-        """One `generate` call per image, so that its captions do not depend on its batch."""
-        return [{"captions": self._caption(pixels[index : index + 1], request["image_id"])}
-                for index, request in enumerate(requests)]
-
-    def _caption(self, pixels: torch.Tensor, image_id: str) -> list[str]:
-        """(1, 3, S, S) -> K captions sampled with a generator seeded from (seed, image_id)."""
+        """(B, 3, S, S) -> K captions per image in one batched call; each image samples from its own
+        generator seeded from (seed, image_id), so its captions do not depend on its batch."""
         c = self.config
-        generator = torch.Generator().manual_seed(image_seed(c.seed, image_id))
-        return generate(
+        captions = generate(
             self.model, self.tokenizer, pixels, num_captions=c.num_captions, method="nucleus", top_p=c.top_p,
             temperature=c.temperature, min_length=c.min_length, max_length=c.max_length,
-            repetition_penalty=c.repetition_penalty, generator=generator,
-        )[0]
+            repetition_penalty=c.repetition_penalty, seeds=[image_seed(c.seed, r["image_id"]) for r in requests],
+        )
+        return [{"captions": image_captions} for image_captions in captions]
 
 
 @dataclass(frozen=True)

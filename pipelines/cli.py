@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.manifest import Generation, ManifestError, list_generations
+from pipelines.stage_commands import add_stage_commands
 
 DEFAULT_ROOT = Path("data_manifests")
 
@@ -74,6 +75,7 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
     generations = command("generations", _generations, "List generations with counts by source and reject reason.")
     generations.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
 
+    add_stage_commands(commands, add_command)
     for extend in extensions:
         extend(commands)
     return parser

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from processes import free_port, stop_group, wait_until
 
+from flows.cli import main
+from pipelines.manifest import Generation
+
 BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)
 pytestmark = pytest.mark.slow
@@ -45,6 +48,9 @@ def ray_head():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=3",
+         # Own ports for the head's agents: the defaults may be taken by another Ray on this machine.
+         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "runtime-env-agent-port", "metrics-export-port")),
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -73,14 +79,48 @@ def test_init_ray_joins_the_cluster_named_by_ray_address(ray_head) -> None:
     assert probe["address"].rsplit(":", 1)[1] == gcs_address.rsplit(":", 1)[1]
 
 
+def _submit_job(dashboard: str, *command: str) -> subprocess.CompletedProcess:
+    """`ray job submit` and wait for the job; retried while the head's job agent is still starting."""
+    submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", *command]
+    for _ in range(60):
+        out = subprocess.run(submit, env=_cluster_env(), capture_output=True, text=True, timeout=600)
+        if "No available agent" not in out.stderr:
+            return out
+        time.sleep(2)
+    return out
+
+
 def test_ray_job_submit_round_trip(ray_head) -> None:
     _, dashboard = ray_head
-    submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", sys.executable, "-c", PROBE]
-    for _ in range(30):  # the job agent starts a little after the dashboard answers
-        out = subprocess.run(submit, env=_cluster_env(), capture_output=True, text=True, timeout=300)
-        if "No available agent" not in out.stderr:
-            break
-        time.sleep(2)
+    out = _submit_job(dashboard, sys.executable, "-c", PROBE)
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"cpus": 3.0' in out.stdout
     assert "succeeded" in out.stdout + out.stderr
+
+
+def test_stage_commands_run_on_the_cluster(ray_head, tmp_path: Path) -> None:
+    """`capfilt finetune` joins the cluster through RAY_ADDRESS; `capfilt caption` runs as a Ray job."""
+    gcs_address, dashboard = ray_head
+    world, root, run_dir = tmp_path / "world", tmp_path / "manifests", tmp_path / "captioner"
+    capfilt = str(BIN / "capfilt")
+    assert main(["world", "--out", str(world), "--n-web", "20", "--n-human", "8", "--n-test", "4"]) == 0
+    assert main(["download", "--world", str(world), "--root", str(root)]) == 0
+
+    finetune = subprocess.run(
+        [capfilt, "finetune", "captioner", "--preset", "tiny", "--max-steps", "2", "--batch-size", "4",
+         "--annotations", str(world / "human" / "annotations.json"), "--image-root", str(world / "human"),
+         "--run-dir", str(run_dir)],
+        env={**_cluster_env(), "RAY_ADDRESS": gcs_address}, capture_output=True, text=True, timeout=600,
+    )
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+
+    caption = [capfilt, "caption", "--root", str(root), "--generation", "1", "--checkpoint", str(run_dir / "final"),
+               "--num-captions", "2", "--batch-size", "4"]
+    job = _submit_job(dashboard, *caption)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+
+    rows = Generation(root, "web", 1).read_samples().to_pylist()
+    images = {r["image_id"] for r in rows if r["caption_source"] == "web" and r["image_ref"]}
+    synthetic = [r for r in rows if r["caption_source"] == "synthetic"]
+    assert len(images) >= 17 and len(synthetic) == 2 * len(images)
+    assert {r["image_id"] for r in synthetic} == images
