@@ -23,6 +23,7 @@ for _name, _value in {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine is slow to start it
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,vlp_core",  # stage logs show in Prefect's flow-run logs
 }.items():
     os.environ.setdefault(_name, _value)
 
