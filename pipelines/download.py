@@ -15,13 +15,14 @@ import logging
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.atomic import atomic_write_parquet
+from pipelines.atomic import atomic_write_parquet, atomic_write_text
 from pipelines.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
 from pipelines.url_policy import UrlPolicy
 
@@ -107,11 +108,17 @@ def download(url_list: Path, generation: Generation, config: DownloadConfig) -> 
 
 
 def download_world(world_dir: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
-    """Serve a synthetic world on loopback for the duration of its download (loopback allowed)."""
+    """Serve a synthetic world on loopback for the duration of its download (loopback allowed).
+
+    A re-run serves on the port of the first run, so the URL list stays the same and finished shards
+    are kept."""
     from pipelines.world_server import WorldServer
 
     config = replace(config, allowed_networks=(*config.allowed_networks, LOOPBACK))
-    with WorldServer(world_dir) as server:
+    port_file = generation.path / "work" / "world_port"
+    port = int(port_file.read_text()) if port_file.exists() else 0
+    with WorldServer(world_dir, port=port) as server:
+        atomic_write_text(port_file, str(urlsplit(server.base_url).port))
         url_list = server.write_url_list(generation.path / "work" / "world_urls.parquet")
         return download(url_list, generation, config)
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.download import DownloadConfig, download, failure_reason, read_url_list
+from pipelines.download import DownloadConfig, download, download_world, failure_reason, read_url_list
 from pipelines.images import ImageRefError, ImageStore
 from pipelines.manifest import Generation, ManifestError
 from pipelines.world import WorldConfig, make_world
@@ -146,3 +146,13 @@ def test_bad_url_list_and_config_fail_fast(tmp_path: Path) -> None:
 ])
 def test_failure_reasons(message: str, reason: str) -> None:
     assert failure_reason(message) == reason
+
+
+def test_a_world_download_resumes_on_the_same_port(tmp_path: Path, world: Path) -> None:
+    generation = Generation(tmp_path, "world", 0)
+    config = DownloadConfig(samples_per_shard=100, threads=8)
+    first = download_world(world, generation, config)
+    shards = {p: p.stat().st_mtime_ns for p in (generation.path / "shards").glob("*.tar")}
+    again = download_world(world, generation, config)
+    assert again.equals(first)
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards
