@@ -84,7 +84,8 @@ def download(url_list: Path, generation: Generation, config: DownloadConfig) -> 
     log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
 
     pinned_input = _pin_input(generation, allowed)
-    _write_refused_part(generation, urls, verdicts)
+    if not generation.is_done(STAGE, REFUSED_SHARD):
+        _write_refused_part(generation, urls, verdicts)
     if allowed.num_rows:
         shard_dir = generation.path / "shards"
         if not _all_shards_done(generation, allowed.num_rows, config):
@@ -118,8 +119,10 @@ def download_world(world_dir: Path, generation: Generation, config: DownloadConf
     port_file = generation.path / "work" / "world_port"
     port = int(port_file.read_text()) if port_file.exists() else 0
     with WorldServer(world_dir, port=port) as server:
-        atomic_write_text(port_file, str(urlsplit(server.base_url).port))
-        url_list = server.write_url_list(generation.path / "work" / "world_urls.parquet")
+        url_list = generation.path / "work" / "world_urls.parquet"
+        if not url_list.exists():
+            atomic_write_text(port_file, str(urlsplit(server.base_url).port))
+            server.write_url_list(url_list)
         return download(url_list, generation, config)
 
 
