@@ -115,5 +115,7 @@ def test_a_failing_stage_fails_the_flow_run_with_its_message(served) -> None:
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "FAILED" in output.upper()
-    runs = _prefect(env, "flow-run", "ls", "--state", "FAILED")
-    assert runs.returncode == 0 and "capfilt" in runs.stdout
+    runs = _prefect(env, "flow-run", "ls", "--state-type", "FAILED", "--output", "json")
+    assert runs.returncode == 0, runs.stderr
+    messages = [run["state"]["message"] or "" for run in json.loads(runs.stdout)]
+    assert any("URL list not found" in message for message in messages), messages
