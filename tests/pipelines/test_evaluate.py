@@ -27,7 +27,7 @@ from pipelines.world_grammar import NOISY_TYPES
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import load_checkpoint, save_checkpoint
 from vlp_core.config import load_preset
-from vlp_core.data import image_transform, load_coco_karpathy, load_image
+from vlp_core.data import image_transform, load_image
 from vlp_core.scoring import score_captions
 from vlp_core.tokenizer import train_tokenizer
 
