@@ -42,15 +42,14 @@ from pipelines.manifest import Generation
 from pipelines.metrics import (
     attribute_accuracy_summary,
     caption_scores,
-    confusion_table,
-    removal_metrics,
+    decision_metrics,
     reranked_scores,
     retrieval_recalls,
     top_k_pairs,
 )
 from pipelines.ray_runtime import init_ray
 from pipelines.world import WorldPaths, load_scenes, load_world, web_key
-from pipelines.world_grammar import NOISY_TYPES, Scene
+from pipelines.world_grammar import Scene
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import load_checkpoint
 from vlp_core.data import CaptionRecord, ImageTransform, image_transform, load_coco_karpathy, load_image
@@ -274,14 +273,10 @@ def world_metrics(samples: pa.Table, world: WorldPaths, test_captions: dict[str,
 
     noise = [noise_by_key[key_of_image[row["image_id"]]] for row in web]
     decisions = ["kept" if row["kept"] else row["reject_stage"] for row in web]
-    # Images that failed to download or decode never met the filter: they count in the decision table only.
-    screened = [(n, d) for n, d in zip(noise, decisions) if d not in (DOWNLOAD_STAGE, CAPTION_STAGE)]
-    screened_noise = [n for n, _ in screened]
     return {
         "test_caption_accuracy": attribute_accuracy_summary(test_captions, scenes),
-        "filter": removal_metrics(screened_noise, [d == FILTER_STAGE for _, d in screened], NOISY_TYPES),
-        "all_stages": removal_metrics(screened_noise, [d != "kept" for _, d in screened], NOISY_TYPES),
-        "decisions": confusion_table(noise, decisions),
+        # Images that failed to download or decode never met the filter: they count in the decision table only.
+        **decision_metrics(noise, decisions, FILTER_STAGE, unscreened=(DOWNLOAD_STAGE, CAPTION_STAGE)),
         "kept_caption_accuracy": {
             source: _kept_caption_accuracy([row for row in rows if row["caption_source"] == source],
                                            {image: scenes[key] for image, key in key_of_image.items()})

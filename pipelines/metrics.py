@@ -14,7 +14,7 @@ import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from pipelines.world_grammar import Scene, attribute_accuracy
+from pipelines.world_grammar import NOISY_TYPES, Scene, attribute_accuracy
 
 RECALL_KS = (1, 5, 10)
 
@@ -169,6 +169,21 @@ def removal_metrics(noise_types: Sequence[str], removed: Sequence[bool], noisy_t
             t: {"pairs": totals[t], "removed": removed_by_type[t], "removal_rate": removed_by_type[t] / totals[t]}
             for t in sorted(totals)
         },
+    }
+
+
+def decision_metrics(noise_types: Sequence[str], decisions: Sequence[str], filter_stage: str,
+                     unscreened: Iterable[str]) -> dict[str, object]:
+    """The filter's and all stages' removal metrics and the noise type × decision table of the web pairs,
+    one decision per pair ("kept" or its reject stage). Pairs decided at an `unscreened` stage (e.g. a
+    failed download) never met the filter: they count in the decision table only."""
+    skip = set(unscreened)
+    screened = [(n, d) for n, d in zip(noise_types, decisions, strict=True) if d not in skip]
+    screened_noise = [n for n, _ in screened]
+    return {
+        "filter": removal_metrics(screened_noise, [d == filter_stage for _, d in screened], NOISY_TYPES),
+        "all_stages": removal_metrics(screened_noise, [d != "kept" for _, d in screened], NOISY_TYPES),
+        "decisions": confusion_table(noise_types, decisions),
     }
 
 
