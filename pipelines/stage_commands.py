@@ -1,4 +1,5 @@
-"""`capfilt` subcommands of the model stages: training, caption, filter, rank, assemble, evaluate.
+"""`capfilt` subcommands of the model stages: training, caption, filter, rank, assemble, evaluate, and
+the dataset-quality report.
 
 Each parses flags into the stage's config dataclass (which validates them before any work) and calls
 the stage function. Generations are named by `--root`, `--dataset` and a generation number.
@@ -73,6 +74,13 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     evaluating.add_argument("--world", type=Path, help="the synthetic world, for its ground-truth metrics")
     evaluating.add_argument("--k-test", type=int, default=16, help="ITC candidates re-ranked by ITM")
     evaluating.add_argument("--ray-address")
+
+    reporting = command("report", _write_report, "Write a generation's dataset-quality report: index.html (opens "
+                        "from disk), report.json and the plots.")
+    _generation_options(reporting)
+    reporting.add_argument("--out", type=Path, help="report folder (default: <generation>/report)")
+    reporting.add_argument("--world", type=Path, help="the synthetic world, for its ground truth (default: the "
+                           "world the generation's evaluation.json names, if any)")
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -185,3 +193,9 @@ def _evaluate(args: argparse.Namespace) -> None:
                             test_image_root=args.test_image_root, world_dir=args.world, k_test=args.k_test,
                             ray_address=args.ray_address)
     print(json.dumps(run_evaluate(config, _generation(args)), indent=2, default=str))
+
+
+def _write_report(args: argparse.Namespace) -> None:
+    from pipelines.report import write_report
+
+    print(f"report: {write_report(_generation(args), args.out, args.world)}")
