@@ -2,7 +2,9 @@
 
 Every input URL becomes exactly one manifest row: downloaded ones are kept with their sha256 and size,
 failed ones are marked `kept=False, reject_stage="download"` with a short reason (`http_404`,
-`decode_error`, `timeout`, `url_policy`, ...) and img2dataset's message in `reject_detail`.
+`decode_error`, `timeout`, `url_policy`, `too_large`, ...) and img2dataset's message in `reject_detail`.
+The URL policy is checked here before anything is fetched, and again on every connection img2dataset's
+workers open, redirects included (pipelines.download_worker).
 
 Resume: img2dataset skips shards that have their `_stats.json`; a shard torn by a crash has none and is
 downloaded again. Each finished shard is turned into `samples/part-<shard>.parquet` plus a completion
@@ -24,7 +26,8 @@ import pyarrow.parquet as pq
 
 from pipelines.atomic import atomic_write_parquet, atomic_write_text
 from pipelines.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
-from pipelines.url_policy import UrlPolicy
+from pipelines.url_policy import POLICY_REASON, UrlPolicy
+from vlp_core.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,20 @@ LOOPBACK = "127.0.0.1/32"
 class DownloadConfig:
     """How img2dataset fetches. `allowed_networks` lets otherwise refused private ranges through."""
 
-    image_size: int = 384            # longest side after resizing; smaller images are kept as they are
+    image_size: int = 384            # shortest side after resizing; smaller images are kept as they are
     processes: int = 1
     threads: int = 16
     samples_per_shard: int = 1000
-    timeout_s: int = 10
+    timeout_s: int = 10              # per connect and per socket read
     retries: int = 0
     allowed_networks: tuple[str, ...] = ()
+    max_image_bytes: int = 32 * 2**20      # a larger response body is refused (too_large)
+    max_fetch_seconds: float = 120.0       # a body still arriving after this is cut off (timeout)
+    max_pixels: int = DEFAULT_MAX_PIXELS   # an image declaring more pixels is not decoded (too_large)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout_s"):
+        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout_s", "max_image_bytes",
+                     "max_fetch_seconds", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"download config: {name} must be ≥ 1, got {getattr(self, name)}")
         if self.retries < 0:
@@ -62,7 +69,11 @@ def read_url_list(path: Path) -> pa.Table:
     if not path.exists():
         raise ManifestError(f"{path}: URL list not found")
     try:
-        table = pacsv.read_csv(path) if path.suffix in (".csv", ".tsv") else pq.read_table(path)
+        if path.suffix in (".csv", ".tsv"):  # a quoted caption may hold line breaks
+            options = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",", newlines_in_values=True)
+            table = pacsv.read_csv(path, parse_options=options)
+        else:
+            table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"{path}: cannot read URL list as {path.suffix or 'parquet'} ({error})") from None
     if "url" not in table.schema.names:
@@ -70,9 +81,18 @@ def read_url_list(path: Path) -> pa.Table:
     captions = table["caption"] if "caption" in table.schema.names else pa.nulls(table.num_rows)
     return pa.table({
         "row_index": pa.array(range(table.num_rows), pa.int64()),
-        "url": pc.cast(table["url"], pa.string()),
-        "caption": pc.cast(captions, pa.string()),
+        "url": _as_text(table["url"]),
+        "caption": _as_text(captions),
     })
+
+
+def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
+    """A string column. Bytes that are not valid UTF-8 (Arrow reads such a CSV column as binary) are
+    decoded with U+FFFD in their place; caption cleaning drops those characters later."""
+    if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
+        return pc.cast(column, pa.string())
+    return pa.array([None if raw is None else raw.decode("utf-8", errors="replace") for raw in column.to_pylist()],
+                    pa.string())
 
 
 def download(url_list: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
@@ -163,29 +183,34 @@ def _all_shards_done(generation: Generation, n_urls: int, config: DownloadConfig
 
 
 def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) -> None:
-    from img2dataset import download as img2dataset_download  # heavy import, only when downloading
+    from img2dataset import download as img2dataset_download  # heavy imports, only when downloading
 
-    img2dataset_download(
-        url_list=str(input_path),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=["row_index"],
-        output_format="webdataset",
-        output_folder=str(shard_dir),
-        image_size=config.image_size,
-        resize_mode="keep_ratio",
-        resize_only_if_bigger=True,
-        processes_count=config.processes,
-        thread_count=config.threads,
-        number_sample_per_shard=config.samples_per_shard,
-        timeout=config.timeout_s,
-        retries=config.retries,
-        incremental_mode="incremental",
-        compute_hash="sha256",
-        enable_wandb=False,
-        disallowed_header_directives=[],
-    )
+    from pipelines.download_worker import FetchGuard, guarded_downloads
+
+    guard = FetchGuard(UrlPolicy(config.allowed_networks), max_bytes=config.max_image_bytes,
+                       max_seconds=config.max_fetch_seconds, max_pixels=config.max_pixels)
+    with guarded_downloads(guard):
+        img2dataset_download(
+            url_list=str(input_path),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=["row_index"],
+            output_format="webdataset",
+            output_folder=str(shard_dir),
+            image_size=config.image_size,
+            resize_mode="keep_ratio",
+            resize_only_if_bigger=True,
+            processes_count=config.processes,
+            thread_count=config.threads,
+            number_sample_per_shard=config.samples_per_shard,
+            timeout=config.timeout_s,
+            retries=config.retries,
+            incremental_mode="incremental",
+            compute_hash="sha256",
+            enable_wandb=False,
+            disallowed_header_directives=[],
+        )
 
 
 def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
@@ -214,14 +239,19 @@ def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
     log.info("download: shard %s → %d rows, %d images", shard, len(rows), sum(ok))
 
 
-_REASONS = [
+_REASONS = [  # first match wins
+    (re.compile(rf"{POLICY_REASON}|Redirection to url '[^']*' is not allowed"), lambda m: POLICY_REASON),
+    (re.compile(r"infinite loop", re.I), lambda m: "redirect_loop"),
     (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
+    (re.compile(r"empty_body"), lambda m: "empty_body"),
+    (re.compile(r"too_large|CV_IO_MAX_IMAGE_PIXELS"), lambda m: "too_large"),
     (re.compile(r"timed out", re.I), lambda m: "timeout"),
     (re.compile(r"Connection refused", re.I), lambda m: "connection_refused"),
     (re.compile(r"redirect", re.I), lambda m: "redirect_error"),
     (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), lambda m: "dns_error"),
     (re.compile(r"unknown url type|unsupported", re.I), lambda m: "unsupported_url"),
-    (re.compile(r"cannot identify image|truncated|decod|imread|image file", re.I), lambda m: "decode_error"),
+    (re.compile(r"not_an_image|truncated|corrupt|cannot identify image|decod|image file", re.I),
+     lambda m: "decode_error"),
 ]
 
 

@@ -3,6 +3,10 @@
 A URL is refused when its scheme is not http/https, its host is missing, or any address its host
 resolves to is private, loopback, link-local, multicast, reserved or unspecified — unless that address
 lies in one of the explicitly allowed networks (e.g. `127.0.0.1/32` for the synthetic world's server).
+
+`check` judges a URL before it is fetched. `connect` enforces the same rule on every connection a
+fetcher opens (after redirects too): it resolves the host once, checks every address, and connects
+only to the addresses it checked, so a DNS answer cannot change between the check and the connect.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 Resolver = Callable[[str], list[str]]
+POLICY_REASON = "url_policy"  # every refusal message starts with it, so a worker's error text names it
+
+
+class UrlPolicyError(OSError):
+    """A connection the URL policy refuses."""
 
 
 def resolve_host(host: str) -> list[str]:
@@ -49,9 +58,29 @@ class UrlPolicy:
             addresses = self.resolver(parts.hostname)
         except (OSError, UnicodeError) as error:
             return f"host {parts.hostname!r} does not resolve ({error})"
+        return self._refusal(parts.hostname, addresses)
+
+    def connect(self, address: tuple[str, int], timeout: float,
+                source_address: tuple[str, int] | None = None) -> socket.socket:
+        """`socket.create_connection` that refuses (UrlPolicyError) a host resolving to any address the
+        policy does not allow, and otherwise connects to the first checked address that answers."""
+        host, port = address
+        addresses = self.resolver(host)
+        refusal = self._refusal(host, addresses)
+        if refusal:
+            raise UrlPolicyError(f"{POLICY_REASON}: {refusal}")
+        error: OSError = OSError(f"host {host!r} resolves to no address")
+        for ip in addresses:
+            try:
+                return socket.create_connection((ip, port), timeout, source_address)
+            except OSError as failed:
+                error = failed
+        raise error
+
+    def _refusal(self, host: str, addresses: list[str]) -> str | None:
         for address in addresses:
             if not self._address_allowed(ipaddress.ip_address(address.split("%")[0])):
-                return f"host {parts.hostname!r} resolves to non-public address {address}"
+                return f"host {host!r} resolves to non-public address {address}"
         return None
 
     def _address_allowed(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

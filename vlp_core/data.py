@@ -1,4 +1,4 @@
-"""Data in, tensors out: image decoding, image transforms, caption cleaning, COCO-Karpathy sets.
+"""Data in, tensors out: image transforms, caption cleaning, COCO-Karpathy sets (decoding: vlp_core.decode).
 
 Every function here is deterministic except the training-time random crop, and every failure
 carries a short machine-usable reason that the pipeline records in its manifests.
@@ -7,7 +7,6 @@ carries a short machine-usable reason that the pipeline records in its manifests
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import re
@@ -18,74 +17,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vlp_core.decode import (  # noqa: F401 (the decoder's names stay importable from here)
+    DECODE_REASONS,
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    load_image,
+)
 from vlp_core.tokenizer import tokenize
 
 if TYPE_CHECKING:
     from vlp_core.config import BlipConfig
 
 # --------------------------------------------------------------------------- images
-
-DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; anything larger is refused before decoding
-DECODE_REASONS = ("missing_file", "not_an_image", "truncated", "corrupt", "too_large")
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be used. `reason` is one of DECODE_REASONS; `detail` says why."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file path or encoded bytes into an upright RGB image.
-
-    EXIF orientation is applied; palette, alpha (composited on white), CMYK, 16-bit and animated
-    (first frame) images are converted. Raises ImageDecodeError with a reason from DECODE_REASONS.
-    """
-    if isinstance(source, bytes):
-        name, stream = "<bytes>", io.BytesIO(source)
-    else:
-        name, stream = str(source), source
-        if not Path(source).is_file():
-            raise ImageDecodeError("missing_file", f"no file at {name}")
-    try:
-        with Image.open(stream) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "too_large", f"{name} is {width}x{height}, above the limit of {max_pixels} pixels"
-                )
-            image.load()  # the first frame of an animation
-            return _to_rgb(ImageOps.exif_transpose(image))
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError as error:
-        raise ImageDecodeError("not_an_image", f"{name} is not a recognised image format") from error
-    except Image.DecompressionBombError as error:
-        raise ImageDecodeError("too_large", f"{name}: {error}") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        reason = "truncated" if "truncated" in str(error).lower() or isinstance(error, EOFError) else "corrupt"
-        raise ImageDecodeError(reason, f"{name}: {error}") from error
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparent pixels become white."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    if image.mode.startswith("I"):
-        # 16-bit (or wider) grey levels: rescale to 0..255 instead of clipping.
-        grey = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
 
 
 @dataclass(frozen=True)
