@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -275,14 +276,14 @@ def history(ancestors: list[dict[str, Any]], counts: dict[str, Any]) -> list[dic
     The last entry's counts are this generation's rows as they are now."""
     table = []
     for index, ancestor in enumerate(ancestors):
-        generation_counts_ = counts if index == len(ancestors) - 1 else ancestor["info"]["counts"]
+        rows, kept = itemgetter("rows", "kept")(counts if index == len(ancestors) - 1 else ancestor["info"]["counts"])
         evaluation = ancestor["evaluation"] or {}
         world = evaluation.get("world") or {}
         table.append({
             "generation": ancestor["info"]["generation"],
-            "rows": generation_counts_["rows"],
-            "kept": generation_counts_["kept"],
-            "kept_ratio": generation_counts_["kept"] / generation_counts_["rows"] if generation_counts_["rows"] else None,
+            "rows": rows,
+            "kept": kept,
+            "kept_ratio": kept / rows if rows else None,
             "evaluated": bool(evaluation),
             **{key: evaluation.get("retrieval", {}).get(key) for key in HISTORY_METRICS},
             **{key: evaluation.get("captioning", {}).get(key) for key in CAPTION_METRICS},

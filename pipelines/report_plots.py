@@ -65,8 +65,9 @@ def rejections_plot(figures: Figures) -> Figure | None:
     return figure
 
 
-def score_plot(name: str, threshold_label: str) -> Callable[[Figures], Figure | None]:
-    """A plot of the `name` score histograms per source, with the recorded thresholds."""
+def score_plot(name: str, setting: str) -> Callable[[Figures], Figure | None]:
+    """A plot of the `name` score histograms per source, with the recorded thresholds; the title names
+    the stage `setting` (figures["thresholds"][setting])."""
     def plot(figures: Figures) -> Figure | None:
         histograms = figures["scores"][name]
         if not histograms["by_source"]:
@@ -78,18 +79,15 @@ def score_plot(name: str, threshold_label: str) -> Callable[[Figures], Figure | 
                       color=SOURCE_COLOURS.get(source), linewidth=1.8)
         if name == "itm":
             for threshold in figures["thresholds"]["itm_threshold"]:
-                ax.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:g}")
+                ax.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:.4g}")
         ax.set_xlabel(f"{name.upper()} score")
         ax.set_ylabel("captions")
-        ax.set_title(f"{name.upper()} scores per caption source{threshold_label_text(figures, threshold_label)}")
+        values = ", ".join(f"{value:.4g}" for value in figures["thresholds"][setting])
+        ax.set_title(f"{name.upper()} scores per caption source" + (f" ({setting.replace('_', ' ')} {values})"
+                                                                     if values else ""))
         ax.legend()
         return figure
     return plot
-
-
-def threshold_label_text(figures: Figures, key: str) -> str:
-    values = figures["thresholds"].get(key) or []
-    return f" ({key.replace('_', ' ')} {', '.join(str(v) for v in values)})" if values else ""
 
 
 def caption_length_plot(figures: Figures) -> Figure | None:
@@ -129,7 +127,7 @@ def diversity_plot(figures: Figures) -> Figure | None:
     ax.set_yscale("symlog")
     ax.set_ylabel("distinct n-grams")
     ax.set_title("Text diversity per source")
-    ax.legend(ncols=2, fontsize="small")
+    figure.legend(loc="outside right upper", fontsize="small")
     return figure
 
 
@@ -171,10 +169,10 @@ def world_plot(figures: Figures) -> Figure | None:
         ax.bar([x + (index - 0.5) * 0.4 for x in range(len(types))], rates, 0.4, label=key.replace("_", " "),
                color=colour)
     ax.set_xticks(range(len(types)), types, rotation=20)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)
     ax.set_ylabel("removed share of web pairs")
     ax.set_title("Removal per true noise type (synthetic world)")
-    ax.legend()
+    ax.legend(loc="upper center", ncols=2)
     return figure
 
 

@@ -138,7 +138,9 @@ class Chromium:
             page.wait_for_event("Page.loadEventFired")
             visit = PageVisit(images=json.loads(page.evaluate(IMAGES_JS)), title=page.evaluate("document.title"))
             if screenshot is not None:
-                data = page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+                size = page.send("Page.getLayoutMetrics")["cssContentSize"]
+                clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+                data = page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)["data"]
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 screenshot.write_bytes(base64.b64decode(data))
             visit.console_errors = _errors(page.events)
@@ -153,7 +155,8 @@ def _errors(events: list[dict[str, Any]]) -> list[str]:
     for event in events:
         method, params = event.get("method"), event.get("params", {})
         if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            errors.append("console: " + " ".join(str(arg.get("value", arg.get("description"))) for arg in params["args"]))
+            values = (arg.get("value", arg.get("description")) for arg in params["args"])
+            errors.append("console: " + " ".join(str(value) for value in values))
         elif method == "Runtime.exceptionThrown":
             errors.append("exception: " + params["exceptionDetails"].get("text", ""))
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
