@@ -41,7 +41,9 @@ def write_thumbnail(store: ImageStore, image_ref: str, path: Path) -> dict[str, 
     """A THUMB_SIZE PNG of the image; {"src": relative path} or {"error": why it could not be read}."""
     try:
         with Image.open(io.BytesIO(store.read(image_ref))) as image:
-            thumb = ImageOps.contain(image.convert("RGB"), (THUMB_SIZE, THUMB_SIZE), Image.Resampling.NEAREST)
+            upscale = max(image.size) < THUMB_SIZE  # small images stay crisp, large ones are not aliased
+            resample = Image.Resampling.NEAREST if upscale else Image.Resampling.LANCZOS
+            thumb = ImageOps.contain(image.convert("RGB"), (THUMB_SIZE, THUMB_SIZE), resample)
     except (ImageRefError, UnidentifiedImageError, OSError) as error:
         return {"src": None, "error": str(error)}
     buffer = io.BytesIO()

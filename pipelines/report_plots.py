@@ -10,11 +10,10 @@ from typing import Any, Callable
 import matplotlib
 from matplotlib.figure import Figure
 
-matplotlib.rcParams["svg.hashsalt"] = "capfilt-report"  # stable element ids in the SVG files
-
 SOURCE_COLOURS = {"web": "#d95f02", "synthetic": "#1b9e77", "human": "#7570b3"}
 THRESHOLD_COLOUR = "#444444"
 PLOT_FORMATS = ("svg", "png")
+STABLE_OUTPUT = {"svg.hashsalt": "capfilt-report"}  # the same element ids in every SVG file
 
 Figures = dict[str, Any]
 
@@ -192,12 +191,13 @@ def write_plots(figures: Figures, folder: Path) -> dict[str, str]:
     """Draw every plot that has data into `folder`; returns plot name -> SVG file name."""
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, plot in PLOTS.items():
-        figure = plot(figures)
-        if figure is None:
-            continue
-        for extension in PLOT_FORMATS:
-            metadata = {"Date": None} if extension == "svg" else {"Software": None}
-            figure.savefig(folder / f"{name}.{extension}", format=extension, metadata=metadata, dpi=100)
-        written[name] = f"{name}.svg"
+    with matplotlib.rc_context(STABLE_OUTPUT):
+        for name, plot in PLOTS.items():
+            figure = plot(figures)
+            if figure is None:
+                continue
+            for extension in PLOT_FORMATS:
+                metadata = {"Date": None} if extension == "svg" else {"Software": None}
+                figure.savefig(folder / f"{name}.{extension}", format=extension, metadata=metadata, dpi=100)
+            written[name] = f"{name}.svg"
     return written
