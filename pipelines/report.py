@@ -66,7 +66,8 @@ class ReportInputs:
 
 
 def read_report_inputs(generation: Generation, world_dir: Path | None = None) -> ReportInputs:
-    """Gather the inputs; the world defaults to the one this generation's evaluation.json names."""
+    """Gather the inputs. The world defaults to the one the nearest evaluated generation of the lineage was
+    evaluated on (its evaluation.json), when its ground truth is still there."""
     info = {**generation.read_info(), "manifest_digest": manifest_digest(generation)}
     ancestors = []
     number: int | None = generation.number
