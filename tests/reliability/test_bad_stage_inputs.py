@@ -1,0 +1,128 @@
+"""Bad manifests, annotation files and config values through the `capfilt` command: a clear error that
+names the file and what is wrong, exit code 2, and nothing written."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from pipelines.manifest import SCHEMA_VERSION_KEY, Generation, samples_table
+
+
+def _corrupt(table: pa.Table, path: Path, how: str) -> str:
+    """Write a broken copy of `table` to `path`; returns the message the error must carry."""
+    if how == "missing_column":
+        pq.write_table(table.drop_columns(["caption"]), path)
+        return "missing column 'caption'"
+    if how == "renamed_column":
+        renamed = table.rename_columns(["image_path" if n == "image_ref" else n for n in table.column_names])
+        pq.write_table(renamed.replace_schema_metadata(table.schema.metadata), path)
+        return "missing column 'image_ref'"
+    if how == "wrong_type":
+        index = table.schema.get_field_index("width")
+        pq.write_table(table.set_column(index, "width", pa.array(["64"] * table.num_rows)), path)
+        return "column 'width' has type string, expected int32"
+    if how == "foreign_schema_version":
+        pq.write_table(table.replace_schema_metadata({SCHEMA_VERSION_KEY: b"99"}), path)
+        return "schema version 99"
+    if how == "not_a_manifest":
+        pq.write_table(table.replace_schema_metadata(None), path)
+        return "not a capfilt manifest"
+    if how == "truncated_parquet":
+        pq.write_table(table, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return "unreadable Parquet file"
+    raise AssertionError(how)
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+@pytest.fixture
+def web_root(tmp_path: Path) -> Path:
+    """A valid generation 0 (two parts, 4 kept rows) under tmp_path/manifests."""
+    generation = Generation(tmp_path / "manifests", "web", 0)
+    for shard in ("00000", "00001"):
+        generation.write_part(shard, samples_table({
+            "image_id": [f"web-{shard}-{i}" for i in range(2)], "image_ref": ["images/a.jpg"] * 2,
+            "caption": ["a red circle", "a blue square"], "caption_source": ["web"] * 2,
+            "generation": [0] * 2, "width": [64] * 2, "height": [64] * 2,
+        }))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "clip.safetensors").touch()
+    return tmp_path / "manifests"
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["missing_column", "renamed_column", "wrong_type", "foreign_schema_version",
+                                 "not_a_manifest", "truncated_parquet"])
+def test_a_bad_manifest_part_stops_caption_and_pretrain_before_anything_is_written(how, web_root, tmp_path,
+                                                                                    capsys) -> None:
+    part = Generation(web_root, "web", 0).part_path("00001")
+    message = _corrupt(Generation(web_root, "web", 0).read_samples(), part, how)
+    before = _files(tmp_path)
+    commands = {
+        "caption": ["caption", "--root", web_root, "--generation", 1, "--checkpoint", tmp_path / "checkpoint"],
+        "pretrain": ["pretrain", "--root", web_root, "--generation", 0, "--preset", "tiny",
+                     "--run-dir", tmp_path / "run", "--max-steps", 1],
+    }
+    for name, argv in commands.items():
+        code, err = _run(argv, capsys)
+        assert code == 2, name
+        assert str(part) in err and message in err, (name, err)
+    assert _files(tmp_path) == before, "nothing was written"
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"images": [], "annotations": []}, "expected a JSON list of entries, got dict"),  # COCO's own format
+    ([{"file_name": "a.jpg", "caption": "a cat"}], "entry 0: field 'image' must be a non-empty string"),
+    ([{"image": "a.jpg", "caption": []}], "entry 0: field 'caption' must be a string or a non-empty list"),
+    ("not json", "not valid JSON"),
+])
+def test_an_annotation_file_that_is_not_coco_karpathy_is_refused(payload, message, tmp_path, capsys) -> None:
+    annotations = tmp_path / "human.json"
+    annotations.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    before = _files(tmp_path)
+    code, err = _run(["finetune", "captioner", "--annotations", annotations, "--image-root", tmp_path,
+                      "--preset", "tiny", "--run-dir", tmp_path / "run", "--max-steps", 1], capsys)
+    assert code == 2 and str(annotations) in err and message in err, err
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["caption", "--num-captions", -1], "num_captions"),
+    (["caption", "--top-p", 0], "top_p"),
+    (["caption", "--top-p", 1.5], "top_p"),
+    (["caption", "--batch-size", 0], "batch_size"),
+    (["rank", "--clip-checkpoint", "{clip}", "--top-k", 0], "top_k"),
+    (["filter", "--checkpoint", "{ckpt}", "--threshold", 1.5], "threshold"),
+    (["pretrain", "--preset", "gigantic", "--run-dir", "{run}", "--max-steps", 1], "preset must be one of"),
+    (["pretrain", "--preset", "tiny", "--run-dir", "{run}", "--max-steps", -3], "max_steps"),
+    (["pretrain", "--preset", "tiny", "--run-dir", "{run}", "--max-steps", 1, "--lr", -1], "lr"),
+    (["download", "--url-list", "{urls}", "--threads", 0], "threads"),
+    (["download", "--url-list", "{urls}", "--allow-network", "intranet"], "not a CIDR"),
+])
+def test_bad_config_values_fail_before_any_work(argv, message, web_root, tmp_path, capsys) -> None:
+    (tmp_path / "urls.csv").write_text("url,caption\nhttp://example.org/a.jpg,a cat\n")
+    names = {"{ckpt}": tmp_path / "checkpoint", "{run}": tmp_path / "run", "{clip}": tmp_path / "clip.safetensors",
+             "{urls}": tmp_path / "urls.csv"}
+    argv = [names.get(a, a) for a in argv]
+    if argv[0] in ("caption", "rank", "filter"):
+        argv += ["--root", web_root, "--generation", 1]
+        argv += ["--checkpoint", tmp_path / "checkpoint"] if argv[0] == "caption" else []
+    elif argv[0] == "pretrain":
+        argv += ["--root", web_root, "--generation", 0]
+    else:
+        argv += ["--root", web_root, "--dataset", "downloaded"]
+    before = _files(tmp_path)
+    code, err = _run(argv, capsys)
+    assert code == 2 and message in err, err
+    assert _files(tmp_path) == before
