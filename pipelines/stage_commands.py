@@ -98,7 +98,12 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=0, help="learning-rate warm-up")
+    parser.add_argument("--itc-warmup-steps", type=int, default=0, help="BLIP: train ITC alone for the first steps")
+    parser.add_argument("--easy-negative-steps", type=int, default=0,
+                        help="BLIP: ramp ITM negatives from uniform to ITC-hard over these steps")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP when > 1)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores (torch threads) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--ray-address")
 
@@ -124,6 +129,8 @@ def _train_config(args: argparse.Namespace):
 
     return TrainConfig(preset=args.preset, init_checkpoint=args.init_checkpoint, max_steps=args.max_steps,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_workers=args.workers,
+                       cpus_per_worker=args.cpus_per_worker, warmup_steps=args.warmup_steps,
+                       itc_warmup_steps=args.itc_warmup_steps, easy_negative_steps=args.easy_negative_steps,
                        use_gpu=args.gpu, ray_address=args.ray_address)
 
 

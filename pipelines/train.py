@@ -37,8 +37,8 @@ from vlp_core.tokenizer import load_tokenizer, train_tokenizer
 log = logging.getLogger(__name__)
 
 # Fields that may change when a run is restarted: how long it trains and where it runs.
-RESTARTABLE_FIELDS = ("epochs", "max_steps", "num_workers", "use_gpu", "loader_workers", "checkpoint_every",
-                      "log_every", "max_failures", "ray_address")
+RESTARTABLE_FIELDS = ("epochs", "max_steps", "num_workers", "cpus_per_worker", "use_gpu", "loader_workers",
+                      "checkpoint_every", "log_every", "max_failures", "ray_address")
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,13 @@ class TrainConfig:
     batch_size: int = 32                 # per worker
     lr: float = 1e-4                     # peak; linear warm-up, then cosine decay to 0
     weight_decay: float = 0.05
-    warmup_steps: int = 0
+    warmup_steps: int = 0                # learning-rate warm-up
+    itc_warmup_steps: int = 0            # BLIP tasks: ITC alone first (see train_tasks.Schedule)
+    easy_negative_steps: int = 0         # BLIP tasks: ITM negatives ramp from uniform to hard
     seed: int = 0
     # where and how it runs
     num_workers: int = 1                 # Ray Train workers (DDP when > 1)
+    cpus_per_worker: int = 1             # CPU cores (and torch threads) each worker takes
     use_gpu: bool = False                # one GPU per worker; bf16 autocast on CUDA
     loader_workers: int = 0              # DataLoader processes per worker
     checkpoint_every: int = 500          # steps
@@ -69,9 +72,10 @@ class TrainConfig:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_workers", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "num_workers", "cpus_per_worker", "checkpoint_every", "log_every"):
             _require(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer ≥ 1")
-        for name in ("warmup_steps", "seed", "loader_workers", "max_failures"):
+        for name in ("warmup_steps", "itc_warmup_steps", "easy_negative_steps", "seed", "loader_workers",
+                     "max_failures"):
             _require(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer ≥ 0")
         if (self.epochs is None) == (self.max_steps is None):
             raise ValueError(f"TrainConfig: give either epochs or max_steps, not both or neither "
@@ -172,7 +176,8 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
     init_ray(config.ray_address)
     trainer = TorchTrainer(
         functools.partial(train_worker, spec),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=task, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
     )

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from pipelines.atomic import atomic_write_bytes, atomic_write_json
 from pipelines.train_data import Pair, PairDataset, derive_seed, epoch_order
-from pipelines.train_tasks import build_task
+from pipelines.train_tasks import Schedule, build_task
 from vlp_core.pretrain import configure_optimizer
 
 if TYPE_CHECKING:
@@ -59,10 +59,12 @@ def train_worker(spec: TrainSpec) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    torch.set_num_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     task = build_task(spec.task, preset=config.preset, init_checkpoint=config.init_checkpoint,
                       tokenizer_dir=spec.tokenizer_dir, clip_model=config.clip_model,
-                      steps_per_epoch=spec.steps_per_epoch, seed=derive_seed(config.seed, "itm", rank),
+                      schedule=Schedule(spec.steps_per_epoch, config.itc_warmup_steps, config.easy_negative_steps),
+                      seed=derive_seed(config.seed, "itm", rank),
                       device=device)
     trainee = task.trainee
     optimizer = configure_optimizer(trainee, config.lr, config.weight_decay)

@@ -37,23 +37,48 @@ CLIP_WEIGHTS_FILE = "clip.safetensors"
 CLIP_CONFIG_FILE = "clip.json"
 
 
-class BlipTrainee(nn.Module):
-    """A `BlipPretrainer` plus what a step needs besides the batch: the distillation alpha ramp
-    (full after one epoch) and the generator that samples ITM negatives."""
+@dataclass(frozen=True)
+class Schedule:
+    """How a BLIP training's step depends on its number.
 
-    def __init__(self, pretrainer: BlipPretrainer, tokenizer: PreTrainedTokenizerBase, steps_per_epoch: int,
+    steps_per_epoch:     the distillation alpha ramps up over the first epoch (BLIP)
+    itc_warmup_steps:    the first steps train ITC alone; from scratch, the LM and ITM gradients on the
+                         shared text layers drown the contrastive signal while the features are still alike
+    easy_negative_steps: ITM negatives go from uniform to ITC-hard over these steps (after the warm-up)
+    """
+
+    steps_per_epoch: int
+    itc_warmup_steps: int = 0
+    easy_negative_steps: int = 0
+
+    def objectives(self, step: int, objectives: tuple[str, ...]) -> tuple[str, ...]:
+        return ("itc",) if step < self.itc_warmup_steps and "itc" in objectives else objectives
+
+    def hardness(self, step: int) -> float:
+        if self.easy_negative_steps == 0:
+            return 1.0
+        return min(1.0, max(0, step - self.itc_warmup_steps) / self.easy_negative_steps)
+
+
+class BlipTrainee(nn.Module):
+    """A `BlipPretrainer` plus what a step needs besides the batch: its `Schedule` and the generator
+    that samples ITM negatives."""
+
+    def __init__(self, pretrainer: BlipPretrainer, tokenizer: PreTrainedTokenizerBase, schedule: Schedule,
                  generator: torch.Generator) -> None:
         super().__init__()
         self.pretrainer = pretrainer
         self.tokenizer = tokenizer
-        self.steps_per_epoch = steps_per_epoch
+        self.schedule = schedule
         self.generator = generator
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """batch: pixel_values (B, 3, S, S), input_ids / attention_mask (B, L), image_index (B,)."""
-        alpha = alpha_ramp(step, self.steps_per_epoch, self.pretrainer.model.config.alpha)
+        schedule = self.schedule
+        alpha = alpha_ramp(step, schedule.steps_per_epoch, self.pretrainer.model.config.alpha)
         return self.pretrainer(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                               batch["image_index"], alpha, self.generator)
+                               batch["image_index"], alpha, self.generator, hardness=schedule.hardness(step),
+                               objectives=schedule.objectives(step, self.pretrainer.objectives))
 
     def export(self, directory: Path) -> str:
         """A capfilt checkpoint folder (`vlp_core.checkpoint.load_checkpoint` reads it); returns its digest."""
@@ -124,7 +149,7 @@ class Task:
 
 
 def build_task(task: str, *, preset: str | None, init_checkpoint: Path | None, tokenizer_dir: Path | None,
-               clip_model: str, steps_per_epoch: int, seed: int, device: torch.device) -> Task:
+               clip_model: str, schedule: Schedule, seed: int, device: torch.device) -> Task:
     """The trainee of `task` on `device`, from a preset (random weights, the call site seeds torch) or a checkpoint."""
     if task == "clip":
         ranker = load_clip(clip_model, device=device)
@@ -138,9 +163,9 @@ def build_task(task: str, *, preset: str | None, init_checkpoint: Path | None, t
     pretrainer = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, prompt), objectives)
     generator = torch.Generator(device=device).manual_seed(seed)
     return Task(
-        trainee=BlipTrainee(pretrainer, tokenizer, steps_per_epoch, generator).to(device),
+        trainee=BlipTrainee(pretrainer, tokenizer, schedule, generator).to(device),
         transform=image_transform(model.config, train=True),
         collate=CaptionCollator(tokenizer, model.config.max_text_length),
         caption_prefix=prompt,
-        find_unused_parameters=objectives != PRETRAIN,
+        find_unused_parameters=objectives != PRETRAIN or schedule.itc_warmup_steps > 0,
     )

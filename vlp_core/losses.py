@@ -95,21 +95,28 @@ def sample_hard_negatives(
     sim_t2i: torch.Tensor,
     image_ids: torch.Tensor,
     generator: torch.Generator | None = None,
+    hardness: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative text per image and one hard negative image per text.
 
-    Candidates are sampled with probability softmax(sim) over the batch, renormalised after masking
-    out every positive (same ``image_id``), so captions of the same image are never negatives.
+    Candidates are sampled with probability softmax(hardness * sim) over the batch, renormalised after
+    masking out every positive (same ``image_id``), so captions of the same image are never negatives.
+    ``hardness`` 1 is BLIP's sampling; 0 draws uniformly among the negatives. From scratch, an ITM head
+    fed only hard negatives stays at the class prior (their pairs are too alike to tell apart before
+    cross-attention has learnt anything), so training ramps the hardness up from 0.
 
     Args:
         sim_i2t, sim_t2i: (B, B) similarities (logits); row b scores pair b against all columns.
         image_ids: (B,) image id of each pair.
         generator: makes the draw reproducible; sampling runs on the generator's device.
+        hardness: in [0, 1], scales the similarities before the softmax.
 
     Returns:
         ``(neg_text_index, neg_image_index)``, both (B,) long: the text index to pair with image b,
         and the image index to pair with text b.
     """
+    if not 0.0 <= hardness <= 1.0:
+        raise ValueError(f"hardness must be in [0, 1], got {hardness}")
     positives = image_ids[:, None] == image_ids[None, :]
     if positives.all(dim=1).any():
         raise ValueError(
@@ -119,7 +126,7 @@ def sample_hard_negatives(
 
     def draw(sim: torch.Tensor) -> torch.Tensor:
         # Masking in logit space keeps the distribution exact even when softmax would underflow.
-        weights = F.softmax(sim.detach().float().masked_fill(positives, float("-inf")), dim=1)
+        weights = F.softmax((hardness * sim.detach().float()).masked_fill(positives, float("-inf")), dim=1)
         if generator is not None:
             weights = weights.to(generator.device)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(sim.device)

@@ -43,15 +43,10 @@ class BlipPretrainer(nn.Module):
     def __init__(self, model: BlipModel, special: SpecialIds, prompt_length: int = 1,
                  objectives: tuple[str, ...] = PRETRAIN) -> None:
         super().__init__()
-        unknown = set(objectives) - set(PRETRAIN)
-        if unknown or not objectives:
-            raise ValueError(f"objectives must be a non-empty subset of {PRETRAIN}, got {objectives}")
-        if "itm" in objectives and "itc" not in objectives:
-            raise ValueError("the ITM objective mines its negatives from ITC similarities: add 'itc'")
+        self.objectives = self._checked_objectives(objectives, allowed=PRETRAIN)
         self.model = model
         self.special = special
         self.prompt_length = prompt_length
-        self.objectives = tuple(objectives)
         config = model.config
         if "itc" in objectives:
             self.momentum_model = copy.deepcopy(model).requires_grad_(False)
@@ -60,8 +55,8 @@ class BlipPretrainer(nn.Module):
             self.text_queue = FeatureQueue(config.embed_dim, config.queue_size)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_ids: torch.Tensor, alpha: float, generator: torch.Generator | None = None
-                ) -> dict[str, torch.Tensor]:
+                image_ids: torch.Tensor, alpha: float, generator: torch.Generator | None = None,
+                hardness: float = 1.0, objectives: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """One training step's losses.
 
         Args:
@@ -72,28 +67,41 @@ class BlipPretrainer(nn.Module):
                 negatives).
             alpha: momentum distillation weight (see ``momentum.alpha_ramp``).
             generator: makes the ITM negative sampling reproducible.
+            hardness: ITM negative sampling, from uniform (0) to BLIP's ITC-weighted (1).
+            objectives: this step's subset of the trainer's objectives (default: all of them), e.g.
+                ITC alone while the encoders warm up.
 
         Returns:
             ``loss`` (the sum to back-propagate) and each objective's terms (``itc_loss``,
             ``itm_loss``, ``itm_accuracy``, ``lm_loss``).
         """
+        objectives = self._checked_objectives(objectives or self.objectives, allowed=self.objectives)
         on_cuda = pixel_values.device.type == "cuda"
         with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=on_cuda):
             image_embeds = self.model.encode_image(pixel_values)  # (B, 1+P, Dv)
             out: dict[str, torch.Tensor] = {}
-            if "itc" in self.objectives:
+            if "itc" in objectives:
                 itc = self._contrastive(image_embeds, pixel_values, input_ids, attention_mask, image_ids, alpha)
                 out["itc_loss"] = itc["itc_loss"]
-            if "itm" in self.objectives:
+            if "itm" in objectives:
                 out |= self._matching(image_embeds, input_ids, attention_mask, image_ids,
-                                      itc["sim_i2t"], itc["sim_t2i"], generator)
-            if "lm" in self.objectives:
+                                      itc["sim_i2t"], itc["sim_t2i"], generator, hardness)
+            if "lm" in objectives:
                 decoder_ids = self._with_first_token(input_ids, self.special.dec)
                 logits = self.model.lm_logits(image_embeds, decoder_ids, attention_mask)
                 out |= lm_loss(logits, decoder_ids, attention_mask, self.prompt_length,
                                self.model.config.label_smoothing)
-        out["loss"] = sum(out[f"{objective}_loss"] for objective in self.objectives)
+        out["loss"] = sum(out[f"{objective}_loss"] for objective in objectives)
         return out
+
+    @staticmethod
+    def _checked_objectives(objectives: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(objectives) - set(allowed)
+        if unknown or not objectives:
+            raise ValueError(f"objectives must be a non-empty subset of {allowed}, got {objectives}")
+        if "itm" in objectives and "itc" not in objectives:
+            raise ValueError("the ITM objective mines its negatives from ITC similarities: add 'itc'")
+        return tuple(objectives)
 
     def _contrastive(self, image_embeds: torch.Tensor, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, image_ids: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
@@ -120,9 +128,9 @@ class BlipPretrainer(nn.Module):
 
     def _matching(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   image_ids: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
-                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None, hardness: float) -> dict[str, torch.Tensor]:
         """ITM on B positives, B (negative image, text) and B (image, negative text) pairs."""
-        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, generator)
+        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, generator, hardness)
         encoder_ids = self._with_first_token(input_ids, self.special.enc)
         logits = self.model.itm_logits(
             torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),

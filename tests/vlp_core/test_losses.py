@@ -104,16 +104,17 @@ def test_hard_negatives_never_pick_a_positive(ids, seed, scale):
     assert (image_ids[neg_image] != image_ids).all()
 
 
-def test_hard_negatives_follow_the_masked_softmax():
+@pytest.mark.parametrize("hardness", [1.0, 0.5, 0.0])  # 0: uniform over the negatives
+def test_hard_negatives_follow_the_masked_softmax(hardness):
     image_ids = torch.tensor([0, 0, 1, 2])  # pairs 0 and 1 are captions of the same image
     sim = torch.tensor([[5.0, 4.0, 1.0, 2.0], [0.0, 3.0, 0.5, 0.0], [1.0, 2.0, 3.0, 0.0], [0.3, 0.2, 0.1, 9.0]])
     mask = image_ids[:, None] == image_ids[None, :]
-    expected = F.softmax(sim.masked_fill(mask, float("-inf")), dim=1)
+    expected = F.softmax((hardness * sim).masked_fill(mask, float("-inf")), dim=1)
     generator = torch.Generator().manual_seed(0)
     draws = 2000
     counts = torch.zeros(4, 4)
     for _ in range(draws):
-        neg_text, _ = sample_hard_negatives(sim, sim.t(), image_ids, generator)
+        neg_text, _ = sample_hard_negatives(sim, sim.t(), image_ids, generator, hardness)
         counts[torch.arange(4), neg_text] += 1
     torch.testing.assert_close(counts / draws, expected, atol=0.04, rtol=0)  # ~3.6 standard errors
 
@@ -124,6 +125,11 @@ def test_hard_negatives_are_reproducible_under_a_generator():
     first = sample_hard_negatives(sim, sim.t(), ids, torch.Generator().manual_seed(42))
     second = sample_hard_negatives(sim, sim.t(), ids, torch.Generator().manual_seed(42))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_hard_negatives_refuse_a_hardness_outside_0_1():
+    with pytest.raises(ValueError, match="hardness"):
+        sample_hard_negatives(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([0, 1]), hardness=1.5)
 
 
 def test_hard_negatives_need_two_distinct_images():

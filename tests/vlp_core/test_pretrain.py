@@ -119,6 +119,16 @@ def test_captioner_and_filter_objectives(tokenizer):
         make_pretrainer(tokenizer, ("itc", "mlm"))
 
 
+def test_a_step_may_train_a_subset_of_the_objectives(tokenizer):
+    pretrainer = make_pretrainer(tokenizer)
+    out = pretrainer(*fixed_batch(tokenizer), alpha=0.0, objectives=("itc",))
+    assert set(out) == {"itc_loss", "loss"} and torch.equal(out["loss"], out["itc_loss"])
+    out["loss"].backward()
+    assert pretrainer.model.itm_head.weight.grad is None  # ITM and LM parts got no gradient
+    with pytest.raises(ValueError, match="subset"):
+        make_pretrainer(tokenizer, FILTER)(*fixed_batch(tokenizer), alpha=0.0, objectives=("lm",))
+
+
 def test_negative_sampling_is_reproducible(tokenizer):
     pretrainer = make_pretrainer(tokenizer, FILTER).eval()  # eval: no queue or EMA change between calls
     batch = fixed_batch(tokenizer)
