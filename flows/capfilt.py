@@ -1,8 +1,9 @@
 """The CapFilt bootstrapping loop as a Prefect flow. Each task is one stage call; the stages own resume.
 
-    download → pretrain(gen 0) → evaluate
+    download → pretrain(gen 0) → evaluate → report → artifact
     round r = 1..R:  fine-tune captioner ∥ fine-tune filter  (from the model pretrained on gen r-1)
-                     → caption → filter → CLIP-rank → assemble gen r → pretrain(gen r) → evaluate → artifact
+                     → caption → filter → CLIP-rank → assemble gen r → pretrain(gen r) → evaluate → report
+                     → artifact
 
 Re-running a crashed flow with the same inputs and settings skips finished work: every training run
 lives in a folder named by the digest of its settings and input manifest, and the per-sample stages
@@ -19,7 +20,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from pipelines import assemble, caption, download, evaluate, filter as filtering, rank, train
+from pipelines import assemble, caption, download, evaluate, filter as filtering, rank, report, train
 from pipelines.manifest import Generation, config_digest, manifest_digest
 from pipelines.train_tasks import CLIP_WEIGHTS_FILE
 from vlp_core.checkpoint import file_digest
@@ -95,6 +96,7 @@ filter_task = stage_task(filtering.run_filter, name="filter")
 rank_task = stage_task(rank.run_rank, name="rank")
 assemble_task = stage_task(assemble.run_assemble, name="assemble")
 evaluate_task = stage_task(evaluate.run_evaluate, name="evaluate")
+report_task = stage_task(report.write_report, name="report")
 
 
 @flow(name="capfilt")
@@ -151,6 +153,8 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     pretraining = _training(settings, settings.pretrain_steps, preset=settings.model_preset)
     model = pretrain_task(pretraining, web, _run_dir(out, "pretrain", pretraining, manifest_digest(web)))
     metrics = {0: evaluate_task(_evaluation(settings, inputs, model), web)}
+    reports = {0: report_task(web, world_dir=inputs.world_dir)}
+    publish_generation(web, metrics[0], reports[0])
 
     for round_number in range(1, settings.rounds + 1):
         logger.info("round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
@@ -178,10 +182,11 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
         )
         model = pretrain_task(pretraining, target, _run_dir(out, "pretrain", pretraining, manifest_digest(target)))
         metrics[round_number] = evaluate_task(_evaluation(settings, inputs, model), target)
-        publish_generation(target, metrics[round_number])
+        reports[round_number] = report_task(target, world_dir=inputs.world_dir)
+        publish_generation(target, metrics[round_number], reports[round_number])
 
-    logger.info("manifests: %s", root)
-    return {"manifests": str(root), "metrics": metrics}
+    logger.info("manifests: %s; reports: %s", root, ", ".join(str(path / "index.html") for path in reports.values()))
+    return {"manifests": str(root), "metrics": metrics, "reports": {n: str(path) for n, path in reports.items()}}
 
 
 def _training(settings: RunSettings, steps: int, *, preset: str | None = None,
@@ -213,12 +218,13 @@ def _flow_run_id() -> str | None:
 
 
 @task(cache_policy=NONE)
-def publish_generation(generation: Generation, metrics: dict[str, Any]) -> None:
-    """A Prefect artifact per generation: counts, metrics, and where the manifests and evaluation are."""
+def publish_generation(generation: Generation, metrics: dict[str, Any], report_dir: Path) -> None:
+    """A Prefect artifact per generation: counts, metrics, and where the manifests, evaluation and report are."""
     info = generation.read_info()
     counts = info["counts"]
     lines = [f"# {generation.dataset} generation {generation.number}", "",
-             f"Manifests: `{generation.path}`  ", f"Evaluation: `{generation.path / evaluate.EVALUATION_FILE}`", "",
+             f"Manifests: `{generation.path}`  ", f"Evaluation: `{generation.path / evaluate.EVALUATION_FILE}`  ",
+             f"Report: `{report_dir / 'index.html'}`", "",
              "| source | rows | kept |", "|---|---|---|"]
     lines += [f"| {source} | {rows} | {counts['kept_by_source'].get(source, 0)} |"
               for source, rows in counts["rows_by_source"].items()]
