@@ -5,11 +5,13 @@ root, so stages write their target generations next to a private copy.
 """
 
 import dataclasses
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -100,27 +102,31 @@ def no_inference(monkeypatch):
 
 @pytest.fixture
 def kill_midway():
-    """Run Python `code` in a subprocess and SIGKILL it once `stage` has finished at least one of
-    `shards` of `target` and not all of them; returns the shards that were done at the kill."""
+    """Run Python `code` in a subprocess and SIGKILL it (with any process it started) once at least one
+    of `shards` is finished and not all of them; returns the shards that were done at the kill. A shard
+    is finished when `stage` marked it in `target`, or when `finished(shard)` says so."""
 
-    def run(code: str, target: Generation, stage: str, shards: list[str]) -> list[str]:
+    def run(code: str, target: Generation, stage: str, shards: list[str],
+            finished: Callable[[str], bool] | None = None) -> list[str]:
+        is_finished = finished or (lambda shard: target.is_done(stage, shard))
+
         def done() -> list[str]:
-            return [shard for shard in shards if target.is_done(stage, shard)]
+            return [shard for shard in shards if is_finished(shard)]
 
-        process = subprocess.Popen([sys.executable, "-c", code])
+        process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
         try:
             while not done():
                 if process.poll() is not None:
                     raise AssertionError(f"the {stage} run exited ({process.returncode}) before finishing a shard")
                 time.sleep(0.01)  # polling interval only; nothing is asserted on timing
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         finally:
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        finished = done()
-        assert 0 < len(finished) < len(shards), f"killed with {finished} done; the test needs a run cut midway"
-        return finished
+        cut = done()
+        assert 0 < len(cut) < len(shards), f"killed with {cut} done; the test needs a run cut midway"
+        return cut
 
     return run

@@ -1,5 +1,6 @@
 """The download stage against the synthetic world's loopback server, with real img2dataset."""
 
+import dataclasses
 import hashlib
 import io
 from pathlib import Path
@@ -156,3 +157,24 @@ def test_a_world_download_resumes_on_the_same_port(tmp_path: Path, world: Path) 
     again = download_world(world, generation, config)
     assert again.equals(first)
     assert {p: p.stat().st_mtime_ns for p in written} == written, "a finished download rewrites nothing"
+
+
+@pytest.mark.slow
+def test_a_sigkilled_download_resumes_to_the_uninterrupted_manifest(tmp_path: Path, downloaded, kill_midway) -> None:
+    """Killed (with img2dataset's worker processes) after some shards; the re-run equals an uninterrupted run."""
+    url_list, _, uninterrupted = downloaded
+    killed = Generation(tmp_path, "world", 0)
+    code = (
+        "from pathlib import Path\n"
+        "from pipelines.download import DownloadConfig, download\n"
+        "from pipelines.manifest import Generation\n"
+        f"download(Path({str(url_list)!r}), Generation(Path({str(tmp_path)!r}), 'world', 0), "
+        f"DownloadConfig(**{dataclasses.asdict(CONFIG)!r}))\n"
+    )
+    stats = killed.path / "shards"
+    kill_midway(code, killed, "download", ["00000", "00001", "00002"],
+                finished=lambda shard: (stats / f"{shard}_stats.json").exists())
+
+    resumed = download(url_list, killed, CONFIG)
+    assert len(set(resumed["image_id"].to_pylist())) == resumed.num_rows == N_WEB
+    assert resumed.to_pylist() == uninterrupted.to_pylist()
