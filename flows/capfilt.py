@@ -53,10 +53,13 @@ class RunSettings:
     model_preset: str = "tiny"
     rounds: int = 1
     pretrain_steps: int = 300
+    itc_warmup_steps: int = 100            # pretraining from scratch: ITC alone first
+    easy_negative_steps: int = 100         # BLIP trainings: ITM negatives ramp from uniform to hard
     finetune_steps: int = 150
     clip_steps: int = 150
     batch_size: int = 32
     lr: float = 3e-4
+    train_cpus: int = 2                    # cores of a training that runs alone; side-by-side ones share them
     num_captions: int = 5
     itm_threshold: float = 0.5
     top_k: int = 2
@@ -74,7 +77,8 @@ class RunSettings:
 RUN_PRESETS = {
     "tiny": RunSettings(),  # the README demo
     "smoke": RunSettings(  # every stage, minimal work: for tests of the flow and its deployments
-        pretrain_steps=10, finetune_steps=5, clip_steps=5, batch_size=8, num_captions=2, inference_batch_size=8,
+        pretrain_steps=10, itc_warmup_steps=4, easy_negative_steps=4, finetune_steps=5, clip_steps=5, batch_size=8,
+        num_captions=2, inference_batch_size=8, train_cpus=1,
         world=WorldConfig(n_web=60, n_human=24, n_test=12, captions_per_image=2),
     ),
 }
@@ -137,20 +141,9 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     """The loop itself, readable top to bottom; returns where everything is and the metrics per generation."""
     logger = get_run_logger()
     root = out / "data_manifests"
-    web = Generation(root, DATASET, 0)
-    if inputs.world_dir is not None:
-        download_world_task(inputs.world_dir, web, download.DownloadConfig())
-    else:
-        download_task(inputs.url_list, web, download.DownloadConfig())
-    human = (inputs.human_annotations, inputs.human_image_root)
-
-    if settings.clip_checkpoint is None:
-        clip_config = _training(settings, settings.clip_steps)
-        clip_run = train_clip_task(clip_config, *human, _run_dir(out, "clip", clip_config, file_digest(human[0])))
-        clip_weights = clip_run.checkpoint_dir / CLIP_WEIGHTS_FILE
-    else:
-        clip_weights = settings.clip_checkpoint
-    pretraining = _training(settings, settings.pretrain_steps, preset=settings.model_preset)
+    web = download_web(inputs, Generation(root, DATASET, 0))
+    clip_weights = clip_ranker(settings, inputs, out)
+    pretraining = pretrain_config(settings)
     model = pretrain_task(pretraining, web, _run_dir(out, "pretrain", pretraining, manifest_digest(web)))
     metrics = {0: evaluate_task(_evaluation(settings, inputs, model), web)}
     reports = {0: report_task(web, world_dir=inputs.world_dir)}
@@ -158,28 +151,8 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
 
     for round_number in range(1, settings.rounds + 1):
         logger.info("round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
-        finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir)
-        captioner_run = finetune_captioner_task.submit(
-            finetuning, *human, _run_dir(out, "captioner", finetuning, model.digest))
-        filter_run = finetune_filter_task.submit(finetuning, *human, _run_dir(out, "filter", finetuning, model.digest))
-        captioner, filter_model = captioner_run.result(), filter_run.result()
-
-        target = Generation(root, DATASET, round_number)
-        pool = {"batch_size": settings.inference_batch_size, "concurrency": settings.concurrency,
-                "num_gpus": settings.num_gpus, "ray_address": settings.ray_address}
-        caption_task(caption.CaptionConfig(checkpoint=captioner.checkpoint_dir, num_captions=settings.num_captions,
-                                           seed=settings.seed, **pool), web, target)
-        filter_task(filtering.FilterConfig(checkpoint=filter_model.checkpoint_dir,
-                                           threshold=settings.itm_threshold, **pool), target)
-        rank_task(rank.RankConfig(clip_model=settings.clip_model, clip_checkpoint=clip_weights,
-                                  top_k=settings.top_k, **pool), target)
-        assemble_task(
-            assemble.AssembleConfig(*human), target, round_number - 1,
-            checkpoints={"pretrained": model.digest, "captioner": captioner.digest, "filter": filter_model.digest,
-                         "clip": file_digest(clip_weights)},
-            stages=["caption", "filter", "rank"], config_digest=config_digest(asdict(settings)),
-            flow_run_id=_flow_run_id(),
-        )
+        target = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, round_number),
+                               clip_weights)
         model = pretrain_task(pretraining, target, _run_dir(out, "pretrain", pretraining, manifest_digest(target)))
         metrics[round_number] = evaluate_task(_evaluation(settings, inputs, model), target)
         reports[round_number] = report_task(target, world_dir=inputs.world_dir)
@@ -189,13 +162,70 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     return {"manifests": str(root), "metrics": metrics, "reports": {n: str(path) for n, path in reports.items()}}
 
 
-def _training(settings: RunSettings, steps: int, *, preset: str | None = None,
-              init_checkpoint: Path | None = None) -> train.TrainConfig:
+def download_web(inputs: Inputs, web: Generation) -> Generation:
+    """Generation 0: the web pairs (the world's own server when no URL list is given)."""
+    if inputs.world_dir is not None:
+        download_world_task(inputs.world_dir, web, download.DownloadConfig())
+    else:
+        download_task(inputs.url_list, web, download.DownloadConfig())
+    return web
+
+
+def clip_ranker(settings: RunSettings, inputs: Inputs, out: Path) -> Path:
+    """The CLIP ranker's weights: the given checkpoint, or `clip_model` trained here on the human pairs."""
+    if settings.clip_checkpoint is not None:
+        return settings.clip_checkpoint
+    config = _training(settings, settings.clip_steps)
+    human = (inputs.human_annotations, inputs.human_image_root)
+    run = train_clip_task(config, *human, _run_dir(out, "clip", config, file_digest(inputs.human_annotations)))
+    return run.checkpoint_dir / CLIP_WEIGHTS_FILE
+
+
+def pretrain_config(settings: RunSettings, seed: int | None = None) -> train.TrainConfig:
+    """BLIP pretraining from the preset's random weights (ITC warm-up first)."""
+    return replace(_training(settings, settings.pretrain_steps, preset=settings.model_preset,
+                             itc_warmup_steps=settings.itc_warmup_steps),
+                   seed=settings.seed if seed is None else seed)
+
+
+def capfilt_round(settings: RunSettings, inputs: Inputs, out: Path, model: train.TrainResult, web: Generation,
+                  target: Generation, clip_weights: Path) -> Generation:
+    """One CapFilt round from `model`: fine-tune captioner ∥ filter on the human pairs, caption `web` into
+    `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
+    human = (inputs.human_annotations, inputs.human_image_root)
+    finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir,
+                           cpus=max(1, settings.train_cpus // 2))  # the two run side by side
+    captioner_run = finetune_captioner_task.submit(finetuning, *human,
+                                                   _run_dir(out, "captioner", finetuning, model.digest))
+    filter_run = finetune_filter_task.submit(finetuning, *human, _run_dir(out, "filter", finetuning, model.digest))
+    captioner, filter_model = captioner_run.result(), filter_run.result()
+
+    pool = {"batch_size": settings.inference_batch_size, "concurrency": settings.concurrency,
+            "num_gpus": settings.num_gpus, "ray_address": settings.ray_address}
+    caption_task(caption.CaptionConfig(checkpoint=captioner.checkpoint_dir, num_captions=settings.num_captions,
+                                       seed=settings.seed, **pool), web, target)
+    filter_task(filtering.FilterConfig(checkpoint=filter_model.checkpoint_dir, threshold=settings.itm_threshold,
+                                       **pool), target)
+    rank_task(rank.RankConfig(clip_model=settings.clip_model, clip_checkpoint=clip_weights, top_k=settings.top_k,
+                              **pool), target)
+    assemble_task(
+        assemble.AssembleConfig(*human), target, target.number - 1,  # the generation its models learnt from
+        checkpoints={"pretrained": model.digest, "captioner": captioner.digest, "filter": filter_model.digest,
+                     "clip": file_digest(clip_weights)},
+        stages=["caption", "filter", "rank"], config_digest=config_digest(asdict(settings)),
+        flow_run_id=_flow_run_id(),
+    )
+    return target
+
+
+def _training(settings: RunSettings, steps: int, *, preset: str | None = None, init_checkpoint: Path | None = None,
+              itc_warmup_steps: int = 0, cpus: int | None = None) -> train.TrainConfig:
     """Training settings: from a preset's random weights, from a checkpoint, or (neither) the CLIP ranker."""
     return train.TrainConfig(
         preset=preset, init_checkpoint=init_checkpoint, max_steps=steps, batch_size=settings.batch_size,
-        lr=settings.lr, seed=settings.seed, use_gpu=settings.num_gpus > 0, ray_address=settings.ray_address,
-        checkpoint_every=max(50, steps // 4),
+        lr=settings.lr, seed=settings.seed, itc_warmup_steps=itc_warmup_steps,
+        easy_negative_steps=settings.easy_negative_steps, cpus_per_worker=cpus or settings.train_cpus,
+        use_gpu=settings.num_gpus > 0, ray_address=settings.ray_address, checkpoint_every=max(50, steps // 4),
     )
 
 

@@ -95,10 +95,13 @@ def test_deployment_run_completes_and_writes_generations_and_artifact(served) ->
     assert sum(r["caption_source"] == "synthetic" for r in rows) == 2 * sum(
         r["caption_source"] == "web" and r["image_ref"] is not None for r in rows)
     assert (generation_1 / "evaluation.json").is_file()
+    report = json.loads((generation_1 / "report" / "report.json").read_text())
+    assert report["counts"]["rows"] == len(rows)
 
     artifact = _prefect(env, "artifact", "inspect", "web-gen-1")
     assert artifact.returncode == 0, artifact.stderr
     assert "gen-0001" in artifact.stdout and "synthetic" in artifact.stdout
+    assert str(generation_1 / "report" / "index.html") in artifact.stdout
 
     # A second run of the same deployment finds every stage's output complete: nothing is rewritten.
     before = _mtimes(out)
