@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.cli import add_bench_command
 from pipelines.cli import Commands, add_command, format_generations
 from pipelines.cli import main as pipelines_main
 
@@ -64,7 +65,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipelines_main(argv, add_flow_commands)
+    return pipelines_main(argv, add_flow_commands, add_bench_command)
 
 
 if __name__ == "__main__":

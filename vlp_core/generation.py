@@ -1,18 +1,25 @@
 """Batched captioning with BLIP's image-grounded decoder: nucleus sampling, greedy and beam search.
 
 Work per call, for N images and K captions (or beams) each:
-- each image is encoded once; the prompt runs once per image, which also computes the decoder's
-  cross-attention keys/values; the cache is then repeated K times (no image work is repeated);
-- each step feeds one new token per unfinished row and reads every other key/value from the cache;
-- rows that have finished are dropped from the batch together with their cache entries.
+- each image is encoded once, and the prompt runs once per image; that pass also computes the
+  decoder's cross-attention keys/values, which stay per image: the K rows of an image attend to them
+  together (one K x patches product), so they are neither repeated nor copied per row;
+- each step feeds one new token per unfinished row; self-attention keys/values go into a preallocated
+  cache, and logits are computed only for ids the tokenizer can decode;
+- rows that have finished are dropped from the batch together with their cache entries, and an
+  image whose rows have all finished is dropped from the cross-attention cache;
+- nucleus sampling ranks only the most likely tokens (a full sort only when they hold < top_p).
+The decoder reads the weights of transformers' BLIP modules and calls them as functions: the same
+arithmetic, without their per-call overhead (cache objects, masks, module hooks).
 
 Lengths count caption tokens after the prompt: every caption has at least `min_length` tokens before
 its [SEP], and at most `max_length` tokens, [SEP] included.
 
 Determinism: the same inputs, batch and generator seed give the same captions. With one seed per
-image (`seeds`) an image's captions do not depend on the batch it is in: on the CPU in float32 they
-are identical across batch sizes and orders (tested). Under CUDA bf16, batched kernels round
-differently per batch shape, so a rare draw that falls on a probability boundary can still flip.
+image (`seeds`) an image's captions do not depend on the batch it is in: each image draws all its
+uniforms from its own generator, and on the CPU in float32 its captions are identical across batch
+sizes and orders (tested). Under CUDA bf16, batched kernels round differently per batch shape, so a
+rare draw that falls on a probability boundary can still flip.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from vlp_core.blip import BlipModel
 from vlp_core.inference import inference_mode
@@ -31,20 +38,36 @@ from vlp_core.tokenizer import special_ids
 
 METHODS = ("nucleus", "greedy", "beam")
 NEG_INF = float("-inf")
+COMPACT_BELOW = 0.5  # the decoder compacts its self-attention cache when fewer of its slots are live
+NUCLEUS_CANDIDATES = 64  # tokens ranked first by nucleus sampling; a trained captioner's nucleus is far smaller
 
 # --------------------------------------------------------------------------- token rules
 
 
-def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """(B, V) logits -> (B, V) with -inf outside the nucleus: the smallest set of most likely
-    tokens whose probabilities sum to at least `top_p`. The most likely token always stays."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass of the more likely tokens already reaches top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, NEG_INF)
+def nucleus_sample(probs: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Nucleus sampling: (B, V) probabilities and (B,) draws in [0, 1) -> (B,) token ids.
+
+    The nucleus is the smallest set of most likely tokens whose probabilities sum to at least `top_p`
+    (the most likely token always belongs to it). A draw picks a token by inverse CDF over the nucleus in
+    decreasing order of probability. Only the `NUCLEUS_CANDIDATES` most likely tokens are ranked; the
+    rows whose candidates hold less than `top_p` are ranked over the whole vocabulary.
+    """
+    top, ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    tokens = _nucleus_pick(top, ids, top_p, uniform)
+    if top.shape[-1] < probs.shape[-1]:
+        short = (top.sum(dim=-1) < top_p).nonzero().squeeze(1)
+        if len(short):
+            tokens[short] = _nucleus_pick(*probs[short].sort(dim=-1, descending=True), top_p, uniform[short])
+    return tokens
+
+
+def _nucleus_pick(top: torch.Tensor, ids: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw over the nucleus of (B, C) probabilities sorted in decreasing order, with their ids."""
+    in_nucleus = top.cumsum(dim=-1) - top < top_p  # the more likely tokens hold less than top_p
+    cdf = (top * in_nucleus).cumsum(dim=-1)
+    targets = uniform.to(cdf).unsqueeze(1) * cdf[:, -1:]
+    picks = torch.searchsorted(cdf, targets, right=True).clamp(max=top.shape[-1] - 1)
+    return ids.gather(1, picks).squeeze(1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -55,14 +78,6 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, p
     seen = logits.gather(1, previous_ids)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(1, previous_ids, seen)
-
-
-def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: (B, V) probabilities and (B,) draws in [0, 1) -> (B,) token ids.
-    Works on any device with uniforms drawn elsewhere; zero-probability tokens are never picked."""
-    cdf = probs.cumsum(dim=-1)
-    targets = (uniform.to(cdf) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def select_beams(scores: torch.Tensor, tokens: torch.Tensor, sep_id: int, num_beams: int
@@ -83,7 +98,7 @@ def select_beams(scores: torch.Tensor, tokens: torch.Tensor, sep_id: int, num_be
 @dataclass(frozen=True)
 class DecodingRules:
     """What every method applies to next-token logits: ids the tokenizer cannot decode
-    (>= vocab_limit) are never produced, [SEP] waits for `min_length` tokens, repeats are penalised."""
+    (>= vocab_limit) are cut off, [SEP] waits for `min_length` tokens, repeats are penalised."""
 
     sep_id: int
     vocab_limit: int
@@ -92,12 +107,11 @@ class DecodingRules:
     repetition_penalty: float = 1.0
 
     def apply(self, logits: torch.Tensor, history: torch.Tensor, generated: int) -> torch.Tensor:
-        """(B, V) float logits, (B, T) prompt + tokens so far, of which `generated` are new -> (B, V)."""
-        logits = apply_repetition_penalty(logits, history, self.repetition_penalty)
-        logits = logits.clone()
-        logits[:, self.vocab_limit :] = NEG_INF
+        """(B, V) float logits, (B, T) prompt + tokens so far, of which `generated` are new
+        -> (B, vocab_limit) logits (a new tensor or a view: `logits` itself is never modified)."""
+        logits = apply_repetition_penalty(logits[:, : self.vocab_limit], history, self.repetition_penalty)
         if generated < self.min_length:
-            logits[:, self.sep_id] = NEG_INF
+            logits = logits.index_fill(1, torch.tensor([self.sep_id], device=logits.device), NEG_INF)
         return logits
 
 
@@ -118,48 +132,163 @@ class TokenDecoder(Protocol):
 
 
 class BlipDecoder:
-    """BLIP's text decoder with a key/value cache for self- and cross-attention."""
+    """BLIP's text decoder run one token at a time, on the weights of `model.text_decoder` (no copies).
 
-    def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor):
+    - self-attention keys/values live in one preallocated buffer (layers, 2, slots, heads, prompt +
+      max_new, head_dim), written in place at each step. A dropped row keeps its slot until fewer than
+      `COMPACT_BELOW` of the slots are live: only the self-attention still runs over dead slots, every
+      other operation over live rows only. So the buffer is not copied at every drop;
+    - cross-attention keys/values are computed once per image and never repeated per row: the
+      rows of an image attend to them together, one (copies x patches) product per image and head;
+    - logits are computed only for the ids below `vocab_limit` (the ones a tokenizer can decode).
+
+    Rows are image-major after `start`; `keep` may drop, reorder and repeat them, as long as no image
+    holds more than `copies` rows. The arithmetic is transformers' (the same weights and operations, in
+    the same order); attention goes through `scaled_dot_product_attention`.
+    """
+
+    def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
+                 max_new_tokens: int, vocab_limit: int | None = None):
         """image_embeds (N, 1+P, Dv); prompt_ids (Lp,) starting with [DEC]."""
-        self.model = model
+        decoder = model.text_decoder
+        self.embeddings = decoder.bert.embeddings
+        self.layers = list(decoder.bert.encoder.layer)
+        self.head = decoder.cls.predictions
+        self.num_heads = model.config.text.num_heads
+        self.vocab_limit = vocab_limit or model.config.text.vocab_size
         self.image_embeds = image_embeds
         self.prompt_ids = prompt_ids
-        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        self.row_embeds = image_embeds
+        self.max_length = len(prompt_ids) + max_new_tokens
+        self.length = 0                          # tokens in every row's self-attention cache
+        self.copies = 1
+        self.self_cache = torch.empty(0)         # (layers, 2, slots, heads, max_length, head_dim)
+        self.live: torch.Tensor | None = None    # (B,) the slot of each row; None: row i is in slot i
+        self.cross_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, keys and values (n, heads, 1+P, hd)
+        self.row_image = torch.empty(0)          # (B,) each row's image in the cross cache
+        self.slot_in_image = torch.empty(0)      # (B,) image * copies + rank of the row among its image's rows
 
     def start(self, copies: int) -> torch.Tensor:
-        prompts = self.prompt_ids.expand(len(self.image_embeds), -1)
-        logits = self._forward(prompts, self.image_embeds)  # cross-attention keys/values: once per image
-        self.cache.batch_repeat_interleave(copies)
-        self.row_embeds = self.image_embeds.repeat_interleave(copies, dim=0)
-        return logits.repeat_interleave(copies, dim=0)
+        num_images, device = len(self.image_embeds), self.image_embeds.device
+        hidden = self._embed(self.prompt_ids.expand(num_images, -1), 0)  # (N, Lp, D): the prompt once per image
+        self.cross_cache = []
+        for index, layer in enumerate(self.layers):
+            attention = layer.attention.self
+            keys, values = (self._split(_linear(hidden, part)) for part in (attention.key, attention.value))
+            if index == 0:
+                self.self_cache = keys.new_empty(len(self.layers), 2, num_images * copies, keys.shape[1],
+                                                 self.max_length, keys.shape[-1])
+            self.self_cache[index, :, :, :, : keys.shape[2]] = torch.stack([keys, values]).repeat_interleave(copies, 1)
+            context = F.scaled_dot_product_attention(self._split(_linear(hidden, attention.query)), keys, values,
+                                                     is_causal=True)
+            hidden = _add_norm(layer.attention.output, self._merge(context), hidden)
+            cross = layer.crossattention.self
+            self.cross_cache.append((self._split(_linear(self.image_embeds, cross.key)),
+                                     self._split(_linear(self.image_embeds, cross.value))))
+            context = F.scaled_dot_product_attention(self._split(_linear(hidden, cross.query)), *self.cross_cache[-1])
+            hidden = self._feed_forward(layer, _add_norm(layer.crossattention.output, self._merge(context), hidden))
+        self.length, self.copies, self.live = len(self.prompt_ids), copies, None
+        self.row_image = torch.arange(num_images, device=device).repeat_interleave(copies)
+        self.slot_in_image = torch.arange(num_images * copies, device=device)
+        return self._logits(hidden[:, -1]).repeat_interleave(copies, dim=0)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        # Cross-attention reads its keys/values from the cache; the embeddings only switch it on.
-        return self._forward(tokens.unsqueeze(1), self.row_embeds)
+        hidden = self._embed(tokens.unsqueeze(1), self.length)[:, 0]  # (B, D)
+        for index, layer in enumerate(self.layers):
+            hidden = _add_norm(layer.attention.output, self._self_attend(index, layer, hidden), hidden)
+            hidden = _add_norm(layer.crossattention.output, self._cross_attend(index, layer, hidden), hidden)
+            hidden = self._feed_forward(layer, hidden)
+        self.length += 1
+        return self._logits(hidden)
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows)
-        self.row_embeds = self.row_embeds[rows]
+        rows = rows.to(self.row_image.device)
+        live = rows if self.live is None else self.live[rows]
+        if len(live) < COMPACT_BELOW * self.self_cache.shape[2] or len(live.unique()) < len(live):
+            self.self_cache = self.self_cache[:, :, live]  # a repeated row needs its own copy of the cache
+            live = None
+        self.live = live
+        images, self.row_image = self.row_image[rows].unique(return_inverse=True)
+        if len(images) < len(self.cross_cache[0][0]):  # all rows of some images finished: drop those images
+            self.cross_cache = [(keys[images], values[images]) for keys, values in self.cross_cache]
+        ordered, order = self.row_image.sort(stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(rows), device=rows.device) - torch.searchsorted(ordered, ordered)
+        self.slot_in_image = self.row_image * self.copies + rank
 
-    def _forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        output = self.model.text_decoder(
-            input_ids=input_ids, encoder_hidden_states=image_embeds, past_key_values=self.cache, use_cache=True,
-            logits_to_keep=1,
-        )
-        return output.logits[:, -1, :].float()
+    def _self_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D): each row's new token against its cached tokens and itself (added to the cache)."""
+        attention, cache, position = layer.attention.self, self.self_cache[index], self.length
+        query, key, value = (self._split(_linear(hidden, part))
+                             for part in (attention.query, attention.key, attention.value))  # (B, heads, hd)
+        slots = slice(None) if self.live is None else self.live
+        cache[0, slots, :, position], cache[1, slots, :, position] = key, value
+        if self.live is not None:  # dead slots attend too (cheaper than gathering the live ones' cache)
+            query = query.new_zeros(cache.shape[1], *query.shape[1:]).index_copy_(0, self.live, query)
+        context = F.scaled_dot_product_attention(query.unsqueeze(2), cache[0, :, :, : position + 1],
+                                                 cache[1, :, :, : position + 1])
+        return context[slots].flatten(1)
+
+    def _cross_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D): each row's query against its image's keys/values, batched per image."""
+        keys, values = self.cross_cache[index]
+        queries = hidden.new_zeros(len(keys) * self.copies, hidden.shape[-1])
+        queries[self.slot_in_image] = _linear(hidden, layer.crossattention.self.query)
+        queries = queries.view(len(keys), self.copies, self.num_heads, -1).transpose(1, 2)
+        context = F.scaled_dot_product_attention(queries, keys, values)  # (n, heads, copies, head_dim)
+        return context.transpose(1, 2).reshape(len(keys) * self.copies, -1)[self.slot_in_image]
+
+    def _embed(self, input_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """(B, L) ids at positions offset.. -> (B, L, D), as BlipTextEmbeddings."""
+        embeddings = self.embeddings
+        positions = embeddings.position_embeddings.weight[offset : offset + input_ids.shape[1]]
+        return _norm(embeddings.LayerNorm, F.embedding(input_ids, embeddings.word_embeddings.weight) + positions)
+
+    def _feed_forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        intermediate = layer.intermediate
+        return _add_norm(layer.output, intermediate.intermediate_act_fn(_linear(hidden, intermediate.dense)), hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, vocab_limit) float logits, as BlipTextLMPredictionHead."""
+        transform = self.head.transform
+        hidden = _norm(transform.LayerNorm, transform.transform_act_fn(_linear(hidden, transform.dense)))
+        limit = self.vocab_limit
+        return F.linear(hidden, self.head.decoder.weight[:limit], self.head.decoder.bias[:limit]).float()
+
+    def _split(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, heads, L, head_dim), or (B, D) -> (B, heads, head_dim)."""
+        if states.ndim == 2:
+            return states.view(len(states), self.num_heads, -1)
+        return states.view(*states.shape[:2], self.num_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def _merge(context: torch.Tensor) -> torch.Tensor:
+        """(B, heads, L, head_dim) -> (B, L, D)."""
+        return context.transpose(1, 2).flatten(2)
+
+
+def _linear(states: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(states, layer.weight, layer.bias)
+
+
+def _norm(norm: torch.nn.LayerNorm, states: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(states, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _add_norm(output: torch.nn.Module, states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A BERT output block (dense, then LayerNorm of the sum with the residual)."""
+    return _norm(output.LayerNorm, _linear(states, output.dense) + residual)
 
 
 # --------------------------------------------------------------------------- decoding loops
 
-RowDraws = Callable[[], torch.Tensor]  # a fresh uniform draw in [0, 1) for every row: (N * copies,)
+RowDraws = Callable[[], torch.Tensor]  # the next step's uniform draws in [0, 1), one per row: (N * copies,)
 TokenChooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, V) logits, (B,) row ids -> (B,) tokens
 
 
-def row_draws(num_images: int, copies: int, generator: torch.Generator | None = None,
+def row_draws(num_images: int, copies: int, steps: int, generator: torch.Generator | None = None,
               seeds: Sequence[int] | None = None) -> RowDraws:
-    """Uniform draws for all N * copies rows at each step (finished rows draw too, so nothing shifts).
+    """Uniform draws for all N * copies rows and `steps` steps, drawn up front (finished rows keep
+    theirs, so nothing shifts); each call returns the next step's.
 
     With `seeds` (one per image) image i's rows draw from their own generator seeded with seeds[i]:
     its captions then do not depend on which other images share the batch. Otherwise every row draws
@@ -167,9 +296,11 @@ def row_draws(num_images: int, copies: int, generator: torch.Generator | None = 
     """
     if seeds is None:
         device = generator.device if generator is not None else torch.device("cpu")
-        return lambda: torch.rand(num_images * copies, generator=generator, device=device)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    return lambda: torch.cat([torch.rand(copies, generator=image_generator) for image_generator in generators])
+        table = torch.rand(steps, num_images * copies, generator=generator, device=device)
+    else:
+        table = torch.cat([torch.rand(steps, copies, generator=torch.Generator().manual_seed(seed))
+                           for seed in seeds], dim=1)
+    return iter(table).__next__
 
 
 def greedy_choice(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -180,8 +311,7 @@ def nucleus_choice(top_p: float, temperature: float, draws: RowDraws) -> TokenCh
     """Sample from the top-p nucleus of softmax(logits / temperature) with each row's own draw."""
 
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        probs = nucleus_filter(logits / temperature, top_p).softmax(dim=-1)
-        return sample_from(probs, draws()[rows])
+        return nucleus_sample((logits / temperature).softmax(dim=-1), top_p, draws()[rows])
 
     return choose
 
@@ -219,7 +349,6 @@ def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.T
     """
     width = num_beams
     logits = decoder.start(width)
-    vocab = logits.shape[-1]
     history = prompt_ids.expand(len(logits), -1)
     beam_scores = torch.full((num_images, width), NEG_INF, device=logits.device)
     beam_scores[:, 0] = 0.0  # the W copies are identical: expand only the first
@@ -227,7 +356,9 @@ def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.T
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(num_images)]
     for generated in range(rules.max_length):
         length = generated + 1
-        log_probs = rules.apply(logits, history, generated).log_softmax(dim=-1).view(len(images), width, vocab)
+        log_probs = rules.apply(logits, history, generated).log_softmax(dim=-1)
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.view(len(images), width, vocab)
         candidates = (beam_scores.unsqueeze(2) + log_probs).view(len(images), width * vocab)
         scores, flat = candidates.topk(min(2 * width, width * vocab), dim=1)
         parents, tokens = flat // vocab, flat % vocab
@@ -310,11 +441,12 @@ def generate(
                           repetition_penalty)
     with inference_mode(model) as device:
         prompt_tensor = torch.tensor(prompt_ids, device=device)
-        decoder = BlipDecoder(model, model.encode_image(pixel_values.to(device)), prompt_tensor)
+        decoder = BlipDecoder(model, model.encode_image(pixel_values.to(device)), prompt_tensor, max_length,
+                              rules.vocab_limit)
         if method == "beam":
             per_image = beam_search(decoder, rules, prompt_tensor, len(pixel_values), num_beams, num_captions)
         else:
-            draws = row_draws(len(pixel_values), num_captions, generator, seeds)
+            draws = row_draws(len(pixel_values), num_captions, max_length, generator, seeds)
             choose = greedy_choice if method == "greedy" else nucleus_choice(top_p, temperature, draws)
             rows = sample_tokens(decoder, rules, prompt_tensor, num_captions, choose)
             per_image = [rows[i : i + num_captions] for i in range(0, len(rows), num_captions)]

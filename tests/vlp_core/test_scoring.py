@@ -1,12 +1,8 @@
 """Tests for vlp_core.scoring: batched ITM/ITC scores equal the naive per-pair computation."""
 
-import dataclasses
-
 import pytest
 import torch
 
-from vlp_core.blip import BlipModel
-from vlp_core.config import load_preset
 from vlp_core.scoring import CaptionScores, score_captions
 from vlp_core.tokenizer import special_ids, tokenize, train_tokenizer
 
@@ -24,19 +20,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    tiny = load_preset("tiny")
-    config = dataclasses.replace(
-        tiny,
-        vision=dataclasses.replace(tiny.vision, image_size=32, num_layers=2),
-        text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=2),
-    )
-    model = BlipModel(config).eval()
-    with torch.no_grad():  # an untrained model barely looks at the image: strengthen its cross-attention
-        for layer in model.text_encoder.encoder.layer:
-            layer.crossattention.self.value.weight.mul_(30.0)
-    return model
+def model(tokenizer, small_blip):
+    return small_blip(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Benchmarks against the obvious alternatives, measured side by side: `capfilt bench NAME [--quick]`."""

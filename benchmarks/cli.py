@@ -1,0 +1,52 @@
+"""`capfilt bench NAME [--quick]`: run one benchmark, or all, print their reports, optionally save JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from benchmarks.harness import Report, save_reports
+from pipelines.cli import Commands, add_command
+
+# benchmark name -> module with `run(quick, repeats, **options) -> Report`
+BENCHMARKS = {
+    "caption": "benchmarks.caption",
+    "scoring": "benchmarks.scoring",
+    "training": "benchmarks.training",
+    "download": "benchmarks.download",
+    "end-to-end": "benchmarks.end_to_end",
+}
+
+
+def add_bench_command(commands: Commands) -> None:
+    """Add `bench` to the `capfilt` command (an extension of `pipelines.cli.main`)."""
+    help_text = ("Benchmark a part of the pipeline against its obvious alternative, measured side by side "
+                 "(alternating runs, min/median/max); `all` runs every benchmark.")
+    bench = add_command(commands, "bench", _bench, help_text)
+    bench.add_argument("name", choices=[*BENCHMARKS, "all"])
+    bench.add_argument("--quick", action="store_true", help="small sizes, one repetition: checks that it runs")
+    bench.add_argument("--repeats", type=int, help="timed repetitions of each side (default: 5, quick: 1)")
+    bench.add_argument("--checkpoint", type=Path,
+                       help="caption: a trained captioner checkpoint (default: the tiny preset, random weights)")
+    bench.add_argument("--preset", help="end-to-end: run preset (default: tiny, quick: smoke)")
+    bench.add_argument("--json", type=Path, help="also write the reports to this JSON file")
+
+
+def run_benchmark(name: str, args: argparse.Namespace) -> Report:
+    options = {"checkpoint": args.checkpoint} if name == "caption" else {}
+    if name == "end-to-end" and args.preset:
+        options["preset"] = args.preset
+    module = importlib.import_module(BENCHMARKS[name])
+    return module.run(quick=args.quick, repeats=args.repeats, **options)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    reports = []
+    for name in BENCHMARKS if args.name == "all" else [args.name]:
+        reports.append(run_benchmark(name, args))
+        print(reports[-1].text(), flush=True)
+        if args.json:
+            save_reports(reports, args.json)  # after each benchmark, so a long run keeps what it measured

@@ -1,0 +1,114 @@
+"""Scoring: the filter's ITM + ITC scores and the CLIP ranker's scores of K candidate captions per image.
+
+Ours computes each image's features once and reuses them over its candidates (`score_captions`,
+`ClipRanker.image_features` + `ClipRanker.scores`). The baseline is the naive per-pair forward that
+a dataset of (image, caption) pairs invites: every pair carries its own image through both vision
+encoders, in batches of the same size. Both return the same numbers.
+
+The marginal cost of one more caption is measured as (time with 2K candidates - time with K) / (N K),
+against the cost of encoding one image (both vision encoders); the goal is at most 1/5.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from benchmarks.harness import Report, compare, machine, time_once
+from benchmarks.workload import pixel_batch, random_blip, world_captions
+from vlp_core.blip import BlipModel
+from vlp_core.clip import ClipRanker, load_clip
+from vlp_core.inference import inference_mode
+from vlp_core.scoring import score_captions
+from vlp_core.tokenizer import special_ids, tokenize
+
+CANDIDATES = 11  # K: 10 synthetic captions and the web caption, as the filter and rank stages see them
+IMAGES, QUICK_IMAGES = 32, 4
+BATCH_SIZE = 64  # captions per forward, both sides
+CLIP_MODEL = "clip_tiny"
+
+
+class Scorer:
+    """BLIP filter (random tiny preset) and CLIP ranker (random clip_tiny) on the same images and captions."""
+
+    def __init__(self) -> None:
+        self.model, self.tokenizer = random_blip("tiny")
+        self.model.eval()
+        self.clip: ClipRanker = load_clip(CLIP_MODEL, device=next(self.model.parameters()).device)
+
+    def ours(self, pixels: torch.Tensor, clip_pixels: torch.Tensor, captions: list[list[str]]) -> list[float]:
+        """Image features once per image, reused over its candidates."""
+        blip = score_captions(self.model, self.tokenizer, pixels, captions, batch_size=BATCH_SIZE)
+        clip = self.clip.scores(self.clip.image_features(clip_pixels), captions)
+        return [value for scores in blip for value in scores.itm] + [value for s in clip for value in s.tolist()]
+
+    def naive(self, pixels: torch.Tensor, clip_pixels: torch.Tensor, captions: list[list[str]]) -> list[float]:
+        """Every (image, caption) pair through both full models, BATCH_SIZE pairs at a time."""
+        owners = [image for image, candidates in enumerate(captions) for _ in candidates]
+        texts = [text for candidates in captions for text in candidates]
+        itm_scores, clip_scores = [], []
+        for start in range(0, len(texts), BATCH_SIZE):
+            owner, batch = owners[start : start + BATCH_SIZE], texts[start : start + BATCH_SIZE]
+            itm_scores += self._pair_itm(pixels[owner], batch)
+            image_features = self.clip.image_features(clip_pixels[owner])
+            clip_scores += (self.clip.text_features(batch) * image_features).sum(dim=-1).tolist()
+        return itm_scores + clip_scores
+
+    def _pair_itm(self, pixels: torch.Tensor, texts: list[str]) -> list[float]:
+        model: BlipModel = self.model
+        with inference_mode(model) as device:
+            image_embeds = model.encode_image(pixels.to(device))
+            input_ids, attention_mask = tokenize(self.tokenizer, texts, model.config.max_text_length)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            text_features = model.text_features(model.encode_text(input_ids, attention_mask))
+            (text_features * model.image_features(image_embeds)).sum(dim=-1)  # ITC, as the filter computes it
+            input_ids[:, 0] = special_ids(self.tokenizer).enc
+            return model.itm_logits(image_embeds, input_ids, attention_mask).float().softmax(dim=-1)[:, 1].tolist()
+
+    def encode_images(self, pixels: torch.Tensor, clip_pixels: torch.Tensor) -> None:
+        """Both vision encoders once over the images (the cost the marginal caption is compared to)."""
+        with inference_mode(self.model) as device:
+            self.model.image_features(self.model.encode_image(pixels.to(device)))
+        self.clip.image_features(clip_pixels)
+
+
+def candidate_captions(images: int, per_image: int) -> list[list[str]]:
+    captions = world_captions(images * per_image, seed=7)
+    return [captions[i * per_image : (i + 1) * per_image] for i in range(images)]
+
+
+def run(quick: bool = False, repeats: int | None = None) -> Report:
+    repeats = repeats or (1 if quick else 5)
+    images = QUICK_IMAGES if quick else IMAGES
+    scorer = Scorer()
+    pixels = pixel_batch(scorer.model, images)
+    clip_size = scorer.clip.model.visual.image_size
+    clip_pixels = torch.nn.functional.interpolate(pixels, size=tuple(clip_size), mode="bilinear")
+    captions = candidate_captions(images, CANDIDATES)
+    report = Report("scoring", quick, machine(), notes=[
+        f"filter: BLIP preset tiny (random weights), ITM + ITC; ranker: open_clip {CLIP_MODEL} (random weights); "
+        f"{images} images x {CANDIDATES} candidates, {BATCH_SIZE} captions per forward",
+        "baseline: naive per-pair forward (each pair encodes its image in both models); ours: image features once "
+        "per image (vlp_core.scoring.score_captions, ClipRanker.image_features + scores)",
+    ])
+    ours_scores = scorer.ours(pixels, clip_pixels, captions)
+    naive_scores = scorer.naive(pixels, clip_pixels, captions)
+    report.figures["max |ours - naive| score difference"] = max(abs(a - b) for a, b in zip(ours_scores, naive_scores))
+    report.comparisons.append(compare(
+        f"{images} images x {CANDIDATES} captions", "captions/s", images * CANDIDATES,
+        lambda: scorer.naive(pixels, clip_pixels, captions), lambda: scorer.ours(pixels, clip_pixels, captions),
+        repeats))
+
+    doubled = candidate_captions(images, 2 * CANDIDATES)
+    single, double, encode = [], [], []
+    for _ in range(repeats):  # interleaved, so that load changes hit all three alike
+        single.append(time_once(lambda: scorer.ours(pixels, clip_pixels, captions))[0])
+        double.append(time_once(lambda: scorer.ours(pixels, clip_pixels, doubled))[0])
+        encode.append(time_once(lambda: scorer.encode_images(pixels, clip_pixels))[0])
+    caption_cost = (statistics.median(double) - statistics.median(single)) / (images * CANDIDATES)
+    image_cost = statistics.median(encode) / images
+    report.figures["marginal cost of one caption (ms)"] = 1000 * caption_cost
+    report.figures["cost of one image encode, BLIP + CLIP vision (ms)"] = 1000 * image_cost
+    report.figures["marginal caption / image encode (goal <= 0.2)"] = caption_cost / image_cost
+    return report

@@ -1,0 +1,71 @@
+"""Training step: samples/s and peak memory of BLIP's full pretraining step at the tiny and base presets.
+
+The step is `BlipPretrainer` with ITC (momentum encoders, feature queues, distillation) + ITM (hard
+negatives) + LM, then backward and AdamW, on a fixed batch of world pairs. As a reference, the same
+model's LM-only step (the captioner fine-tune) is measured alongside. Peak memory is CUDA's
+max_memory_allocated on a GPU; on the CPU it is the process's resident-set high-water mark (VmHWM),
+reset before each preset where Linux allows it.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import Report, machine, measure
+from benchmarks.workload import random_blip, train_step, training_batch, world_pairs
+from vlp_core.pretrain import CAPTIONER, PRETRAIN, BlipPretrainer, configure_optimizer, prompt_length
+from vlp_core.tokenizer import special_ids
+
+BATCH_SIZES = {"tiny": 32, "base": 4}
+QUICK_BATCH_SIZES = {"tiny": 8}
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif CLEAR_REFS.exists():
+        try:
+            CLEAR_REFS.write_text("5")  # resets the VmHWM high-water mark (Linux >= 4.0)
+        except OSError:
+            pass  # not allowed here: the peak then covers the whole process so far
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if STATUS.exists():
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def run(quick: bool = False, repeats: int | None = None) -> Report:
+    repeats = repeats or (1 if quick else 3)
+    report = Report("training", quick, machine(), notes=[
+        "full step: BlipPretrainer ITC (momentum model, queues, distillation) + ITM (hard negatives) + LM, "
+        "backward, AdamW; reference: the same model's LM-only step; random weights, world pairs, fixed batch",
+        "peak memory: CUDA max_memory_allocated, or on the CPU the process RSS high-water mark (VmHWM)",
+    ])
+    for preset, batch_size in (QUICK_BATCH_SIZES if quick else BATCH_SIZES).items():
+        model, tokenizer = random_blip(preset)
+        device = next(model.parameters()).device
+        images, captions = world_pairs(batch_size, model.config.vision.image_size)
+        for name, objectives in (("full pretraining step", PRETRAIN), ("LM-only step", CAPTIONER)):
+            prompt = model.config.prompt if objectives == CAPTIONER else ""
+            reset_peak_memory(device)
+            pretrainer = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, prompt),
+                                        objectives).train()
+            optimizer = configure_optimizer(pretrainer, lr=1e-4, weight_decay=0.05)
+            batch = training_batch(model, tokenizer, images, captions, prompt)
+            measurement = measure(f"{preset} {name}, batch {batch_size}", "samples/s", batch_size,
+                                  lambda: train_step(pretrainer, optimizer, batch), repeats)
+            measurement.extra["peak memory GiB"] = round(peak_memory_gib(device), 3)
+            measurement.extra["parameters incl. momentum copy (M)"] = round(sum(p.numel() for p in pretrainer.parameters()) / 1e6, 1)
+            report.measurements.append(measurement)
+    return report

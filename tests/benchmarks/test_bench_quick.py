@@ -1,0 +1,50 @@
+"""Every benchmark runs in its quick mode through `capfilt bench NAME --quick` and reports well-formed
+numbers. Speeds are never asserted: only that each side was measured and each ratio was printed."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import BENCHMARKS
+from flows.cli import main
+
+SLOW = {"download", "end-to-end"}  # img2dataset's start-up; whole flow runs
+
+
+def _positive(values: list[float]) -> bool:
+    return len(values) > 0 and all(value > 0 for value in values)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+                                  for name in BENCHMARKS])
+def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", name, "--quick", "--json", str(tmp_path / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    (report,) = json.loads((tmp_path / "report.json").read_text())
+    assert report["benchmark"] == name and report["quick"] is True
+    assert f"== bench {name} (quick)" in printed and "load average" in printed
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and len(machine["load_average"]) == 3 and machine["cpu"]
+    assert report["comparisons"] or report["measurements"]
+    for comparison in report["comparisons"]:
+        assert _positive(comparison["baseline_s"]) and _positive(comparison["ours_s"])
+        ratio = comparison["ratio"]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert f"{comparison['label']}: ratio ours/baseline speed median {ratio['median']:.2f}x" in printed
+    for measurement in report["measurements"]:
+        assert _positive(measurement["seconds"]) and measurement["rate"] > 0
+        assert measurement["label"] in printed
+    if name == "caption":  # the output-distribution check is printed side by side
+        figures = report["figures"]
+        for side in ("ours", "transformers"):
+            assert figures[f"sampled {side}: captions"] == 4 * 10  # quick: the largest batch is 4 images, K = 10
+            assert 0 < figures[f"sampled {side}: mean_length"] <= 30
+        assert 0 <= figures["token distribution TV distance ours vs transformers"] <= 1
+        same, total = map(int, figures["greedy captions identical to transformers"].split("/"))
+        assert total == 16 and 0 <= same <= total
+
+
+def test_bad_repeats_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "scoring", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
