@@ -1,5 +1,5 @@
 """What runs inside img2dataset's download processes: the URL policy on every connection, bounded
-fetches, and a guard in front of the image decoder.
+fetches, and the image decoder.
 
 img2dataset fetches with `urllib.request.urlopen` in worker processes it spawns, and urllib follows
 redirects there, out of reach of the check `download` makes before it starts. So while
