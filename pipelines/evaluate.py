@@ -16,7 +16,7 @@ Ray: the model work runs in Ray tasks (each loads the checkpoint once, with `num
 so a driver without a GPU can evaluate on a cluster's GPU nodes. One task encodes every image and text
 (the similarity matrix must be whole to rank) and captions the images; the ITM re-rank, which costs
 about 20x more (k_test pairs per image and per text), is split by image over `concurrency` tasks.
-Results are written atomically to `<generation>/evaluation.json` and returned.
+Results are written atomically to `<generation>/evaluation.json` (or a given file) and returned.
 """
 
 from __future__ import annotations
@@ -113,10 +113,11 @@ class EncodedTestSet:
     captions: dict[str, str]
 
 
-def run_evaluate(config: EvaluateConfig, generation: Generation) -> dict[str, Any]:
+def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | None = None) -> dict[str, Any]:
     """Evaluate `config.checkpoint` (trained on `generation`) and, on a world, `generation`'s data.
 
-    Writes `<generation>/evaluation.json` and returns the same dict.
+    Writes `output` (default `<generation>/evaluation.json`; several models trained on one generation, e.g.
+    with other seeds, each need their own) and returns the same dict.
     """
     world = load_world(config.world_dir)[1] if config.world_dir is not None else None
     samples = generation.read_samples()  # a bad generation or test set fails before any model work
@@ -146,7 +147,7 @@ def run_evaluate(config: EvaluateConfig, generation: Generation) -> dict[str, An
     }
     if world is not None:
         results["world"] = world_metrics(samples, world, encoded.captions)
-    atomic_write_json(generation.path / EVALUATION_FILE, results)
+    atomic_write_json(output or generation.path / EVALUATION_FILE, results)
     log.info("evaluate: %s on %s gen %d: %s, %s", encoded.digest, generation.dataset, generation.number,
              results["retrieval"], results["captioning"])
     return results

@@ -94,6 +94,19 @@ def clip_ranks(rows: list[Row], clip_score: dict[str, float]) -> dict[str, int]:
     }
 
 
+def keep_top_k(rows: list[Row], clip_score: dict[str, float], top_k: int) -> list[Row]:
+    """The rows with their `clip_score` and `clip_rank` set where scored; scored rows ranked `top_k` or
+    worse among their image's are rejected as `rank/clip_rank`. Unscored rows are returned unchanged."""
+    rank_of = clip_ranks(rows, clip_score)
+    ranked = []
+    for row in rows:
+        if row["sample_id"] in rank_of:
+            row = {**row, "clip_score": clip_score[row["sample_id"]], "clip_rank": rank_of[row["sample_id"]]}
+            row = rejected(row, STAGE, "clip_rank") if row["clip_rank"] >= top_k else row
+        ranked.append(row)
+    return ranked
+
+
 @dataclass(frozen=True)
 class _Ranking:
     config: RankConfig
@@ -111,23 +124,17 @@ class _Ranking:
         return RankActor, {"config": self.config, "dataset_dir": self.target.path.parent}
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
-        rows = self.rows(shard)
         clip_score = scores_by_sample(results, "clip")
-        rank_of = clip_ranks(rows, clip_score)
         failed = {result["image_id"]: result for result in results if result["error_reason"]}
         ranked = []
-        for row in rows:
-            if row["sample_id"] in rank_of:
-                row = {**row, "clip_score": clip_score[row["sample_id"]], "clip_rank": rank_of[row["sample_id"]]}
-                ranked.append(rejected(row, STAGE, "clip_rank") if row["clip_rank"] >= self.config.top_k else row)
-            elif row["kept"] and row["image_id"] in failed:
+        for row in keep_top_k(self.rows(shard), clip_score, self.config.top_k):
+            if row["kept"] and row["sample_id"] not in clip_score and row["image_id"] in failed:
                 failure = failed[row["image_id"]]
-                ranked.append(rejected(row, STAGE, failure["error_reason"], failure["error_detail"]))
-            else:
-                ranked.append(row)
+                row = rejected(row, STAGE, failure["error_reason"], failure["error_detail"])
+            ranked.append(row)
         stats = {
             "rows": len(ranked),
-            "scored": len(rank_of),
+            "scored": len(clip_score),
             "kept": sum(row["kept"] for row in ranked),
             "rejected": dict(Counter(row["reject_reason"] for row in ranked if row["reject_stage"] == STAGE)),
             "top_k": self.config.top_k,

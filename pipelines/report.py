@@ -2,8 +2,8 @@
 
 `report_figures(inputs)` is a pure function of what `read_report_inputs` gathers: the generation's rows,
 its generation.json, the settings its stages recorded in their shard markers (ITM threshold, CLIP
-top-k), every ancestor's generation.json and evaluation.json and, on a synthetic world, the web pairs'
-true noise labels. `write_report` writes, into `<generation>/report/` by default:
+top-k), every ancestor's generation.json and evaluation.json, on a synthetic world the web pairs' true
+noise labels and, when an ablation ran on the generation's candidates, its ablation.json (pipelines.ablate). `write_report` writes, into `<generation>/report/` by default:
 
     index.html     the page (opens from disk: plots and thumbnails are relative files, no script)
     report.json    the same figures, machine-readable; identical inputs give an identical file
@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.ablation_table import MEASURES, read_ablation, table_rows
 from pipelines.atomic import atomic_write_json
 from pipelines.manifest import CAPTION_SOURCES, Generation, ManifestError, generation_counts, manifest_digest
 from pipelines.metrics import decision_metrics, simple_tokenize
@@ -37,7 +38,7 @@ from pipelines.world import WorldPaths, web_key
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
 EVALUATION_FILE = "evaluation.json"  # written by pipelines.evaluate (not imported: it pulls in torch and Ray)
-STAGE_ORDER = ("download", "caption", "filter", "rank", "assemble")
+STAGE_ORDER = ("download", "caption", "filter", "rank", "ablate", "assemble")
 UNSCREENED_STAGES = ("download", "caption")  # rows rejected there never met the filter
 SCORE_COLUMNS = {"itm": "itm_score", "clip": "clip_score"}
 SCORE_BINS = 20
@@ -60,6 +61,7 @@ class ReportInputs:
     ancestors: list[dict[str, Any]]         # {"info", "evaluation"} per generation, the root first, this one last
     noise_by_key: dict[str, str] | None     # world web pair key -> noise type, on a synthetic world
     world_dir: str | None
+    ablation: dict[str, Any] | None = None  # ablation.json of an ablation run on these candidates
 
 
 # --------------------------------------------------------------------------- reading
@@ -76,6 +78,8 @@ def read_report_inputs(generation: Generation, world_dir: Path | None = None) ->
         ancestor_info = info if number == generation.number else ancestor.read_info()
         ancestors.append({"info": ancestor_info, "evaluation": _read_json(ancestor.path / EVALUATION_FILE)})
         number = ancestor_info.get("parent_generation")
+        if number is not None and not Generation(generation.root, generation.dataset, number).path.exists():
+            break  # a derived dataset (an ablation arm) whose parent generation is in another dataset
         if any(a["info"]["generation"] == number for a in ancestors):
             raise ManifestError(f"{ancestor.info_path}: parent_generation {number} makes a cycle")
     if world_dir is None:
@@ -88,6 +92,7 @@ def read_report_inputs(generation: Generation, world_dir: Path | None = None) ->
         ancestors=ancestors[::-1],
         noise_by_key=_noise_labels(Path(world_dir)) if world_dir is not None else None,
         world_dir=str(world_dir) if world_dir is not None else None,
+        ablation=read_ablation(generation.path),
     )
 
 
@@ -140,6 +145,7 @@ def report_figures(inputs: ReportInputs) -> Figures:
         "examples": examples(rows),
         "history": history(inputs.ancestors, counts),
         "world": None,
+        "ablation": ablation(inputs.ablation) if inputs.ablation is not None else None,
     }
     if inputs.noise_by_key is not None:
         figures["world"] = {"world_dir": inputs.world_dir, **world_truth(rows, inputs.noise_by_key)}
@@ -292,6 +298,22 @@ def history(ancestors: list[dict[str, Any]], counts: dict[str, Any]) -> list[dic
             "filter_recall": (world.get("filter") or {}).get("recall"),
         })
     return table
+
+
+def ablation(summary: dict[str, Any]) -> dict[str, Any]:
+    """The ablation run on this generation's candidates (pipelines.ablation_table): one row per arm with
+    the spread of every measure over the seeds, the filter's precision/recall per arm, and the settings."""
+    settings = summary["settings"]
+    return {
+        "seeds": summary["seeds"],
+        "measures": MEASURES,
+        "rows": table_rows(summary),
+        "filter": [{"name": arm["arm"]["name"], "precision": (arm["data"]["filter"] or {}).get("precision"),
+                    "recall": (arm["data"]["filter"] or {}).get("recall")} for arm in summary["arms"]],
+        "settings": {key: settings.get(key) for key in ("pretrain_steps", "batch_size", "model_preset",
+                                                         "itm_threshold", "top_k", "num_captions")},
+        "noise_rates": (summary["world"] or {}).get("noise_rates"),
+    }
 
 
 def world_truth(rows: list[dict], noise_by_key: dict[str, str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipelines.ablation_table import format_spread
 from pipelines.atomic import atomic_write_bytes, atomic_write_text
 from pipelines.images import ImageRefError, ImageStore
 from pipelines.manifest import Generation
@@ -32,6 +33,7 @@ def render_page(figures: dict[str, Any], generation: Generation, folder: Path) -
     environment = Environment(loader=PackageLoader("pipelines", "templates"), autoescape=select_autoescape(),
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["num"] = format_number
+    environment.filters["spread"] = format_spread
     html = environment.get_template("report.html.j2").render(
         f=figures, plots=plots, thumbs=thumbs, colours=SOURCE_COLOURS)
     return atomic_write_text(folder / "index.html", html)
