@@ -99,17 +99,18 @@ def sample_hard_negatives(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative text per image and one hard negative image per text.
 
-    Candidates are sampled with probability softmax(hardness * sim) over the batch, renormalised after
-    masking out every positive (same ``image_id``), so captions of the same image are never negatives.
-    ``hardness`` 1 is BLIP's sampling; 0 draws uniformly among the negatives. From scratch, an ITM head
-    fed only hard negatives stays at the class prior (their pairs are too alike to tell apart before
-    cross-attention has learnt anything), so training ramps the hardness up from 0.
+    BLIP draws each negative with probability softmax(sim) over the batch, renormalised after masking
+    out every positive (same ``image_id``), so captions of the same image are never negatives. Here the
+    draw follows ``hardness * softmax(sim) + (1 - hardness) * uniform`` over the negatives: ``hardness``
+    1 is BLIP's sampling, 0 draws uniformly. From scratch, an ITM head fed only hard negatives stays at
+    the class prior (their pairs are too alike to tell apart before cross-attention has learnt
+    anything), so training ramps the hardness up from 0.
 
     Args:
         sim_i2t, sim_t2i: (B, B) similarities (logits); row b scores pair b against all columns.
         image_ids: (B,) image id of each pair.
         generator: makes the draw reproducible; sampling runs on the generator's device.
-        hardness: in [0, 1], scales the similarities before the softmax.
+        hardness: in [0, 1], the share of the draw that follows the similarities.
 
     Returns:
         ``(neg_text_index, neg_image_index)``, both (B,) long: the text index to pair with image b,
@@ -126,7 +127,9 @@ def sample_hard_negatives(
 
     def draw(sim: torch.Tensor) -> torch.Tensor:
         # Masking in logit space keeps the distribution exact even when softmax would underflow.
-        weights = F.softmax((hardness * sim.detach().float()).masked_fill(positives, float("-inf")), dim=1)
+        hard = F.softmax(sim.detach().float().masked_fill(positives, float("-inf")), dim=1)
+        uniform = (~positives).float() / (~positives).sum(dim=1, keepdim=True)
+        weights = hardness * hard + (1 - hardness) * uniform
         if generator is not None:
             weights = weights.to(generator.device)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(sim.device)

@@ -109,7 +109,8 @@ def test_hard_negatives_follow_the_masked_softmax(hardness):
     image_ids = torch.tensor([0, 0, 1, 2])  # pairs 0 and 1 are captions of the same image
     sim = torch.tensor([[5.0, 4.0, 1.0, 2.0], [0.0, 3.0, 0.5, 0.0], [1.0, 2.0, 3.0, 0.0], [0.3, 0.2, 0.1, 9.0]])
     mask = image_ids[:, None] == image_ids[None, :]
-    expected = F.softmax((hardness * sim).masked_fill(mask, float("-inf")), dim=1)
+    uniform = (~mask).float() / (~mask).sum(dim=1, keepdim=True)
+    expected = hardness * F.softmax(sim.masked_fill(mask, float("-inf")), dim=1) + (1 - hardness) * uniform
     generator = torch.Generator().manual_seed(0)
     draws = 2000
     counts = torch.zeros(4, 4)
