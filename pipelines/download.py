@@ -70,8 +70,9 @@ def read_url_list(path: Path) -> pa.Table:
         raise ManifestError(f"{path}: URL list not found")
     try:
         if path.suffix in (".csv", ".tsv"):  # a quoted caption may hold line breaks
-            options = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",", newlines_in_values=True)
-            table = pacsv.read_csv(path, parse_options=options)
+            parsing = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",", newlines_in_values=True)
+            as_bytes = pacsv.ConvertOptions(column_types={"url": pa.binary(), "caption": pa.binary()})
+            table = pacsv.read_csv(path, parse_options=parsing, convert_options=as_bytes)  # no type guessing
         else:
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -87,8 +88,8 @@ def read_url_list(path: Path) -> pa.Table:
 
 
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
-    """A string column. Bytes that are not valid UTF-8 (Arrow reads such a CSV column as binary) are
-    decoded with U+FFFD in their place; caption cleaning drops those characters later."""
+    """A string column. Bytes (how a CSV column is read, so that "007" stays "007" and "NaN" stays
+    "NaN") are decoded as UTF-8, with U+FFFD for invalid bytes; caption cleaning drops those later."""
     if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
         return pc.cast(column, pa.string())
     return pa.array([None if raw is None else raw.decode("utf-8", errors="replace") for raw in column.to_pylist()],
