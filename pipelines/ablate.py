@@ -19,13 +19,16 @@ undecodable images) stay rejected: no arm could train on them.
 
 `derive_arm` writes an arm's rows as generation `candidates.number` of dataset `ablate-<arm>` (same
 manifest root), one part per candidate shard with an `ablate` marker, then `run_assemble` adds the human
-pairs. A re-run skips shards whose marker records the same rules and the same candidate part.
+pairs. Relative image_refs are re-based onto the arm's dataset folder (`../web/gen-0000/shards/…`), so
+the images are not copied and the manifest root still moves as a whole. A re-run skips shards whose
+marker records the same rules and the same candidate part.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,6 +107,18 @@ def arm_rows(rows: list[Row], arm: Arm, threshold: float, top_k: int) -> list[Ro
     return keep_top_k(decided, {row["sample_id"]: row["clip_score"] for row in survivors}, top_k)
 
 
+def rebased(rows: list[Row], source_dir: Path, target_dir: Path) -> list[Row]:
+    """The rows with each relative image_ref (relative to the dataset folder `source_dir`) made relative to
+    the dataset folder `target_dir`; absolute refs and missing ones are left as they are."""
+    def rebase(image_ref: str | None) -> str | None:
+        path, sep, key = (image_ref or "").partition("#")
+        if not path or Path(path).is_absolute():
+            return image_ref
+        return os.path.relpath(Path(source_dir) / path, target_dir) + sep + key
+
+    return [{**row, "image_ref": rebase(row["image_ref"])} for row in rows]
+
+
 def arm_generation(candidates: Generation, arm: Arm) -> Generation:
     """Where `arm`'s rows of `candidates` live: dataset `ablate-<arm>`, the candidates' number and root."""
     return Generation(candidates.root, DATASET_PREFIX + arm.name, candidates.number)
@@ -118,7 +133,8 @@ def derive_arm(candidates: Generation, arm: Arm, human: AssembleConfig, threshol
         key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
         if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
             continue
-        rows = arm_rows(read_part(source).to_pylist(), arm, threshold, top_k)
+        rows = rebased(arm_rows(read_part(source).to_pylist(), arm, threshold, top_k),
+                       candidates.path.parent, target.path.parent)
         target.marker_path(STAGE, shard).unlink(missing_ok=True)
         target.write_part(shard, rows_table(rows))
         target.mark_done(STAGE, shard, {

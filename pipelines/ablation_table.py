@@ -18,7 +18,7 @@ from pipelines.atomic import atomic_write_json, atomic_write_text
 ABLATION_JSON = "ablation.json"
 ABLATION_MD = "ablation.md"
 CANDIDATE_SOURCES = ("web", "synthetic")
-# measure -> column title; every one is "higher is better" except none (pairs and ratios are context)
+# measure -> column title, in table order: the arm's data, then its models on the held-out set
 MEASURES = {
     "training_pairs": "pairs", "kept_ratio": "kept ratio", "tr@1": "TR@1", "tr@5": "TR@5", "ir@1": "IR@1",
     "ir@5": "IR@5", "bleu_4": "BLEU-4", "cider": "CIDEr", "caption_accuracy": "caption acc.",

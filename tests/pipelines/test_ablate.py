@@ -165,6 +165,12 @@ def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(candidates: G
     marker = json.loads(arm.marker_path(STAGE, "00000").read_text())
     assert (marker["rows"], marker["kept"], marker["threshold"]) == (6, 4, THRESHOLD)
 
+    refs = {(row["caption_source"], row["image_ref"]) for row in arm.read_samples().to_pylist()}
+    assert {ref for source, ref in refs if source == "web"} == {"../web/00000.tar#x", None}, \
+        "relative to the arm's dataset folder, at the same file (the failed download has none)"
+    assert {ref for source, ref in refs if source == "human"} == {
+        str((Path(human.human_image_root) / name).resolve()) for name in ("h0.png", "h1.png")}, "absolute refs stay"
+
     no_capfilt = derive_arm(candidates, ARMS["no_capfilt"], human, THRESHOLD, TOP_K)
     counts = no_capfilt.read_info()["counts"]
     assert counts["kept_by_source"] == {"human": 3, "web": 2}
