@@ -127,7 +127,8 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
         "transformers": _seeded(lambda: hf.generate(images, **SAMPLING), seed=1)(),
         "transformers, another seed": _seeded(lambda: hf.generate(images, **SAMPLING), seed=2)(),
     }
-    stats = {name: caption_statistics(captions, tokenizer, SAMPLING["max_length"]) for name, captions in samples.items()}
+    stats = {name: caption_statistics(captions, tokenizer, SAMPLING["max_length"])
+             for name, captions in samples.items()}
     for name, values in stats.items():
         for key, value in values.items():
             if key != "unigrams":

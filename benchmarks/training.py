@@ -66,6 +66,7 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
             measurement = measure(f"{preset} {name}, batch {batch_size}", "samples/s", batch_size,
                                   lambda: train_step(pretrainer, optimizer, batch), repeats)
             measurement.extra["peak memory GiB"] = round(peak_memory_gib(device), 3)
-            measurement.extra["parameters incl. momentum copy (M)"] = round(sum(p.numel() for p in pretrainer.parameters()) / 1e6, 1)
+            parameters = sum(p.numel() for p in pretrainer.parameters())
+            measurement.extra["parameters incl. momentum copy (M)"] = round(parameters / 1e6, 1)
             report.measurements.append(measurement)
     return report

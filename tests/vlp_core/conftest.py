@@ -1,7 +1,10 @@
-"""Shared fixtures of the vlp_core tests: a small, randomly initialised BLIP that looks at its images."""
+"""Shared fixtures of the vlp_core tests: a small, randomly initialised BLIP that looks at its images, and
+a word-level tokenizer with a fixed vocabulary (a trained WordPiece vocabulary orders tied pieces
+differently from one process to the next, and the model's behaviour would change with it)."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlp_core.blip import BlipModel
 from vlp_core.config import load_preset
+from vlp_core.tokenizer import BERT_SPECIAL_TOKENS, load_tokenizer
 
 SMALL_IMAGE_SIZE = 32
 
@@ -37,3 +41,17 @@ def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> BlipM
 def small_blip() -> Callable[..., BlipModel]:
     """`build_small_blip(tokenizer, seed=0)`, for test modules (which cannot import conftest)."""
     return build_small_blip
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Iterable[str]], PreTrainedTokenizerBase]:
+    """`make(texts)`: a BLIP tokenizer whose vocabulary is the special tokens, then every word of `texts`
+    in sorted order; the same on every run."""
+
+    def make(texts: Iterable[str]) -> PreTrainedTokenizerBase:
+        folder = tmp_path_factory.mktemp("word_tokenizer")
+        words = sorted({word for text in texts for word in text.lower().split()})
+        Path(folder, "vocab.txt").write_text("\n".join([*BERT_SPECIAL_TOKENS, *words]) + "\n")
+        return load_tokenizer(folder)
+
+    return make

@@ -1,4 +1,5 @@
-"""Tests for vlp_core.generation: token rules, decoding loops against references, the BLIP decoder."""
+"""Tests for vlp_core.generation and vlp_core.blip_decoder: token rules, decoding loops against references,
+the cached BLIP decoder against full recomputation and against transformers."""
 
 import dataclasses
 import itertools
@@ -7,8 +8,8 @@ import math
 import pytest
 import torch
 
+from vlp_core.blip_decoder import BlipDecoder
 from vlp_core.generation import (
-    BlipDecoder,
     DecodingRules,
     apply_repetition_penalty,
     beam_search,
@@ -20,7 +21,7 @@ from vlp_core.generation import (
     sample_tokens,
     select_beams,
 )
-from vlp_core.tokenizer import special_ids, train_tokenizer
+from vlp_core.tokenizer import special_ids
 
 # --------------------------------------------------------------------------- pure token rules
 
@@ -146,12 +147,12 @@ class ToyDecoder:
 
 
 def exhaustive_best(decoder: ToyDecoder, rules: DecodingRules, image: int) -> list[tuple[float, list[int]]]:
-    """Every caption the rules allow with its mean log-probability, best first."""
+    """Every caption the rules allow with its mean log-probability (rules applied to log-probabilities), best first."""
     found = []
 
     def extend(prefix: tuple[int, ...], total: float) -> None:
         history = torch.tensor([PROMPT.tolist() + list(prefix)])
-        log_probs = rules.apply(decoder.logits(image, prefix)[None], history, len(prefix)).log_softmax(-1)[0]
+        log_probs = rules.apply(decoder.logits(image, prefix)[None].log_softmax(-1), history, len(prefix))[0]
         for token in range(len(log_probs)):  # the rules cut ids >= vocab_limit
             if math.isinf(log_probs[token]):
                 continue
@@ -214,10 +215,8 @@ def test_sampled_lengths_respect_the_limits(min_length, max_length):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    words = "a picture of large small red blue green circle square triangle left right the to".split()
-    corpus = [" ".join(words[i : i + 5]) for i in range(len(words))] * 3
-    return train_tokenizer(corpus, vocab_size=64)
+def tokenizer(word_tokenizer):
+    return word_tokenizer(["a picture of large small red blue green circle square triangle left right the to"])
 
 
 @pytest.fixture(scope="module")

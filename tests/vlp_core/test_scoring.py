@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlp_core.scoring import CaptionScores, score_captions
-from vlp_core.tokenizer import special_ids, tokenize, train_tokenizer
+from vlp_core.tokenizer import special_ids, tokenize
 
 CAPTIONS = [
     ["a red circle", "a large blue square to the left of a small green triangle", "the"],
@@ -15,8 +15,8 @@ CAPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer([caption for candidates in CAPTIONS for caption in candidates] * 3, vocab_size=60)
+def tokenizer(word_tokenizer):
+    return word_tokenizer(caption for candidates in CAPTIONS for caption in candidates)
 
 
 @pytest.fixture(scope="module")

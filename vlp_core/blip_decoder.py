@@ -1,0 +1,164 @@
+"""BLIP's text decoder run one token at a time for captioning, with its own key/value caches.
+
+`BlipDecoder` reads the weights of the model's transformers modules (`text_decoder`) and calls them as
+functions: the same arithmetic as `BlipTextLMHeadModel` with a cache, without its per-call overhead
+(cache objects, attention masks, module hooks). It implements `vlp_core.generation.TokenDecoder`.
+Shapes: N images, B rows (captions or beams being decoded), D text width, P patches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlp_core.blip import BlipModel
+
+COMPACT_BELOW = 0.5  # the self-attention cache is compacted when fewer of its slots are live
+
+
+class BlipDecoder:
+    """BLIP's text decoder run one token at a time, on the weights of `model.text_decoder` (no copies).
+
+    - self-attention keys/values live in one preallocated buffer (layers, 2, slots, heads, prompt +
+      max_new, head_dim), written in place at each step. A dropped row keeps its slot until fewer than
+      `COMPACT_BELOW` of the slots are live: only the self-attention still runs over dead slots, every
+      other operation over live rows only. So the buffer is not copied at every drop;
+    - cross-attention keys/values are computed once per image and never repeated per row: the
+      rows of an image attend to them together, one (copies x patches) product per image and head;
+    - logits are computed only for the ids below `vocab_limit` (the ones a tokenizer can decode).
+
+    Rows are image-major after `start`; `keep` may drop, reorder and repeat them, as long as no image
+    holds more than `copies` rows. The arithmetic is transformers' (the same weights and operations, in
+    the same order); attention goes through `scaled_dot_product_attention`.
+    """
+
+    def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
+                 max_new_tokens: int, vocab_limit: int | None = None):
+        """image_embeds (N, 1+P, Dv); prompt_ids (Lp,) starting with [DEC]."""
+        decoder = model.text_decoder
+        self.embeddings = decoder.bert.embeddings
+        self.layers = list(decoder.bert.encoder.layer)
+        self.head = decoder.cls.predictions
+        self.num_heads = model.config.text.num_heads
+        self.vocab_limit = vocab_limit or model.config.text.vocab_size
+        self.image_embeds = image_embeds
+        self.prompt_ids = prompt_ids
+        self.max_length = len(prompt_ids) + max_new_tokens
+        self.length = 0                          # tokens in every row's self-attention cache
+        self.copies = 1
+        self.self_cache = torch.empty(0)         # (layers, 2, slots, heads, max_length, head_dim)
+        self.live: torch.Tensor | None = None    # (B,) the slot of each row; None: row i is in slot i
+        self.cross_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, keys and values (n, heads, 1+P, hd)
+        self.row_image = torch.empty(0)          # (B,) each row's image in the cross cache
+        self.slot_in_image = torch.empty(0)      # (B,) image * copies + rank of the row among its image's rows
+
+    def start(self, copies: int) -> torch.Tensor:
+        num_images, device = len(self.image_embeds), self.image_embeds.device
+        hidden = self._embed(self.prompt_ids.expand(num_images, -1), 0)  # (N, Lp, D): the prompt once per image
+        self.cross_cache = []
+        for index, layer in enumerate(self.layers):
+            attention = layer.attention.self
+            keys, values = (self._split(_linear(hidden, part)) for part in (attention.key, attention.value))
+            if index == 0:
+                self.self_cache = keys.new_empty(len(self.layers), 2, num_images * copies, keys.shape[1],
+                                                 self.max_length, keys.shape[-1])
+            self.self_cache[index, :, :, :, : keys.shape[2]] = torch.stack([keys, values]).repeat_interleave(copies, 1)
+            context = F.scaled_dot_product_attention(self._split(_linear(hidden, attention.query)), keys, values,
+                                                     is_causal=True)
+            hidden = _add_norm(layer.attention.output, self._merge(context), hidden)
+            cross = layer.crossattention.self
+            self.cross_cache.append((self._split(_linear(self.image_embeds, cross.key)),
+                                     self._split(_linear(self.image_embeds, cross.value))))
+            context = F.scaled_dot_product_attention(self._split(_linear(hidden, cross.query)), *self.cross_cache[-1])
+            hidden = self._feed_forward(layer, _add_norm(layer.crossattention.output, self._merge(context), hidden))
+        self.length, self.copies, self.live = len(self.prompt_ids), copies, None
+        self.row_image = torch.arange(num_images, device=device).repeat_interleave(copies)
+        self.slot_in_image = torch.arange(num_images * copies, device=device)
+        return self._logits(hidden[:, -1]).repeat_interleave(copies, dim=0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self._embed(tokens.unsqueeze(1), self.length)[:, 0]  # (B, D)
+        for index, layer in enumerate(self.layers):
+            hidden = _add_norm(layer.attention.output, self._self_attend(index, layer, hidden), hidden)
+            hidden = _add_norm(layer.crossattention.output, self._cross_attend(index, layer, hidden), hidden)
+            hidden = self._feed_forward(layer, hidden)
+        self.length += 1
+        return self._logits(hidden)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.row_image.device)
+        live = rows if self.live is None else self.live[rows]
+        if len(live) < COMPACT_BELOW * self.self_cache.shape[2] or len(live.unique()) < len(live):
+            self.self_cache = self.self_cache[:, :, live]  # a repeated row needs its own copy of the cache
+            live = None
+        self.live = live
+        images, self.row_image = self.row_image[rows].unique(return_inverse=True)
+        if len(images) < len(self.cross_cache[0][0]):  # all rows of some images finished: drop those images
+            self.cross_cache = [(keys[images], values[images]) for keys, values in self.cross_cache]
+        ordered, order = self.row_image.sort(stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(rows), device=rows.device) - torch.searchsorted(ordered, ordered)
+        self.slot_in_image = self.row_image * self.copies + rank
+
+    def _self_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D): each row's new token against its cached tokens and itself (added to the cache)."""
+        attention, cache, position = layer.attention.self, self.self_cache[index], self.length
+        query, key, value = (self._split(_linear(hidden, part))
+                             for part in (attention.query, attention.key, attention.value))  # (B, heads, hd)
+        slots = slice(None) if self.live is None else self.live
+        cache[0, slots, :, position], cache[1, slots, :, position] = key, value
+        if self.live is not None:  # dead slots attend too (cheaper than gathering the live ones' cache)
+            query = query.new_zeros(cache.shape[1], *query.shape[1:]).index_copy_(0, self.live, query)
+        context = F.scaled_dot_product_attention(query.unsqueeze(2), cache[0, :, :, : position + 1],
+                                                 cache[1, :, :, : position + 1])
+        return context[slots].flatten(1)
+
+    def _cross_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D): each row's query against its image's keys/values, batched per image."""
+        keys, values = self.cross_cache[index]
+        queries = hidden.new_zeros(len(keys) * self.copies, hidden.shape[-1])
+        queries[self.slot_in_image] = _linear(hidden, layer.crossattention.self.query)
+        queries = queries.view(len(keys), self.copies, self.num_heads, -1).transpose(1, 2)
+        context = F.scaled_dot_product_attention(queries, keys, values)  # (n, heads, copies, head_dim)
+        return context.transpose(1, 2).reshape(len(keys) * self.copies, -1)[self.slot_in_image]
+
+    def _embed(self, input_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """(B, L) ids at positions offset.. -> (B, L, D), as BlipTextEmbeddings."""
+        embeddings = self.embeddings
+        positions = embeddings.position_embeddings.weight[offset : offset + input_ids.shape[1]]
+        return _norm(embeddings.LayerNorm, F.embedding(input_ids, embeddings.word_embeddings.weight) + positions)
+
+    def _feed_forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        intermediate = layer.intermediate
+        return _add_norm(layer.output, intermediate.intermediate_act_fn(_linear(hidden, intermediate.dense)), hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, vocab_limit) float logits, as BlipTextLMPredictionHead."""
+        transform = self.head.transform
+        hidden = _norm(transform.LayerNorm, transform.transform_act_fn(_linear(hidden, transform.dense)))
+        limit = self.vocab_limit
+        return F.linear(hidden, self.head.decoder.weight[:limit], self.head.decoder.bias[:limit]).float()
+
+    def _split(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, heads, L, head_dim), or (B, D) -> (B, heads, head_dim)."""
+        if states.ndim == 2:
+            return states.view(len(states), self.num_heads, -1)
+        return states.view(*states.shape[:2], self.num_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def _merge(context: torch.Tensor) -> torch.Tensor:
+        """(B, heads, L, head_dim) -> (B, L, D)."""
+        return context.transpose(1, 2).flatten(2)
+
+
+def _linear(states: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(states, layer.weight, layer.bias)
+
+
+def _norm(norm: torch.nn.LayerNorm, states: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(states, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _add_norm(output: torch.nn.Module, states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A BERT output block (dense, then LayerNorm of the sum with the residual)."""
+    return _norm(output.LayerNorm, _linear(states, output.dense) + residual)
