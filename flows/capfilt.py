@@ -124,17 +124,29 @@ def capfilt(
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served."""
     overrides = {"rounds": rounds, "num_captions": num_captions, "itm_threshold": itm_threshold, "top_k": top_k,
                  "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "ray_address": ray_address}
+    settings, inputs, out = run_setup(out_dir, preset, overrides, url_list, human_annotations, human_image_root,
+                                      test_annotations, test_image_root, world_seed, n_web)
+    return bootstrap(settings, inputs, out)
+
+
+def run_setup(out_dir: str, preset: str, overrides: dict[str, Any], url_list: str | None,
+              human_annotations: str | None, human_image_root: str | None, test_annotations: str | None,
+              test_image_root: str | None, world_seed: int, n_web: int | None) -> tuple[RunSettings, Inputs, Path]:
+    """A flow's settings (the preset with the overrides that are not None), its inputs (a synthetic world made
+    under `out_dir` when there is no `url_list`) and its resolved run folder."""
     if preset not in RUN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(RUN_PRESETS)}")
     settings = replace(RUN_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     out = Path(out_dir).resolve()
     if url_list is None:
         world = replace(settings.world, seed=world_seed, n_web=n_web or settings.world.n_web)
-        inputs = Inputs.of_world(make_world(out / "world", world))
-    else:
-        inputs = Inputs(Path(url_list), Path(human_annotations), Path(human_image_root),
-                        Path(test_annotations), Path(test_image_root))
-    return bootstrap(settings, inputs, out)
+        return settings, Inputs.of_world(make_world(out / "world", world)), out
+    sets = {"human_annotations": human_annotations, "human_image_root": human_image_root,
+            "test_annotations": test_annotations, "test_image_root": test_image_root}
+    missing = [name for name, value in sets.items() if value is None]
+    if missing:
+        raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
+    return settings, Inputs(Path(url_list), *(Path(value) for value in sets.values())), out
 
 
 def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any]:
@@ -144,8 +156,8 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     web = download_web(inputs, Generation(root, DATASET, 0))
     clip_weights = clip_ranker(settings, inputs, out)
     pretraining = pretrain_config(settings)
-    model = pretrain_task(pretraining, web, _run_dir(out, "pretrain", pretraining, manifest_digest(web)))
-    metrics = {0: evaluate_task(_evaluation(settings, inputs, model), web)}
+    model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
+    metrics = {0: evaluate_task(evaluation_config(settings, inputs, model), web)}
     reports = {0: report_task(web, world_dir=inputs.world_dir)}
     publish_generation(web, metrics[0], reports[0])
 
@@ -153,8 +165,8 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
         logger.info("round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
         target = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, round_number),
                                clip_weights)
-        model = pretrain_task(pretraining, target, _run_dir(out, "pretrain", pretraining, manifest_digest(target)))
-        metrics[round_number] = evaluate_task(_evaluation(settings, inputs, model), target)
+        model = pretrain_task(pretraining, target, training_dir(out, "pretrain", pretraining, manifest_digest(target)))
+        metrics[round_number] = evaluate_task(evaluation_config(settings, inputs, model), target)
         reports[round_number] = report_task(target, world_dir=inputs.world_dir)
         publish_generation(target, metrics[round_number], reports[round_number])
 
@@ -177,7 +189,7 @@ def clip_ranker(settings: RunSettings, inputs: Inputs, out: Path) -> Path:
         return settings.clip_checkpoint
     config = _training(settings, settings.clip_steps)
     human = (inputs.human_annotations, inputs.human_image_root)
-    run = train_clip_task(config, *human, _run_dir(out, "clip", config, file_digest(inputs.human_annotations)))
+    run = train_clip_task(config, *human, training_dir(out, "clip", config, file_digest(inputs.human_annotations)))
     return run.checkpoint_dir / CLIP_WEIGHTS_FILE
 
 
@@ -196,8 +208,8 @@ def capfilt_round(settings: RunSettings, inputs: Inputs, out: Path, model: train
     finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir,
                            cpus=max(1, settings.train_cpus // 2))  # the two run side by side
     captioner_run = finetune_captioner_task.submit(finetuning, *human,
-                                                   _run_dir(out, "captioner", finetuning, model.digest))
-    filter_run = finetune_filter_task.submit(finetuning, *human, _run_dir(out, "filter", finetuning, model.digest))
+                                                   training_dir(out, "captioner", finetuning, model.digest))
+    filter_run = finetune_filter_task.submit(finetuning, *human, training_dir(out, "filter", finetuning, model.digest))
     captioner, filter_model = captioner_run.result(), filter_run.result()
 
     pool = {"batch_size": settings.inference_batch_size, "concurrency": settings.concurrency,
@@ -229,7 +241,7 @@ def _training(settings: RunSettings, steps: int, *, preset: str | None = None, i
     )
 
 
-def _evaluation(settings: RunSettings, inputs: Inputs, model: train.TrainResult) -> evaluate.EvaluateConfig:
+def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainResult) -> evaluate.EvaluateConfig:
     return evaluate.EvaluateConfig(
         checkpoint=model.checkpoint_dir, test_annotations=inputs.test_annotations,
         test_image_root=inputs.test_image_root, world_dir=inputs.world_dir, k_test=settings.k_test,
@@ -237,7 +249,7 @@ def _evaluation(settings: RunSettings, inputs: Inputs, model: train.TrainResult)
     )
 
 
-def _run_dir(out: Path, task_name: str, config: train.TrainConfig, source_digest: str) -> Path:
+def training_dir(out: Path, task_name: str, config: train.TrainConfig, source_digest: str) -> Path:
     """A training's folder, named by its settings and its input: same inputs, same folder (so it resumes)."""
     key = config_digest({"config": config.to_dict(), "source": source_digest}).removeprefix("sha256:")
     return out / "train" / f"{task_name}-{key}"

@@ -24,6 +24,32 @@ def add_flow_commands(commands: Commands) -> None:
     run.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
 
+    ablate = add_command(commands, "ablate", _ablate,
+                         "BLIP's Table 1 ablation: train and evaluate no CapFilt / filter only / captioner only / "
+                         "CapFilt (/ + CLIP rank) on the same candidates and budget, over several seeds; prints the "
+                         "table. Without --url-list it runs on a synthetic world.")
+    ablate.add_argument("--preset", default="tiny", help="run preset (default: %(default)s)")
+    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"), help="run folder (default: %(default)s)")
+    ablate.add_argument("--arms", type=_names, help="comma-separated arms (default: all of "
+                        "no_capfilt,filter_only,captioner_only,capfilt,capfilt_rank)")
+    ablate.add_argument("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
+    ablate.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
+    ablate.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
+    ablate.add_argument("--num-captions", type=int, help="synthetic captions per image, K")
+    ablate.add_argument("--pretrain-steps", type=int, help="pretraining budget of every model, in steps")
+    ablate.add_argument("--batch-size", type=int, help="training batch size (per worker)")
+    ablate.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+    ablate.add_argument("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
+    ablate.add_argument("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
+    ablate.add_argument("--human-image-root", help="with --url-list: the folder its image paths are under")
+    ablate.add_argument("--test-annotations", help="with --url-list: COCO Karpathy json of the held-out set")
+    ablate.add_argument("--test-image-root", help="with --url-list: the folder its image paths are under")
+    ablate.add_argument("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
+    ablate.add_argument("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the "
+                        "run preset's)")
+    ablate.add_argument("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
+    ablate.add_argument("--gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
+    ablate.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
 
     deploy = add_command(commands, "deploy", _deploy,
                          "Serve the flow's deployments (capfilt/nightly on a cron schedule, capfilt/on-demand) "
@@ -62,6 +88,33 @@ def _run(args: argparse.Namespace) -> None:
     print(format_generations(root))
     print(json.dumps(result["metrics"], indent=2, default=str))
     print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _integers(text: str) -> list[int]:
+    try:
+        return [int(value) for value in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from flows.ablate import capfilt_ablate
+
+    result = capfilt_ablate(
+        out_dir=str(args.out), preset=args.preset, url_list=args.url_list, human_annotations=args.human_annotations,
+        human_image_root=args.human_image_root, test_annotations=args.test_annotations,
+        test_image_root=args.test_image_root, arms=args.arms, seeds=args.seeds, num_captions=args.num_captions,
+        itm_threshold=args.threshold, top_k=args.top_k, pretrain_steps=args.pretrain_steps,
+        batch_size=args.batch_size, model_preset=args.model_preset, clip_model=args.clip_model,
+        clip_checkpoint=args.clip_checkpoint, num_gpus=args.gpus,
+        ray_address=args.ray_address, n_web=args.n_web,
+    )
+    print(Path(result["table"]).read_text())
+    print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}")
 
 
 def main(argv: list[str] | None = None) -> int:

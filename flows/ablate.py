@@ -1,0 +1,133 @@
+"""The CapFilt ablation (BLIP Table 1) as a Prefect flow, composed from the bootstrapping flow's pieces.
+
+    download → CLIP ranker → pretrain(gen 0) → one CapFilt round (the scored candidates, gen 1)
+    → per arm: its generation from the candidates → per seed: pretrain (same budget) → evaluate
+    → ablation.json / ablation.md next to the candidates → their report (with the ablation section)
+
+Every arm trains on rows re-decided from the same candidates, with the same pretraining budget; seeds
+change the pretraining (initialisation and data order), not the candidates. A re-run reuses everything
+that is finished: trainings by their content-named folders, arm generations by their markers, and
+evaluations that already hold the same config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.capfilt import (
+    DATASET,
+    Inputs,
+    RunSettings,
+    capfilt_round,
+    clip_ranker,
+    download_web,
+    evaluation_config,
+    pretrain_config,
+    pretrain_task,
+    report_task,
+    run_setup,
+    stage_task,
+    training_dir,
+)
+from pipelines import ablate as ablation
+from pipelines.ablation_table import ablation_summary, arm_summary, write_ablation
+from pipelines.assemble import AssembleConfig
+from pipelines.manifest import Generation, manifest_digest
+from pipelines.world import load_world
+
+DEFAULT_SEEDS = (0, 1, 2)
+
+derive_arm_task = stage_task(ablation.derive_arm, name="ablate-arm")
+evaluate_once_task = stage_task(ablation.evaluate_once, name="evaluate")
+
+
+@flow(name="capfilt-ablate")
+def capfilt_ablate(
+    out_dir: str = "runs/ablate",
+    preset: str = "tiny",
+    url_list: str | None = None,
+    human_annotations: str | None = None,
+    human_image_root: str | None = None,
+    test_annotations: str | None = None,
+    test_image_root: str | None = None,
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    num_captions: int | None = None,
+    itm_threshold: float | None = None,
+    top_k: int | None = None,
+    pretrain_steps: int | None = None,
+    batch_size: int | None = None,
+    model_preset: str | None = None,
+    clip_model: str | None = None,
+    clip_checkpoint: str | None = None,
+    num_gpus: float | None = None,
+    ray_address: str | None = None,
+    world_seed: int = 0,
+    n_web: int | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate every arm (default: all of `pipelines.ablate.ARMS`) with every seed (default 0, 1, 2)
+    on the same inputs and budget. Without `url_list`, a synthetic world is made and served."""
+    chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.ARMS))
+    seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: need distinct integers, got {seeds}")
+    overrides = {"num_captions": num_captions, "itm_threshold": itm_threshold, "top_k": top_k,
+                 "pretrain_steps": pretrain_steps, "batch_size": batch_size, "model_preset": model_preset,
+                 "clip_model": clip_model,
+                 "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "num_gpus": num_gpus,
+                 "ray_address": ray_address}
+    settings, inputs, out = run_setup(out_dir, preset, overrides, url_list, human_annotations, human_image_root,
+                                      test_annotations, test_image_root, world_seed, n_web)
+    return run_ablation(settings, inputs, out, chosen, seeds)
+
+
+def run_ablation(settings: RunSettings, inputs: Inputs, out: Path, arms: list[ablation.Arm], seeds: list[int]
+                 ) -> dict[str, Any]:
+    """The ablation, top to bottom; returns where the table, the candidates and their report are."""
+    logger = get_run_logger()
+    root = out / "data_manifests"
+    web = download_web(inputs, Generation(root, DATASET, 0))
+    clip_weights = clip_ranker(settings, inputs, out)
+    pretraining = pretrain_config(settings)
+    model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
+    candidates = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, 1), clip_weights)
+
+    entries = []
+    for arm in arms:
+        logger.info("arm %s: %d pretraining run(s)", arm.name, len(seeds))
+        entries.append(train_arm(settings, inputs, out, candidates, arm, seeds))
+    summary = ablation_summary(
+        entries, seeds=seeds, settings=json.loads(json.dumps(asdict(settings), default=str)),
+        candidates={"path": str(candidates.path), "manifest_digest": manifest_digest(candidates),
+                    "checkpoints": candidates.read_info()["checkpoints"]},
+        world=load_world(inputs.world_dir)[0].to_dict() if inputs.world_dir is not None else None,
+    )
+    table = write_ablation(candidates.path, summary)
+    report = report_task(candidates, world_dir=inputs.world_dir)
+    create_markdown_artifact(table.read_text(), key="capfilt-ablation", description="CapFilt ablation table")
+    logger.info("ablation table: %s; report: %s", table, report)
+    return {"table": str(table), "summary": summary, "candidates": str(candidates.path), "report": str(report)}
+
+
+def train_arm(settings: RunSettings, inputs: Inputs, out: Path, candidates: Generation, arm: ablation.Arm,
+              seeds: list[int]) -> dict[str, Any]:
+    """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
+    human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
+    generation = derive_arm_task(candidates, arm, human, settings.itm_threshold, settings.top_k)
+    digest = manifest_digest(generation)
+    runs = []
+    for seed in seeds:
+        config = pretrain_config(settings, seed)
+        model = pretrain_task(config, generation, training_dir(out, "pretrain", config, digest))
+        evaluation_file = generation.path / f"evaluation-seed-{seed}.json"
+        evaluation = evaluate_once_task(evaluation_config(settings, inputs, model), generation, evaluation_file)
+        runs.append({"seed": seed, "checkpoint": model.digest, "run_dir": str(model.checkpoint_dir.parent),
+                     "evaluation_file": str(evaluation_file), "evaluation": evaluation})
+    counts = generation.read_info()["counts"]
+    return arm_summary(asdict(arm), {"path": str(generation.path), "manifest_digest": digest, "counts": counts}, runs)

@@ -1,0 +1,111 @@
+"""`capfilt ablate` end to end: the real flow (Prefect, Ray, img2dataset on a served world) with the smoke
+preset, two arms × two seeds; the table, the arms' training data against their rules, a re-run that
+reuses everything, and the report's ablation section."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.capfilt import RUN_PRESETS
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+ARMS, SEEDS = ["no_capfilt", "capfilt"], [0, 1]
+
+
+def _ablate(out: Path, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(home)}  # an ephemeral Prefect of its own
+    command = [str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--out", str(out), "--arms", ",".join(ARMS),
+               "--seeds", ",".join(map(str, SEEDS))]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory: pytest.TempPathFactory):
+    out, home = tmp_path_factory.mktemp("ablate"), tmp_path_factory.mktemp("prefect-home")
+    result = _ablate(out, home)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, home, result.stdout
+
+
+def test_the_table_has_every_arm_and_seed(ablation_run) -> None:
+    out, _, stdout = ablation_run
+    candidates = out / "data_manifests" / "web" / "gen-0001"
+    summary = json.loads((candidates / "ablation.json").read_text())
+    assert "| arm | C | F | rank | pairs | kept ratio | TR@1 |" in stdout
+    assert "| no_capfilt |  |  |  |" in stdout and "| capfilt | ✓ | ✓ |  |" in stdout
+
+    assert [arm["arm"]["name"] for arm in summary["arms"]] == ARMS and summary["seeds"] == SEEDS
+    assert summary["settings"]["pretrain_steps"] == RUN_PRESETS["smoke"].pretrain_steps
+    assert summary["world"]["noise_rates"] == dict(RUN_PRESETS["smoke"].world.noise_rates)
+    assert set(summary["candidates"]["checkpoints"]) == {"pretrained", "captioner", "filter", "clip"}
+    for arm in summary["arms"]:
+        assert set(arm["per_seed"]) == {"0", "1"}
+        for measure, values in arm["summary"].items():
+            per_seed = [arm["per_seed"][seed][measure] for seed in ("0", "1")]
+            assert values["n"] == 2 and values["min"] == min(per_seed) and values["max"] == max(per_seed)
+            assert values["min"] <= values["mean"] <= values["max"]
+        assert 0 <= arm["summary"]["tr@1"]["mean"] <= 1 and arm["summary"]["caption_accuracy"]["mean"] is not None
+        checkpoints = [run["checkpoint"] for run in arm["runs"]]
+        assert len(set(checkpoints)) == 2, "each seed trains its own model"
+    no_capfilt, capfilt = summary["arms"]
+    removed = no_capfilt["data"]["filter"]["by_noise_type"]
+    assert no_capfilt["data"]["filter"]["removed"] == removed["empty"]["removed"], "no ITM filter: empty ones only"
+    assert capfilt["data"]["filter"]["removed"] > no_capfilt["data"]["filter"]["removed"]
+    assert {run["checkpoint"] for run in no_capfilt["runs"]}.isdisjoint(run["checkpoint"] for run in capfilt["runs"])
+
+
+def test_arms_train_on_the_pairs_their_rules_keep(ablation_run) -> None:
+    out, _, _ = ablation_run
+    candidates = out / "data_manifests" / "web" / "gen-0001"
+    summary = json.loads((candidates / "ablation.json").read_text())
+    rows = pq.read_table(candidates / "samples").to_pylist()
+    threshold = summary["settings"]["itm_threshold"]
+    human = sum(row["caption_source"] == "human" and row["kept"] for row in rows)
+    scored_web = sum(row["caption_source"] == "web" and row["itm_score"] is not None for row in rows)
+    passing = sum(row["caption_source"] != "human" and (row["itm_score"] or 0) >= threshold for row in rows)
+    candidate_rows = sum(row["caption_source"] != "human" for row in rows)
+    expected = {"no_capfilt": scored_web + human, "capfilt": passing + human}
+    for arm in summary["arms"]:
+        name = arm["arm"]["name"]
+        assert arm["generation"]["counts"]["kept"] == expected[name]
+        assert arm["per_seed"]["0"]["training_pairs"] == arm["per_seed"]["1"]["training_pairs"] == expected[name]
+        assert arm["per_seed"]["0"]["kept_ratio"] == pytest.approx((expected[name] - human) / candidate_rows)
+        assert arm["generation"]["counts"]["rows_by_source"]["synthetic"] > 0
+    synthetic_passing = sum(row["caption_source"] == "synthetic" and (row["itm_score"] or 0) >= threshold
+                            for row in rows)
+    kept_synthetic = [arm["generation"]["counts"]["kept_by_source"].get("synthetic", 0) for arm in summary["arms"]]
+    assert kept_synthetic == [0, synthetic_passing]
+
+
+def test_the_report_of_the_candidates_has_the_ablation_section(ablation_run) -> None:
+    out, _, _ = ablation_run
+    report = out / "data_manifests" / "web" / "gen-0001" / "report"
+    figures = json.loads((report / "report.json").read_text())
+    assert [row["name"] for row in figures["ablation"]["rows"]] == ARMS
+    page = (report / "index.html").read_text()
+    assert 'id="ablation"' in page and "no_capfilt" in page and "mean ± std over seeds 0, 1" in page
+
+
+def test_a_rerun_reuses_every_training_and_evaluation(ablation_run) -> None:
+    out, home, _ = ablation_run
+    trainings, manifests = _files(out / "train"), _files(out / "data_manifests")
+    before = json.loads((out / "data_manifests" / "web" / "gen-0001" / "ablation.json").read_text())
+
+    again = _ablate(out, home)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert _files(out / "train") == trainings, "no training ran again"
+    after = _files(out / "data_manifests")
+    unchanged = {path: mtime for path, mtime in manifests.items()
+                 if "/report/" not in path and not path.endswith(("generation.json", "ablation.json", "ablation.md"))}
+    assert {path: after.get(path) for path in unchanged} == unchanged, "parts, markers and evaluations are reused"
+    assert json.loads((out / "data_manifests" / "web" / "gen-0001" / "ablation.json").read_text()) == before
