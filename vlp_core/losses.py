@@ -138,7 +138,12 @@ def sample_hard_negatives(
 
 
 def itm_loss(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the ITM head on B positives followed by 2B negatives.
+    """Class-balanced cross-entropy of the ITM head on B positives followed by 2B negatives.
+
+    A departure from BLIP, whose plain cross-entropy makes 1/3 the head's prior for "match": a head that
+    has not finished learning then puts most true pairs below the filter's 0.5. Weighting the positives
+    twice makes the two classes count equally, so a match probability of 0.5 means "as likely a match as
+    not", whatever the training's share of negatives.
 
     Args:
         logits: (3B, 2); rows [0, B) are matched pairs, rows [B, 3B) the mined negatives (column 1
@@ -152,8 +157,9 @@ def itm_loss(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     batch_size = logits.shape[0] // 3
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
+    class_weights = torch.tensor([1.0, 2.0], device=logits.device)  # 2B negatives, B positives
     return {
-        "itm_loss": F.cross_entropy(logits.float(), labels),
+        "itm_loss": F.cross_entropy(logits.float(), labels, weight=class_weights),
         "itm_accuracy": (logits.detach().argmax(dim=1) == labels).float().mean(),
     }
 

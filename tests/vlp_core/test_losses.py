@@ -148,6 +148,15 @@ def test_itm_loss_labels_positives_first():
         itm_loss(torch.zeros(4, 2))
 
 
+def test_itm_loss_counts_both_classes_equally():
+    # An undecided head (p = 0.5 everywhere) is at the loss's minimum over constant predictions:
+    # the gradient on the "match" logit sums to zero although negatives outnumber positives 2 to 1.
+    logits = torch.zeros(6, 2, requires_grad=True)
+    itm_loss(logits)["itm_loss"].backward()
+    assert logits.grad[:, 1].sum().item() == pytest.approx(0.0, abs=1e-7)
+    assert logits.grad[:2, 1].sum().item() < 0 < logits.grad[2:, 1].sum().item()
+
+
 # ---- LM --------------------------------------------------------------------------------------------
 
 PROMPT_LENGTH = 3  # [DEC] + two prompt tokens
