@@ -52,9 +52,9 @@ class RunSettings:
 
     model_preset: str = "tiny"
     rounds: int = 1
-    pretrain_steps: int = 300
-    itc_warmup_steps: int = 100            # pretraining from scratch: ITC alone first
-    easy_negative_steps: int = 100         # BLIP trainings: ITM negatives ramp from uniform to hard
+    pretrain_steps: int = 400
+    itc_warmup_steps: int = 200            # pretraining from scratch: ITC alone first
+    easy_negative_steps: int = 200         # BLIP trainings: ITM negatives ramp from uniform to hard
     finetune_steps: int = 150
     clip_steps: int = 150
     batch_size: int = 32
@@ -170,7 +170,7 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
         reports[round_number] = report_task(target, world_dir=inputs.world_dir)
         publish_generation(target, metrics[round_number], reports[round_number])
 
-    logger.info("manifests: %s; reports: %s", root, ", ".join(str(path / "index.html") for path in reports.values()))
+    logger.info("manifests: %s; reports: %s", root, ", ".join(str(page) for page in reports.values()))
     return {"manifests": str(root), "metrics": metrics, "reports": {n: str(path) for n, path in reports.items()}}
 
 
@@ -260,13 +260,13 @@ def _flow_run_id() -> str | None:
 
 
 @task(cache_policy=NONE)
-def publish_generation(generation: Generation, metrics: dict[str, Any], report_dir: Path) -> None:
+def publish_generation(generation: Generation, metrics: dict[str, Any], report_page: Path) -> None:
     """A Prefect artifact per generation: counts, metrics, and where the manifests, evaluation and report are."""
     info = generation.read_info()
     counts = info["counts"]
     lines = [f"# {generation.dataset} generation {generation.number}", "",
              f"Manifests: `{generation.path}`  ", f"Evaluation: `{generation.path / evaluate.EVALUATION_FILE}`  ",
-             f"Report: `{report_dir / 'index.html'}`", "",
+             f"Report: `{report_page}`", "",
              "| source | rows | kept |", "|---|---|---|"]
     lines += [f"| {source} | {rows} | {counts['kept_by_source'].get(source, 0)} |"
               for source, rows in counts["rows_by_source"].items()]

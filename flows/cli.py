@@ -88,6 +88,8 @@ def _run(args: argparse.Namespace) -> None:
     print(format_generations(root))
     print(json.dumps(result["metrics"], indent=2, default=str))
     print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json")
+    for number, page in result["reports"].items():
+        print(f"report of generation {number}: {page}")
 
 
 def _names(text: str) -> list[str]:
