@@ -106,7 +106,8 @@ def _add_download_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=384, help="shortest side after resizing; smaller images are kept (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=384,
+                        help="shortest side after resizing; smaller images are kept (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=10, help="seconds per URL (default: %(default)s)")
 
 
