@@ -98,10 +98,11 @@ def test_deployment_run_completes_and_writes_generations_and_artifact(served) ->
     report = json.loads((generation_1 / "report" / "report.json").read_text())
     assert report["counts"]["rows"] == len(rows)
 
-    artifact = _prefect(env, "artifact", "inspect", "web-gen-1")
+    artifact = _prefect(env, "artifact", "inspect", "web-gen-1", "--output", "json")
     assert artifact.returncode == 0, artifact.stderr
-    assert "gen-0001" in artifact.stdout and "synthetic" in artifact.stdout
-    assert str(generation_1 / "report" / "index.html") in artifact.stdout
+    markdown = json.loads(artifact.stdout)[0]["data"]  # the latest version first
+    assert "gen-0001" in markdown and "synthetic" in markdown
+    assert str(generation_1 / "report" / "index.html") in markdown
 
     # A second run of the same deployment finds every stage's output complete: nothing is rewritten.
     before = _mtimes(out)
