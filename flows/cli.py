@@ -15,30 +15,19 @@ from pipelines.cli import main as pipelines_main
 def add_flow_commands(commands: Commands) -> None:
     run = add_command(commands, "run", _run,
                       "Run the whole bootstrapping loop as a Prefect flow; --preset tiny needs no input.")
-    run.add_argument("--preset", default="tiny", help="run preset (default: %(default)s)")
-    run.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (default: %(default)s)")
+    _add_run_options(run, Path("runs/tiny"))
     run.add_argument("--rounds", type=int, help="CapFilt rounds (default: the preset's)")
-    run.add_argument("--num-captions", type=int, help="synthetic captions per image, K")
-    run.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
-    run.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
-    run.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
-    run.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
 
     ablate = add_command(commands, "ablate", _ablate,
                          "BLIP's Table 1 ablation: train and evaluate no CapFilt / filter only / captioner only / "
                          "CapFilt (/ + CLIP rank) on the same candidates and budget, over several seeds; prints the "
                          "table. Without --url-list it runs on a synthetic world.")
-    ablate.add_argument("--preset", default="tiny", help="run preset (default: %(default)s)")
-    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"), help="run folder (default: %(default)s)")
+    _add_run_options(ablate, Path("runs/ablate"))
     ablate.add_argument("--arms", type=_names, help="comma-separated arms (default: all of "
                         "no_capfilt,filter_only,captioner_only,capfilt,capfilt_rank)")
     ablate.add_argument("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
-    ablate.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
-    ablate.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
-    ablate.add_argument("--num-captions", type=int, help="synthetic captions per image, K")
     ablate.add_argument("--pretrain-steps", type=int, help="pretraining budget of every model, in steps")
     ablate.add_argument("--batch-size", type=int, help="training batch size (per worker)")
-    ablate.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
     ablate.add_argument("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
     ablate.add_argument("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
     ablate.add_argument("--human-image-root", help="with --url-list: the folder its image paths are under")
@@ -49,7 +38,6 @@ def add_flow_commands(commands: Commands) -> None:
                         "run preset's)")
     ablate.add_argument("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
     ablate.add_argument("--gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
-    ablate.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
 
     deploy = add_command(commands, "deploy", _deploy,
                          "Serve the flow's deployments (capfilt/nightly on a cron schedule, capfilt/on-demand) "
@@ -58,6 +46,17 @@ def add_flow_commands(commands: Commands) -> None:
     deploy.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                         help="default flow parameter, e.g. url_list='\"/data/urls.parquet\"' or rounds=2 "
                         "(repeatable; see the capfilt flow's parameters)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options `run` and `ablate` share: preset, run folder, CapFilt knobs, world size, Ray cluster."""
+    parser.add_argument("--preset", default="tiny", help="run preset (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=out, help="run folder (default: %(default)s)")
+    parser.add_argument("--num-captions", type=int, help="synthetic captions per image, K")
+    parser.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
+    parser.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
+    parser.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
 
 
 def _deploy(args: argparse.Namespace) -> None:
