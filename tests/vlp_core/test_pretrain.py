@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -69,7 +70,9 @@ def test_pretraining_loss_decreases_on_a_fixed_batch(tokenizer):
     assert first["loss"] == pytest.approx(first["itc_loss"] + first["itm_loss"] + first["lm_loss"], rel=1e-5)
     assert last["loss"] < 0.6 * first["loss"]
     assert last["lm_loss"] < 0.5 * first["lm_loss"]
-    assert last["itm_loss"] < 0.9 * first["itm_loss"]
+    # The class-balanced ITM loss of an undecided head is ln 2. Thirty steps on one batch do not teach ITM
+    # (test_learning shows it learning); the plain loss used to "decrease" by fitting the 1/3 prior alone.
+    assert abs(first["itm_loss"] - math.log(2)) < 0.1
     # ITC losses are comparable once the queue is full (from step 2): more positives raise its floor
     assert last["itc_loss"] < 0.9 * history[2]["itc_loss"]
     # the queue holds the last two batches of momentum features
