@@ -8,12 +8,14 @@ As in BLIP, both are appended after the base vocabulary (``[DEC]`` first, then `
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import BertWordPieceTokenizer
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 
 ENC_TOKEN = "[ENC]"
@@ -40,17 +42,28 @@ def _add_blip_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> BertTokenizer:
-    """Train a lower-case WordPiece vocabulary of at most ``vocab_size`` tokens (specials included) offline.
+    """A lower-case WordPiece vocabulary of at most ``vocab_size`` tokens (specials included), built offline.
 
-    The vocabulary can come out smaller when the corpus has fewer distinct pieces.
+    Deterministic (the same corpus gives the same ids in every process): after the special tokens come
+    the characters seen, as word starts and as ``##`` continuations (most frequent first), then whole
+    words by frequency (ties alphabetical) while room is left. A word outside the vocabulary is spelt
+    in characters; a character never seen is ``[UNK]``. The vocabulary is smaller when the corpus is.
     """
-    if vocab_size < len(BERT_SPECIAL_TOKENS) + 2:
+    room = vocab_size - len(BERT_SPECIAL_TOKENS) - 2  # [DEC] and [ENC] come last
+    if room < 1:
         raise ValueError(f"vocab_size must leave room for the special tokens (got {vocab_size})")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(
-        corpus, vocab_size=vocab_size - 2, min_frequency=1, special_tokens=BERT_SPECIAL_TOKENS
-    )
-    return _add_blip_tokens(BertTokenizer(vocab=wordpiece.get_vocab()))
+    normalizer, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = Counter(word for text in corpus
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters: Counter[str] = Counter()
+    for word, count in words.items():
+        for character in word:
+            characters[character] += count
+    by_frequency = sorted(characters, key=lambda c: (-characters[c], c))
+    pieces = [*by_frequency, *(f"##{c}" for c in by_frequency)]
+    pieces += sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocabulary = [*BERT_SPECIAL_TOKENS, *pieces[:room]]
+    return _add_blip_tokens(BertTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}))
 
 
 def load_tokenizer(path: str | Path) -> BertTokenizer:

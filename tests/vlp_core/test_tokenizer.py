@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -60,3 +65,18 @@ def test_plain_bert_vocab_gets_blip_tokens_appended(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)
+
+
+def test_the_same_corpus_gives_the_same_vocabulary_in_every_process():
+    script = ("import json, sys; from vlp_core.tokenizer import train_tokenizer; "
+              f"print(json.dumps(train_tokenizer({CORPUS!r}, vocab_size=60).get_vocab(), sort_keys=True))")
+    vocabularies = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                   env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(vocabularies) == 1
+    assert json.loads(vocabularies.pop()) == train_tokenizer(CORPUS, vocab_size=60).get_vocab()
+
+
+def test_words_outside_the_vocabulary_are_spelt_in_known_characters():
+    tokenizer = train_tokenizer(CORPUS, vocab_size=60)  # room for the characters and a few whole words
+    assert tokenizer.tokenize("circle") == ["circle"] and len(tokenizer) <= 60
+    assert tokenizer.tokenize("bluest") == ["blue", "##s", "##t"]  # longest known piece first
