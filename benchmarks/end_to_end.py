@@ -23,6 +23,7 @@ from pathlib import Path
 from benchmarks.harness import Measurement, Report, load_1min, machine
 
 SCALES, QUICK_SCALES = (1, 2, 4), (1,)  # quick: one small run, to keep the benchmark from rotting
+QUICK_ROUNDS = 0  # quick: generation 0 only (download, CLIP, pretrain, evaluate, report)
 PER_SAMPLE_STAGES = ("download", "caption", "filter", "rank")
 
 
@@ -37,7 +38,7 @@ def stage_seconds(prefect_home: Path) -> dict[str, float]:
     return dict(totals)
 
 
-def run_flow(preset: str, out: Path, n_web: int | None) -> tuple[float, dict[str, float]]:
+def run_flow(preset: str, out: Path, n_web: int | None, rounds: int | None = None) -> tuple[float, dict[str, float]]:
     """Run `capfilt run` in a subprocess; returns its wall time and the seconds per stage."""
     prefect_home = out / "prefect-home"
     prefect_home.mkdir(parents=True)
@@ -45,6 +46,7 @@ def run_flow(preset: str, out: Path, n_web: int | None) -> tuple[float, dict[str
     env["PREFECT_HOME"] = str(prefect_home)
     command = [str(Path(sys.executable).parent / "capfilt"), "run", "--preset", preset, "--out", str(out)]
     command += ["--n-web", str(n_web)] if n_web else []
+    command += ["--rounds", str(rounds)] if rounds is not None else []
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -63,6 +65,7 @@ def run(quick: bool = False, repeats: int | None = None, preset: str | None = No
     report = Report("end-to-end", quick, machine(), notes=[
         f"`capfilt run --preset {preset}` at {', '.join(f'{s}x' for s in scales)} web pairs, once each "
         "(a run is minutes long); stage times from each run's Prefect task runs",
+        *(["quick: generation 0 only (--rounds 0)"] if quick else []),
     ])
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-e2e-") as folder:
         base_pairs = None
@@ -70,7 +73,7 @@ def run(quick: bool = False, repeats: int | None = None, preset: str | None = No
         for scale in scales:
             out = Path(folder) / f"{scale}x"
             load_before = load_1min()
-            seconds, stages = run_flow(preset, out, base_pairs and base_pairs * scale)
+            seconds, stages = run_flow(preset, out, base_pairs and base_pairs * scale, QUICK_ROUNDS if quick else None)
             base_pairs = base_pairs or world_pairs(out)
             pairs = base_pairs * scale
             totals[scale] = seconds

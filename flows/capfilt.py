@@ -73,6 +73,20 @@ class RunSettings:
     seed: int = 0
     world: WorldConfig = WorldConfig(n_web=2000, n_human=500, n_test=100)  # made when no url_list is given
 
+    def __post_init__(self) -> None:
+        """Fail before any work, naming the setting to fix."""
+        at_least = {"rounds": 0, "itc_warmup_steps": 0, "easy_negative_steps": 0, "pretrain_steps": 1,
+                    "finetune_steps": 1, "clip_steps": 1, "batch_size": 1, "train_cpus": 1, "num_captions": 1,
+                    "top_k": 1, "k_test": 1, "inference_batch_size": 1, "concurrency": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if not 0.0 <= self.itm_threshold <= 1.0:
+            raise ValueError(f"itm_threshold must be a probability in [0, 1], got {self.itm_threshold!r}")
+        if not self.lr > 0 or self.num_gpus < 0:
+            raise ValueError(f"lr must be > 0 and num_gpus ≥ 0, got lr={self.lr!r}, num_gpus={self.num_gpus!r}")
+
 
 RUN_PRESETS = {
     "tiny": RunSettings(),  # the README demo
