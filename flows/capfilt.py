@@ -259,7 +259,7 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
     return evaluate.EvaluateConfig(
         checkpoint=model.checkpoint_dir, test_annotations=inputs.test_annotations,
         test_image_root=inputs.test_image_root, world_dir=inputs.world_dir, k_test=settings.k_test,
-        batch_size=settings.inference_batch_size, ray_address=settings.ray_address,
+        batch_size=settings.inference_batch_size, num_gpus=settings.num_gpus, ray_address=settings.ray_address,
     )
 
 
