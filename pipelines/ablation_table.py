@@ -104,8 +104,10 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
     filtered = [arm for arm in summary["arms"] if (arm["data"]["filter"] or {}).get("removed")]
     if filtered:
         noise_types = sorted(filtered[0]["data"]["filter"]["by_noise_type"])
-        lines += ["", "## Filter on the web pairs' injected noise", "",
-                  "| arm | precision | recall | " + " | ".join(f"{t} removed" for t in noise_types) + " |",
+        lines += ["", "## Web pairs each arm leaves out, against the injected noise", "",
+                  "Precision: the share of the left-out web pairs that carry noise; recall: the share of the noisy "
+                  "web pairs left out. Arms without the filter leave out only empty captions and failed downloads.",
+                  "", "| arm | precision | recall | " + " | ".join(f"{t} removed" for t in noise_types) + " |",
                   "|---|---|---|" + "---|" * len(noise_types)]
         for arm in filtered:
             metrics = arm["data"]["filter"]
