@@ -25,9 +25,9 @@ from pipelines.manifest import Generation, ManifestError, read_part
 from pipelines.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
     ActorPoolConfig,
+    CaptionScoringStage,
     ImageModelActor,
     Row,
-    caption_requests,
     captioned_shards,
     check_config,
     commit_shard,
@@ -104,20 +104,10 @@ def _stats(rows: list[Row], threshold: float, model_ref: str | None) -> dict[str
 
 
 @dataclass(frozen=True)
-class _Filtering:
+class _Filtering(CaptionScoringStage):
     config: FilterConfig
-    target: Generation
     name: ClassVar[str] = STAGE
-
-    def rows(self, shard: str) -> list[Row]:
-        """The shard as the caption stage left it (a re-run after a crash ignores a half-done filter)."""
-        return undo_from(read_part(self.target.part_path(shard)).to_pylist(), STAGE)
-
-    def requests(self, shard: str) -> pa.Table:
-        return caption_requests(shard, self.rows(shard), self.config.max_caption_chars)
-
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        return FilterActor, {"config": self.config, "dataset_dir": self.target.path.parent}
+    actor_class: ClassVar[type[ImageModelActor]] = FilterActor
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         itm, itc = scores_by_sample(results, "itm"), scores_by_sample(results, "itc")

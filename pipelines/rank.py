@@ -17,20 +17,19 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import torch
 
-from pipelines.manifest import Generation, read_part
+from pipelines.manifest import Generation
 from pipelines.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
     ActorPoolConfig,
+    CaptionScoringStage,
     ImageModelActor,
     Row,
-    caption_requests,
     check_config,
     rejected,
     rows_table,
     run_sharded_inference,
     scores_by_sample,
     shards_finished_by,
-    undo_from,
 )
 from vlp_core.checkpoint import file_digest
 from vlp_core.clip import load_clip
@@ -108,20 +107,10 @@ def keep_top_k(rows: list[Row], clip_score: dict[str, float], top_k: int) -> lis
 
 
 @dataclass(frozen=True)
-class _Ranking:
+class _Ranking(CaptionScoringStage):
     config: RankConfig
-    target: Generation
     name: ClassVar[str] = STAGE
-
-    def rows(self, shard: str) -> list[Row]:
-        """The shard as the filter left it."""
-        return undo_from(read_part(self.target.part_path(shard)).to_pylist(), STAGE)
-
-    def requests(self, shard: str) -> pa.Table:
-        return caption_requests(shard, self.rows(shard), self.config.max_caption_chars)
-
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        return RankActor, {"config": self.config, "dataset_dir": self.target.path.parent}
+    actor_class: ClassVar[type[ImageModelActor]] = RankActor
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         clip_score = scores_by_sample(results, "clip")

@@ -25,7 +25,7 @@ import ray
 import torch
 
 from pipelines.images import ImageRefError, ImageStore
-from pipelines.manifest import SAMPLE_SCHEMA, Generation, ManifestError
+from pipelines.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
 from pipelines.ray_runtime import init_ray
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 
@@ -223,6 +223,27 @@ class ShardedStage(Protocol):
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         """The shard's new rows given one result per request, and the marker's stats."""
+
+
+@dataclass(frozen=True)
+class CaptionScoringStage:
+    """A `ShardedStage` that scores the kept captions of `target` in place (filter, rank); subclasses
+    name the stage and its actor and write `merge`."""
+
+    config: Any                 # the stage's config: `max_caption_chars`, and what its actor reads
+    target: Generation
+    name: ClassVar[str]
+    actor_class: ClassVar[type[ImageModelActor]]
+
+    def rows(self, shard: str) -> list[Row]:
+        """The shard as the stage before left it (a re-run after a crash ignores a half-done pass)."""
+        return undo_from(read_part(self.target.part_path(shard)).to_pylist(), self.name)
+
+    def requests(self, shard: str) -> pa.Table:
+        return caption_requests(shard, self.rows(shard), self.config.max_caption_chars)
+
+    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
+        return self.actor_class, {"config": self.config, "dataset_dir": self.target.path.parent}
 
 
 @dataclass
