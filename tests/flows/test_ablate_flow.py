@@ -60,7 +60,12 @@ def test_the_table_has_every_arm_and_seed(ablation_run) -> None:
     no_capfilt, capfilt = summary["arms"]
     removed = no_capfilt["data"]["filter"]["by_noise_type"]
     assert no_capfilt["data"]["filter"]["removed"] == removed["empty"]["removed"], "no ITM filter: empty ones only"
-    assert capfilt["data"]["filter"]["removed"] > no_capfilt["data"]["filter"]["removed"]
+    rows = pq.read_table(out / "data_manifests" / "web" / "gen-0001" / "samples").to_pylist()
+    threshold = summary["settings"]["itm_threshold"]
+    below = sum(row["caption_source"] == "web" and row["itm_score"] is not None and row["itm_score"] < threshold
+                for row in rows)
+    assert capfilt["data"]["filter"]["removed"] == no_capfilt["data"]["filter"]["removed"] + below, \
+        "the ITM filter leaves out the scored web captions below the threshold as well"
     assert {run["checkpoint"] for run in no_capfilt["runs"]}.isdisjoint(run["checkpoint"] for run in capfilt["runs"])
 
 

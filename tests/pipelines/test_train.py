@@ -238,24 +238,28 @@ def test_two_workers_pretrain_with_ddp_and_share_the_itc_queue(ray_local, genera
     assert sorted(Counter(queued_ids.tolist()).values()) == [2] * 8
 
 
+KILLED_RUN_STEPS = 40  # the worker outlives its killed driver for a moment; it must not finish the run in it
+
+
 @pytest.mark.slow
 def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, generation, micro_checkpoint, tmp_path,
                                                                    kill_midway):
     """A real SIGKILL of the driver between checkpoints; the re-run resumes and ends with the same model."""
     import ray
 
-    config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=6, checkpoint_every=2,
+    config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=KILLED_RUN_STEPS, checkpoint_every=2,
                          ray_address=ray.get_runtime_context().gcs_address, **FAST)
     killed = tmp_path / "killed"
     code = (
         "from pathlib import Path\n"
         "from pipelines.manifest import Generation\n"
         "from pipelines.train import TrainConfig, pretrain\n"
-        f"config = TrainConfig(init_checkpoint=Path({str(micro_checkpoint)!r}), max_steps=6, checkpoint_every=2, "
+        f"config = TrainConfig(init_checkpoint=Path({str(micro_checkpoint)!r}), max_steps={KILLED_RUN_STEPS}, "
+        "checkpoint_every=2, "
         f"ray_address={config.ray_address!r}, **{FAST!r})\n"
         f"pretrain(config, Generation(Path({str(generation.root)!r}), 'world', 1), Path({str(killed)!r}))\n"
     )
-    steps = ["step-2", "step-4", "step-6"]
+    steps = [f"step-{step}" for step in range(2, KILLED_RUN_STEPS + 1, 2)]
     kill_midway(code, generation, "pretrain", steps,
                 finished=lambda step: (killed / "checkpoints" / step / STATE_FILE).is_file())
 
