@@ -22,6 +22,7 @@ from prefect.cache_policies import NONE
 
 from pipelines import assemble, caption, download, evaluate, filter as filtering, rank, report, train
 from pipelines.manifest import Generation, config_digest, manifest_digest
+from pipelines.shards import check_config
 from pipelines.train_tasks import CLIP_WEIGHTS_FILE
 from vlp_core.checkpoint import file_digest
 from pipelines.world import WorldConfig, WorldPaths, make_world
@@ -78,14 +79,15 @@ class RunSettings:
         at_least = {"rounds": 0, "itc_warmup_steps": 0, "easy_negative_steps": 0, "pretrain_steps": 1,
                     "finetune_steps": 1, "clip_steps": 1, "batch_size": 1, "train_cpus": 1, "num_captions": 1,
                     "top_k": 1, "k_test": 1, "inference_batch_size": 1, "concurrency": 1}
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
-        if not 0.0 <= self.itm_threshold <= 1.0:
-            raise ValueError(f"itm_threshold must be a probability in [0, 1], got {self.itm_threshold!r}")
-        if not self.lr > 0 or self.num_gpus < 0:
-            raise ValueError(f"lr must be > 0 and num_gpus ≥ 0, got lr={self.lr!r}, num_gpus={self.num_gpus!r}")
+        integers = {name: (getattr(self, name), low) for name, low in at_least.items()}
+        check_config(type(self).__name__, [
+            *((isinstance(value, int) and not isinstance(value, bool) and value >= low,
+               f"{name} must be an integer ≥ {low}, got {value!r}") for name, (value, low) in integers.items()),
+            (0.0 <= self.itm_threshold <= 1.0,
+             f"itm_threshold must be a probability in [0, 1], got {self.itm_threshold!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (self.num_gpus >= 0, f"num_gpus must be ≥ 0, got {self.num_gpus!r}"),
+        ])
 
 
 RUN_PRESETS = {

@@ -255,8 +255,7 @@ def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, g
         "from pipelines.manifest import Generation\n"
         "from pipelines.train import TrainConfig, pretrain\n"
         f"config = TrainConfig(init_checkpoint=Path({str(micro_checkpoint)!r}), max_steps={KILLED_RUN_STEPS}, "
-        "checkpoint_every=2, "
-        f"ray_address={config.ray_address!r}, **{FAST!r})\n"
+        f"checkpoint_every=2, ray_address={config.ray_address!r}, **{FAST!r})\n"
         f"pretrain(config, Generation(Path({str(generation.root)!r}), 'world', 1), Path({str(killed)!r}))\n"
     )
     steps = [f"step-{step}" for step in range(2, KILLED_RUN_STEPS + 1, 2)]
