@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlp_core.bert_blocks import add_norm, embed, feed_forward, layer_norm, linear, merge_heads, split_heads
 from vlp_core.blip import BlipModel
 
 COMPACT_BELOW = 0.5  # the self-attention cache is compacted when fewer of its slots are live
@@ -53,35 +54,36 @@ class BlipDecoder:
         self.slot_in_image = torch.empty(0)      # (B,) image * copies + rank of the row among its image's rows
 
     def start(self, copies: int) -> torch.Tensor:
-        num_images, device = len(self.image_embeds), self.image_embeds.device
-        hidden = self._embed(self.prompt_ids.expand(num_images, -1), 0)  # (N, Lp, D): the prompt once per image
+        num_images, device, heads = len(self.image_embeds), self.image_embeds.device, self.num_heads
+        hidden = embed(self.embeddings, self.prompt_ids.expand(num_images, -1))  # (N, Lp, D): the prompt once per image
         self.cross_cache = []
         for index, layer in enumerate(self.layers):
             attention = layer.attention.self
-            keys, values = (self._split(_linear(hidden, part)) for part in (attention.key, attention.value))
+            query, keys, values = (split_heads(linear(hidden, part), heads)
+                                   for part in (attention.query, attention.key, attention.value))
             if index == 0:
                 self.self_cache = keys.new_empty(len(self.layers), 2, num_images * copies, keys.shape[1],
                                                  self.max_length, keys.shape[-1])
             self.self_cache[index, :, :, :, : keys.shape[2]] = torch.stack([keys, values]).repeat_interleave(copies, 1)
-            context = F.scaled_dot_product_attention(self._split(_linear(hidden, attention.query)), keys, values,
-                                                     is_causal=True)
-            hidden = _add_norm(layer.attention.output, self._merge(context), hidden)
+            context = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+            hidden = add_norm(layer.attention.output, merge_heads(context), hidden)
             cross = layer.crossattention.self
-            self.cross_cache.append((self._split(_linear(self.image_embeds, cross.key)),
-                                     self._split(_linear(self.image_embeds, cross.value))))
-            context = F.scaled_dot_product_attention(self._split(_linear(hidden, cross.query)), *self.cross_cache[-1])
-            hidden = self._feed_forward(layer, _add_norm(layer.crossattention.output, self._merge(context), hidden))
+            self.cross_cache.append((split_heads(linear(self.image_embeds, cross.key), heads),
+                                     split_heads(linear(self.image_embeds, cross.value), heads)))
+            context = F.scaled_dot_product_attention(split_heads(linear(hidden, cross.query), heads),
+                                                     *self.cross_cache[-1])
+            hidden = feed_forward(layer, add_norm(layer.crossattention.output, merge_heads(context), hidden))
         self.length, self.copies, self.live = len(self.prompt_ids), copies, None
         self.row_image = torch.arange(num_images, device=device).repeat_interleave(copies)
         self.slot_in_image = torch.arange(num_images * copies, device=device)
         return self._logits(hidden[:, -1]).repeat_interleave(copies, dim=0)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self._embed(tokens.unsqueeze(1), self.length)[:, 0]  # (B, D)
+        hidden = embed(self.embeddings, tokens.unsqueeze(1), self.length)[:, 0]  # (B, D)
         for index, layer in enumerate(self.layers):
-            hidden = _add_norm(layer.attention.output, self._self_attend(index, layer, hidden), hidden)
-            hidden = _add_norm(layer.crossattention.output, self._cross_attend(index, layer, hidden), hidden)
-            hidden = self._feed_forward(layer, hidden)
+            hidden = add_norm(layer.attention.output, self._self_attend(index, layer, hidden), hidden)
+            hidden = add_norm(layer.crossattention.output, self._cross_attend(index, layer, hidden), hidden)
+            hidden = feed_forward(layer, hidden)
         self.length += 1
         return self._logits(hidden)
 
@@ -103,7 +105,7 @@ class BlipDecoder:
     def _self_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): each row's new token against its cached tokens and itself (added to the cache)."""
         attention, cache, position = layer.attention.self, self.self_cache[index], self.length
-        query, key, value = (self._split(_linear(hidden, part))
+        query, key, value = (split_heads(linear(hidden, part), self.num_heads)
                              for part in (attention.query, attention.key, attention.value))  # (B, heads, hd)
         slots = slice(None) if self.live is None else self.live
         cache[0, slots, :, position], cache[1, slots, :, position] = key, value
@@ -117,48 +119,14 @@ class BlipDecoder:
         """(B, D) -> (B, D): each row's query against its image's keys/values, batched per image."""
         keys, values = self.cross_cache[index]
         queries = hidden.new_zeros(len(keys) * self.copies, hidden.shape[-1])
-        queries[self.slot_in_image] = _linear(hidden, layer.crossattention.self.query)
+        queries[self.slot_in_image] = linear(hidden, layer.crossattention.self.query)
         queries = queries.view(len(keys), self.copies, self.num_heads, -1).transpose(1, 2)
         context = F.scaled_dot_product_attention(queries, keys, values)  # (n, heads, copies, head_dim)
         return context.transpose(1, 2).reshape(len(keys) * self.copies, -1)[self.slot_in_image]
 
-    def _embed(self, input_ids: torch.Tensor, offset: int) -> torch.Tensor:
-        """(B, L) ids at positions offset.. -> (B, L, D), as BlipTextEmbeddings."""
-        embeddings = self.embeddings
-        positions = embeddings.position_embeddings.weight[offset : offset + input_ids.shape[1]]
-        return _norm(embeddings.LayerNorm, F.embedding(input_ids, embeddings.word_embeddings.weight) + positions)
-
-    def _feed_forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        intermediate = layer.intermediate
-        return _add_norm(layer.output, intermediate.intermediate_act_fn(_linear(hidden, intermediate.dense)), hidden)
-
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, vocab_limit) float logits, as BlipTextLMPredictionHead."""
         transform = self.head.transform
-        hidden = _norm(transform.LayerNorm, transform.transform_act_fn(_linear(hidden, transform.dense)))
+        hidden = layer_norm(transform.LayerNorm, transform.transform_act_fn(linear(hidden, transform.dense)))
         limit = self.vocab_limit
         return F.linear(hidden, self.head.decoder.weight[:limit], self.head.decoder.bias[:limit]).float()
-
-    def _split(self, states: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, heads, L, head_dim), or (B, D) -> (B, heads, head_dim)."""
-        if states.ndim == 2:
-            return states.view(len(states), self.num_heads, -1)
-        return states.view(*states.shape[:2], self.num_heads, -1).transpose(1, 2)
-
-    @staticmethod
-    def _merge(context: torch.Tensor) -> torch.Tensor:
-        """(B, heads, L, head_dim) -> (B, L, D)."""
-        return context.transpose(1, 2).flatten(2)
-
-
-def _linear(states: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(states, layer.weight, layer.bias)
-
-
-def _norm(norm: torch.nn.LayerNorm, states: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(states, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _add_norm(output: torch.nn.Module, states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """A BERT output block (dense, then LayerNorm of the sum with the residual)."""
-    return _norm(output.LayerNorm, _linear(states, output.dense) + residual)

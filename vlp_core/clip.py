@@ -57,7 +57,7 @@ class ClipRanker:
     def text_features(self, captions: list[str]) -> torch.Tensor:
         """``K`` captions -> ``(K, E)`` L2-normalised features (float32)."""
         with self._autocast():
-            features = self.model.encode_text(self.tokenizer(captions).to(self.device))
+            features = encode_text_to_last_token(self.model, self.tokenizer(captions).to(self.device))
         return F.normalize(features.float(), dim=-1)
 
     def scores(self, image_features: torch.Tensor, captions: list[list[str]]) -> list[torch.Tensor]:
@@ -86,6 +86,29 @@ class ClipRanker:
             text_features = self.model.encode_text(self.tokenizer(captions).to(self.device), normalize=True)
         loss = ClipLoss()(image_features.float(), text_features.float(), self.model.logit_scale.exp())
         return {"contrastive_loss": loss}
+
+
+def encode_text_to_last_token(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` of ``(K, context_length)`` tokens -> ``(K, E)`` features, run only up to
+    the longest caption's end token instead of the whole context (77 tokens for open_clip's ViTs).
+
+    With a causal mask and pooling at the end token, a caption's feature never sees the padding after it,
+    so cutting the padding changes nothing but the cost. Other text towers run ``encode_text`` as is.
+    """
+    length = int((tokens != 0).sum(dim=1).max())  # the tokenizer pads with 0 after [EOT]
+    trimmable = (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
+                 and model.attn_mask is not None)
+    if not trimmable or length >= tokens.shape[1]:
+        return model.encode_text(tokens)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    hidden = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    hidden = model.ln_final(model.transformer(hidden, attn_mask=model.attn_mask[:length, :length]))
+    pooled = hidden[torch.arange(len(tokens), device=tokens.device), tokens.argmax(dim=-1)]  # the end token
+    projection = model.text_projection
+    if isinstance(projection, torch.nn.Linear):
+        return projection(pooled)
+    return pooled if projection is None else pooled @ projection
 
 
 def load_clip(model_name: str, checkpoint: Path | None = None, device: str | torch.device = "cpu") -> ClipRanker:

@@ -1,7 +1,8 @@
 """Filter scores for candidate captions: BLIP's ITM match probability and ITC cosine similarity.
 
-Each image is encoded once; its patch embeddings are repeated over its own candidates for ITM, and
-the text side is batched across images, so a batch mixes candidates of many images.
+Each image is encoded once, and its cross-attention keys/values are projected once for all its
+candidates (`BlipTextEncoder`); the text side is batched across images, so a batch mixes candidates of
+many images.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlp_core.blip import BlipModel
+from vlp_core.blip_encoder import BlipTextEncoder
 from vlp_core.inference import inference_mode
 from vlp_core.tokenizer import special_ids, tokenize
 
@@ -47,27 +49,31 @@ def score_captions(
     itc_scores: list[float] = []
     with inference_mode(model) as device:
         image_embeds = model.encode_image(pixel_values.to(device))  # (N, 1+P, Dv), once per image
+        encoder = BlipTextEncoder(model)
         for start in range(0, len(texts), batch_size):
             owner = torch.tensor(owners[start : start + batch_size], device=device)
             input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
                                                  model.config.max_text_length)
-            itm, itc = _score_batch(model, image_embeds, owner, input_ids.to(device), attention_mask.to(device),
-                                    special_ids(tokenizer).enc)
+            itm, itc = _score_batch(model, encoder, image_embeds, owner, input_ids.to(device),
+                                    attention_mask.to(device), special_ids(tokenizer).enc)
             itm_scores += itm.tolist()
             itc_scores += itc.tolist()
     return _split_per_image(captions, itm_scores, itc_scores)
 
 
-def _score_batch(model: BlipModel, image_embeds: torch.Tensor, owner: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, enc_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_batch(model: BlipModel, encoder: BlipTextEncoder, image_embeds: torch.Tensor, owner: torch.Tensor,
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor, enc_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM match probability and ITC similarity (b,) of b captions (b, L) against their images:
-    row i against image_embeds[owner[i]] (N, 1+P, Dv)."""
-    image_embeds = image_embeds[owner]  # (b, 1+P, Dv): each image repeated over its own captions
-    text_features = model.text_features(model.encode_text(input_ids, attention_mask))
-    itc = (text_features.float() * model.image_features(image_embeds).float()).sum(dim=-1)
+    row i against image_embeds[owner[i]] (N, 1+P, Dv). The images of the batch are projected to
+    cross-attention keys/values once each (an image cut by a batch boundary: once per batch)."""
+    images, owner_in_batch = owner.unique(return_inverse=True)  # owners are sorted: images in caption order
+    batch_images = image_embeds[images]
+    text_features = model.text_features(encoder(input_ids, attention_mask))
+    itc = (text_features.float() * model.image_features(batch_images)[owner_in_batch].float()).sum(dim=-1)
     itm_ids = input_ids.clone()
     itm_ids[:, 0] = enc_id  # the image-grounded encoder reads [ENC] in place of [CLS]
-    itm = model.itm_logits(image_embeds, itm_ids, attention_mask).float().softmax(dim=-1)[:, 1]
+    hidden = encoder(itm_ids, attention_mask, encoder.image_keys_values(batch_images), owner_in_batch)
+    itm = model.itm_head(hidden[:, 0]).float().softmax(dim=-1)[:, 1]
     return itm, itc
 
 

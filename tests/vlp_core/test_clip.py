@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from vlp_core.checkpoint import UnsafeCheckpointError
-from vlp_core.clip import load_clip, save_clip
+from vlp_core.clip import encode_text_to_last_token, load_clip, save_clip
 
 CAPTIONS = [["a red circle", "a blue square", "click to buy"], [], ["a small green triangle"]]
 
@@ -32,6 +32,23 @@ def test_scores_are_cosine_similarities_per_candidate(ranker, images):
         image = ranker.model.encode_image(images[:1], normalize=True)
     assert scores[0][1].item() == pytest.approx((image @ text.t()).item(), abs=1e-5)
     assert all(-1.0 <= s.min() and s.max() <= 1.0 for s in scores if len(s))
+
+
+@pytest.mark.parametrize("model_name", ["clip_tiny", "ViT-B-32"])
+def test_text_features_skip_the_padding_and_equal_open_clips(model_name):
+    torch.manual_seed(0)
+    ranker = load_clip(model_name)
+    captions = ["a blue square", "a large red circle to the left of a small green triangle", ""]
+    tokens = ranker.tokenizer(captions)
+    widths = []
+    hook = ranker.model.transformer.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    with torch.no_grad():
+        ours = encode_text_to_last_token(ranker.model, tokens)
+        hook.remove()
+        whole_context = ranker.model.encode_text(tokens)
+    longest = int((tokens != 0).sum(dim=1).max())  # [SOT], words, [EOT] of the longest caption
+    assert widths == [longest] and longest < tokens.shape[1]
+    torch.testing.assert_close(ours, whole_context, atol=1e-5, rtol=1e-4)
 
 
 def test_image_features_are_computed_once_per_image(ranker, images):

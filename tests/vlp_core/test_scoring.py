@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vlp_core.blip_encoder import BlipTextEncoder
 from vlp_core.scoring import CaptionScores, score_captions
 from vlp_core.tokenizer import special_ids, tokenize
 
@@ -91,3 +92,15 @@ def test_empty_inputs(model, tokenizer, pixels):
 def test_bad_inputs_are_explained(model, tokenizer, pixels, captions, batch_size, message):
     with pytest.raises(ValueError, match=message):
         score_captions(model, tokenizer, pixels, captions, batch_size=batch_size)
+
+
+def test_cross_attention_keys_values_are_projected_once_per_image(model, tokenizer, pixels, monkeypatch):
+    projected = []
+    original = BlipTextEncoder.image_keys_values
+    monkeypatch.setattr(BlipTextEncoder, "image_keys_values",
+                        lambda self, image_embeds: projected.append(len(image_embeds)) or original(self, image_embeds))
+    score_captions(model, tokenizer, pixels, CAPTIONS, batch_size=64)
+    assert projected == [3]  # one batch holds every caption; image 1 has none
+    projected.clear()
+    score_captions(model, tokenizer, pixels, CAPTIONS, batch_size=2)
+    assert projected == [1, 2, 1]  # owners per batch: [0 0] [0 2] [3 3]; image 0 is cut by a batch boundary
