@@ -54,3 +54,21 @@ def test_allowed_networks_let_exactly_those_addresses_through() -> None:
 def test_bad_allowed_network_fails_fast() -> None:
     with pytest.raises(ValueError, match="not a CIDR"):
         UrlPolicy(allowed_networks=("localhost",))
+
+
+def test_check_many_resolves_each_host_once_and_agrees_with_check() -> None:
+    dns = {"images.example": ["93.184.215.14"], "sneaky.example": ["10.0.0.5"]}
+    lookups = []
+
+    def resolve(host: str) -> list[str]:
+        lookups.append(host)
+        if host not in dns:
+            raise OSError("Name or service not known")
+        return dns[host]
+
+    urls = [*(f"https://images.example/{i}.jpg" for i in range(5)), "https://sneaky.example/a.jpg",
+            "http://nowhere.invalid/a.jpg", "ftp://images.example/a.jpg", "http:///a.jpg", "http://[::1/a.jpg"]
+    verdicts = UrlPolicy(resolver=resolve).check_many(urls)
+    assert sorted(lookups) == ["images.example", "nowhere.invalid", "sneaky.example"]
+    assert verdicts == [UrlPolicy(resolver=resolve).check(url) for url in urls]
+    assert verdicts[:5] == [None] * 5 and all(verdicts[5:])
