@@ -18,7 +18,10 @@ COMPACT_BELOW = 0.5  # the self-attention cache is compacted when fewer of its s
 
 
 class BlipDecoder:
-    """BLIP's text decoder run one token at a time, on the weights of `model.text_decoder` (no copies).
+    """BLIP's text decoder run one token at a time, on the weights of `model.text_decoder`.
+
+    - each layer's query, key and value projections run as one product per step (their weights are
+      concatenated once per decoder: the only copy of a weight it makes);
 
     - self-attention keys/values live in one preallocated buffer (layers, 2, slots, heads, prompt +
       max_new, head_dim), written in place at each step. A dropped row keeps its slot until fewer than
@@ -40,6 +43,7 @@ class BlipDecoder:
         self.embeddings = decoder.bert.embeddings
         self.layers = list(decoder.bert.encoder.layer)
         self.head = decoder.cls.predictions
+        self.query_key_value = [_fused_projection(layer.attention.self) for layer in self.layers]
         self.num_heads = model.config.text.num_heads
         self.vocab_limit = vocab_limit or model.config.text.vocab_size
         self.image_embeds = image_embeds
@@ -81,7 +85,7 @@ class BlipDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = embed(self.embeddings, tokens.unsqueeze(1), self.length)[:, 0]  # (B, D)
         for index, layer in enumerate(self.layers):
-            hidden = add_norm(layer.attention.output, self._self_attend(index, layer, hidden), hidden)
+            hidden = add_norm(layer.attention.output, self._self_attend(index, hidden), hidden)
             hidden = add_norm(layer.crossattention.output, self._cross_attend(index, layer, hidden), hidden)
             hidden = feed_forward(layer, hidden)
         self.length += 1
@@ -102,11 +106,11 @@ class BlipDecoder:
         rank[order] = torch.arange(len(rows), device=rows.device) - torch.searchsorted(ordered, ordered)
         self.slot_in_image = self.row_image * self.copies + rank
 
-    def _self_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _self_attend(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): each row's new token against its cached tokens and itself (added to the cache)."""
-        attention, cache, position = layer.attention.self, self.self_cache[index], self.length
-        query, key, value = (split_heads(linear(hidden, part), self.num_heads)
-                             for part in (attention.query, attention.key, attention.value))  # (B, heads, hd)
+        cache, position = self.self_cache[index], self.length
+        query, key, value = F.linear(hidden, *self.query_key_value[index]).view(
+            len(hidden), 3, self.num_heads, -1).unbind(1)  # (B, heads, hd) each
         slots = slice(None) if self.live is None else self.live
         cache[0, slots, :, position], cache[1, slots, :, position] = key, value
         if self.live is not None:  # dead slots attend too (cheaper than gathering the live ones' cache)
@@ -130,3 +134,9 @@ class BlipDecoder:
         hidden = layer_norm(transform.LayerNorm, transform.transform_act_fn(linear(hidden, transform.dense)))
         limit = self.vocab_limit
         return F.linear(hidden, self.head.decoder.weight[:limit], self.head.decoder.bias[:limit]).float()
+
+
+def _fused_projection(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A self-attention's query, key and value projections as one: (3D, D) weight, (3D,) bias."""
+    parts = (attention.query, attention.key, attention.value)
+    return torch.cat([part.weight for part in parts]), torch.cat([part.bias for part in parts])
