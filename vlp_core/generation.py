@@ -38,7 +38,7 @@ from vlp_core.tokenizer import special_ids
 
 METHODS = ("nucleus", "greedy", "beam")
 NEG_INF = float("-inf")
-NUCLEUS_CANDIDATES = 64  # tokens ranked first by nucleus sampling; a trained captioner's nucleus is far smaller
+NUCLEUS_CANDIDATES = 32  # tokens ranked first by nucleus sampling; a trained captioner's nucleus is far smaller
 
 # --------------------------------------------------------------------------- token rules
 
