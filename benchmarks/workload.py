@@ -48,11 +48,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_blip(preset: str = "tiny", device: str | None = None) -> tuple[BlipModel, PreTrainedTokenizerBase]:
-    """`preset` with random weights and a tokenizer trained on world captions (its vocabulary is the model's)."""
+def random_blip(preset: str = "tiny", device: str | None = None, image_size: int | None = None
+                ) -> tuple[BlipModel, PreTrainedTokenizerBase]:
+    """`preset` with random weights and a tokenizer trained on world captions (its vocabulary is the model's);
+    `image_size` overrides the preset's (e.g. 384 px, the size of BLIP's released retrieval checkpoints)."""
     config = load_preset(preset)
     tokenizer = train_tokenizer(world_captions(2000), vocab_size=config.text.vocab_size)
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=len(tokenizer)))
+    vision = dataclasses.replace(config.vision, image_size=image_size or config.vision.image_size)
+    config = dataclasses.replace(config, vision=vision,
+                                 text=dataclasses.replace(config.text, vocab_size=len(tokenizer)))
     torch.manual_seed(SEED)
     return BlipModel(config).to(device or default_device()), tokenizer
 
