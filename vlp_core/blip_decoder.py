@@ -20,21 +20,22 @@ COMPACT_BELOW = 0.5  # the self-attention cache is compacted when fewer of its s
 class BlipDecoder:
     """BLIP's text decoder run one token at a time, on the weights of `model.text_decoder`.
 
-    - each layer's query, key and value projections run as one product per step (their weights are
-      concatenated once per decoder: the only copy of a weight it makes);
-
     - self-attention keys/values live in one preallocated buffer (layers, 2, prompt + max_new, slots,
-      heads, head_dim), written in place at each step. Positions come first so that the tokens so far
-      are one contiguous block: decoding is bound by reading them, and a strided read is ~3x slower. A dropped row keeps its slot until fewer than
-      `COMPACT_BELOW` of the slots are live: only the self-attention still runs over dead slots, every
-      other operation over live rows only. So the buffer is not copied at every drop;
+      heads, head_dim), written in place at each step. Positions come first, so that the tokens so far
+      are one contiguous block: decoding is bound by reading them, and a strided read was ~3x slower.
+      A dropped row keeps its slot until fewer than `COMPACT_BELOW` of the slots are live: only the
+      self-attention still runs over dead slots, every other operation over live rows only. So the
+      buffer is not copied at every drop;
+    - each layer's query, key and value projections are one product per step (their weights are
+      concatenated once per decoder, the only copy of a weight it makes);
     - cross-attention keys/values are computed once per image and never repeated per row: the
       rows of an image attend to them together, one (copies x patches) product per image and head;
     - logits are computed only for the ids below `vocab_limit` (the ones a tokenizer can decode).
 
     Rows are image-major after `start`; `keep` may drop, reorder and repeat them, as long as no image
-    holds more than `copies` rows. The arithmetic is transformers' (the same weights and operations, in
-    the same order); attention goes through `scaled_dot_product_attention`.
+    holds more than `copies` rows. The arithmetic is transformers' (the same weights and operations);
+    cross-attention and the prompt go through `scaled_dot_product_attention`, each new token's
+    self-attention through `_attend_one`.
     """
 
     def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
