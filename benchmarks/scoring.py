@@ -39,6 +39,7 @@ class Scorer:
     """BLIP filter and CLIP ranker (random weights) of one size, on the same images and captions."""
 
     def __init__(self, preset: str, image_size: int | None = None) -> None:
+        self.preset = preset
         self.model, self.tokenizer = random_blip(preset, image_size=image_size)
         self.model.eval()
         self.clip_model = CLIP_MODELS[preset]
@@ -93,7 +94,7 @@ def scorer_inputs(scorer: Scorer, images: int) -> tuple[torch.Tensor, torch.Tens
     return pixels, clip_pixels, candidate_captions(images, CANDIDATES)
 
 
-def marginal_caption_cost(report: Report, preset: str, scorer: Scorer, images: int, repeats: int) -> None:
+def marginal_caption_cost(report: Report, scorer: Scorer, images: int, repeats: int) -> None:
     """Figures: one more caption's cost against one image encode (BLIP + CLIP vision), K and 2K candidates
     timed in turns with the encode alone, so that load changes hit all three alike."""
     pixels, clip_pixels, captions = scorer_inputs(scorer, images)
@@ -107,7 +108,7 @@ def marginal_caption_cost(report: Report, preset: str, scorer: Scorer, images: i
     caption_cost = (statistics.median(double) - statistics.median(single)) / (images * CANDIDATES)
     image_cost = statistics.median(encode) / images
     size = scorer.model.config.vision.image_size
-    label = f"{preset} ({size} px) + {scorer.clip_model}, {images} images"
+    label = f"{scorer.preset} ({size} px) + {scorer.clip_model}, {images} images"
     report.figures[f"{label}: marginal cost of one caption (ms)"] = 1000 * caption_cost
     report.figures[f"{label}: cost of one image encode, BLIP + CLIP vision (ms)"] = 1000 * image_cost
     report.figures[f"{label}: marginal caption / image encode (goal <= 0.2)"] = caption_cost / image_cost
@@ -135,8 +136,8 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
         f"{images} images x {CANDIDATES} captions", "captions/s", images * CANDIDATES,
         lambda: scorer.naive(pixels, clip_pixels, captions), lambda: scorer.ours(pixels, clip_pixels, captions),
         repeats))
-    marginal_caption_cost(report, "tiny", scorer, images, repeats)
+    marginal_caption_cost(report, scorer, images, repeats)
     if not quick:
         for image_size in (None, RETRIEVAL_IMAGE_SIZE):
-            marginal_caption_cost(report, "base", Scorer("base", image_size), BASE_IMAGES, min(repeats, 3))
+            marginal_caption_cost(report, Scorer("base", image_size), BASE_IMAGES, min(repeats, 3))
     return report

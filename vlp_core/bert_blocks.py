@@ -43,6 +43,20 @@ def split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
     return states.view(*states.shape[:2], num_heads, -1).transpose(1, 2)
 
 
+def project_heads(states: torch.Tensor, projections: tuple[torch.nn.Linear, ...], num_heads: int
+                  ) -> tuple[torch.Tensor, ...]:
+    """Each of `projections` applied to (B, L, D) states, split into heads: (B, H, L, D / H) each."""
+    return tuple(split_heads(linear(states, projection), num_heads) for projection in projections)
+
+
+def cross_keys_values(layer: torch.nn.Module, image_embeds: torch.Tensor, num_heads: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's cross-attention keys and values of (n, 1+P, Dv) image embeddings: (n, H, 1+P, D / H) each.
+    The encoder and the decoder share these weights, so both compute them here."""
+    cross = layer.crossattention.self
+    return project_heads(image_embeds, (cross.key, cross.value), num_heads)
+
+
 def merge_heads(context: torch.Tensor) -> torch.Tensor:
     """(B, H, L, D / H) -> (B, L, D)."""
     return context.transpose(1, 2).flatten(2)

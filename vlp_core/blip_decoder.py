@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlp_core.bert_blocks import add_norm, embed, feed_forward, layer_norm, linear, merge_heads, split_heads
+from vlp_core.bert_blocks import (add_norm, cross_keys_values, embed, feed_forward, layer_norm, linear, merge_heads,
+                                  project_heads, split_heads)
 from vlp_core.blip import BlipModel
 
 COMPACT_BELOW = 0.5  # the self-attention cache is compacted when fewer of its slots are live
@@ -65,8 +66,7 @@ class BlipDecoder:
         self.cross_cache = []
         for index, layer in enumerate(self.layers):
             attention = layer.attention.self
-            query, keys, values = (split_heads(linear(hidden, part), heads)
-                                   for part in (attention.query, attention.key, attention.value))
+            query, keys, values = project_heads(hidden, (attention.query, attention.key, attention.value), heads)
             if index == 0:
                 self.self_cache = keys.new_empty(len(self.layers), 2, self.max_length, num_images * copies,
                                                  heads, keys.shape[-1])
@@ -74,11 +74,9 @@ class BlipDecoder:
             self.self_cache[index, :, : keys.shape[2]] = prompt_cache.permute(0, 3, 1, 2, 4)
             context = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
             hidden = add_norm(layer.attention.output, merge_heads(context), hidden)
-            cross = layer.crossattention.self
-            self.cross_cache.append((split_heads(linear(self.image_embeds, cross.key), heads),
-                                     split_heads(linear(self.image_embeds, cross.value), heads)))
-            context = F.scaled_dot_product_attention(split_heads(linear(hidden, cross.query), heads),
-                                                     *self.cross_cache[-1])
+            self.cross_cache.append(cross_keys_values(layer, self.image_embeds, heads))
+            query = split_heads(linear(hidden, layer.crossattention.self.query), heads)
+            context = F.scaled_dot_product_attention(query, *self.cross_cache[-1])
             hidden = feed_forward(layer, add_norm(layer.crossattention.output, merge_heads(context), hidden))
         self.length, self.copies, self.live = len(self.prompt_ids), copies, None
         self.row_image = torch.arange(num_images, device=device).repeat_interleave(copies)

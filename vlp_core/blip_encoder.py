@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlp_core.bert_blocks import add_norm, embed, feed_forward, linear, merge_heads, split_heads
+from vlp_core.bert_blocks import (add_norm, cross_keys_values, embed, feed_forward, linear, merge_heads, project_heads,
+                                  split_heads)
 from vlp_core.blip import BlipModel
 
 ImageKeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: cross-attention keys, values (n, H, 1+P, D/H)
@@ -33,9 +34,7 @@ class BlipTextEncoder:
 
     def image_keys_values(self, image_embeds: torch.Tensor) -> ImageKeysValues:
         """(n, 1+P, Dv) image embeddings -> every layer's cross-attention keys and values of each image."""
-        return [tuple(split_heads(linear(image_embeds, part), self.num_heads)
-                      for part in (layer.crossattention.self.key, layer.crossattention.self.value))
-                for layer in self.layers]
+        return [cross_keys_values(layer, image_embeds, self.num_heads) for layer in self.layers]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  images: ImageKeysValues | None = None, owner: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,8 +46,8 @@ class BlipTextEncoder:
         padding = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys that may be attended
         for index, layer in enumerate(self.layers):
             attention = layer.attention.self
-            query, keys, values = (split_heads(linear(hidden, part), self.num_heads)
-                                   for part in (attention.query, attention.key, attention.value))
+            query, keys, values = project_heads(hidden, (attention.query, attention.key, attention.value),
+                                                self.num_heads)
             context = F.scaled_dot_product_attention(query, keys, values, attn_mask=padding)
             hidden = add_norm(layer.attention.output, merge_heads(context), hidden)
             if images is not None:

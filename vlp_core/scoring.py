@@ -49,20 +49,21 @@ def score_captions(
     itc_scores: list[float] = []
     with inference_mode(model) as device:
         image_embeds = model.encode_image(pixel_values.to(device))  # (N, 1+P, Dv), once per image
-        encoder = BlipTextEncoder(model)
+        encoder, enc_id = BlipTextEncoder(model), special_ids(tokenizer).enc
         for start in range(0, len(texts), batch_size):
             owner = torch.tensor(owners[start : start + batch_size], device=device)
             input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
                                                  model.config.max_text_length)
             itm, itc = _score_batch(model, encoder, image_embeds, owner, input_ids.to(device),
-                                    attention_mask.to(device), special_ids(tokenizer).enc)
+                                    attention_mask.to(device), enc_id)
             itm_scores += itm.tolist()
             itc_scores += itc.tolist()
     return _split_per_image(captions, itm_scores, itc_scores)
 
 
 def _score_batch(model: BlipModel, encoder: BlipTextEncoder, image_embeds: torch.Tensor, owner: torch.Tensor,
-                 input_ids: torch.Tensor, attention_mask: torch.Tensor, enc_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor, enc_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM match probability and ITC similarity (b,) of b captions (b, L) against their images:
     row i against image_embeds[owner[i]] (N, 1+P, Dv). The images of the batch are projected to
     cross-attention keys/values once each (an image cut by a batch boundary: once per batch)."""
