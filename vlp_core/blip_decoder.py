@@ -30,13 +30,14 @@ class BlipDecoder:
     - each layer's query, key and value projections are one product per step (their weights are
       concatenated once per decoder, the only copy of a weight it makes);
     - cross-attention keys/values are computed once per image and never repeated per row: the
-      rows of an image attend to them together, one (copies x patches) product per image and head;
+      rows of an image attend to them together, one (width x patches) product per image and head,
+      `width` being the most rows any image has left. While every image has that many (e.g. one
+      image per batch) the rows are that grid already and are neither scattered into it nor gathered;
     - logits are computed only for the ids below `vocab_limit` (the ones a tokenizer can decode).
 
-    Rows are image-major after `start`; `keep` may drop, reorder and repeat them, as long as no image
-    holds more than `copies` rows. The arithmetic is transformers' (the same weights and operations);
-    cross-attention and the prompt go through `scaled_dot_product_attention`, each new token's
-    self-attention through `_attend_one`.
+    Rows are image-major after `start`; `keep` may drop, reorder and repeat them. The arithmetic is
+    transformers' (the same weights and operations); cross-attention and the prompt go through
+    `scaled_dot_product_attention`, each new token's self-attention through `_attend_one`.
     """
 
     def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
@@ -46,19 +47,22 @@ class BlipDecoder:
         self.embeddings = decoder.bert.embeddings
         self.layers = list(decoder.bert.encoder.layer)
         self.head = decoder.cls.predictions
+        self.vocab_limit = vocab_limit or model.config.text.vocab_size
+        self.logit_weight = self.head.decoder.weight[: self.vocab_limit]  # views, sliced once
+        self.logit_bias = self.head.decoder.bias[: self.vocab_limit]
         self.query_key_value = [_fused_projection(layer.attention.self) for layer in self.layers]
         self.num_heads = model.config.text.num_heads
-        self.vocab_limit = vocab_limit or model.config.text.vocab_size
         self.image_embeds = image_embeds
         self.prompt_ids = prompt_ids
         self.max_length = len(prompt_ids) + max_new_tokens
         self.length = 0                          # tokens in every row's self-attention cache
-        self.copies = 1
+        self.width = 1                           # rows per image in the cross-attention grid
         self.self_cache = torch.empty(0)         # (layers, 2, max_length, slots, heads, head_dim)
         self.live: torch.Tensor | None = None    # (B,) the slot of each row; None: row i is in slot i
         self.cross_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, keys and values (n, heads, 1+P, hd)
         self.row_image = torch.empty(0)          # (B,) each row's image in the cross cache
-        self.slot_in_image = torch.empty(0)      # (B,) image * copies + rank of the row among its image's rows
+        self.grid_slot: torch.Tensor | None = None  # (B,) image * width + rank of the row among its image's
+                                                    # rows; None: row i is grid slot i
 
     def start(self, copies: int) -> torch.Tensor:
         num_images, device, heads = len(self.image_embeds), self.image_embeds.device, self.num_heads
@@ -78,9 +82,8 @@ class BlipDecoder:
             query = split_heads(linear(hidden, layer.crossattention.self.query), heads)
             context = F.scaled_dot_product_attention(query, *self.cross_cache[-1])
             hidden = feed_forward(layer, add_norm(layer.crossattention.output, merge_heads(context), hidden))
-        self.length, self.copies, self.live = len(self.prompt_ids), copies, None
+        self.length, self.width, self.live, self.grid_slot = len(self.prompt_ids), copies, None, None
         self.row_image = torch.arange(num_images, device=device).repeat_interleave(copies)
-        self.slot_in_image = torch.arange(num_images * copies, device=device)
         return self._logits(hidden[:, -1]).repeat_interleave(copies, dim=0)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -105,7 +108,11 @@ class BlipDecoder:
         ordered, order = self.row_image.sort(stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(rows), device=rows.device) - torch.searchsorted(ordered, ordered)
-        self.slot_in_image = self.row_image * self.copies + rank
+        self.width = int(rank.max()) + 1
+        grid_slot = self.row_image * self.width + rank
+        in_place = len(rows) == len(images) * self.width and bool(
+            (grid_slot == torch.arange(len(rows), device=rows.device)).all())
+        self.grid_slot = None if in_place else grid_slot
 
     def _self_attend(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): each row's new token against its cached tokens and itself (added to the cache)."""
@@ -122,18 +129,20 @@ class BlipDecoder:
     def _cross_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): each row's query against its image's keys/values, batched per image."""
         keys, values = self.cross_cache[index]
-        queries = hidden.new_zeros(len(keys) * self.copies, hidden.shape[-1])
-        queries[self.slot_in_image] = linear(hidden, layer.crossattention.self.query)
-        queries = queries.view(len(keys), self.copies, self.num_heads, -1).transpose(1, 2)
-        context = F.scaled_dot_product_attention(queries, keys, values)  # (n, heads, copies, head_dim)
-        return context.transpose(1, 2).reshape(len(keys) * self.copies, -1)[self.slot_in_image]
+        queries = linear(hidden, layer.crossattention.self.query)
+        if self.grid_slot is not None:
+            queries = queries.new_zeros(len(keys) * self.width, queries.shape[-1]).index_copy_(
+                0, self.grid_slot, queries)
+        queries = queries.view(len(keys), self.width, self.num_heads, -1).transpose(1, 2)
+        context = F.scaled_dot_product_attention(queries, keys, values)  # (n, heads, width, head_dim)
+        context = context.transpose(1, 2).reshape(len(keys) * self.width, -1)
+        return context if self.grid_slot is None else context[self.grid_slot]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, vocab_limit) float logits, as BlipTextLMPredictionHead."""
         transform = self.head.transform
         hidden = layer_norm(transform.LayerNorm, transform.transform_act_fn(linear(hidden, transform.dense)))
-        limit = self.vocab_limit
-        return F.linear(hidden, self.head.decoder.weight[:limit], self.head.decoder.bias[:limit]).float()
+        return F.linear(hidden, self.logit_weight, self.logit_bias).float()
 
 
 def _fused_projection(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 Work per call, for N images and K captions (or beams) each:
 - each image is encoded once, and the prompt runs once per image; that pass also computes the
   decoder's cross-attention keys/values, which stay per image: the K rows of an image attend to them
-  together (one K x patches product), so they are neither repeated nor copied per row;
+  together (one rows x patches product, rows <= K), so they are neither repeated nor copied per row;
 - each step feeds one new token per unfinished row; self-attention keys/values go into a preallocated
   cache, and logits are computed only for ids the tokenizer can decode;
 - rows that have finished are dropped from the batch together with their cache entries, and an
@@ -162,7 +162,8 @@ def nucleus_choice(top_p: float, temperature: float, draws: RowDraws) -> TokenCh
     """Sample from the top-p nucleus of softmax(logits / temperature) with each row's own draw."""
 
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return nucleus_sample((logits / temperature).softmax(dim=-1), top_p, draws()[rows])
+        scaled = logits if temperature == 1.0 else logits / temperature
+        return nucleus_sample(scaled.softmax(dim=-1), top_p, draws()[rows])
 
     return choose
 

@@ -272,16 +272,19 @@ def test_cached_logits_equal_full_recomputation(model, tokenizer, pixels):
     # 3 images x 2 rows: drop one row, reorder, repeat a row (as beams do), keep one image only
     keeps = [[0, 1, 3, 4, 5], [3, 0, 2], [1, 1, 0], [2]]
     tokens = torch.tensor([5, 9, 7, 6, 8, 10])
+    grids = []  # (width, rows already in grid order) of the cross-attention after each keep
     with torch.no_grad():
         torch.testing.assert_close(cached.start(2), reference.start(2), atol=1e-5, rtol=1e-5)
         for step, keep in enumerate(map(torch.tensor, keeps)):
             torch.testing.assert_close(cached.step(tokens), reference.step(tokens), atol=1e-5, rtol=1e-5)
             cached.keep(keep)
             reference.keep(keep)
+            grids.append((cached.width, cached.grid_slot is None))
             if step == 0:
                 assert cached.live is not None  # the dropped row's cache slot is not compacted away yet
             tokens = tokens[keep] + 1
         torch.testing.assert_close(cached.step(tokens), reference.step(tokens), atol=1e-5, rtol=1e-5)
+    assert grids == [(2, False), (1, False), (2, False), (1, True)]
 
 
 @pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
