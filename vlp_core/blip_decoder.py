@@ -105,13 +105,13 @@ class BlipDecoder:
         images, self.row_image = self.row_image[rows].unique(return_inverse=True)
         if len(images) < len(self.cross_cache[0][0]):  # all rows of some images finished: drop those images
             self.cross_cache = [(keys[images], values[images]) for keys, values in self.cross_cache]
+        positions = torch.arange(len(rows), device=rows.device)
         ordered, order = self.row_image.sort(stable=True)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(rows), device=rows.device) - torch.searchsorted(ordered, ordered)
+        rank[order] = positions - torch.searchsorted(ordered, ordered)
         self.width = int(rank.max()) + 1
         grid_slot = self.row_image * self.width + rank
-        in_place = len(rows) == len(images) * self.width and bool(
-            (grid_slot == torch.arange(len(rows), device=rows.device)).all())
+        in_place = len(rows) == len(images) * self.width and bool((grid_slot == positions).all())
         self.grid_slot = None if in_place else grid_slot
 
     def _self_attend(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
