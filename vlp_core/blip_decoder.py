@@ -121,18 +121,15 @@ class BlipDecoder:
             len(hidden), 3, self.num_heads, -1).unbind(1)  # (B, heads, hd) each
         slots = slice(None) if self.live is None else self.live
         cache[0, position, slots], cache[1, position, slots] = key, value
-        if self.live is not None:  # dead slots attend too (cheaper than gathering the live ones' cache)
-            query = query.new_zeros(cache.shape[2], *query.shape[1:]).index_copy_(0, self.live, query)
+        # dead slots attend too: cheaper than gathering the live ones' cache
+        query = _spread(query, self.live, cache.shape[2])
         context = _attend_one(query, cache[0, : position + 1], cache[1, : position + 1])
         return context[slots].flatten(1)
 
     def _cross_attend(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): each row's query against its image's keys/values, batched per image."""
         keys, values = self.cross_cache[index]
-        queries = linear(hidden, layer.crossattention.self.query)
-        if self.grid_slot is not None:
-            queries = queries.new_zeros(len(keys) * self.width, queries.shape[-1]).index_copy_(
-                0, self.grid_slot, queries)
+        queries = _spread(linear(hidden, layer.crossattention.self.query), self.grid_slot, len(keys) * self.width)
         queries = queries.view(len(keys), self.width, self.num_heads, -1).transpose(1, 2)
         context = F.scaled_dot_product_attention(queries, keys, values)  # (n, heads, width, head_dim)
         context = context.transpose(1, 2).reshape(len(keys) * self.width, -1)
@@ -149,6 +146,14 @@ def _fused_projection(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.T
     """A self-attention's query, key and value projections as one: (3D, D) weight, (3D,) bias."""
     parts = (attention.query, attention.key, attention.value)
     return torch.cat([part.weight for part in parts]), torch.cat([part.bias for part in parts])
+
+
+def _spread(rows: torch.Tensor, slots: torch.Tensor | None, count: int) -> torch.Tensor:
+    """(B, ...) rows placed at `slots` (B,) of a zeroed (count, ...) tensor; the rows themselves when
+    `slots` is None (row i is slot i)."""
+    if slots is None:
+        return rows
+    return rows.new_zeros(count, *rows.shape[1:]).index_copy_(0, slots, rows)
 
 
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
