@@ -42,6 +42,12 @@ class ClipRanker:
         self.preprocess = preprocess  # PIL image -> (3, H, W) normalised tensor
         self.device = device
 
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        """``K`` captions -> ``(K, context_length)`` token ids on the model's device (tokenized on the CPU)."""
+        with torch.device("cpu"):  # open_clip's tokenizer makes its tensor without naming a device
+            tokens = self.tokenizer(captions)
+        return tokens.to(self.device, non_blocking=True)
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
@@ -57,7 +63,7 @@ class ClipRanker:
     def text_features(self, captions: list[str]) -> torch.Tensor:
         """``K`` captions -> ``(K, E)`` L2-normalised features (float32)."""
         with self._autocast():
-            features = encode_text_to_last_token(self.model, self.tokenizer(captions).to(self.device))
+            features = encode_text_to_last_token(self.model, self.tokens(captions))
         return F.normalize(features.float(), dim=-1)
 
     def scores(self, image_features: torch.Tensor, captions: list[list[str]]) -> list[torch.Tensor]:
@@ -74,7 +80,7 @@ class ClipRanker:
             raise ValueError(f"got {len(image_features)} images but {len(captions)} caption lists")
         flat = [caption for candidates in captions for caption in candidates]
         if not flat:
-            return [torch.zeros(0) for _ in captions]
+            return [torch.zeros(0, device="cpu") for _ in captions]
         text_features = self.text_features(flat).split([len(candidates) for candidates in captions])
         image_features = image_features.to(self.device)
         return [(text @ image).cpu() for image, text in zip(image_features, text_features)]
@@ -83,7 +89,7 @@ class ClipRanker:
         """open_clip's symmetric InfoNCE on a batch of N matched pairs, for training the ranker."""
         with self._autocast():
             image_features = self.model.encode_image(images.to(self.device), normalize=True)
-            text_features = self.model.encode_text(self.tokenizer(captions).to(self.device), normalize=True)
+            text_features = self.model.encode_text(self.tokens(captions), normalize=True)
         loss = ClipLoss()(image_features.float(), text_features.float(), self.model.logit_scale.exp())
         return {"contrastive_loss": loss}
 

@@ -137,21 +137,21 @@ TokenChooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, V) lo
 
 
 def row_draws(num_images: int, copies: int, steps: int, generator: torch.Generator | None = None,
-              seeds: Sequence[int] | None = None) -> RowDraws:
+              seeds: Sequence[int] | None = None, *, device: torch.device) -> RowDraws:
     """Uniform draws for all N * copies rows and `steps` steps, drawn up front (finished rows keep
-    theirs, so nothing shifts); each call returns the next step's.
+    theirs, so nothing shifts) and placed on `device` (the rows'); each call returns the next step's.
 
-    With `seeds` (one per image) image i's rows draw from their own generator seeded with seeds[i]:
-    its captions then do not depend on which other images share the batch. Otherwise every row draws
-    from `generator` (torch's global CPU generator when None).
+    With `seeds` (one per image) image i's rows draw from their own CPU generator seeded with seeds[i]:
+    its captions then do not depend on which other images share the batch, nor on the device. Otherwise
+    every row draws from `generator` (torch's global CPU generator when None), on the generator's device.
     """
     if seeds is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-        table = torch.rand(steps, num_images * copies, generator=generator, device=device)
+        source = generator.device if generator is not None else torch.device("cpu")
+        table = torch.rand(steps, num_images * copies, generator=generator, device=source)
     else:
-        table = torch.cat([torch.rand(steps, copies, generator=torch.Generator().manual_seed(seed))
+        table = torch.cat([torch.rand(steps, copies, generator=torch.Generator().manual_seed(seed), device="cpu")
                            for seed in seeds], dim=1)
-    return iter(table).__next__
+    return iter(table.to(device)).__next__
 
 
 def greedy_choice(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -174,20 +174,20 @@ def sample_tokens(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch
     (N * copies lists, image-major), [SEP] included when produced."""
     logits = decoder.start(copies)
     history = prompt_ids.expand(len(logits), -1)
-    rows = torch.arange(len(logits))
+    rows = torch.arange(len(logits), device=logits.device)
     results: list[list[int]] = [[] for _ in range(len(logits))]
     for generated in range(rules.max_length):
         next_ids = choose(rules.apply(logits, history, generated), rows)
         history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
         done = (next_ids == rules.sep_id) | (generated + 1 == rules.max_length)
-        for row, token_ids in zip(rows[done.cpu()].tolist(), history[done, len(prompt_ids):].tolist(), strict=True):
+        for row, token_ids in zip(rows[done].tolist(), history[done, len(prompt_ids):].tolist(), strict=True):
             results[row] = token_ids
         alive = (~done).nonzero().squeeze(1)
         if len(alive) == 0:
             break
         if len(alive) < len(done):
             decoder.keep(alive)
-            history, rows, next_ids = history[alive], rows[alive.cpu()], next_ids[alive]
+            history, rows, next_ids = history[alive], rows[alive], next_ids[alive]
         logits = decoder.step(next_ids)
     return results
 
@@ -301,7 +301,7 @@ def generate(
         if method == "beam":
             per_image = beam_search(decoder, rules, prompt_tensor, len(pixel_values), num_beams, num_captions)
         else:
-            draws = row_draws(len(pixel_values), num_captions, max_length, generator, seeds)
+            draws = row_draws(len(pixel_values), num_captions, max_length, generator, seeds, device=device)
             choose = greedy_choice if method == "greedy" else nucleus_choice(top_p, temperature, draws)
             rows = sample_tokens(decoder, rules, prompt_tensor, num_captions, choose)
             per_image = [rows[i : i + num_captions] for i in range(0, len(rows), num_captions)]

@@ -50,14 +50,14 @@ class FeatureQueue(nn.Module):
     Until the buffer is full, only the filled columns are returned.
     """
 
-    def __init__(self, dim: int, size: int) -> None:
+    def __init__(self, dim: int, size: int, device: torch.device) -> None:
         super().__init__()
         if dim <= 0 or size <= 0:
             raise ValueError(f"queue dim and size must be positive, got dim={dim}, size={size}")
-        self.register_buffer("_features", torch.zeros(dim, size))
-        self.register_buffer("_ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_features", torch.zeros(dim, size, device=device))
+        self.register_buffer("_ids", torch.full((size,), -1, dtype=torch.long, device=device))
+        self.register_buffer("_ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("_count", torch.zeros((), dtype=torch.long, device=device))
 
     @property
     def size(self) -> int:
@@ -82,8 +82,7 @@ class FeatureQueue(nn.Module):
                 f"got {tuple(features.shape)} and {tuple(ids.shape)}"
             )
         features, ids = features[-self.size :], ids[-self.size :]  # more than the queue: keep the newest
-        slots = (int(self._ptr) + torch.arange(features.shape[0])) % self.size
-        slots = slots.to(self._features.device)
+        slots = (int(self._ptr) + torch.arange(features.shape[0], device=self._features.device)) % self.size
         self._features[:, slots] = features.detach().to(self._features.dtype).t()
         self._ids[slots] = ids.to(self._ids.dtype)
         self._ptr.fill_((int(self._ptr) + features.shape[0]) % self.size)

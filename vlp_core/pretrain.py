@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from vlp_core.blip import BlipModel
+from vlp_core.inference import model_device
 from vlp_core.losses import itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from vlp_core.momentum import FeatureQueue, ema_update, gather_from_all_ranks
 from vlp_core.tokenizer import SpecialIds
@@ -51,8 +52,9 @@ class BlipPretrainer(nn.Module):
         if "itc" in objectives:
             self.momentum_model = copy.deepcopy(model).requires_grad_(False)
             del self.momentum_model.text_decoder, self.momentum_model.itm_head  # only the encoders are needed
-            self.image_queue = FeatureQueue(config.embed_dim, config.queue_size)
-            self.text_queue = FeatureQueue(config.embed_dim, config.queue_size)
+            device = model_device(model)  # the queues live with the model, wherever it was placed
+            self.image_queue = FeatureQueue(config.embed_dim, config.queue_size, device)
+            self.text_queue = FeatureQueue(config.embed_dim, config.queue_size, device)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_ids: torch.Tensor, alpha: float, generator: torch.Generator | None = None,

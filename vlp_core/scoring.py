@@ -53,9 +53,8 @@ def score_captions(
         for start in range(0, len(texts), batch_size):
             owner = torch.tensor(owners[start : start + batch_size], device=device)
             input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
-                                                 model.config.max_text_length)
-            itm, itc = _score_batch(model, encoder, image_embeds, owner, input_ids.to(device),
-                                    attention_mask.to(device), enc_id)
+                                                 model.config.max_text_length, device)
+            itm, itc = _score_batch(model, encoder, image_embeds, owner, input_ids, attention_mask, enc_id)
             itm_scores += itm.tolist()
             itc_scores += itc.tolist()
     return _split_per_image(captions, itm_scores, itc_scores)

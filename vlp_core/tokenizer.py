@@ -91,12 +91,12 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     return ids
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int,
+             device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``[CLS] caption [SEP]`` right-padded to the longest caption (truncated to ``max_length``).
 
-    Returns ``input_ids`` and ``attention_mask``, both LongTensor ``(B, L)`` with ``L <= max_length``.
-    For ITM put ``special_ids(tokenizer).enc`` in column 0, for the decoder ``.dec``.
+    Returns ``input_ids`` and ``attention_mask``, both LongTensor ``(B, L)`` on ``device`` with
+    ``L <= max_length``. For ITM put ``special_ids(tokenizer).enc`` in column 0, for the decoder ``.dec``.
     """
     if isinstance(captions, str):
         raise TypeError("tokenize expects a list of captions, not a single string")
@@ -105,7 +105,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length
         padding="longest",
         truncation=True,
         max_length=max_length,
-        return_tensors="pt",
         return_token_type_ids=False,
     )
-    return batch["input_ids"], batch["attention_mask"]
+    return (torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
+            torch.tensor(batch["attention_mask"], dtype=torch.long, device=device))

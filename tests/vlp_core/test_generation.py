@@ -204,7 +204,7 @@ def test_greedy_loop_matches_step_by_step_argmax_and_drops_finished_rows():
 @pytest.mark.parametrize("min_length,max_length", [(0, 1), (3, 3), (2, 7)])
 def test_sampled_lengths_respect_the_limits(min_length, max_length):
     rules = DecodingRules(sep_id=SEP, vocab_limit=3, min_length=min_length, max_length=max_length)
-    choose = nucleus_choice(0.9, 1.0, row_draws(4, 5, max_length, torch.Generator().manual_seed(0)))
+    choose = nucleus_choice(0.9, 1.0, row_draws(4, 5, max_length, torch.Generator().manual_seed(0), device=torch.device("cpu")))
     for caption in sample_tokens(ToyDecoder(num_images=4, vocab=3), rules, PROMPT, copies=5, choose=choose):
         assert SEP not in caption[:-1] and len(caption) <= max_length
         assert caption[-1] == SEP or len(caption) == max_length
@@ -296,7 +296,8 @@ def test_cached_decoding_equals_recomputing_decoding(model, tokenizer, pixels, m
             if method == "beam":
                 outputs.append(beam_search(decoder, rules, prompt, len(pixels), num_beams=3, num_captions=3))
             else:
-                draws = row_draws(len(pixels), 4, rules.max_length, torch.Generator().manual_seed(3))
+                draws = row_draws(len(pixels), 4, rules.max_length, torch.Generator().manual_seed(3),
+                                  device=torch.device("cpu"))
                 copies, choose = (1, greedy_choice) if method == "greedy" else (4, nucleus_choice(0.9, 1.0, draws))
                 outputs.append(sample_tokens(decoder, rules, prompt, copies, choose))
     assert outputs[0] == outputs[1]

@@ -35,7 +35,7 @@ def test_ema_update_rejects_different_modules():
 
 
 def test_queue_fills_then_wraps_around():
-    queue = FeatureQueue(dim=2, size=5)
+    queue = FeatureQueue(dim=2, size=5, device=torch.device("cpu"))
     assert queue.features.shape == (2, 0) and queue.ids.shape == (0,)
     queue.enqueue(torch.tensor([[0.0, 0], [1, 1], [2, 2]]), torch.tensor([0, 1, 2]))
     assert queue.ids.tolist() == [0, 1, 2]
@@ -49,9 +49,9 @@ def test_queue_fills_then_wraps_around():
 
 
 def test_queue_state_round_trips_through_state_dict():
-    queue = FeatureQueue(dim=3, size=4)
+    queue = FeatureQueue(dim=3, size=4, device=torch.device("cpu"))
     queue.enqueue(torch.randn(3, 3), torch.tensor([7, 8, 9]))
-    restored = FeatureQueue(dim=3, size=4)
+    restored = FeatureQueue(dim=3, size=4, device=torch.device("cpu"))
     restored.load_state_dict(queue.state_dict())
     assert torch.equal(restored.features, queue.features) and restored.ids.tolist() == [7, 8, 9]
     restored.enqueue(torch.zeros(2, 3), torch.tensor([1, 2]))
@@ -60,7 +60,7 @@ def test_queue_state_round_trips_through_state_dict():
 
 def test_queue_rejects_wrong_shapes():
     with pytest.raises(ValueError, match=r"features \(B, 3\)"):
-        FeatureQueue(dim=3, size=4).enqueue(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
+        FeatureQueue(dim=3, size=4, device=torch.device("cpu")).enqueue(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
 
 
 def test_alpha_ramp():
