@@ -7,7 +7,7 @@ import importlib
 from pathlib import Path
 
 from benchmarks.harness import Report, save_reports
-from pipelines.cli import Commands, add_command
+from pipelines.cli.main import Commands, add_command
 
 # benchmark name -> module with `run(quick, repeats, **options) -> Report`
 BENCHMARKS = {
@@ -20,7 +20,7 @@ BENCHMARKS = {
 
 
 def add_bench_command(commands: Commands) -> None:
-    """Add `bench` to the `capfilt` command (an extension of `pipelines.cli.main`)."""
+    """Add `bench` to the `capfilt` command (an extension of `pipelines.cli.main.main`)."""
     help_text = ("Benchmark a part of the pipeline against its obvious alternative, measured side by side "
                  "(alternating runs, min/median/max); `all` runs every benchmark.")
     bench = add_command(commands, "bench", _bench, help_text)

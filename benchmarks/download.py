@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import Report, compare, machine
-from pipelines.download import LOOPBACK, DownloadConfig, download
-from pipelines.manifest import Generation
-from pipelines.world import WorldConfig, make_world
-from pipelines.world_server import WorldServer
+from pipelines.manifests.manifest import Generation
+from pipelines.stages.download import LOOPBACK, DownloadConfig, download
+from pipelines.world.generate import WorldConfig, make_world
+from pipelines.world.server import WorldServer
 
 URLS, QUICK_URLS = 2000, 100
 SLOW_SECONDS = 0.1  # the world's `slow` URLs; the default 2 s would make the timings mostly waiting
@@ -43,7 +43,8 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
         f"{n_urls} URLs of a synthetic world (with its broken URLs: 404, corrupt, HTML, slow {SLOW_SECONDS} s) "
         f"served on 127.0.0.1; {config.threads} threads, {config.processes} process, "
         f"{config.samples_per_shard} samples per shard",
-        "baseline: raw img2dataset.download; ours: pipelines.download.download (URL policy, manifest parts, markers)",
+        "baseline: raw img2dataset.download; ours: pipelines.stages.download.download (URL policy, manifest parts, "
+        "markers)",
     ])
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-download-") as folder:
         root = Path(folder)

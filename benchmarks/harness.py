@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.atomic import atomic_write_text
+from pipelines.manifests.atomic import atomic_write_text
 
 
 def machine() -> dict[str, Any]:

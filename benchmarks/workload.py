@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from pipelines.world_grammar import describe, sample_scene
-from pipelines.world_render import render_scene
+from pipelines.world.grammar import describe, sample_scene
+from pipelines.world.render import render_scene
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import load_checkpoint
 from vlp_core.config import load_preset

@@ -35,11 +35,11 @@ from flows.capfilt import (
     stage_task,
     training_dir,
 )
-from pipelines import ablate as ablation
-from pipelines.ablation_table import ablation_summary, arm_summary, write_ablation
-from pipelines.assemble import AssembleConfig
-from pipelines.manifest import Generation, manifest_digest
-from pipelines.world import load_world
+from pipelines.manifests.manifest import Generation, manifest_digest
+from pipelines.report.ablation_table import ablation_summary, arm_summary, write_ablation
+from pipelines.stages import ablate as ablation
+from pipelines.stages.assemble import AssembleConfig
+from pipelines.world.generate import load_world
 
 DEFAULT_SEEDS = (0, 1, 2)
 
@@ -71,7 +71,7 @@ def capfilt_ablate(
     world_seed: int = 0,
     n_web: int | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate every arm (default: all of `pipelines.ablate.ARMS`) with every seed (default 0, 1, 2)
+    """Train and evaluate every arm (default: all of `pipelines.stages.ablate.ARMS`) with every seed (default 0, 1, 2)
     on the same inputs and budget. Without `url_list`, a synthetic world is made and served."""
     chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.ARMS))
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)

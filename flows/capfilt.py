@@ -20,12 +20,16 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from pipelines import assemble, caption, download, evaluate, filter as filtering, rank, report, train
-from pipelines.manifest import Generation, config_digest, manifest_digest
-from pipelines.shards import check_config
-from pipelines.train_tasks import CLIP_WEIGHTS_FILE
+from pipelines.manifests.manifest import Generation, config_digest, manifest_digest
+from pipelines.report import report
+from pipelines.stages import assemble, caption, download, evaluate, rank
+from pipelines.stages import filter as filtering
+from pipelines.stages.shards import check_config
+from pipelines.training import stages as train
+from pipelines.training.config import TrainConfig
+from pipelines.training.tasks import CLIP_WEIGHTS_FILE
+from pipelines.world.generate import WorldConfig, WorldPaths, make_world
 from vlp_core.checkpoint import file_digest
-from pipelines.world import WorldConfig, WorldPaths, make_world
 
 DATASET = "web"
 
@@ -209,7 +213,7 @@ def clip_ranker(settings: RunSettings, inputs: Inputs, out: Path) -> Path:
     return run.checkpoint_dir / CLIP_WEIGHTS_FILE
 
 
-def pretrain_config(settings: RunSettings, seed: int | None = None) -> train.TrainConfig:
+def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConfig:
     """BLIP pretraining from the preset's random weights (ITC warm-up first)."""
     return replace(_training(settings, settings.pretrain_steps, preset=settings.model_preset,
                              itc_warmup_steps=settings.itc_warmup_steps),
@@ -247,9 +251,9 @@ def capfilt_round(settings: RunSettings, inputs: Inputs, out: Path, model: train
 
 
 def _training(settings: RunSettings, steps: int, *, preset: str | None = None, init_checkpoint: Path | None = None,
-              itc_warmup_steps: int = 0, cpus: int | None = None) -> train.TrainConfig:
+              itc_warmup_steps: int = 0, cpus: int | None = None) -> TrainConfig:
     """Training settings: from a preset's random weights, from a checkpoint, or (neither) the CLIP ranker."""
-    return train.TrainConfig(
+    return TrainConfig(
         preset=preset, init_checkpoint=init_checkpoint, max_steps=steps, batch_size=settings.batch_size,
         lr=settings.lr, seed=settings.seed, itc_warmup_steps=itc_warmup_steps,
         easy_negative_steps=settings.easy_negative_steps, cpus_per_worker=cpus or settings.train_cpus,
@@ -265,7 +269,7 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
     )
 
 
-def training_dir(out: Path, task_name: str, config: train.TrainConfig, source_digest: str) -> Path:
+def training_dir(out: Path, task_name: str, config: TrainConfig, source_digest: str) -> Path:
     """A training's folder, named by its settings and its input: same inputs, same folder (so it resumes)."""
     key = config_digest({"config": config.to_dict(), "source": source_digest}).removeprefix("sha256:")
     return out / "train" / f"{task_name}-{key}"

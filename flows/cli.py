@@ -1,4 +1,4 @@
-"""The `capfilt` console script: the stage commands of `pipelines.cli` plus the flow commands."""
+"""The `capfilt` console script: the stage commands of `pipelines.cli.main` plus the flow commands."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.cli import add_bench_command
-from pipelines.cli import Commands, add_command, format_generations
-from pipelines.cli import main as pipelines_main
+from pipelines.cli.main import Commands, add_command, format_generations
+from pipelines.cli.main import main as pipelines_main
 
 
 def add_flow_commands(commands: Commands) -> None:
@@ -119,6 +119,8 @@ def _ablate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `capfilt` console script. `pipelines_main` sets the offline environment before anything else; the
+    flow and bench commands import Prefect and the models only in their handlers, after it."""
     return pipelines_main(argv, add_flow_commands, add_bench_command)
 
 

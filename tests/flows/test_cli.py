@@ -8,7 +8,7 @@ import pytest
 
 from flows.capfilt import run_setup
 from flows.cli import add_flow_commands, main
-from pipelines.cli import build_parser
+from pipelines.cli.main import build_parser
 
 COMMANDS = sorted(build_parser(add_flow_commands)._subparsers._group_actions[0].choices)
 

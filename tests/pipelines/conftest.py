@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipelines.shards
-from pipelines.download import DownloadConfig, download
-from pipelines.manifest import Generation
-from pipelines.world import WorldConfig, WorldPaths, make_world
-from pipelines.world_server import WorldServer
+import pipelines.stages.shards
+from pipelines.manifests.manifest import Generation
+from pipelines.stages.download import DownloadConfig, download
+from pipelines.world.generate import WorldConfig, WorldPaths, make_world
+from pipelines.world.server import WorldServer
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import save_checkpoint
 from vlp_core.clip import load_clip, save_clip
@@ -97,7 +97,7 @@ def no_inference(monkeypatch):
     """Make any model inference through the stages' shard loop fail loudly."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was run")
-    monkeypatch.setattr(pipelines.shards, "_map_requests", refuse)
+    monkeypatch.setattr(pipelines.stages.shards, "_map_requests", refuse)
 
 
 @pytest.fixture

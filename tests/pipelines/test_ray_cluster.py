@@ -17,7 +17,7 @@ import pytest
 from processes import free_port, stop_group, wait_until
 
 from flows.cli import main
-from pipelines.manifest import Generation
+from pipelines.manifests.manifest import Generation
 
 BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)

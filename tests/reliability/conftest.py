@@ -12,8 +12,8 @@ from hostile_web import (
     image_payloads,
 )
 
-from pipelines.download import DownloadConfig, download
-from pipelines.manifest import Generation
+from pipelines.manifests.manifest import Generation
+from pipelines.stages.download import DownloadConfig, download
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
-from pipelines.manifest import Generation
+from pipelines.manifests.manifest import Generation
 
 
 INTERNAL_HOST = "127.0.0.2"

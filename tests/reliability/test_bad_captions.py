@@ -2,7 +2,7 @@
 
 from hostile_web import BAD_CAPTIONS, HostileDownload
 
-from pipelines.train_data import MAX_CAPTION_CHARS, generation_pairs
+from pipelines.training.data import MAX_CAPTION_CHARS, generation_pairs
 from vlp_core.tokenizer import tokenize, train_tokenizer
 
 

@@ -12,11 +12,11 @@ import pytest
 from hostile_web import BAD_CAPTIONS, BOMB_SIDE, HostileDownload, HostileWeb, Reply, half_red
 from PIL import Image
 
-from pipelines.download import DownloadConfig
-from pipelines.download_worker import FetchGuard, guarded_opener
-from pipelines.images import ImageStore
-from pipelines.url_policy import UrlPolicy
-from pipelines.shards import model_text
+from pipelines.manifests.images import ImageStore
+from pipelines.stages.download import DownloadConfig
+from pipelines.stages.download_worker import FetchGuard, guarded_opener
+from pipelines.stages.shards import model_text
+from pipelines.stages.url_policy import UrlPolicy
 from vlp_core.data import normalize_caption
 
 

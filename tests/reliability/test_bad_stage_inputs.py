@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from pipelines.manifest import SCHEMA_VERSION_KEY, Generation, samples_table
+from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, samples_table
 
 
 def _corrupt(table: pa.Table, path: Path, how: str) -> str:

@@ -7,8 +7,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.download import read_url_list
-from pipelines.manifest import CAPTION_SOURCES, SAMPLE_SCHEMA, Generation, samples_table
+from pipelines.manifests.manifest import CAPTION_SOURCES, SAMPLE_SCHEMA, Generation, samples_table
+from pipelines.stages.download import read_url_list
 
 _INT32 = st.integers(-2**31, 2**31 - 1)
 _FLOAT32 = st.floats(width=32, allow_nan=False)

@@ -7,9 +7,9 @@ import socket
 import pytest
 import torch
 
-from pipelines.train_loop import STATE_FILE, load_training_state
-from pipelines.world import WorldConfig, make_world
-from pipelines.world_server import WorldServer
+from pipelines.training.loop import STATE_FILE, load_training_state
+from pipelines.world.generate import WorldConfig, make_world
+from pipelines.world.server import WorldServer
 
 
 class _RunsShellOnUnpickle:

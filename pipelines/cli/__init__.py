@@ -1,0 +1,1 @@
+"""The `capfilt` command line: the parser, and the subcommands of the stages."""

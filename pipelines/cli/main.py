@@ -1,0 +1,209 @@
+"""The `capfilt` command line: one subcommand per stage, each a thin call of a pipelines function."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from pipelines.cli.stage_commands import add_stage_commands
+from pipelines.manifests.manifest import Generation, ManifestError, list_generations
+
+DEFAULT_ROOT = Path("data_manifests")
+
+# Offline by default: no model hub, no telemetry. Users with a hub mirror can override these.
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine is slow to start it
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,vlp_core",  # stage logs show in Prefect's flow-run logs
+}
+
+Commands = argparse._SubParsersAction  # what add_subparsers() returns
+
+
+def set_offline_environment() -> None:
+    """Set OFFLINE_ENVIRONMENT's variables that the user has not set. Hugging Face, Ray and Prefect read
+    them when they are imported or started, so this runs before any of them: first thing in `main`
+    (every command imports them lazily, in its handler)."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None]) -> int:
+    """Run the `capfilt` command; `extensions` add subcommands (the flows layer adds `run`)."""
+    set_offline_environment()
+    parser = build_parser(*extensions)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.handler(args)
+    except (ManifestError, ValueError, FileNotFoundError) as error:
+        print(f"capfilt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_command(commands: Commands, name: str, handler: Callable[[argparse.Namespace], None],
+                help: str) -> argparse.ArgumentParser:
+    """A subcommand whose `handler(args)` runs it."""
+    sub = commands.add_parser(name, help=help, description=help)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = functools.partial(add_command, commands)
+
+    world = command("world", _world, "Make a synthetic web world (images, noisy alt-texts, COCO-format sets).")
+    world.add_argument("--out", type=Path, required=True, help="folder to write the world into")
+    add_world_options(world)
+
+    serve = command("serve-world", _serve_world, "Serve a world's web images on 127.0.0.1 until Ctrl-C.")
+    serve.add_argument("world_dir", type=Path)
+    serve.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    serve.add_argument("--url-list", type=Path, help="where to write the URL list (default: WORLD/web/urls.parquet)")
+
+    download = command("download", _download, "Download a URL list with img2dataset into a generation-0 manifest.")
+    source = download.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url-list", type=Path, help="Parquet or CSV with columns url[, caption]")
+    source.add_argument("--world", type=Path, help="a world folder: serve it on 127.0.0.1 and download it")
+    _add_manifest_options(download)
+    _add_download_options(download)
+
+    generations = command("generations", _generations, "List generations with counts by source and reject reason.")
+    generations.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+
+    add_stage_commands(commands, add_command)
+    for extend in extensions:
+        extend(commands)
+    return parser
+
+
+def add_world_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-web", type=int, default=2000, help="web image-text pairs (default: %(default)s)")
+    parser.add_argument("--n-human", type=int, default=500, help="human-annotated images (default: %(default)s)")
+    parser.add_argument("--n-test", type=int, default=200, help="held-out test images (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=64, help="pixels (default: %(default)s)")
+    parser.add_argument(
+        "--noise", default=None, metavar="TYPE=RATE,...",
+        help="web caption noise rates, e.g. clean=0.5,partial=0.1,wrong_attribute=0.15,other_image=0.15,"
+        "boilerplate=0.07,empty=0.03 (must sum to 1)",
+    )
+
+
+def _add_manifest_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+    parser.add_argument("--dataset", default="web", help="dataset name under the root (default: %(default)s)")
+
+
+def _add_download_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                        help="let URLs resolving into this private network through (repeatable)")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=384,
+                        help="shortest side after resizing; smaller images are kept (default: %(default)s)")
+    parser.add_argument("--timeout", type=int, default=10, help="seconds per URL (default: %(default)s)")
+
+
+def world_config(args: argparse.Namespace):
+    from pipelines.world.generate import WorldConfig
+
+    options = dict(seed=args.seed, n_web=args.n_web, n_human=args.n_human, n_test=args.n_test,
+                   image_size=args.image_size)
+    if args.noise:
+        options["noise_rates"] = _parse_rates(args.noise)
+    return WorldConfig(**options)
+
+
+def _parse_rates(text: str) -> dict[str, float]:
+    rates = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--noise: {item!r} is not TYPE=RATE (e.g. clean=0.5)") from None
+    return rates
+
+
+def _world(args: argparse.Namespace) -> None:
+    from pipelines.world.generate import make_world
+
+    paths = make_world(args.out, world_config(args))
+    print(f"world written to {paths.root}: web pairs {paths.web_pairs}, human set {paths.human_annotations}, "
+          f"test set {paths.test_annotations}")
+
+
+def _serve_world(args: argparse.Namespace) -> None:
+    from pipelines.world.server import WorldServer
+
+    with WorldServer(args.world_dir, port=args.port) as server:
+        url_list = server.write_url_list(args.url_list or args.world_dir / "web" / "urls.parquet")
+        print(f"serving {args.world_dir} at {server.base_url}; URL list: {url_list}. Ctrl-C stops.", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def _download(args: argparse.Namespace) -> None:
+    from pipelines.stages.download import DownloadConfig, download, download_world
+
+    generation = Generation(args.root, args.dataset, 0)
+    config = DownloadConfig(image_size=args.image_size, processes=args.processes, threads=args.threads,
+                            samples_per_shard=args.samples_per_shard, timeout_s=args.timeout,
+                            allowed_networks=tuple(args.allow_network))
+    if args.world:
+        download_world(args.world, generation, config)
+    else:
+        download(args.url_list, generation, config)
+    print(format_generations(args.root))
+
+
+def _generations(args: argparse.Namespace) -> None:
+    print(format_generations(args.root))
+
+
+def format_generations(root: Path) -> str:
+    """A plain-text table of every generation under `root`, then its rejects by stage/reason."""
+    generations = list_generations(root)
+    if not generations:
+        return f"no generations under {root}"
+    header = ("dataset", "gen", "parent", "rows", "kept", "web", "synthetic", "human", "created")
+    lines = [header]
+    rejects = []
+    for generation in generations:
+        info = generation.read_info()
+        counts = info["counts"]
+        by_source = counts["rows_by_source"]
+        lines.append((
+            generation.dataset, str(generation.number), _dash(info.get("parent_generation")),
+            str(counts["rows"]), str(counts["kept"]),
+            *(str(by_source.get(s, 0)) for s in ("web", "synthetic", "human")), info["created_at"],
+        ))
+        for reason, n in counts["rejected_by_stage_reason"].items():
+            rejects.append(f"  {generation.dataset} gen {generation.number}: {reason:<32} {n}")
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
+    return "\n".join(table + (["", "rejected (stage/reason):", *rejects] if rejects else []))
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Parquet manifests, the contract between stages: schema, generations, image references, atomic writes."""

@@ -1,0 +1,248 @@
+"""Parquet manifests: the contract between stages (data_manifests/README.md describes the format for users).
+
+A dataset generation lives in `<root>/<dataset>/gen-<NNNN>/`:
+
+    samples/part-<shard>.parquet   one row per (image, candidate caption); rows are never deleted, only marked
+    markers/<stage>/<shard>.json   completion marker of one shard of one stage (written last, atomically)
+    generation.json                lineage: parent, config digest, code version, checkpoints, counts
+
+Every file is written atomically; every read validates the schema and names the file and column at fault.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.manifests.atomic import atomic_write_json, atomic_write_parquet
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"capfilt.schema_version"
+CAPTION_SOURCES = ("web", "synthetic", "human")
+
+_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),      # stable hash of (image_id, source, caption)
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image_ref", pa.string()),                      # "<shard tar>#<key>" or an image file path
+    pa.field("url", pa.string()),                            # web pairs only
+    pa.field("image_sha256", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("caption", pa.string()),
+    pa.field("caption_source", pa.string(), nullable=False),  # web | synthetic | human
+    pa.field("generation", pa.int32(), nullable=False),
+    pa.field("parent_generation", pa.int32()),
+    pa.field("itm_score", pa.float32()),
+    pa.field("itc_score", pa.float32()),
+    pa.field("clip_score", pa.float32()),
+    pa.field("clip_rank", pa.int32()),
+    pa.field("kept", pa.bool_(), nullable=False),
+    pa.field("reject_stage", pa.string()),                   # download | caption | filter | rank | ...
+    pa.field("reject_reason", pa.string()),                  # short machine-usable reason, e.g. http_404
+    pa.field("reject_detail", pa.string()),                  # the original error message, for humans
+    pa.field("model_ref", pa.string()),                      # checkpoint digest that made the caption/score
+]
+SAMPLE_SCHEMA = pa.schema(_FIELDS, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+class ManifestError(ValueError):
+    """A manifest file is missing, unreadable, or does not match the schema."""
+
+
+def sample_id(image_id: str, caption_source: str, caption: str | None) -> str:
+    """Stable id of one (image, caption) pair: the first 16 hex digits of a sha256."""
+    key = "\x1f".join([image_id, caption_source, caption or ""])
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def samples_table(columns: Mapping[str, Iterable[Any]]) -> pa.Table:
+    """Build a schema-conformant table from the given columns; absent nullable columns become null,
+    an absent `kept` becomes True and an absent `sample_id` is derived from image/source/caption."""
+    data = {name: list(values) for name, values in columns.items()}
+    unknown = sorted(set(data) - set(SAMPLE_SCHEMA.names))
+    if unknown:
+        raise ManifestError(f"unknown manifest column(s) {unknown}; known: {SAMPLE_SCHEMA.names}")
+    n_rows = len(next(iter(data.values()))) if data else 0
+    if "sample_id" not in data:
+        data["sample_id"] = [
+            sample_id(i, s, c) for i, s, c in zip(data["image_id"], data["caption_source"], data["caption"])
+        ]
+    data.setdefault("kept", [True] * n_rows)
+    arrays = [pa.array(data.get(f.name, [None] * n_rows), type=f.type) for f in SAMPLE_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=SAMPLE_SCHEMA)
+    validate_table(table, source="new table")
+    return table
+
+
+def validate_table(table: pa.Table, source: str) -> None:
+    """Raise ManifestError naming `source` and the column if `table` does not match SAMPLE_SCHEMA."""
+    version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY)
+    if version is None:
+        raise ManifestError(f"{source}: not a capfilt manifest (no '{SCHEMA_VERSION_KEY.decode()}' metadata)")
+    if version != str(SCHEMA_VERSION).encode():
+        raise ManifestError(
+            f"{source}: schema version {version.decode()}, this capfilt reads version {SCHEMA_VERSION}; "
+            "re-create the generation with this version or use a matching capfilt release"
+        )
+    for expected in SAMPLE_SCHEMA:
+        if expected.name not in table.schema.names:
+            raise ManifestError(f"{source}: missing column '{expected.name}' (found: {table.schema.names})")
+        actual = table.schema.field(expected.name).type
+        if actual != expected.type:
+            raise ManifestError(f"{source}: column '{expected.name}' has type {actual}, expected {expected.type}")
+        if not expected.nullable and table[expected.name].null_count:
+            raise ManifestError(f"{source}: column '{expected.name}' has null values; it is required")
+    bad_sources = set(pc.unique(table["caption_source"]).to_pylist()) - set(CAPTION_SOURCES)
+    if bad_sources:
+        raise ManifestError(f"{source}: column 'caption_source' has {sorted(bad_sources)}; allowed {CAPTION_SOURCES}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One dataset generation folder: `<root>/<dataset>/gen-<NNNN>/`."""
+
+    root: Path
+    dataset: str
+    number: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.dataset / f"gen-{self.number:04d}"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "generation.json"
+
+    def part_path(self, shard: str) -> Path:
+        return self.samples_dir / f"part-{shard}.parquet"
+
+    def marker_path(self, stage: str, shard: str) -> Path:
+        return self.path / "markers" / stage / f"{shard}.json"
+
+    def is_done(self, stage: str, shard: str) -> bool:
+        return self.marker_path(stage, shard).exists()
+
+    def mark_done(self, stage: str, shard: str, stats: Mapping[str, Any]) -> None:
+        atomic_write_json(self.marker_path(stage, shard), dict(stats))
+
+    def write_part(self, shard: str, table: pa.Table) -> Path:
+        """Validate and atomically write one shard's rows."""
+        validate_table(table, source=f"rows for {self.part_path(shard)}")
+        return atomic_write_parquet(table, self.part_path(shard))
+
+    def read_samples(self) -> pa.Table:
+        """All rows of this generation, validated, ordered by part name."""
+        parts = sorted(self.samples_dir.glob("part-*.parquet"))
+        if not parts:
+            raise ManifestError(f"{self.samples_dir}: no part-*.parquet files; is this a generation folder?")
+        return pa.concat_tables([read_part(p) for p in parts])
+
+    def write_info(self, info: Mapping[str, Any]) -> None:
+        atomic_write_json(self.info_path, dict(info))
+
+    def read_info(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.info_path.read_text())
+        except FileNotFoundError:
+            raise ManifestError(f"{self.info_path}: missing; the generation was not finished") from None
+        except json.JSONDecodeError as error:
+            raise ManifestError(f"{self.info_path}: not valid JSON ({error})") from None
+
+
+def read_part(path: Path) -> pa.Table:
+    """Read and validate one Parquet part file."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"{path}: unreadable Parquet file ({error})") from None
+    validate_table(table, source=str(path))
+    return table
+
+
+def generation_counts(table: pa.Table) -> dict[str, Any]:
+    """Counts for generation.json and reports: rows, images and kept rows per source; rejects per stage/reason."""
+    sources = table["caption_source"].to_pylist()
+    kept = table["kept"].to_pylist()
+    images = {(s, i) for s, i in zip(sources, table["image_id"].to_pylist())}
+    rejects = Counter(
+        f"{stage}/{reason}"
+        for stage, reason, k in zip(table["reject_stage"].to_pylist(), table["reject_reason"].to_pylist(), kept)
+        if not k
+    )
+    return {
+        "rows": table.num_rows,
+        "kept": sum(kept),
+        "rows_by_source": dict(sorted(Counter(sources).items())),
+        "kept_by_source": dict(sorted(Counter(s for s, k in zip(sources, kept) if k).items())),
+        "images_by_source": dict(sorted(Counter(s for s, _ in images).items())),
+        "rejected_by_stage_reason": dict(sorted(rejects.items())),
+    }
+
+
+def generation_info(
+    table: pa.Table,
+    *,
+    dataset: str,
+    number: int,
+    parent: int | None,
+    stages: list[str],
+    config_digest: str,
+    checkpoints: Mapping[str, str] | None = None,
+    inputs: Mapping[str, str] | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """The generation.json lineage record of a finished generation."""
+    from importlib.metadata import version
+
+    return {
+        "format_version": SCHEMA_VERSION,
+        "dataset": dataset,
+        "generation": number,
+        "parent_generation": parent,
+        "stages": stages,
+        "config_digest": config_digest,
+        "code_version": version("capfilt"),
+        "checkpoints": dict(checkpoints or {}),
+        "inputs": dict(inputs or {}),
+        "flow_run_id": flow_run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "counts": generation_counts(table),
+    }
+
+
+def list_generations(root: Path) -> list[Generation]:
+    """Every generation under `root` that has a generation.json, by dataset then number."""
+    found = []
+    for info in sorted(Path(root).glob("*/gen-*/generation.json")):
+        number = info.parent.name.removeprefix("gen-")
+        if number.isdigit():
+            found.append(Generation(Path(root), info.parent.parent.name, int(number)))
+    return found
+
+
+def manifest_digest(generation: Generation) -> str:
+    """A digest of a generation's rows (its part files' names and bytes): `sha256:<16 hex>`."""
+    digest = hashlib.sha256()
+    for part in sorted(generation.samples_dir.glob("part-*.parquet")):
+        digest.update(part.name.encode())
+        digest.update(part.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """A short, stable digest of a JSON-serialisable config: `sha256:<16 hex>`."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,158 @@
+"""Ablation arms (BLIP Table 1): one fully scored candidate generation, re-decided by each arm's rules.
+
+The candidate generation is the output of one CapFilt round: every web caption and every synthetic
+caption of the web images, each with its stored ITM score, and the filter survivors with their CLIP
+score. An arm is a set of rules over those rows, so every arm sees the same captions and the same
+scores, and differs only in what it keeps:
+
+    arm             captioner  filter  CLIP rank   keeps (plus the human pairs)
+    no_capfilt          -         -        -       every web caption
+    filter_only         -         ✓        -       web captions with ITM ≥ threshold
+    captioner_only      ✓         -        -       every web and synthetic caption
+    capfilt             ✓         ✓        -       web and synthetic captions with ITM ≥ threshold
+    capfilt_rank        ✓         ✓        ✓       those, then the CLIP top-k per image
+
+`arm_rows` lifts the decisions the filter and the ranker took from a stored score, then decides again by
+the arm's rules; synthetic rows of an arm without the captioner are rejected as
+`ablate/synthetic_not_in_arm`. Rows rejected for other reasons (download errors, empty captions,
+undecodable images) stay rejected: no arm could train on them.
+
+`derive_arm` writes an arm's rows as generation `candidates.number` of dataset `ablate-<arm>` (same
+manifest root), one part per candidate shard with an `ablate` marker, then `run_assemble` adds the human
+pairs. Relative image_refs are re-based onto the arm's dataset folder (`../web/gen-0000/shards/…`), so
+the images are not copied and the manifest root still moves as a whole. A re-run skips shards whose
+marker records the same rules and the same candidate part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.manifests.manifest import Generation, config_digest, manifest_digest, read_part
+from pipelines.stages.assemble import AssembleConfig, run_assemble
+from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
+from pipelines.stages.filter import STAGE as FILTER_STAGE
+from pipelines.stages.filter import decide
+from pipelines.stages.rank import STAGE as RANK_STAGE
+from pipelines.stages.rank import keep_top_k
+from pipelines.stages.shards import Row, rejected, rows_table, shards_finished_by
+
+STAGE = "ablate"
+DATASET_PREFIX = "ablate-"
+SCORE_OF_STAGE = {FILTER_STAGE: "itm_score", RANK_STAGE: "clip_score"}  # stages that decide from a stored score
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the ablation table: which CapFilt components build its training data."""
+
+    name: str
+    captioner: bool  # the synthetic captions are candidates
+    filter: bool     # candidates need ITM ≥ threshold
+    rank: bool       # then only the CLIP top-k per image stay
+
+    def __post_init__(self) -> None:
+        if self.rank and not self.filter:
+            raise ValueError(f"arm {self.name}: CLIP ranks the filter's survivors, so rank needs the filter")
+
+
+ARMS = {arm.name: arm for arm in (
+    Arm("no_capfilt", captioner=False, filter=False, rank=False),
+    Arm("filter_only", captioner=False, filter=True, rank=False),
+    Arm("captioner_only", captioner=True, filter=False, rank=False),
+    Arm("capfilt", captioner=True, filter=True, rank=False),
+    Arm("capfilt_rank", captioner=True, filter=True, rank=True),
+)}
+
+
+def arms_named(names: list[str]) -> list[Arm]:
+    """The arms of `names`, in that order; an unknown or repeated name is a ValueError."""
+    unknown = [name for name in names if name not in ARMS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"arms: need distinct names from {list(ARMS)}, got {names}")
+    return [ARMS[name] for name in names]
+
+
+def lift_score_decisions(rows: list[Row]) -> list[Row]:
+    """The rows with the filter's and the ranker's score-based rejections lifted, scores kept. A row they
+    rejected without a score (its image failed to decode, its caption was empty) stays rejected."""
+    lifted = {"kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
+    return [{**row, **lifted} if row["reject_stage"] in SCORE_OF_STAGE
+            and row[SCORE_OF_STAGE[row["reject_stage"]]] is not None else row for row in rows]
+
+
+def arm_rows(rows: list[Row], arm: Arm, threshold: float, top_k: int) -> list[Row]:
+    """The candidate rows (web and synthetic, fully scored) as `arm` decides them, in the same order."""
+    decided = []
+    for row in lift_score_decisions(rows):
+        if row["kept"] and row["caption_source"] == "synthetic" and not arm.captioner:
+            row = rejected(row, STAGE, "synthetic_not_in_arm")
+        elif row["kept"] and arm.filter and row["itm_score"] is not None:
+            row = decide(row, threshold)
+        decided.append(row)
+    if not arm.rank:
+        return decided
+    survivors = [row for row in decided if row["kept"] and row["itm_score"] is not None]
+    unranked = [row["sample_id"] for row in survivors if row["clip_score"] is None]
+    if unranked:
+        raise ValueError(f"arm {arm.name}: {len(unranked)} row(s) kept at ITM threshold {threshold} have no "
+                         f"clip_score (e.g. sample {unranked[0]}); the candidates were ranked after a stricter "
+                         "filter: rank them again at this threshold, or use the candidates' threshold")
+    return keep_top_k(decided, {row["sample_id"]: row["clip_score"] for row in survivors}, top_k)
+
+
+def rebased(rows: list[Row], source_dir: Path, target_dir: Path) -> list[Row]:
+    """The rows with each relative image_ref (relative to the dataset folder `source_dir`) made relative to
+    the dataset folder `target_dir`; absolute refs and missing ones are left as they are."""
+    def rebase(image_ref: str | None) -> str | None:
+        path, sep, key = (image_ref or "").partition("#")
+        if not path or Path(path).is_absolute():
+            return image_ref
+        return os.path.relpath(Path(source_dir) / path, target_dir) + sep + key
+
+    return [{**row, "image_ref": rebase(row["image_ref"])} for row in rows]
+
+
+def arm_generation(candidates: Generation, arm: Arm) -> Generation:
+    """Where `arm`'s rows of `candidates` live: dataset `ablate-<arm>`, the candidates' number and root."""
+    return Generation(candidates.root, DATASET_PREFIX + arm.name, candidates.number)
+
+
+def derive_arm(candidates: Generation, arm: Arm, human: AssembleConfig, threshold: float, top_k: int) -> Generation:
+    """Write `arm`'s generation from the ranked `candidates` (see the module docstring); returns it."""
+    target = arm_generation(candidates, arm)
+    rules = {"arm": asdict(arm), "threshold": threshold, "top_k": top_k}
+    for shard in shards_finished_by(candidates, RANK_STAGE):
+        source = candidates.part_path(shard)
+        key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
+        if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
+            continue
+        rows = rebased(arm_rows(read_part(source).to_pylist(), arm, threshold, top_k),
+                       candidates.path.parent, target.path.parent)
+        target.marker_path(STAGE, shard).unlink(missing_ok=True)
+        target.write_part(shard, rows_table(rows))
+        target.mark_done(STAGE, shard, {
+            "key": key, **rules, "rows": len(rows), "kept": sum(row["kept"] for row in rows),
+            "rejected": dict(Counter(f"{row['reject_stage']}/{row['reject_reason']}" for row in rows
+                                     if not row["kept"])),
+        })
+    info = candidates.read_info()
+    run_assemble(human, target, info["parent_generation"], checkpoints=info["checkpoints"], stages=[STAGE],
+                 config_digest=config_digest({**rules, "candidates": manifest_digest(candidates)}))
+    return target
+
+
+def evaluate_once(config: EvaluateConfig, generation: Generation, output: Path) -> dict[str, Any]:
+    """`run_evaluate` into `output`, unless `output` already holds an evaluation with this very config
+    (the checkpoint folder is named by its training's settings and data, so the same path is the same model)."""
+    if output.is_file():
+        previous = json.loads(output.read_text())
+        if previous.get("config") == json.loads(json.dumps(asdict(config), default=str)):
+            return previous
+    return run_evaluate(config, generation, output)

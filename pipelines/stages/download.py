@@ -1,0 +1,269 @@
+"""Download stage: a URL list (url, caption) → webdataset shards (img2dataset) → the generation-0 manifest.
+
+Every input URL becomes exactly one manifest row: downloaded ones are kept with their sha256 and size,
+failed ones are marked `kept=False, reject_stage="download"` with a short reason (`http_404`,
+`decode_error`, `timeout`, `url_policy`, `too_large`, ...) and img2dataset's message in `reject_detail`.
+The URL policy is checked here before anything is fetched, and again on every connection img2dataset's
+workers open, redirects included (pipelines.stages.download_worker).
+
+Resume: img2dataset skips shards that have their `_stats.json`; a shard torn by a crash has none and is
+downloaded again. Each finished shard is turned into `samples/part-<shard>.parquet` plus a completion
+marker, so a re-run converts only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipelines.manifests.atomic import atomic_write_parquet, atomic_write_text
+from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
+from pipelines.stages.url_policy import POLICY_REASON, UrlPolicy
+from vlp_core.decode import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+STAGE = "download"
+REFUSED_SHARD = "refused"
+LOOPBACK = "127.0.0.1/32"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """How img2dataset fetches. `allowed_networks` lets otherwise refused private ranges through."""
+
+    image_size: int = 384            # shortest side after resizing; smaller images are kept as they are
+    processes: int = 1
+    threads: int = 16
+    samples_per_shard: int = 1000
+    timeout_s: int = 10              # per connect and per socket read
+    retries: int = 0
+    allowed_networks: tuple[str, ...] = ()
+    max_image_bytes: int = 32 * 2**20      # a larger response body is refused (too_large)
+    max_fetch_seconds: float = 120.0       # a body still arriving after this is cut off (timeout)
+    max_pixels: int = DEFAULT_MAX_PIXELS   # an image declaring more pixels is not decoded (too_large)
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout_s", "max_image_bytes",
+                     "max_fetch_seconds", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"download config: {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.retries < 0:
+            raise ValueError(f"download config: retries must be ≥ 0, got {self.retries}")
+        UrlPolicy(self.allowed_networks)  # validates the CIDRs
+
+
+def read_url_list(path: Path) -> pa.Table:
+    """Read an img2dataset-style URL list (Parquet or CSV with `url` and optional `caption`).
+
+    Returns a table with columns row_index (int64), url, caption (strings)."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: URL list not found")
+    try:
+        if path.suffix in (".csv", ".tsv"):  # a quoted caption may hold line breaks
+            parsing = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",", newlines_in_values=True)
+            as_bytes = pacsv.ConvertOptions(column_types={"url": pa.binary(), "caption": pa.binary()})
+            table = pacsv.read_csv(path, parse_options=parsing, convert_options=as_bytes)  # no type guessing
+        else:
+            table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"{path}: cannot read URL list as {path.suffix or 'parquet'} ({error})") from None
+    if "url" not in table.schema.names:
+        raise ManifestError(f"{path}: URL list needs a 'url' column (found: {table.schema.names})")
+    captions = table["caption"] if "caption" in table.schema.names else pa.nulls(table.num_rows)
+    return pa.table({
+        "row_index": pa.array(range(table.num_rows), pa.int64()),
+        "url": _as_text(table["url"]),
+        "caption": _as_text(captions),
+    })
+
+
+def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
+    """A string column. Bytes (how a CSV column is read, so that "007" stays "007" and "NaN" stays
+    "NaN") are decoded as UTF-8, with U+FFFD for invalid bytes; caption cleaning drops those later."""
+    if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
+        return pc.cast(column, pa.string())
+    return pa.array([None if raw is None else raw.decode("utf-8", errors="replace") for raw in column.to_pylist()],
+                    pa.string())
+
+
+def download(url_list: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
+    """Download every URL of `url_list` into `generation` (normally gen 0); returns its manifest rows."""
+    urls = read_url_list(url_list)
+    policy = UrlPolicy(config.allowed_networks)
+    verdicts = policy.check_many(urls["url"].to_pylist())
+    allowed = urls.filter(pa.array([v is None for v in verdicts]))
+    log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
+
+    pinned_input = _pin_input(generation, allowed)
+    if not generation.is_done(STAGE, REFUSED_SHARD):
+        _write_refused_part(generation, urls, verdicts)
+    if allowed.num_rows:
+        shard_dir = generation.path / "shards"
+        if not _all_shards_done(generation, allowed.num_rows, config):
+            _run_img2dataset(pinned_input, shard_dir, config)
+        for stats_file in sorted(shard_dir.glob("*_stats.json")):
+            shard = stats_file.name.removesuffix("_stats.json")
+            if not generation.is_done(STAGE, shard):
+                _convert_shard(generation, shard_dir / f"{shard}.parquet")
+
+    table = generation.read_samples()
+    if table.num_rows != urls.num_rows:
+        raise RuntimeError(
+            f"download: manifest has {table.num_rows} rows for {urls.num_rows} URLs; some shards failed "
+            f"(see {generation.path / 'shards'}); run the download again to retry them"
+        )
+    generation.write_info(generation_info(
+        table, dataset=generation.dataset, number=generation.number, parent=None, stages=[STAGE],
+        config_digest=config_digest(asdict(config)), inputs={"url_list": str(Path(url_list).resolve())},
+    ))
+    return table
+
+
+def download_world(world_dir: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
+    """Serve a synthetic world on loopback for the duration of its download (loopback allowed).
+
+    A re-run serves on the port of the first run, so the URL list stays the same and finished shards
+    are kept."""
+    from pipelines.world.server import WorldServer
+
+    config = replace(config, allowed_networks=(*config.allowed_networks, LOOPBACK))
+    port_file = generation.path / "work" / "world_port"
+    port = int(port_file.read_text()) if port_file.exists() else 0
+    with WorldServer(world_dir, port=port) as server:
+        url_list = generation.path / "work" / "world_urls.parquet"
+        if not url_list.exists():
+            atomic_write_text(port_file, str(urlsplit(server.base_url).port))
+            server.write_url_list(url_list)
+        return download(url_list, generation, config)
+
+
+def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[str | None]) -> None:
+    refused = [(row, verdict) for row, verdict in zip(urls.to_pylist(), verdicts) if verdict is not None]
+    rows = {
+        "image_id": [_image_id(r["row_index"]) for r, _ in refused],
+        "url": [r["url"] for r, _ in refused],
+        "caption": [r["caption"] for r, _ in refused],
+        "caption_source": ["web"] * len(refused),
+        "generation": [generation.number] * len(refused),
+        "kept": [False] * len(refused),
+        "reject_stage": [STAGE] * len(refused),
+        "reject_reason": ["url_policy"] * len(refused),
+        "reject_detail": [verdict for _, verdict in refused],
+    }
+    generation.write_part(REFUSED_SHARD, samples_table(rows))
+    generation.mark_done(STAGE, REFUSED_SHARD, {"rows": len(refused)})
+
+
+def _pin_input(generation: Generation, allowed: pa.Table) -> Path:
+    """Write the img2dataset input once; a re-run must see the same list, or shard numbers would shift."""
+    path = generation.path / "work" / "urls.parquet"
+    if path.exists():
+        if not pq.read_table(path).equals(allowed):
+            raise ManifestError(
+                f"{generation.path}: was started with a different URL list or URL policy; "
+                "download into a new generation folder (or delete this one)"
+            )
+    else:
+        atomic_write_parquet(allowed, path)
+    return path
+
+
+def _all_shards_done(generation: Generation, n_urls: int, config: DownloadConfig) -> bool:
+    n_shards = -(-n_urls // config.samples_per_shard)
+    return all(generation.is_done(STAGE, f"{i:05d}") for i in range(n_shards))
+
+
+def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) -> None:
+    from img2dataset import download as img2dataset_download  # heavy imports, only when downloading
+
+    from pipelines.stages.download_worker import FetchGuard, guarded_downloads
+
+    guard = FetchGuard(UrlPolicy(config.allowed_networks), max_bytes=config.max_image_bytes,
+                       max_seconds=config.max_fetch_seconds, max_pixels=config.max_pixels)
+    with guarded_downloads(guard):
+        img2dataset_download(
+            url_list=str(input_path),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=["row_index"],
+            output_format="webdataset",
+            output_folder=str(shard_dir),
+            image_size=config.image_size,
+            resize_mode="keep_ratio",
+            resize_only_if_bigger=True,
+            processes_count=config.processes,
+            thread_count=config.threads,
+            number_sample_per_shard=config.samples_per_shard,
+            timeout=config.timeout_s,
+            retries=config.retries,
+            incremental_mode="incremental",
+            compute_hash="sha256",
+            enable_wandb=False,
+            disallowed_header_directives=[],
+        )
+
+
+def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
+    """img2dataset's per-sample parquet of one shard → one manifest part + its completion marker."""
+    shard = shard_parquet.stem
+    rows = pq.read_table(shard_parquet).sort_by("row_index").to_pylist()
+    ok = [r["status"] == "success" for r in rows]
+    tar_ref = f"{generation.path.name}/shards/{shard}.tar"
+    table = samples_table({
+        "image_id": [_image_id(r["row_index"]) for r in rows],
+        "image_ref": [f"{tar_ref}#{r['key']}" if k else None for r, k in zip(rows, ok)],
+        "url": [r["url"] for r in rows],
+        "image_sha256": [r["sha256"] if k else None for r, k in zip(rows, ok)],
+        "width": [r["original_width"] if k else None for r, k in zip(rows, ok)],
+        "height": [r["original_height"] if k else None for r, k in zip(rows, ok)],
+        "caption": [r["caption"] for r in rows],
+        "caption_source": ["web"] * len(rows),
+        "generation": [generation.number] * len(rows),
+        "kept": ok,
+        "reject_stage": [None if k else STAGE for k in ok],
+        "reject_reason": [None if k else failure_reason(r["error_message"]) for r, k in zip(rows, ok)],
+        "reject_detail": [None if k else r["error_message"] for r, k in zip(rows, ok)],
+    })
+    generation.write_part(shard, table)
+    generation.mark_done(STAGE, shard, {"rows": len(rows), "succeeded": sum(ok)})
+    log.info("download: shard %s → %d rows, %d images", shard, len(rows), sum(ok))
+
+
+_REASONS = [  # first match wins
+    (re.compile(rf"{POLICY_REASON}|Redirection to url '[^']*' is not allowed"), lambda m: POLICY_REASON),
+    (re.compile(r"infinite loop", re.I), lambda m: "redirect_loop"),
+    (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
+    (re.compile(r"empty_body"), lambda m: "empty_body"),
+    (re.compile(r"too_large|CV_IO_MAX_IMAGE_PIXELS"), lambda m: "too_large"),
+    (re.compile(r"timed out", re.I), lambda m: "timeout"),
+    (re.compile(r"Connection refused", re.I), lambda m: "connection_refused"),
+    (re.compile(r"redirect", re.I), lambda m: "redirect_error"),
+    (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), lambda m: "dns_error"),
+    (re.compile(r"unknown url type|unsupported", re.I), lambda m: "unsupported_url"),
+    (re.compile(r"not_an_image|truncated|corrupt|cannot identify image|decod|image file", re.I),
+     lambda m: "decode_error"),
+]
+
+
+def failure_reason(error_message: str | None) -> str:
+    """A short, stable reason for an img2dataset error message (the message itself goes to reject_detail)."""
+    for pattern, reason in _REASONS:
+        match = pattern.search(error_message or "")
+        if match:
+            return reason(match)
+    return "download_error"
+
+
+def _image_id(row_index: int) -> str:
+    return f"web-{row_index:09d}"

@@ -1,0 +1,301 @@
+"""Per-sample inference over a generation's shards with a Ray Data actor pool, resumable shard by shard.
+
+A stage (caption, filter, rank) turns each pending shard into *requests*, one per image: its image_ref
+and the candidate captions (with their sample_ids) the model should look at. The requests of all
+pending shards flow through one Ray Data `map_batches`, whose actors load the model once each. Every
+batch is one block of one shard's requests, cut the same way on every run, so a shard's results do not
+depend on which other shards a run still had to do.
+
+As soon as every image of a shard has its result, the stage merges the results into the shard's rows and
+`commit_shard` rewrites the part atomically, then writes the stage's marker. A re-run skips marked
+shards, so a run killed at any moment resumes, and every sample is in its part exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import pyarrow as pa
+import ray
+import torch
+
+from pipelines.manifests.images import ImageRefError, ImageStore
+from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
+from pipelines.ray_runtime import init_ray
+from vlp_core.data import ImageDecodeError, load_image, normalize_caption
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("caption", "filter", "rank")
+STAGE_SCORES = {"caption": (), "filter": ("itm_score", "itc_score"), "rank": ("clip_score", "clip_rank")}
+DEFAULT_MAX_CAPTION_CHARS = 300
+
+Row = dict[str, Any]
+
+REQUEST_SCHEMA = pa.schema([
+    pa.field("shard", pa.string()),
+    pa.field("image_id", pa.string()),
+    pa.field("image_ref", pa.string()),
+    pa.field("sample_ids", pa.list_(pa.string())),  # the candidate rows the model scores (none for caption)
+    pa.field("texts", pa.list_(pa.string())),       # their captions, as the model reads them
+])
+RESULT_FIELDS = [
+    *REQUEST_SCHEMA,
+    pa.field("model_ref", pa.string()),
+    pa.field("error_reason", pa.string()),  # the image could not be read or decoded (then no outputs)
+    pa.field("error_detail", pa.string()),
+]
+
+
+def check_config(name: str, problems: list[tuple[bool, str]]) -> None:
+    """Raise ValueError for the first (ok, message) pair that is not ok, naming the config."""
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(f"{name}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActorPoolConfig:
+    """How a stage runs its model on Ray: shared by the caption, filter and rank configs."""
+
+    batch_size: int = 16              # images per model call (one Ray Data block)
+    concurrency: int = 1              # actors, each holding one copy of the model
+    num_gpus: float = 0.0             # GPUs per actor; 0 runs on the CPU
+    ray_address: str | None = None    # None: $RAY_ADDRESS, else a local Ray
+
+    def __post_init__(self) -> None:
+        check_config(type(self).__name__, [
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
+            (self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}"),
+        ])
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def part_shards(generation: Generation) -> list[str]:
+    """The shard names of a generation's parts, sorted (`part-00000.parquet` -> "00000")."""
+    parts = generation.samples_dir.glob("part-*.parquet")
+    return sorted(part.name.removeprefix("part-").removesuffix(".parquet") for part in parts)
+
+
+def captioned_shards(target: Generation) -> list[str]:
+    """The target's candidate shards: those the caption stage finished. Other parts (the human pairs
+    that assemble adds, a part whose caption run was cut short) are left alone, and named in the log."""
+    shards = part_shards(target)
+    captioned = [shard for shard in shards if target.is_done("caption", shard)]
+    if not captioned:
+        raise ManifestError(f"{target.path}: no captioned shards; run the caption stage into this generation first")
+    if len(captioned) < len(shards):
+        log.info("%s: parts without a caption marker are not candidates: %s", target.path,
+                 sorted(set(shards) - set(captioned)))
+    return captioned
+
+
+def shards_finished_by(target: Generation, stage: str) -> list[str]:
+    """The target's candidate shards, after checking that `stage` finished every one of them."""
+    shards = captioned_shards(target)
+    unfinished = [shard for shard in shards if not target.is_done(stage, shard)]
+    if unfinished:
+        raise ManifestError(f"{target.path}: the {stage} stage has not finished shard(s) {unfinished}; "
+                            f"run {stage} to completion first")
+    return shards
+
+
+def rows_table(rows: list[Row]) -> pa.Table:
+    """Manifest rows (dicts; absent columns are null) -> a table in the sample schema."""
+    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def undo_from(rows: list[Row], stage: str) -> list[Row]:
+    """The rows as they were before `stage` ran: rejections by it or a later stage are lifted, and
+    the scores those stages wrote are cleared."""
+    undone = STAGE_ORDER[STAGE_ORDER.index(stage):]
+    cleared = {column: None for name in undone for column in STAGE_SCORES[name]}
+    lifted = {"kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
+    return [{**row, **cleared, **(lifted if row["reject_stage"] in undone else {})} for row in rows]
+
+
+def rejected(row: Row, stage: str, reason: str, detail: str | None = None) -> Row:
+    return {**row, "kept": False, "reject_stage": stage, "reject_reason": reason, "reject_detail": detail}
+
+
+def model_text(caption: str | None, max_chars: int) -> str | None:
+    """The caption as the filter and ranker read it (cleaned); None when nothing is left."""
+    return normalize_caption(caption or "", max_chars)[0]
+
+
+def image_requests(shard: str, candidates: list[Row], texts: list[str] | None = None) -> pa.Table:
+    """One request per image, in first-appearance order, carrying the sample_ids and texts of its
+    candidate rows (`texts` aligned with `candidates`; None for a stage that reads only images)."""
+    by_image: dict[str, Row] = {}
+    for index, row in enumerate(candidates):
+        request = by_image.setdefault(row["image_id"], {
+            "shard": shard, "image_id": row["image_id"], "image_ref": row["image_ref"], "sample_ids": [], "texts": [],
+        })
+        if texts is not None:
+            request["sample_ids"].append(row["sample_id"])
+            request["texts"].append(texts[index])
+    return pa.Table.from_pylist(list(by_image.values()), schema=REQUEST_SCHEMA)
+
+
+def caption_requests(shard: str, rows: list[Row], max_chars: int) -> pa.Table:
+    """Requests to score every kept row that has an image and a caption that is not empty once cleaned."""
+    candidates = [(row, model_text(row["caption"], max_chars)) for row in rows if row["kept"] and row["image_ref"]]
+    candidates = [(row, text) for row, text in candidates if text is not None]
+    return image_requests(shard, [row for row, _ in candidates], [text for _, text in candidates])
+
+
+def scores_by_sample(results: list[Row], output: str) -> dict[str, Any]:
+    """sample_id -> its value in the `output` list of the results (images that failed have none)."""
+    return {sample: value for result in results if not result["error_reason"]
+            for sample, value in zip(result["sample_ids"], result[output], strict=True)}
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 64-bit seed for one image, so its random draws do not depend on what it is batched with."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x1f{image_id}".encode()).digest()[:8], "little")
+
+
+# --------------------------------------------------------------------------- actors
+
+
+class ImageModelActor:
+    """Base of the stages' Ray Data actors: decodes each request's image once and hands the good ones
+    to `infer`. Subclasses load their model in `__init__` and set `transform` and `model_ref`."""
+
+    output_fields: ClassVar[list[pa.Field]]
+    transform: Callable  # PIL image -> (3, S, S) tensor
+    model_ref: str
+
+    def __init__(self, dataset_dir: Path) -> None:
+        self.store = ImageStore(dataset_dir)
+
+    def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
+        """(N, 3, S, S) images of N requests -> N dicts with the `output_fields`."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        requests = batch.to_pylist()
+        pixels, failures = {}, {}
+        for index, request in enumerate(requests):
+            try:
+                pixels[index] = self.transform(load_image(self.store.read(request["image_ref"])))
+            except ImageDecodeError as error:
+                failures[index] = (error.reason, error.detail)
+            except ImageRefError as error:
+                failures[index] = ("missing_file", str(error))
+        outputs = self.infer(torch.stack(list(pixels.values())), [requests[i] for i in pixels]) if pixels else []
+        output_of = dict(zip(pixels, outputs, strict=True))
+        rows = []
+        for index, request in enumerate(requests):
+            reason, detail = failures.get(index, (None, None))
+            rows.append({**request, **output_of.get(index, {}), "model_ref": self.model_ref,
+                         "error_reason": reason, "error_detail": detail})
+        for reason, detail in failures.values():
+            log.warning("cannot use an image (%s): %s", reason, detail)
+        return pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS + self.output_fields))
+
+
+# --------------------------------------------------------------------------- the shard loop
+
+
+class ShardedStage(Protocol):
+    """What an inference stage supplies to `run_sharded_inference`."""
+
+    name: str
+
+    def requests(self, shard: str) -> pa.Table:
+        """The shard's images that need the model, in REQUEST_SCHEMA."""
+
+    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
+        """The actor class and its constructor keyword arguments."""
+
+    def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
+        """The shard's new rows given one result per request, and the marker's stats."""
+
+
+@dataclass(frozen=True)
+class CaptionScoringStage:
+    """A `ShardedStage` that scores the kept captions of `target` in place (filter, rank); subclasses
+    name the stage and its actor and write `merge`."""
+
+    config: Any                 # the stage's config: `max_caption_chars`, and what its actor reads
+    target: Generation
+    name: ClassVar[str]
+    actor_class: ClassVar[type[ImageModelActor]]
+
+    def rows(self, shard: str) -> list[Row]:
+        """The shard as the stage before left it (a re-run after a crash ignores a half-done pass)."""
+        return undo_from(read_part(self.target.part_path(shard)).to_pylist(), self.name)
+
+    def requests(self, shard: str) -> pa.Table:
+        return caption_requests(shard, self.rows(shard), self.config.max_caption_chars)
+
+    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
+        return self.actor_class, {"config": self.config, "dataset_dir": self.target.path.parent}
+
+
+@dataclass
+class _PendingShard:
+    expected: int
+    results: dict[str, Row] = field(default_factory=dict)  # image_id -> result (a retried block counts once)
+
+
+def run_sharded_inference(stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
+                          ) -> pa.Table:
+    """Run `stage` over every shard of `shards` without its marker in `target`; returns all target rows."""
+    pending = {shard: stage.requests(shard) for shard in shards if not target.is_done(stage.name, shard)}
+    log.info("%s: %d of %d shards to do, %d images", stage.name, len(pending), len(shards),
+             sum(r.num_rows for r in pending.values()))
+    waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
+    for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
+        commit_shard(target, stage.name, shard, *stage.merge(shard, []))
+        del waiting[shard]
+    if waiting:
+        for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
+            state = waiting[result["shard"]]
+            state.results[result["image_id"]] = result
+            if len(state.results) == state.expected:
+                shard = result["shard"]
+                commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
+    return target.read_samples()
+
+
+def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, stats: dict[str, Any]) -> None:
+    """Make `table` the shard's rows as of `stage`: the markers of later stages go first (their view
+    is stale now), then the part is replaced, then the stage's marker is written."""
+    for later in STAGE_ORDER[STAGE_ORDER.index(stage) + 1:]:
+        target.marker_path(later, shard).unlink(missing_ok=True)
+    target.write_part(shard, table)
+    target.mark_done(stage, shard, stats)
+    log.info("%s: shard %s done %s", stage, shard, stats)
+
+
+def _map_requests(stage: ShardedStage, requests: list[pa.Table], pool: ActorPoolConfig) -> Iterator[Row]:
+    """Stream the results of `stage`'s actor pool over the requests (one Ray Data block per batch)."""
+    init_ray(pool.ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    blocks = [table.slice(start, pool.batch_size)
+              for table in requests for start in range(0, table.num_rows, pool.batch_size)]
+    actor, kwargs = stage.actor()
+    results = ray.data.from_arrow(blocks).map_batches(
+        actor,
+        fn_constructor_kwargs=kwargs,
+        batch_size=None,  # a batch is one block: the same images together on every run
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+        num_gpus=pool.num_gpus,
+    )
+    for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from batch.to_pylist()

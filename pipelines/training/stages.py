@@ -1,0 +1,166 @@
+"""Training stages on Ray Train: pretrain BLIP, fine-tune the captioner and the filter, train the CLIP ranker.
+
+Each entry point turns its input into (image, caption) pairs, checks the run folder, and runs the one
+training loop (`pipelines.training.loop.train_worker`) on a `TorchTrainer` with `num_workers` workers
+(DDP when more than one). Results land in `run_dir`:
+
+    run.json            what this run trains (task, config, data digest); a restart must match it
+    tokenizer/          BLIP from a preset without a tokenizer: WordPiece trained on the captions
+    checkpoints/step-N/ resumable checkpoints;  final/  the exported model + training.json
+
+A finished run (`final/training.json` at the requested step count) is returned without training; an
+interrupted one continues from its latest checkpoint. On CPU a run is deterministic under its seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines.manifests.atomic import atomic_write_json
+from pipelines.manifests.manifest import Generation, config_digest
+from pipelines.ray_runtime import init_ray
+from pipelines.training.config import RESTARTABLE_FIELDS, TrainConfig
+from pipelines.training.data import Pair, coco_pairs, generation_pairs
+from pipelines.training.loop import SUMMARY_FILE, TrainSpec, train_worker
+from vlp_core.config import load_preset
+from vlp_core.tokenizer import load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The exported model of a finished run and the loss terms of every step (rank 0's batches)."""
+
+    checkpoint_dir: Path
+    digest: str
+    steps: int
+    losses: list[dict[str, float]]
+
+
+def pretrain(config: TrainConfig, generation: Generation, run_dir: Path) -> TrainResult:
+    """Pretrain BLIP (ITC + ITM + LM) on the kept pairs of `generation`."""
+    _require_blip_source(config)
+    return _fit("pretrain", config, generation_pairs(generation), generation.path.parent, run_dir)
+
+
+def finetune_captioner(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
+    """Fine-tune the captioner (LM on prompt + caption) on a COCO Karpathy set."""
+    _require_blip_source(config)
+    return _fit("captioner", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
+
+
+def finetune_filter(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
+    """Fine-tune the filter (ITC + ITM) on a COCO Karpathy set."""
+    _require_blip_source(config)
+    return _fit("filter", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
+
+
+def train_clip(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
+    """Train the CLIP ranker `config.clip_model` from scratch on a COCO set (independent of BLIP).
+
+    `final/` holds `clip.safetensors` and `clip.json`; `training.tasks.load_clip_checkpoint` reads it."""
+    if config.preset is not None or config.init_checkpoint is not None:
+        raise ValueError("train_clip trains config.clip_model from scratch: leave preset and init_checkpoint "
+                         "unset (to use a trained open_clip model, give its weights to the rank stage instead)")
+    return _fit("clip", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
+
+
+def _require_blip_source(config: TrainConfig) -> None:
+    if config.preset is None and config.init_checkpoint is None:
+        raise ValueError("TrainConfig: set preset (train from random weights) or init_checkpoint (a capfilt or "
+                         "transformers BLIP folder)")
+
+
+def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run_dir: Path) -> TrainResult:
+    """Check and record the run, then train it on Ray Train unless it is already finished."""
+    run_dir = Path(run_dir).resolve()
+    global_batch = config.batch_size * config.num_workers
+    steps_per_epoch = len(pairs) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{task}: {len(pairs)} pairs are fewer than one global batch "
+                         f"(batch_size {config.batch_size} × num_workers {config.num_workers}); lower batch_size")
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    _record_run(run_dir, task, config, pairs)
+    finished = _finished_result(run_dir, total_steps)
+    if finished is not None:
+        log.info("%s: %s already holds the model after %d steps", task, run_dir / "final", total_steps)
+        return finished
+
+    spec = TrainSpec(task=task, config=config, run_dir=run_dir, pairs=tuple(pairs),
+                     image_dir=Path(image_dir).resolve(), tokenizer_dir=_tokenizer_dir(task, config, pairs, run_dir),
+                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    log.info("%s: %d pairs, %d steps (%d per epoch) on %d worker(s) → %s", task, len(pairs), total_steps,
+             steps_per_epoch, config.num_workers, run_dir)
+    init_ray(config.ray_address)
+    trainer = TorchTrainer(
+        functools.partial(train_worker, spec),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(name=task, storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
+    )
+    trainer.fit()
+    result = _finished_result(run_dir, total_steps)
+    if result is None:
+        raise RuntimeError(f"{task}: training ended without {run_dir / 'final' / SUMMARY_FILE}; see the Ray logs")
+    return result
+
+
+def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: list[Pair]) -> None:
+    """Write run.json on the first start; refuse a restart that would train something else."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESTARTABLE_FIELDS}
+    record = {"task": task, "config": settings, "pairs": len(pairs),
+              "data_digest": config_digest({"pairs": [dataclasses.astuple(p) for p in pairs]})}
+    path = run_dir / "run.json"
+    if not path.exists():
+        atomic_write_json(path, record)
+        return
+    previous = json.loads(path.read_text())
+    if previous != record:
+        changed = sorted(k for k in record if previous.get(k) != record[k])
+        if "config" in changed:
+            changed = [f"config.{k}" for k in sorted(settings) if previous["config"].get(k) != settings[k]]
+        raise ValueError(f"{run_dir} holds a run with other settings or data ({', '.join(changed)} differ); "
+                         "use a new run_dir, or restore the settings to resume it")
+
+
+def _finished_result(run_dir: Path, total_steps: int) -> TrainResult | None:
+    summary_path = run_dir / "final" / SUMMARY_FILE
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary["steps"] != total_steps:
+        return None
+    return TrainResult(run_dir / "final", summary["digest"], summary["steps"], summary["history"])
+
+
+def _tokenizer_dir(task: str, config: TrainConfig, pairs: list[Pair], run_dir: Path) -> Path | None:
+    """The tokenizer of a BLIP model built from a preset: the given one, or one trained on the captions
+    (with the model's prompt) and kept in run_dir/tokenizer, so a restart uses the same vocabulary."""
+    if task == "clip" or config.preset is None:
+        return None
+    model_config = load_preset(config.preset)
+    folder = config.tokenizer or run_dir / "tokenizer"
+    if not folder.is_dir():
+        tokenizer = train_tokenizer([model_config.prompt, *(p.caption for p in pairs)],
+                                    vocab_size=model_config.text.vocab_size)
+        staging = run_dir / ".tokenizer.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        tokenizer.save_pretrained(str(staging))
+        os.replace(staging, folder)
+    vocabulary = len(load_tokenizer(folder))
+    if vocabulary > model_config.text.vocab_size:
+        raise ValueError(f"tokenizer {folder} has {vocabulary} tokens, more than preset {config.preset!r}'s "
+                         f"text.vocab_size {model_config.text.vocab_size}; use a smaller vocabulary or another preset")
+    return folder

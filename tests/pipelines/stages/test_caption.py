@@ -1,0 +1,139 @@
+"""The caption stage on the downloaded stage world, with real Ray and a randomly initialised tiny BLIP."""
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray
+
+from pipelines.manifests.manifest import Generation, ManifestError, read_part
+from pipelines.stages.caption import CaptionConfig, run_caption
+from vlp_core.checkpoint import WEIGHTS_FILE, file_digest
+
+WEB_SHARDS = ["00000", "00001", "00002", "00003"]  # the stage world's 40 URLs, 10 per shard
+SHARDS = [*WEB_SHARDS, "refused"]
+
+
+@pytest.fixture
+def config(tiny_blip_checkpoint: Path) -> CaptionConfig:
+    return CaptionConfig(tiny_blip_checkpoint, num_captions=3, min_length=2, max_length=8, batch_size=4)
+
+
+def _corrupt_one_image(web: Generation) -> str:
+    """Point one downloaded web row of shard 00000 at bytes that are not an image; returns its image_id."""
+    garbage = web.path.parent / "garbage.jpg"
+    garbage.write_bytes(b"this is not a jpeg")
+    part = read_part(web.part_path("00000"))
+    rows = part.to_pylist()
+    victim = next(row for row in rows if row["kept"])
+    victim["image_ref"] = str(garbage)
+    web.write_part("00000", pa.Table.from_pylist(rows, schema=part.schema))
+    return victim["image_id"]
+
+
+def _synthetic_by_image(table) -> dict[str, list[str]]:
+    captions: dict[str, list[str]] = {}
+    for row in table.to_pylist():
+        if row["caption_source"] == "synthetic":
+            captions.setdefault(row["image_id"], []).append(row["caption"])
+    return captions
+
+
+def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(ray_local, web_gen0, config,
+                                                                         tiny_blip_checkpoint):
+    broken = _corrupt_one_image(web_gen0)
+    target = Generation(web_gen0.root, "world", 1)
+    table = run_caption(config, web_gen0, target)
+
+    web_rows = {row["image_id"]: row for row in web_gen0.read_samples().to_pylist()}
+    rows = table.to_pylist()
+    assert len({row["sample_id"] for row in rows}) == len(rows), "every sample_id exactly once"
+    assert all(row["generation"] == 1 and row["parent_generation"] == 0 for row in rows)
+    copied = [row for row in rows if row["caption_source"] == "web"]
+    assert sorted(row["image_id"] for row in copied) == sorted(web_rows)
+    for row in copied:
+        before = web_rows[row["image_id"]]
+        assert (row["caption"], row["image_ref"], row["sample_id"]) == (before["caption"], before["image_ref"],
+                                                                       before["sample_id"])
+        if row["image_id"] == broken:
+            assert (row["kept"], row["reject_stage"], row["reject_reason"]) == (False, "caption", "not_an_image")
+            assert "not a recognised image" in row["reject_detail"]
+        else:
+            assert (row["kept"], row["reject_stage"]) == (before["kept"], before["reject_stage"])
+
+    synthetic = [row for row in rows if row["caption_source"] == "synthetic"]
+    per_image = Counter(row["image_id"] for row in synthetic)
+    downloaded = {i for i, row in web_rows.items() if row["kept"]} - {broken}
+    assert set(per_image) == downloaded, "synthetic rows for every decodable downloaded image, and only those"
+    assert all(1 <= n <= config.num_captions for n in per_image.values())
+    assert sum(per_image.values()) > 0.9 * config.num_captions * len(downloaded)
+    digest = file_digest(tiny_blip_checkpoint / WEIGHTS_FILE)
+    for row in synthetic:
+        web = web_rows[row["image_id"]]
+        assert [row[k] for k in ("image_ref", "image_sha256", "width", "height")] == \
+               [web[k] for k in ("image_ref", "image_sha256", "width", "height")]
+        assert row["kept"] and row["model_ref"] == digest and row["caption"].strip()
+
+    for shard in SHARDS:
+        assert target.is_done("caption", shard)
+    stats = json.loads(target.marker_path("caption", "00000").read_text())
+    assert stats["decode_failures"] == 1 and stats["model_ref"] == digest
+
+
+def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(ray_local, web_gen0, config):
+    first = run_caption(config, web_gen0, Generation(web_gen0.root, "world", 1))
+    rebatched = dataclasses.replace(config, batch_size=1, concurrency=2)
+    second = run_caption(rebatched, web_gen0, Generation(web_gen0.root, "world", 2))
+    assert _synthetic_by_image(first) == _synthetic_by_image(second)
+
+    target = Generation(web_gen0.root, "world", 1)
+    parts = {shard: target.part_path(shard).stat().st_mtime_ns for shard in SHARDS}
+    again = run_caption(dataclasses.replace(config, seed=1), web_gen0, target)
+    assert again.equals(first), "marked shards are not captioned again, whatever the config"
+    assert {shard: target.part_path(shard).stat().st_mtime_ns for shard in SHARDS} == parts
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(ray_local, web_gen0, tiny_blip_checkpoint,
+                                                             kill_midway, tmp_path):
+    slow = CaptionConfig(tiny_blip_checkpoint, num_captions=10, min_length=20, max_length=20, batch_size=2,
+                         ray_address=ray.get_runtime_context().gcs_address)
+    killed = Generation(web_gen0.root, "world", 1)
+    kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}
+    code = (
+        "import json; from pathlib import Path\n"
+        "from pipelines.stages.caption import CaptionConfig, run_caption\n"
+        "from pipelines.manifests.manifest import Generation\n"
+        f"root = Path({str(web_gen0.root)!r})\n"
+        f"run_caption(CaptionConfig(**json.loads({json.dumps(kwargs)!r})), Generation(root, 'world', 0), "
+        "Generation(root, 'world', 1))\n"
+    )
+    finished = kill_midway(code, killed, "caption", WEB_SHARDS)
+    killed.marker_path("caption", finished[0]).unlink()  # as if killed between a part's rename and its marker
+
+    resumed = run_caption(slow, web_gen0, killed)
+    other_root = tmp_path / "uninterrupted"
+    shutil.copytree(web_gen0.path, Generation(other_root, "world", 0).path)
+    uninterrupted = run_caption(slow, Generation(other_root, "world", 0), Generation(other_root, "world", 1))
+    assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
+    assert resumed.to_pylist() == uninterrupted.to_pylist()
+
+
+def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="CaptionConfig: top_p must be in"):
+        CaptionConfig(tiny_blip_checkpoint, top_p=0)
+    with pytest.raises(ValueError, match="min_length must be in"):
+        CaptionConfig(tiny_blip_checkpoint, min_length=9, max_length=8)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        CaptionConfig(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        CaptionConfig(tiny_blip_checkpoint, concurrency=0)
+    config = CaptionConfig(tiny_blip_checkpoint)
+    with pytest.raises(ManifestError, match="same dataset folder"):
+        run_caption(config, web_gen0, Generation(tmp_path / "elsewhere", "world", 1))
+    with pytest.raises(ManifestError, match="no parts"):
+        run_caption(config, Generation(tmp_path, "empty", 0), Generation(tmp_path, "empty", 1))

@@ -1,0 +1,162 @@
+"""The filter stage and re-thresholding on the captioned stage world, with real Ray and a randomly
+initialised tiny BLIP (as captioner and as filter; random weights are enough for the mechanics)."""
+
+import dataclasses
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray
+
+from pipelines.manifests.images import ImageStore
+from pipelines.manifests.manifest import Generation, ManifestError, read_part, sample_id
+from pipelines.stages.caption import CaptionConfig, run_caption
+from pipelines.stages.filter import FilterConfig, rethreshold, run_filter
+from vlp_core.checkpoint import WEIGHTS_FILE, file_digest, load_checkpoint
+from vlp_core.data import image_transform, load_image, normalize_caption
+from vlp_core.scoring import score_captions
+
+WEB_SHARDS = ["00000", "00001", "00002", "00003"]
+EMPTY_CAPTION = "<p> &nbsp; </p>"
+
+
+@pytest.fixture(scope="module")
+def captioned(ray_local, tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_copier) -> Generation:
+    """Generation 1 after the caption stage (3 captions per image), one web caption made empty."""
+    web = dataset_copier(downloaded_gen0, tmp_path_factory.mktemp("captioned"))
+    target = Generation(web.root, web.dataset, 1)
+    run_caption(CaptionConfig(tiny_blip_checkpoint, num_captions=3, min_length=2, max_length=8), web, target)
+    part = read_part(target.part_path("00000"))
+    rows = part.to_pylist()
+    victim = next(row for row in rows if row["kept"] and row["caption_source"] == "web")
+    victim.update(caption=EMPTY_CAPTION, sample_id=sample_id(victim["image_id"], "web", EMPTY_CAPTION))
+    target.write_part("00000", pa.Table.from_pylist(rows, schema=part.schema))
+    return target
+
+
+@pytest.fixture(scope="module")
+def config(tiny_blip_checkpoint: Path) -> FilterConfig:
+    return FilterConfig(tiny_blip_checkpoint, threshold=0.5, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def filtered(captioned: Generation, config: FilterConfig, tmp_path_factory, dataset_copier) -> Generation:
+    target = dataset_copier(captioned, tmp_path_factory.mktemp("filtered"))
+    run_filter(config, target)
+    return target
+
+
+def _is_empty(caption: str | None) -> bool:
+    return normalize_caption(caption or "", max_chars=300)[0] is None
+
+
+def _assert_decided_at(table: pa.Table, threshold: float) -> None:
+    for row in table.to_pylist():
+        if row["itm_score"] is not None:
+            assert row["kept"] == (row["itm_score"] >= threshold), row
+            if not row["kept"]:
+                assert (row["reject_stage"], row["reject_reason"]) == ("filter", "itm_below_threshold")
+
+
+def test_candidates_are_scored_and_decided(captioned, filtered, config, tiny_blip_checkpoint):
+    before = {row["sample_id"]: row for row in captioned.read_samples().to_pylist()}
+    rows = filtered.read_samples().to_pylist()
+    assert sorted(row["sample_id"] for row in rows) == sorted(before), "same samples, each exactly once"
+    for row in rows:
+        was = before[row["sample_id"]]
+        if not was["kept"]:
+            assert row == was, "rows rejected earlier are left alone"
+        elif _is_empty(row["caption"]):
+            assert (row["kept"], row["reject_reason"], row["itm_score"]) == (False, "empty_caption", None)
+        else:
+            assert 0.0 <= row["itm_score"] <= 1.0 and -1.0 <= row["itc_score"] <= 1.0
+    _assert_decided_at(filtered.read_samples(), config.threshold)
+    scored = [row for row in rows if row["itm_score"] is not None]
+    empty = [row for row in rows if row["reject_reason"] == "empty_caption"]
+    assert EMPTY_CAPTION in [row["caption"] for row in empty]
+    assert len(scored) == sum(was["kept"] for was in before.values()) - len(empty)
+    assert len({round(row["itm_score"], 6) for row in scored}) > len(scored) // 2, "scores depend on the pair"
+
+    model, tokenizer, digest = load_checkpoint(tiny_blip_checkpoint)
+    transform, store = image_transform(model.config, train=False), ImageStore(filtered.path.parent)
+    for row in scored[::17]:  # the stored scores are those of the very pair
+        pixels = transform(load_image(store.read(row["image_ref"])))[None]
+        text, _ = normalize_caption(row["caption"], config.max_caption_chars)
+        expected = score_captions(model, tokenizer, pixels, [[text]])[0]
+        assert row["itm_score"] == pytest.approx(expected.itm[0], abs=1e-4)
+        assert row["itc_score"] == pytest.approx(expected.itc[0], abs=1e-4)
+    marker = json.loads(filtered.marker_path("filter", "00000").read_text())
+    assert marker["model_ref"] == digest and marker["threshold"] == 0.5 and marker["rejected"]["empty_caption"] >= 1
+
+
+def test_rethreshold_redecides_from_stored_scores_without_a_model(filtered, config, tmp_path, dataset_copier,
+                                                                    no_inference):
+    target = dataset_copier(filtered, tmp_path)
+    scores = {row["sample_id"]: row["itm_score"] for row in target.read_samples().to_pylist()}
+    median = statistics.median(s for s in scores.values() if s is not None)
+    target.mark_done("rank", "00001", {})  # pretend rank ran: its view goes stale with a new threshold
+
+    table = rethreshold(target, median)
+    _assert_decided_at(table, median)
+    assert 0 < sum(table["kept"].to_pylist()) < table.num_rows
+    assert {row["sample_id"]: row["itm_score"] for row in table.to_pylist()} == scores
+    assert not target.is_done("rank", "00001")
+    assert "empty_caption" in table["reject_reason"].to_pylist()
+
+    target.mark_done("rank", "00001", {})
+    parts = {shard: target.part_path(shard).stat().st_mtime_ns for shard in WEB_SHARDS}
+    assert rethreshold(target, median).equals(table)
+    assert {shard: target.part_path(shard).stat().st_mtime_ns for shard in parts} == parts, "same threshold: untouched"
+    assert target.is_done("rank", "00001")
+
+    top = max(score for score in scores.values() if score is not None)
+    strict = run_filter(dataclasses.replace(config, threshold=top), target)
+    _assert_decided_at(strict, top)
+    assert sum(row["kept"] and row["itm_score"] is not None for row in strict.to_pylist()) == 1
+
+
+def test_scored_shards_refuse_another_filter_checkpoint(filtered, tiny_blip_checkpoint, tmp_path, no_inference):
+    other = tmp_path / "other_filter"
+    shutil.copytree(tiny_blip_checkpoint, other)
+    (other / WEIGHTS_FILE).write_bytes(b"other weights")
+    assert file_digest(other / WEIGHTS_FILE) != file_digest(tiny_blip_checkpoint / WEIGHTS_FILE)
+    with pytest.raises(ManifestError, match="was scored by filter"):
+        run_filter(FilterConfig(other), filtered)
+
+
+def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_path, no_inference):
+    with pytest.raises(ValueError, match="FilterConfig: threshold is an ITM probability"):
+        FilterConfig(tiny_blip_checkpoint, threshold=1.5)
+    with pytest.raises(ValueError, match="max_caption_chars must be >= 1"):
+        FilterConfig(tiny_blip_checkpoint, max_caption_chars=0)
+    with pytest.raises(ValueError, match="threshold is an ITM probability"):
+        rethreshold(captioned, -0.1)
+    with pytest.raises(ManifestError, match="the filter stage has not finished"):
+        rethreshold(captioned, 0.5)
+    with pytest.raises(ManifestError, match="no captioned shards; run the caption stage"):
+        run_filter(FilterConfig(tiny_blip_checkpoint), Generation(tmp_path, "world", 1))
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(captioned, tiny_blip_checkpoint, tmp_path,
+                                                             dataset_copier, kill_midway):
+    slow = FilterConfig(tiny_blip_checkpoint, batch_size=1, ray_address=ray.get_runtime_context().gcs_address)
+    killed = dataset_copier(captioned, tmp_path / "killed")
+    kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}
+    code = (
+        "import json; from pathlib import Path\n"
+        "from pipelines.stages.filter import FilterConfig, run_filter\n"
+        "from pipelines.manifests.manifest import Generation\n"
+        f"run_filter(FilterConfig(**json.loads({json.dumps(kwargs)!r})), "
+        f"Generation(Path({str(killed.root)!r}), 'world', 1))\n"
+    )
+    finished = kill_midway(code, killed, "filter", WEB_SHARDS)
+    killed.marker_path("filter", finished[0]).unlink()  # as if killed between a part's rename and its marker
+
+    resumed = run_filter(slow, killed)
+    uninterrupted = run_filter(slow, dataset_copier(captioned, tmp_path / "uninterrupted"))
+    assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
+    assert resumed.to_pylist() == uninterrupted.to_pylist()
