@@ -67,8 +67,7 @@ class Scorer:
         model: BlipModel = self.model
         with inference_mode(model) as device:
             image_embeds = model.encode_image(pixels.to(device))
-            input_ids, attention_mask = tokenize(self.tokenizer, texts, model.config.max_text_length)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            input_ids, attention_mask = tokenize(self.tokenizer, texts, model.config.max_text_length, device)
             text_features = model.text_features(model.encode_text(input_ids, attention_mask))
             (text_features * model.image_features(image_embeds)).sum(dim=-1)  # ITC, as the filter computes it
             input_ids[:, 0] = special_ids(self.tokenizer).enc

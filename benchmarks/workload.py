@@ -64,11 +64,11 @@ def random_blip(preset: str = "tiny", device: str | None = None, image_size: int
 def training_batch(model: BlipModel, tokenizer: PreTrainedTokenizerBase, images: list[Image.Image],
                    captions: list[str], prompt: str = "") -> dict[str, torch.Tensor]:
     """The keyword arguments of `BlipPretrainer.forward` (alpha aside) for these pairs, on the model's device."""
+    device = model_device(model)
     input_ids, attention_mask = tokenize(tokenizer, [prompt + caption for caption in captions],
-                                         model.config.max_text_length)
-    batch = {"pixel_values": pixel_values(model, images), "input_ids": input_ids, "attention_mask": attention_mask,
-             "image_ids": torch.arange(len(images))}
-    return {name: tensor.to(model_device(model)) for name, tensor in batch.items()}
+                                         model.config.max_text_length, device)
+    return {"pixel_values": pixel_values(model, images), "input_ids": input_ids, "attention_mask": attention_mask,
+            "image_ids": torch.arange(len(images), device=device)}
 
 
 def train_step(pretrainer: BlipPretrainer, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]

@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from pipelines.world import WorldConfig, load_scenes, make_world
-from pipelines.world_grammar import attribute_accuracy, parse_caption
+from pipelines.world.generate import WorldConfig, load_scenes, make_world
+from pipelines.world.grammar import attribute_accuracy, parse_caption
 from vlp_core.blip import BlipModel
 from vlp_core.config import load_preset
 from vlp_core.data import image_transform, load_coco_karpathy, load_image

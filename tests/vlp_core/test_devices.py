@@ -1,0 +1,157 @@
+"""Every tensor lands on the device of the data it meets: a guard that catches misplaced tensors without a GPU.
+
+Inside `tensors_made_without_a_device_are_meta()` the model stays on the CPU, and every tensor created
+without an explicit device (a factory call, a random draw, a tokenizer's output) is a meta tensor: as
+soon as it meets the model's real tensors, the call fails. On a GPU the same code would have made that
+tensor on the CPU and met CUDA tensors with it. The guard is stricter than CUDA: it also flags a tensor
+made on the CPU and then moved, which costs a host-to-device copy on a GPU.
+
+The CUDA tests at the end run the same calls on a real GPU, where there is one.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from vlp_core.clip import load_clip
+from vlp_core.generation import generate
+from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, prompt_length
+from vlp_core.scoring import score_captions
+from vlp_core.tokenizer import special_ids, tokenize
+
+CAPTIONS = [["a red circle", "a blue square to the left of a circle"], ["a green triangle"], []]
+PROMPT = "a picture of "
+
+
+@contextmanager
+def tensors_made_without_a_device_are_meta() -> Iterator[None]:
+    with torch.device("meta"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer(word_tokenizer):
+    return word_tokenizer([PROMPT, *(caption for captions in CAPTIONS for caption in captions)])
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer, small_blip):
+    return small_blip(tokenizer)
+
+
+def pixels(device: str | torch.device = "cpu") -> torch.Tensor:
+    return torch.randn(len(CAPTIONS), 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+GENERATION_CASES = {
+    "nucleus with seeds": {"method": "nucleus", "num_captions": 3, "seeds": [1, 2, 3]},
+    "nucleus with a generator": {"method": "nucleus", "num_captions": 3, "generator": "cpu"},
+    "greedy": {"method": "greedy"},
+    "beam": {"method": "beam", "num_beams": 3, "num_captions": 2},
+}
+
+
+def generation_kwargs(case: str, device: str | torch.device) -> dict:
+    kwargs = dict(GENERATION_CASES[case], min_length=1, max_length=6, prompt=PROMPT)
+    if kwargs.get("generator"):
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(0)
+    return kwargs
+
+
+def training_batch(tokenizer, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    captions = [PROMPT + caption for captions in CAPTIONS for caption in captions]
+    input_ids, attention_mask = tokenize(tokenizer, captions, 16, device=device)
+    images = torch.randn(len(captions), 3, 32, 32, device=device)
+    return images, input_ids, attention_mask, torch.arange(len(captions), device=device)
+
+
+def pretraining_step(model, tokenizer, objectives: tuple[str, ...], device: str | torch.device) -> dict:
+    """Build the trainee where the model is (its queues too) and run one step with ITM negatives."""
+    trainee = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, PROMPT), objectives).train()
+    generator = torch.Generator(device=device).manual_seed(0)
+    losses = trainee(*training_batch(tokenizer, device), alpha=0.4, generator=generator)
+    losses["loss"].backward()
+    trainee(*training_batch(tokenizer, device), alpha=0.4, generator=generator)  # the queues hold features now
+    return losses
+
+
+# --------------------------------------------------------------------------- the guard, on the CPU
+
+
+@pytest.mark.parametrize("case", GENERATION_CASES)
+def test_generation_makes_no_tensor_off_the_models_device(model, tokenizer, case):
+    images = pixels()
+    expected = generate(model, tokenizer, images, **generation_kwargs(case, "cpu"))
+    kwargs = generation_kwargs(case, "cpu")
+    with tensors_made_without_a_device_are_meta():
+        captions = generate(model, tokenizer, images, **kwargs)
+    assert captions == expected
+
+
+def test_scoring_makes_no_tensor_off_the_models_device(model, tokenizer):
+    images = pixels()
+    expected = score_captions(model, tokenizer, images, CAPTIONS, batch_size=2)
+    with tensors_made_without_a_device_are_meta():
+        scores = score_captions(model, tokenizer, images, CAPTIONS, batch_size=2)
+    assert scores == expected
+
+
+@pytest.mark.parametrize("objectives", [PRETRAIN, CAPTIONER, FILTER])
+def test_a_training_step_makes_no_tensor_off_the_models_device(tokenizer, small_blip, objectives):
+    model = small_blip(tokenizer)
+    with tensors_made_without_a_device_are_meta():
+        losses = pretraining_step(model, tokenizer, objectives, "cpu")
+    assert all(torch.isfinite(value).all() for value in losses.values())
+
+
+def test_clip_ranker_makes_no_tensor_off_the_models_device():
+    torch.manual_seed(0)
+    ranker = load_clip("clip_tiny")
+    images = torch.randn(len(CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = ranker.scores(ranker.image_features(images), CAPTIONS)
+    with tensors_made_without_a_device_are_meta():
+        scores = ranker.scores(ranker.image_features(images), CAPTIONS)
+        loss = ranker.contrastive_loss(images[:2], ["a red circle", "a green triangle"])
+    for got, want in zip(scores, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.isfinite(loss["contrastive_loss"])
+
+
+# --------------------------------------------------------------------------- the same calls on a GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("case", GENERATION_CASES)
+def test_generation_on_cuda(tokenizer, small_blip, case):
+    model = small_blip(tokenizer).cuda()
+    captions = generate(model, tokenizer, pixels("cuda"), **generation_kwargs(case, "cuda"))
+    per_image = GENERATION_CASES[case].get("num_captions", 1)
+    assert [len(row) for row in captions] == [per_image] * len(CAPTIONS)
+
+
+@cuda
+def test_scoring_on_cuda(tokenizer, small_blip):
+    expected = score_captions(small_blip(tokenizer), tokenizer, pixels(), CAPTIONS)
+    scores = score_captions(small_blip(tokenizer).cuda(), tokenizer, pixels("cuda"), CAPTIONS)
+    for got, want in zip(scores, expected, strict=True):
+        assert got.itm == pytest.approx(want.itm, abs=0.05) and got.itc == pytest.approx(want.itc, abs=0.05)
+
+
+@cuda
+@pytest.mark.parametrize("objectives", [PRETRAIN, CAPTIONER, FILTER])
+def test_a_training_step_on_cuda(tokenizer, small_blip, objectives):
+    losses = pretraining_step(small_blip(tokenizer).cuda(), tokenizer, objectives, "cuda")
+    assert all(value.device.type == "cuda" and torch.isfinite(value).all() for value in losses.values())
+
+
+@cuda
+def test_clip_ranker_on_cuda():
+    ranker = load_clip("clip_tiny", device="cuda")
+    images = torch.randn(len(CAPTIONS), 3, 64, 64, device="cuda")
+    scores = ranker.scores(ranker.image_features(images), CAPTIONS)
+    assert [len(s) for s in scores] == [len(c) for c in CAPTIONS]
+    assert torch.isfinite(ranker.contrastive_loss(images[:2], ["a red circle", "a green triangle"])["contrastive_loss"])
