@@ -67,6 +67,7 @@ def capfilt_ablate(
     clip_model: str | None = None,
     clip_checkpoint: str | None = None,
     num_gpus: float | None = None,
+    executor: str | None = None,
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
@@ -81,7 +82,7 @@ def capfilt_ablate(
                  "pretrain_steps": pretrain_steps, "batch_size": batch_size, "model_preset": model_preset,
                  "clip_model": clip_model,
                  "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "num_gpus": num_gpus,
-                 "ray_address": ray_address}
+                 "executor": executor, "ray_address": ray_address}
     settings, inputs, out = run_setup(out_dir, preset, overrides, url_list, human_annotations, human_image_root,
                                       test_annotations, test_image_root, world_seed, n_web)
     return run_ablation(settings, inputs, out, chosen, seeds)

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from pipelines.executor import resolve_executor
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest
 from pipelines.report import report
 from pipelines.stages import assemble, caption, download, evaluate, rank
@@ -74,12 +75,14 @@ class RunSettings:
     inference_batch_size: int = 32
     concurrency: int = 1
     num_gpus: float = 0.0
+    executor: str | None = None            # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
     ray_address: str | None = None
     seed: int = 0
     world: WorldConfig = WorldConfig(n_web=2000, n_human=500, n_test=100)  # made when no url_list is given
 
     def __post_init__(self) -> None:
         """Fail before any work, naming the setting to fix."""
+        object.__setattr__(self, "executor", resolve_executor(self.executor))
         at_least = {"rounds": 0, "itc_warmup_steps": 0, "easy_negative_steps": 0, "pretrain_steps": 1,
                     "finetune_steps": 1, "clip_steps": 1, "batch_size": 1, "train_cpus": 1, "num_captions": 1,
                     "top_k": 1, "k_test": 1, "inference_batch_size": 1, "concurrency": 1}
@@ -137,13 +140,15 @@ def capfilt(
     itm_threshold: float | None = None,
     top_k: int | None = None,
     clip_checkpoint: str | None = None,
+    executor: str | None = None,
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
 ) -> dict[str, Any]:
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served."""
     overrides = {"rounds": rounds, "num_captions": num_captions, "itm_threshold": itm_threshold, "top_k": top_k,
-                 "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "ray_address": ray_address}
+                 "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "executor": executor,
+                 "ray_address": ray_address}
     settings, inputs, out = run_setup(out_dir, preset, overrides, url_list, human_annotations, human_image_root,
                                       test_annotations, test_image_root, world_seed, n_web)
     return bootstrap(settings, inputs, out)
@@ -225,15 +230,19 @@ def capfilt_round(settings: RunSettings, inputs: Inputs, out: Path, model: train
     """One CapFilt round from `model`: fine-tune captioner ∥ filter on the human pairs, caption `web` into
     `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
     human = (inputs.human_annotations, inputs.human_image_root)
+    side_by_side = settings.executor == "ray"  # in one process they take turns: torch's threads and RNG are global
     finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir,
-                           cpus=max(1, settings.train_cpus // 2))  # the two run side by side
-    captioner_run = finetune_captioner_task.submit(finetuning, *human,
-                                                   training_dir(out, "captioner", finetuning, model.digest))
-    filter_run = finetune_filter_task.submit(finetuning, *human, training_dir(out, "filter", finetuning, model.digest))
-    captioner, filter_model = captioner_run.result(), filter_run.result()
+                           cpus=max(1, settings.train_cpus // 2) if side_by_side else None)
+    runs = [(finetune_captioner_task, training_dir(out, "captioner", finetuning, model.digest)),
+            (finetune_filter_task, training_dir(out, "filter", finetuning, model.digest))]
+    if side_by_side:
+        futures = [fine_tune.submit(finetuning, *human, run_dir) for fine_tune, run_dir in runs]
+        captioner, filter_model = (future.result() for future in futures)
+    else:
+        captioner, filter_model = (fine_tune(finetuning, *human, run_dir) for fine_tune, run_dir in runs)
 
     pool = {"batch_size": settings.inference_batch_size, "concurrency": settings.concurrency,
-            "num_gpus": settings.num_gpus, "ray_address": settings.ray_address}
+            "num_gpus": settings.num_gpus, "executor": settings.executor, "ray_address": settings.ray_address}
     caption_task(caption.CaptionConfig(checkpoint=captioner.checkpoint_dir, num_captions=settings.num_captions,
                                        seed=settings.seed, **pool), web, target)
     filter_task(filtering.FilterConfig(checkpoint=filter_model.checkpoint_dir, threshold=settings.itm_threshold,
@@ -257,7 +266,8 @@ def _training(settings: RunSettings, steps: int, *, preset: str | None = None, i
         preset=preset, init_checkpoint=init_checkpoint, max_steps=steps, batch_size=settings.batch_size,
         lr=settings.lr, seed=settings.seed, itc_warmup_steps=itc_warmup_steps,
         easy_negative_steps=settings.easy_negative_steps, cpus_per_worker=cpus or settings.train_cpus,
-        use_gpu=settings.num_gpus > 0, ray_address=settings.ray_address, checkpoint_every=max(50, steps // 4),
+        use_gpu=settings.num_gpus > 0, executor=settings.executor, ray_address=settings.ray_address,
+        checkpoint_every=max(50, steps // 4),
     )
 
 
@@ -265,13 +275,15 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
     return evaluate.EvaluateConfig(
         checkpoint=model.checkpoint_dir, test_annotations=inputs.test_annotations,
         test_image_root=inputs.test_image_root, world_dir=inputs.world_dir, k_test=settings.k_test,
-        batch_size=settings.inference_batch_size, num_gpus=settings.num_gpus, ray_address=settings.ray_address,
+        batch_size=settings.inference_batch_size, num_gpus=settings.num_gpus, executor=settings.executor,
+        ray_address=settings.ray_address,
     )
 
 
 def training_dir(out: Path, task_name: str, config: TrainConfig, source_digest: str) -> Path:
-    """A training's folder, named by its settings and its input: same inputs, same folder (so it resumes)."""
-    key = config_digest({"config": config.to_dict(), "source": source_digest}).removeprefix("sha256:")
+    """A training's folder, named by its settings (but not where it executes) and its input: same inputs,
+    same folder (so it resumes)."""
+    key = config_digest({"config": config.placement_free_dict(), "source": source_digest}).removeprefix("sha256:")
     return out / "train" / f"{task_name}-{key}"
 
 

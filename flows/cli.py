@@ -10,6 +10,7 @@ from pathlib import Path
 from benchmarks.cli import add_bench_command
 from pipelines.cli.main import Commands, add_command, format_generations
 from pipelines.cli.main import main as pipelines_main
+from pipelines.cli.stage_commands import add_executor_options
 
 
 def add_flow_commands(commands: Commands) -> None:
@@ -56,7 +57,7 @@ def _add_run_options(parser: argparse.ArgumentParser, out: Path) -> None:
     parser.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
     parser.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
     parser.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
-    parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
+    add_executor_options(parser)
 
 
 def _deploy(args: argparse.Namespace) -> None:
@@ -82,7 +83,8 @@ def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
 
     result = capfilt(out_dir=str(args.out), preset=args.preset, rounds=args.rounds, num_captions=args.num_captions,
-                     itm_threshold=args.threshold, top_k=args.top_k, n_web=args.n_web, ray_address=args.ray_address)
+                     itm_threshold=args.threshold, top_k=args.top_k, n_web=args.n_web, executor=args.executor,
+                     ray_address=args.ray_address)
     root = Path(result["manifests"])
     print(format_generations(root))
     print(json.dumps(result["metrics"], indent=2, default=str))
@@ -112,7 +114,7 @@ def _ablate(args: argparse.Namespace) -> None:
         itm_threshold=args.threshold, top_k=args.top_k, pretrain_steps=args.pretrain_steps,
         batch_size=args.batch_size, model_preset=args.model_preset, clip_model=args.clip_model,
         clip_checkpoint=args.clip_checkpoint, num_gpus=args.gpus,
-        ray_address=args.ray_address, n_web=args.n_web,
+        executor=args.executor, ray_address=args.ray_address, n_web=args.n_web,
     )
     print(Path(result["table"]).read_text())
     print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}")

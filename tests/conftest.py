@@ -12,6 +12,8 @@ for name, value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",
+    # Stages run in the test process unless a test asks for Ray (pipelines.executor).
+    "CAPFILT_EXECUTOR": "local",
     # One thread per process: on 2 shared cores, torch's default threading is several times slower.
     "OMP_NUM_THREADS": "1",
 }.items():
@@ -27,7 +29,7 @@ def ray_local():
     """A local Ray (2 CPUs, 127.0.0.1) for the whole session; shut down at the end."""
     import ray
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.executor import init_ray
 
     init_ray(num_cpus=2)
     yield

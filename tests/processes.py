@@ -25,10 +25,15 @@ def wait_until(check: Callable[[], bool], what: str, timeout_s: float) -> None:
 
 
 def stop_group(process: subprocess.Popen, first_signal: int = signal.SIGTERM) -> None:
-    """Stop a process started with start_new_session=True, and everything it started, by its PID."""
+    """Stop a process started with start_new_session=True, and everything it started, by its PID: `first_signal`
+    to the group, and once the leader has exited (or after 60 s) SIGKILL to whatever of the group is left."""
     os.killpg(process.pid, first_signal)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    except ProcessLookupError:  # the whole group is gone
+        pass
+    process.wait()

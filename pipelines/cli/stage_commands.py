@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from pipelines.executor import EXECUTORS
 from pipelines.manifests.manifest import Generation
 
 Commands = argparse._SubParsersAction  # what add_subparsers() returns
@@ -73,7 +74,7 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     evaluating.add_argument("--test-image-root", type=Path, required=True)
     evaluating.add_argument("--world", type=Path, help="the synthetic world, for its ground-truth metrics")
     evaluating.add_argument("--k-test", type=int, default=16, help="ITC candidates re-ranked by ITM")
-    evaluating.add_argument("--ray-address")
+    add_executor_options(evaluating)
 
     reporting = command("report", _write_report, "Write a generation's dataset-quality report: index.html (opens "
                         "from disk), report.json and the plots.")
@@ -105,14 +106,22 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP when > 1)")
     parser.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores (torch threads) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument("--ray-address")
+    add_executor_options(parser)
 
 
 def _pool_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
     parser.add_argument("--concurrency", type=int, default=1, help="Ray actors, each holding the model")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
-    parser.add_argument("--ray-address")
+    add_executor_options(parser)
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """Where the work runs: --executor and --ray-address."""
+    parser.add_argument("--executor", choices=EXECUTORS,
+                        help="ray: Ray actors, tasks and Ray Train (local Ray or a cluster); local: in this process, "
+                        "one model at a time (default: $CAPFILT_EXECUTOR, else ray)")
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
 
 
 def _generation(args: argparse.Namespace, number: int | None = None) -> Generation:
@@ -121,7 +130,7 @@ def _generation(args: argparse.Namespace, number: int | None = None) -> Generati
 
 def _pool(args: argparse.Namespace) -> dict:
     return {"batch_size": args.batch_size, "concurrency": args.concurrency, "num_gpus": args.gpus_per_actor,
-            "ray_address": args.ray_address}
+            "executor": args.executor, "ray_address": args.ray_address}
 
 
 def _train_config(args: argparse.Namespace):
@@ -131,7 +140,7 @@ def _train_config(args: argparse.Namespace):
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_workers=args.workers,
                        cpus_per_worker=args.cpus_per_worker, warmup_steps=args.warmup_steps,
                        itc_warmup_steps=args.itc_warmup_steps, easy_negative_steps=args.easy_negative_steps,
-                       use_gpu=args.gpu, ray_address=args.ray_address)
+                       use_gpu=args.gpu, executor=args.executor, ray_address=args.ray_address)
 
 
 def _report(result) -> None:
@@ -198,7 +207,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     config = EvaluateConfig(checkpoint=args.checkpoint, test_annotations=args.test_annotations,
                             test_image_root=args.test_image_root, world_dir=args.world, k_test=args.k_test,
-                            ray_address=args.ray_address)
+                            executor=args.executor, ray_address=args.ray_address)
     print(json.dumps(run_evaluate(config, _generation(args)), indent=2, default=str))
 
 

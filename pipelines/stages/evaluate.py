@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipelines.manifests.atomic import atomic_write_json
 from pipelines.manifests.manifest import Generation
-from pipelines.ray_runtime import init_ray
+from pipelines.executor import init_ray, resolve_executor
 from pipelines.report.metrics import (
     attribute_accuracy_summary,
     caption_scores,
@@ -79,11 +79,13 @@ class EvaluateConfig:
     max_length: int = 30
     world_dir: Path | None = None    # a synthetic world folder: adds the world metrics
     batch_size: int = 32             # images (and texts) per forward pass
-    concurrency: int = 1             # Ray tasks sharing the ITM re-rank
-    num_gpus: float = 0.0            # GPUs per Ray task
+    concurrency: int = 1             # Ray tasks sharing the ITM re-rank (local: one)
+    num_gpus: float = 0.0            # GPUs per Ray task (local: the process's GPU when > 0)
+    executor: str | None = None      # "ray" (Ray tasks) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "executor", resolve_executor(self.executor))
         problems = [
             (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
             (Path(self.test_annotations).is_file(), f"test_annotations {self.test_annotations} is not a file"),
@@ -124,10 +126,9 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
     records = load_test_set(config)
     references = {record.image_id: list(record.captions) for record in records}
     text_image = [index for index, record in enumerate(records) for _ in record.captions]
-    init_ray(config.ray_address)
-    encoded: EncodedTestSet = ray.get(_as_task(encode_and_caption, config).remote(config))
+    encoded: EncodedTestSet = _run_tasks(config, encode_and_caption, [(config,)])[0]
     similarity = encoded.similarity
-    itm = _itm_on_ray(config, top_k_pairs(similarity, config.k_test), similarity.shape)
+    itm = _itm_scores(config, top_k_pairs(similarity, config.k_test), similarity.shape)
 
     results: dict[str, Any] = {
         "dataset": generation.dataset,
@@ -166,25 +167,30 @@ def load_test_set(config: EvaluateConfig) -> list[CaptionRecord]:
     return records
 
 
-def _as_task(function: Callable, config: EvaluateConfig) -> ray.remote_function.RemoteFunction:
-    """`function` as a Ray task with one CPU and the config's GPUs."""
-    return ray.remote(num_cpus=1, num_gpus=config.num_gpus)(function)
+def _run_tasks(config: EvaluateConfig, function: Callable, calls: list[tuple]) -> list[Any]:
+    """`function(*args)` for each args of `calls`: in this process one after the other (local), or as
+    Ray tasks with one CPU and the config's GPUs each (ray)."""
+    if config.executor == "local":
+        return [function(*args) for args in calls]
+    init_ray(config.ray_address)
+    task = ray.remote(num_cpus=1, num_gpus=config.num_gpus)(function)
+    return ray.get([task.remote(*args) for args in calls])
 
 
-def _itm_on_ray(config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
+def _itm_scores(config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
     """(N, T) ITM scores of `pairs` (the texts to score per image), NaN elsewhere, from `concurrency` tasks
-    that each score a contiguous slice of the images."""
-    slices = [chunk for chunk in np.array_split(np.arange(len(pairs)), config.concurrency) if len(chunk)]
-    task = _as_task(score_pairs, config)
-    futures = [task.remote(config, int(chunk[0]), [pairs[i] for i in chunk]) for chunk in slices]
+    (one with the local executor) that each score a contiguous slice of the images."""
+    tasks = 1 if config.executor == "local" else config.concurrency
+    slices = [chunk for chunk in np.array_split(np.arange(len(pairs)), tasks) if len(chunk)]
+    results = _run_tasks(config, score_pairs, [(config, int(chunk[0]), [pairs[i] for i in chunk]) for chunk in slices])
     itm = np.full(shape, np.nan, dtype=np.float32)
-    for chunk, scores in zip(slices, ray.get(futures), strict=True):
+    for chunk, scores in zip(slices, results, strict=True):
         for image, image_scores in zip(chunk, scores, strict=True):
             itm[image, pairs[image]] = image_scores
     return itm
 
 
-# --------------------------------------------------------------------------- the model (Ray tasks, or in-process)
+# --------------------------------------------------------------------------- the model (Ray tasks, or local)
 
 
 def encode_and_caption(config: EvaluateConfig) -> EncodedTestSet:
@@ -240,8 +246,8 @@ def _text_features(model: BlipModel, tokenizer: PreTrainedTokenizerBase, texts: 
     with inference_mode(model) as device:
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
-                                                 model.config.max_text_length)
-            embeds = model.encode_text(input_ids.to(device), attention_mask.to(device))
+                                                 model.config.max_text_length, device)
+            embeds = model.encode_text(input_ids, attention_mask)
             features.append(model.text_features(embeds).float().cpu())
     return torch.cat(features)
 

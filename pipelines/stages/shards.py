@@ -26,7 +26,7 @@ import torch
 
 from pipelines.manifests.images import ImageRefError, ImageStore
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
-from pipelines.ray_runtime import init_ray
+from pipelines.executor import init_ray, resolve_executor
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,13 @@ class ActorPoolConfig:
     """How a stage runs its model on Ray: shared by the caption, filter and rank configs."""
 
     batch_size: int = 16              # images per model call (one Ray Data block)
-    concurrency: int = 1              # actors, each holding one copy of the model
+    concurrency: int = 1              # Ray actors, each holding one copy of the model (local: one)
     num_gpus: float = 0.0             # GPUs per actor; 0 runs on the CPU
+    executor: str | None = None       # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
     ray_address: str | None = None    # None: $RAY_ADDRESS, else a local Ray
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "executor", resolve_executor(self.executor))
         check_config(type(self).__name__, [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
@@ -283,12 +285,18 @@ def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, st
 
 
 def _map_requests(stage: ShardedStage, requests: list[pa.Table], pool: ActorPoolConfig) -> Iterator[Row]:
-    """Stream the results of `stage`'s actor pool over the requests (one Ray Data block per batch)."""
-    init_ray(pool.ray_address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    """Stream the results of `stage`'s actor over the requests, one block of `batch_size` images at a time:
+    in this process (local) or from a Ray Data actor pool (ray)."""
     blocks = [table.slice(start, pool.batch_size)
               for table in requests for start in range(0, table.num_rows, pool.batch_size)]
     actor, kwargs = stage.actor()
+    if pool.executor == "local":
+        model = actor(**kwargs)
+        for block in blocks:
+            yield from model(block).to_pylist()
+        return
+    init_ray(pool.ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     results = ray.data.from_arrow(blocks).map_batches(
         actor,
         fn_constructor_kwargs=kwargs,

@@ -7,11 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.executor import resolve_executor
 from vlp_core.config import preset_names
 
+# Where a run executes: never part of what it trains.
+PLACEMENT_FIELDS = ("executor", "ray_address")
 # Fields that may change when a run is restarted: how long it trains and where it runs.
 RESTARTABLE_FIELDS = ("epochs", "max_steps", "num_workers", "cpus_per_worker", "use_gpu", "loader_workers",
-                      "checkpoint_every", "log_every", "max_failures", "ray_address")
+                      "checkpoint_every", "log_every", "max_failures", *PLACEMENT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class TrainConfig:
     easy_negative_steps: int = 0         # BLIP tasks: ITM negatives ramp from uniform to hard
     seed: int = 0
     # where and how it runs
+    executor: str | None = None          # "ray" (Ray Train) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
     num_workers: int = 1                 # Ray Train workers (DDP when > 1)
     cpus_per_worker: int = 1             # CPU cores (and torch threads) each worker takes
     use_gpu: bool = False                # one GPU per worker; bf16 autocast on CUDA
@@ -45,6 +49,11 @@ class TrainConfig:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "executor", resolve_executor(self.executor))
+        if self.executor == "local":
+            _require(self.num_workers == 1, "num_workers", "1 with the local executor (several workers need Ray Train)")
+            _require(self.max_failures == 0, "max_failures",
+                     "0 with the local executor (Ray Train restarts failed workers; a local run resumes when re-run)")
         for name in ("batch_size", "num_workers", "cpus_per_worker", "checkpoint_every", "log_every"):
             _require(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer ≥ 1")
         for name in ("warmup_steps", "itc_warmup_steps", "easy_negative_steps", "seed", "loader_workers",
@@ -71,6 +80,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    def placement_free_dict(self) -> dict:
+        """`to_dict` without where the run executes: the same run on Ray or in this process."""
+        return {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
 
 
 def _is_int(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""The training loop each Ray Train worker runs, and the checkpoints that let a run resume.
+"""The training loop (each Ray Train worker runs it, or the local executor in-process), and the
+checkpoints that let a run resume.
 
     <run_dir>/checkpoints/step-<N>/   the exported model (a capfilt checkpoint, or clip.safetensors) +
                                       training_state.pt (trainee and optimizer state, RNG, loss history),
@@ -14,12 +15,11 @@ from __future__ import annotations
 import io
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -50,12 +50,22 @@ class TrainSpec:
     total_steps: int
 
 
-def train_worker(spec: TrainSpec) -> None:
-    """Ray Train `train_loop_per_worker`: build, resume, then one loop over steps until `total_steps`."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a training loop runs: its rank among `world_size` workers, its device, and how its model and
+    data loader are wrapped for data parallelism (unchanged in a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module, bool], nn.Module] = lambda model, find_unused_parameters: model
+    prepare_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader
+
+
+def train_loop(spec: TrainSpec, placement: Placement) -> None:
+    """Build, resume, then one loop over steps until `total_steps`."""
     config = spec.config
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world_size, device = placement.rank, placement.world_size, placement.device
 
     torch.set_num_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -71,17 +81,15 @@ def train_worker(spec: TrainSpec) -> None:
     if resume_from is not None:
         step, history = load_training_state(resume_from, trainee, optimizer, device)
         log.info("%s: resuming from %s (step %d)", spec.task, resume_from, step)
-    model = ray.train.torch.prepare_model(
-        trainee, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
+    model = placement.prepare_model(trainee, task.find_unused_parameters)
     dataset = PairDataset(list(spec.pairs), spec.image_dir, task.transform, task.caption_prefix)
 
     while step < spec.total_steps:
         epoch, batches_done = divmod(step, spec.steps_per_epoch)
         order = epoch_order(len(dataset), config.batch_size, rank, world_size, config.seed, epoch)
-        loader = ray.train.torch.prepare_data_loader(
+        loader = placement.prepare_loader(
             DataLoader(dataset, batch_size=config.batch_size, sampler=order[batches_done * config.batch_size:],
-                       collate_fn=task.collate, num_workers=config.loader_workers),
-            add_dist_sampler=False)
+                       collate_fn=task.collate, num_workers=config.loader_workers))
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, spec.total_steps, config.warmup_steps, config.lr)

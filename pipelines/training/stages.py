@@ -1,8 +1,8 @@
-"""Training stages on Ray Train: pretrain BLIP, fine-tune the captioner and the filter, train the CLIP ranker.
+"""Training stages: pretrain BLIP, fine-tune the captioner and the filter, train the CLIP ranker.
 
 Each entry point turns its input into (image, caption) pairs, checks the run folder, and runs the one
-training loop (`pipelines.training.loop.train_worker`) on a `TorchTrainer` with `num_workers` workers
-(DDP when more than one). Results land in `run_dir`:
+training loop (`pipelines.training.loop.train_loop`): on a Ray Train `TorchTrainer` with `num_workers`
+workers (DDP when more than one), or in this process with the local executor. Results land in `run_dir`:
 
     run.json            what this run trains (task, config, data digest); a restart must match it
     tokenizer/          BLIP from a preset without a tokenizer: WordPiece trained on the captions
@@ -23,15 +23,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
+import ray.train.torch
+import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.manifests.atomic import atomic_write_json
 from pipelines.manifests.manifest import Generation, config_digest
-from pipelines.ray_runtime import init_ray
+from pipelines.executor import init_ray
 from pipelines.training.config import RESTARTABLE_FIELDS, TrainConfig
 from pipelines.training.data import Pair, coco_pairs, generation_pairs
-from pipelines.training.loop import SUMMARY_FILE, TrainSpec, train_worker
+from pipelines.training.loop import SUMMARY_FILE, Placement, TrainSpec, train_loop
 from vlp_core.config import load_preset
 from vlp_core.tokenizer import load_tokenizer, train_tokenizer
 
@@ -100,21 +103,55 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
     spec = TrainSpec(task=task, config=config, run_dir=run_dir, pairs=tuple(pairs),
                      image_dir=Path(image_dir).resolve(), tokenizer_dir=_tokenizer_dir(task, config, pairs, run_dir),
                      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    log.info("%s: %d pairs, %d steps (%d per epoch) on %d worker(s) → %s", task, len(pairs), total_steps,
-             steps_per_epoch, config.num_workers, run_dir)
+    log.info("%s: %d pairs, %d steps (%d per epoch) on %d %s worker(s) → %s", task, len(pairs), total_steps,
+             steps_per_epoch, config.num_workers, config.executor, run_dir)
+    if config.executor == "local":
+        _train_here(spec)
+    else:
+        _train_on_ray(spec)
+    result = _finished_result(run_dir, total_steps)
+    if result is None:
+        raise RuntimeError(f"{task}: training ended without {run_dir / 'final' / SUMMARY_FILE}; see the logs")
+    return result
+
+
+def _train_here(spec: TrainSpec) -> None:
+    """The local executor: the training loop in this process, on its GPU if `use_gpu`. The caller's torch
+    threads and random state are restored afterwards."""
+    if spec.config.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.use_gpu is set but this process sees no CUDA device")
+    device = torch.device("cuda" if spec.config.use_gpu else "cpu")
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            train_loop(spec, Placement(device=device))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_on_ray(spec: TrainSpec) -> None:
+    """The Ray executor: a `TorchTrainer` with `num_workers` workers (DDP when more than one)."""
+    config = spec.config
     init_ray(config.ray_address)
     trainer = TorchTrainer(
-        functools.partial(train_worker, spec),
+        functools.partial(_ray_train_worker, spec),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name=task, storage_path=str(run_dir / "ray"),
+        run_config=RunConfig(name=spec.task, storage_path=str(spec.run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
     )
     trainer.fit()
-    result = _finished_result(run_dir, total_steps)
-    if result is None:
-        raise RuntimeError(f"{task}: training ended without {run_dir / 'final' / SUMMARY_FILE}; see the Ray logs")
-    return result
+
+
+def _ray_train_worker(spec: TrainSpec) -> None:
+    """Ray Train's `train_loop_per_worker`: the training loop, placed by Ray Train."""
+    context = ray.train.get_context()
+    train_loop(spec, Placement(
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
+        prepare_model=lambda model, find_unused_parameters: ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}),
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+    ))
 
 
 def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: list[Pair]) -> None:

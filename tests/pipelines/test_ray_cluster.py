@@ -4,6 +4,7 @@ joined through RAY_ADDRESS, and a stage run as a `ray job submit` job. Everythin
 import json
 import os
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,9 @@ def _answers(url: str) -> bool:
 
 
 def _cluster_env() -> dict[str, str]:
-    """Token authentication on, with this module's own token (head and clients share it)."""
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    """Token authentication on, with this module's own token (head and clients share it); stages on Ray."""
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
+            "CAPFILT_EXECUTOR": "ray"}
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +61,12 @@ def ray_head():
         wait_until(lambda: _answers(f"{dashboard}/api/version"), "the Ray dashboard answers", 120)
         yield f"127.0.0.1:{gcs_port}", dashboard
     finally:
-        stop_group(head)
+        stop_group(head, signal.SIGINT)  # the head exits in seconds on SIGINT, ~30 s on SIGTERM
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 PROBE = (
-    "import json, ray; from pipelines.ray_runtime import init_ray; init_ray(); "
+    "import json, ray; from pipelines.executor import init_ray; init_ray(); "
     "print(json.dumps({'cpus': ray.cluster_resources().get('CPU'), 'address': ray.get_runtime_context().gcs_address}))"
 )
 

@@ -43,7 +43,7 @@ def _synthetic_by_image(table) -> dict[str, list[str]]:
     return captions
 
 
-def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(ray_local, web_gen0, config,
+def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0, config,
                                                                          tiny_blip_checkpoint):
     broken = _corrupt_one_image(web_gen0)
     target = Generation(web_gen0.root, "world", 1)
@@ -84,7 +84,7 @@ def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(ray_loca
     assert stats["decode_failures"] == 1 and stats["model_ref"] == digest
 
 
-def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(ray_local, web_gen0, config):
+def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(web_gen0, config):
     first = run_caption(config, web_gen0, Generation(web_gen0.root, "world", 1))
     rebatched = dataclasses.replace(config, batch_size=1, concurrency=2)
     second = run_caption(rebatched, web_gen0, Generation(web_gen0.root, "world", 2))
@@ -100,8 +100,9 @@ def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(ra
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(ray_local, web_gen0, tiny_blip_checkpoint,
                                                              kill_midway, tmp_path):
+    """Killed on Ray, resumed on Ray; the same manifest as an uninterrupted run of the local executor."""
     slow = CaptionConfig(tiny_blip_checkpoint, num_captions=10, min_length=20, max_length=20, batch_size=2,
-                         ray_address=ray.get_runtime_context().gcs_address)
+                         executor="ray", ray_address=ray.get_runtime_context().gcs_address)
     killed = Generation(web_gen0.root, "world", 1)
     kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}
     code = (
@@ -118,7 +119,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(ray_local, web_gen0
     resumed = run_caption(slow, web_gen0, killed)
     other_root = tmp_path / "uninterrupted"
     shutil.copytree(web_gen0.path, Generation(other_root, "world", 0).path)
-    uninterrupted = run_caption(slow, Generation(other_root, "world", 0), Generation(other_root, "world", 1))
+    uninterrupted = run_caption(dataclasses.replace(slow, executor="local"), Generation(other_root, "world", 0),
+                                Generation(other_root, "world", 1))
     assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
     assert resumed.to_pylist() == uninterrupted.to_pylist()
 

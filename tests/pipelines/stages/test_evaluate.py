@@ -139,7 +139,8 @@ def test_run_evaluate_writes_evaluation_json(world: WorldPaths, checkpoint: tupl
                                              generation: Generation) -> None:
     folder, digest = checkpoint
     config = EvaluateConfig(folder, world.test_annotations, world.test_root, k_test=4, num_beams=2,
-                            max_length=8, min_length=2, batch_size=4, concurrency=2, world_dir=world.root)
+                            max_length=8, min_length=2, batch_size=4, concurrency=2, world_dir=world.root,
+                            executor="ray")
     results = run_evaluate(config, generation)
 
     assert json.loads((generation.path / EVALUATION_FILE).read_text()) == json.loads(json.dumps(results))
@@ -155,7 +156,7 @@ def test_run_evaluate_writes_evaluation_json(world: WorldPaths, checkpoint: tupl
     accuracy = results["world"]["test_caption_accuracy"]
     assert accuracy["n"] == N_TEST and 0.0 <= accuracy["mean"] <= 1.0
 
-    # The same numbers in-process, from one task's worth of work (no slicing).
+    # The same numbers in this process, from one task's worth of work (no slicing).
     encoded = encode_and_caption(config)
     assert {e["image_id"]: e["caption"] for e in results["caption_examples"]} == encoded.captions
     pairs = top_k_pairs(encoded.similarity, config.k_test)

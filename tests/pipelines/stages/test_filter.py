@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import ray
 
 from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation, ManifestError, read_part, sample_id
@@ -24,7 +23,7 @@ EMPTY_CAPTION = "<p> &nbsp; </p>"
 
 
 @pytest.fixture(scope="module")
-def captioned(ray_local, tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_copier) -> Generation:
+def captioned(tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_copier) -> Generation:
     """Generation 1 after the caption stage (3 captions per image), one web caption made empty."""
     web = dataset_copier(downloaded_gen0, tmp_path_factory.mktemp("captioned"))
     target = Generation(web.root, web.dataset, 1)
@@ -143,7 +142,7 @@ def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_pa
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(captioned, tiny_blip_checkpoint, tmp_path,
                                                              dataset_copier, kill_midway):
-    slow = FilterConfig(tiny_blip_checkpoint, batch_size=1, ray_address=ray.get_runtime_context().gcs_address)
+    slow = FilterConfig(tiny_blip_checkpoint, batch_size=1)
     killed = dataset_copier(captioned, tmp_path / "killed")
     kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}
     code = (

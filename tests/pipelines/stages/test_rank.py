@@ -7,7 +7,6 @@ import statistics
 from collections import defaultdict
 
 import pytest
-import ray
 
 from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation, ManifestError
@@ -23,7 +22,7 @@ TOP_K = 2
 
 
 @pytest.fixture(scope="module")
-def filtered(ray_local, tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_copier) -> Generation:
+def filtered(tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_copier) -> Generation:
     """Generation 1 after caption (4 captions per image) and filter at the median ITM score."""
     web = dataset_copier(downloaded_gen0, tmp_path_factory.mktemp("ranked"))
     target = Generation(web.root, web.dataset, 1)
@@ -109,8 +108,7 @@ def test_bad_inputs_fail_before_any_work(tiny_clip_checkpoint, downloaded_gen0, 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(filtered, tiny_clip_checkpoint, tmp_path,
                                                              dataset_copier, kill_midway):
-    slow = RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=1,
-                      ray_address=ray.get_runtime_context().gcs_address)
+    slow = RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=1)
     killed = dataset_copier(filtered, tmp_path / "killed")
     kwargs = {**dataclasses.asdict(slow), "clip_checkpoint": str(tiny_clip_checkpoint)}
     code = (

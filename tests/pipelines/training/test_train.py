@@ -1,4 +1,5 @@
-"""Training stages on a real local Ray Train cluster, tiny models trained for a few steps on a tiny world.
+"""Training stages, tiny models trained for a few steps on a tiny world: in the test process (the local
+executor), and on a real local Ray Train cluster for data parallelism and a killed driver.
 
 Every run trains on a fixed set of 8 pairs with batch size 8, so each step sees the same pairs (with
 different random crops) and the loss must go down. BLIP runs use the `tiny` preset, or a thinner copy
@@ -82,7 +83,7 @@ def _mean(history: list[dict], key: str, steps: slice) -> float:
     return sum(values) / len(values)
 
 
-# ----------------------------------------------------------------------------- no Ray needed
+# ----------------------------------------------------------------------------- settings and data
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -96,6 +97,9 @@ def _mean(history: list[dict], key: str, steps: slice) -> float:
     (dict(max_steps=3, tokenizer="."), "tokenizer must be None unless preset"),
     (dict(max_steps=3, init_checkpoint="/no/such/folder"), "init_checkpoint must be an existing folder"),
     (dict(max_steps=3, num_workers=True), "num_workers must be an integer"),
+    (dict(max_steps=3, num_workers=2, executor="local"), "num_workers must be 1 with the local executor"),
+    (dict(max_steps=3, max_failures=1, executor="local"), "max_failures must be 0 with the local executor"),
+    (dict(max_steps=3, executor="slurm"), "executor must be one of"),
 ])
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -108,7 +112,7 @@ def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batc
     with pytest.raises(ValueError, match="train_clip trains config.clip_model from scratch"):
         train_clip(TrainConfig(max_steps=1, preset="tiny"), small_set, world.human_root, tmp_path)
     with pytest.raises(ValueError, match="8 pairs are fewer than one global batch"):
-        finetune_filter(TrainConfig(max_steps=1, preset="tiny", batch_size=4, num_workers=3), small_set,
+        finetune_filter(TrainConfig(max_steps=1, preset="tiny", batch_size=4, num_workers=3, executor="ray"), small_set,
                         world.human_root, tmp_path)
 
 
@@ -135,11 +139,11 @@ def test_coco_pairs_number_images_and_keep_every_caption(world, small_set):
     assert all(Path(p.image_ref).is_absolute() and Path(p.image_ref).is_file() for p in pairs)
 
 
-# ----------------------------------------------------------------------------- on Ray Train
+# ----------------------------------------------------------------------------- training runs
 
 
 def test_pretrain_learns_from_the_kept_pairs_and_exports_a_loadable_checkpoint(
-        ray_local, generation, micro_checkpoint, tmp_path):
+        generation, micro_checkpoint, tmp_path):
     config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=12, checkpoint_every=6, **FAST)
     result = pretrain(config, generation, tmp_path / "run")
 
@@ -163,7 +167,7 @@ def test_pretrain_learns_from_the_kept_pairs_and_exports_a_loadable_checkpoint(
 
 @pytest.mark.slow
 def test_a_restarted_run_resumes_from_its_last_checkpoint(
-        ray_local, world, small_set, tmp_path):
+        world, small_set, tmp_path):
     run_dir = tmp_path / "captioner"
     config = TrainConfig(preset="tiny", max_steps=4, checkpoint_every=2, **FAST)
     first = finetune_captioner(config, small_set, world.human_root, run_dir)
@@ -183,7 +187,7 @@ def test_a_restarted_run_resumes_from_its_last_checkpoint(
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumed_from_a_checkpoint_ends_with_the_same_model(ray_local, generation, micro_checkpoint,
+def test_a_killed_run_resumed_from_a_checkpoint_ends_with_the_same_model(generation, micro_checkpoint,
                                                                          tmp_path):
     """Deterministic under its seed on CPU, and resume restores everything (momentum, queues, RNG, optimizer)."""
     config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=6, checkpoint_every=3, **FAST)
@@ -197,7 +201,7 @@ def test_a_killed_run_resumed_from_a_checkpoint_ends_with_the_same_model(ray_loc
 
 @pytest.mark.slow
 def test_finetune_filter_starts_from_a_transformers_folder_and_trains_only_what_it_uses(
-        ray_local, world, small_set, micro_checkpoint, tmp_path):
+        world, small_set, micro_checkpoint, tmp_path):
     model, tokenizer, _ = load_checkpoint(micro_checkpoint)
     export_hf_filter(model, tokenizer, tmp_path / "hf")
     start, _ = import_hf(tmp_path / "hf")
@@ -216,7 +220,7 @@ def test_finetune_filter_starts_from_a_transformers_folder_and_trains_only_what_
 
 
 @pytest.mark.slow
-def test_train_clip_learns_and_exports_a_ranker(ray_local, world, small_set, tmp_path):
+def test_train_clip_learns_and_exports_a_ranker(world, small_set, tmp_path):
     config = TrainConfig(max_steps=10, checkpoint_every=10, **FAST)
     result = train_clip(config, small_set, world.human_root, tmp_path / "run")
     losses = [h["contrastive_loss"] for h in result.losses]
@@ -228,7 +232,7 @@ def test_train_clip_learns_and_exports_a_ranker(ray_local, world, small_set, tmp
 @pytest.mark.slow
 def test_two_workers_pretrain_with_ddp_and_share_the_itc_queue(ray_local, generation, micro_checkpoint, tmp_path):
     config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=4, checkpoint_every=4, num_workers=2,
-                         **{**FAST, "batch_size": BATCH // 2})
+                         executor="ray", **{**FAST, "batch_size": BATCH // 2})
     result = pretrain(config, generation, tmp_path / "run")
     assert result.steps == 4
     assert result.losses[-1]["lm_loss"] < result.losses[0]["lm_loss"]
@@ -245,11 +249,12 @@ KILLED_RUN_STEPS = 40  # the worker outlives its killed driver for a moment; it 
 @pytest.mark.slow
 def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, generation, micro_checkpoint, tmp_path,
                                                                    kill_midway):
-    """A real SIGKILL of the driver between checkpoints; the re-run resumes and ends with the same model."""
+    """A real SIGKILL of the driver between checkpoints on Ray Train; the re-run resumes and ends with the
+    same model as an uninterrupted run of the local executor."""
     import ray
 
     config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=KILLED_RUN_STEPS, checkpoint_every=2,
-                         ray_address=ray.get_runtime_context().gcs_address, **FAST)
+                         executor="ray", ray_address=ray.get_runtime_context().gcs_address, **FAST)
     killed = tmp_path / "killed"
     code = (
         "from pathlib import Path\n"
@@ -257,7 +262,7 @@ def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, g
         "from pipelines.training.config import TrainConfig\n"
         "from pipelines.training.stages import pretrain\n"
         f"config = TrainConfig(init_checkpoint=Path({str(micro_checkpoint)!r}), max_steps={KILLED_RUN_STEPS}, "
-        f"checkpoint_every=2, ray_address={config.ray_address!r}, **{FAST!r})\n"
+        f"checkpoint_every=2, executor='ray', ray_address={config.ray_address!r}, **{FAST!r})\n"
         f"pretrain(config, Generation(Path({str(generation.root)!r}), 'world', 1), Path({str(killed)!r}))\n"
     )
     steps = [f"step-{step}" for step in range(2, KILLED_RUN_STEPS + 1, 2)]
@@ -265,5 +270,5 @@ def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, g
                 finished=lambda step: (killed / "checkpoints" / step / STATE_FILE).is_file())
 
     resumed = pretrain(config, generation, killed)
-    whole = pretrain(config, generation, tmp_path / "whole")
+    whole = pretrain(dataclasses.replace(config, executor="local"), generation, tmp_path / "whole")
     assert resumed.digest == whole.digest and resumed.losses == whole.losses
