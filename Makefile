@@ -24,4 +24,8 @@ demo: install
 test: install
 	$(VENV)/bin/python -m pytest
 
-.PHONY: install demo test
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: install demo test lint

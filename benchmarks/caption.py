@@ -10,6 +10,7 @@ transformers runs of different seeds as the noise floor.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 from collections import Counter
@@ -47,23 +48,29 @@ class HFCaptioner:
         # ids the tokenizer cannot decode are never produced by ours; suppress them here too
         self.suppressed = list(range(len(tokenizer), model.config.text.vocab_size)) or None
 
-    def generate(self, pixels: torch.Tensor, num_captions: int, max_length: int, min_length: int,
-                 top_p: float | None = None) -> Captions:
+    def generate(
+        self, pixels: torch.Tensor, num_captions: int, max_length: int, min_length: int, top_p: float | None = None
+    ) -> Captions:
         """Nucleus sampling with top_p, or greedy decoding when top_p is None."""
         sampling = {"do_sample": True, "top_p": top_p, "top_k": 0} if top_p else {"do_sample": False}
         device = pixels.device
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             output = self.model.generate(
-                pixel_values=pixels, input_ids=torch.tensor([self.prompt] * len(pixels), device=device),
-                num_return_sequences=num_captions, max_new_tokens=max_length, min_new_tokens=min_length,
-                suppress_tokens=self.suppressed, **sampling,
+                pixel_values=pixels,
+                input_ids=torch.tensor([self.prompt] * len(pixels), device=device),
+                num_return_sequences=num_captions,
+                max_new_tokens=max_length,
+                min_new_tokens=min_length,
+                suppress_tokens=self.suppressed,
+                **sampling,
             )
         texts = self.tokenizer.batch_decode(output[:, len(self.prompt) - 1 :], skip_special_tokens=True)
         return [texts[i : i + num_captions] for i in range(0, len(texts), num_captions)]
 
 
-def caption_statistics(captions: Captions, tokenizer: PreTrainedTokenizerBase, max_length: int
-                       ) -> dict[str, float | Counter]:
+def caption_statistics(
+    captions: Captions, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, float | Counter]:
     """Length and token statistics of sampled captions (lengths in tokens, [SEP] excluded)."""
     flat = [caption for per_image in captions for caption in per_image]
     tokens = [tokenizer(caption, add_special_tokens=False)["input_ids"] for caption in flat]
@@ -97,11 +104,16 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
     repeats = repeats or (1 if quick else 5)
     batch_sizes = QUICK_BATCH_SIZES if quick else BATCH_SIZES
     model, tokenizer, described = captioner_under_test(checkpoint, steps=QUICK_CAPTIONER_STEPS if quick else None)
-    report = Report("caption", quick, machine(), notes=[
-        f"model: {described}; sampling {SAMPLING}; images/s counts images, each with K captions",
-        "baseline: transformers BlipForConditionalGeneration.generate (same weights, same images); ours: "
-        "vlp_core.generation.generate with one seed per image",
-    ])
+    report = Report(
+        "caption",
+        quick,
+        machine(),
+        notes=[
+            f"model: {described}; sampling {SAMPLING}; images/s counts images, each with K captions",
+            "baseline: transformers BlipForConditionalGeneration.generate (same weights, same images); ours: "
+            "vlp_core.generation.generate with one seed per image",
+        ],
+    )
     pixels = pixel_batch(model, max(*batch_sizes, GREEDY_IMAGES))
     with tempfile.TemporaryDirectory() as folder:
         hf = HFCaptioner(model, tokenizer, Path(folder))
@@ -111,15 +123,23 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
     ours_greedy = generate(model, tokenizer, greedy_pixels, method="greedy", **limits)
     hf_greedy = hf.generate(greedy_pixels, 1, **limits)
     report.figures["greedy captions identical to transformers"] = (
-        f"{sum(a == b for a, b in zip(ours_greedy, hf_greedy))}/{len(greedy_pixels)}")
+        f"{sum(a == b for a, b in zip(ours_greedy, hf_greedy))}/{len(greedy_pixels)}"
+    )
 
     for batch in batch_sizes:
         images = pixels[:batch]
-        ours = lambda images=images: generate(model, tokenizer, images, seeds=list(range(len(images))),  # noqa: E731
-                                              **SAMPLING)
+        ours = functools.partial(generate, model, tokenizer, images, seeds=list(range(len(images))), **SAMPLING)
         baseline = _seeded(lambda images=images: hf.generate(images, **SAMPLING), seed=batch)
-        report.comparisons.append(compare(f"batch {batch} images x {SAMPLING['num_captions']} captions",
-                                          "images/s", batch, baseline, ours, repeats))
+        report.comparisons.append(
+            compare(
+                f"batch {batch} images x {SAMPLING['num_captions']} captions",
+                "images/s",
+                batch,
+                baseline,
+                ours,
+                repeats,
+            )
+        )
 
     images = pixels[: batch_sizes[-1]]
     samples = {
@@ -127,16 +147,19 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
         "transformers": _seeded(lambda: hf.generate(images, **SAMPLING), seed=1)(),
         "transformers, another seed": _seeded(lambda: hf.generate(images, **SAMPLING), seed=2)(),
     }
-    stats = {name: caption_statistics(captions, tokenizer, SAMPLING["max_length"])
-             for name, captions in samples.items()}
+    stats = {
+        name: caption_statistics(captions, tokenizer, SAMPLING["max_length"]) for name, captions in samples.items()
+    }
     for name, values in stats.items():
         for key, value in values.items():
             if key != "unigrams":
                 report.figures[f"sampled {name}: {key}"] = value
     report.figures["token distribution TV distance ours vs transformers"] = total_variation(
-        stats["ours"]["unigrams"], stats["transformers"]["unigrams"])
+        stats["ours"]["unigrams"], stats["transformers"]["unigrams"]
+    )
     report.figures["token distribution TV distance transformers vs transformers (another seed)"] = total_variation(
-        stats["transformers"]["unigrams"], stats["transformers, another seed"]["unigrams"])
+        stats["transformers"]["unigrams"], stats["transformers, another seed"]["unigrams"]
+    )
     report.figures["example ours"] = samples["ours"][0][0]
     report.figures["example transformers"] = samples["transformers"][0][0]
     return report

@@ -21,14 +21,19 @@ BENCHMARKS = {
 
 def add_bench_command(commands: Commands) -> None:
     """Add `bench` to the `capfilt` command (an extension of `pipelines.cli.main.main`)."""
-    help_text = ("Benchmark a part of the pipeline against its obvious alternative, measured side by side "
-                 "(alternating runs, min/median/max); `all` runs every benchmark.")
+    help_text = (
+        "Benchmark a part of the pipeline against its obvious alternative, measured side by side "
+        "(alternating runs, min/median/max); `all` runs every benchmark."
+    )
     bench = add_command(commands, "bench", _bench, help_text)
     bench.add_argument("name", choices=[*BENCHMARKS, "all"])
     bench.add_argument("--quick", action="store_true", help="small sizes, one repetition: checks that it runs")
     bench.add_argument("--repeats", type=int, help="timed repetitions of each side (default: 5, quick: 1)")
-    bench.add_argument("--checkpoint", type=Path,
-                       help="caption: a trained captioner checkpoint (default: the tiny preset, random weights)")
+    bench.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="caption: a trained captioner checkpoint (default: the tiny preset, random weights)",
+    )
     bench.add_argument("--preset", help="end-to-end: run preset (default: tiny, quick: smoke)")
     bench.add_argument("--json", type=Path, help="also write the reports to this JSON file")
 

@@ -27,11 +27,23 @@ def raw_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig)
     from img2dataset import download as img2dataset_download
 
     img2dataset_download(
-        url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
-        output_format="webdataset", output_folder=str(output_folder), image_size=config.image_size,
-        resize_mode="keep_ratio", resize_only_if_bigger=True, processes_count=config.processes,
-        thread_count=config.threads, number_sample_per_shard=config.samples_per_shard, timeout=config.timeout_s,
-        retries=config.retries, compute_hash="sha256", enable_wandb=False, disallowed_header_directives=[],
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=str(output_folder),
+        image_size=config.image_size,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        processes_count=config.processes,
+        thread_count=config.threads,
+        number_sample_per_shard=config.samples_per_shard,
+        timeout=config.timeout_s,
+        retries=config.retries,
+        compute_hash="sha256",
+        enable_wandb=False,
+        disallowed_header_directives=[],
     )
 
 
@@ -39,13 +51,18 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
     repeats = repeats or (1 if quick else 5)
     n_urls = QUICK_URLS if quick else URLS
     config = DownloadConfig(allowed_networks=(LOOPBACK,))
-    report = Report("download", quick, machine(), notes=[
-        f"{n_urls} URLs of a synthetic world (with its broken URLs: 404, corrupt, HTML, slow {SLOW_SECONDS} s) "
-        f"served on 127.0.0.1; {config.threads} threads, {config.processes} process, "
-        f"{config.samples_per_shard} samples per shard",
-        "baseline: raw img2dataset.download; ours: pipelines.stages.download.download (URL policy, manifest parts, "
-        "markers)",
-    ])
+    report = Report(
+        "download",
+        quick,
+        machine(),
+        notes=[
+            f"{n_urls} URLs of a synthetic world (with its broken URLs: 404, corrupt, HTML, slow {SLOW_SECONDS} s) "
+            f"served on 127.0.0.1; {config.threads} threads, {config.processes} process, "
+            f"{config.samples_per_shard} samples per shard",
+            "baseline: raw img2dataset.download; ours: pipelines.stages.download.download (URL policy, manifest parts, "
+            "markers)",
+        ],
+    )
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-download-") as folder:
         root = Path(folder)
         world = make_world(root / "world", WorldConfig(n_web=n_urls, n_human=0, n_test=0, slow_seconds=SLOW_SECONDS))
@@ -53,14 +70,19 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
 
         def ours() -> None:
             ours_runs.append(Generation(root / f"ours-{next(runs)}", "web", 0))
-            download(url_list, ours_runs[-1], config)
+            download(config, url_list, ours_runs[-1])
 
         with WorldServer(world.root) as server:
             url_list = server.write_url_list(root / "urls.parquet")
             rows = compare(
-                f"{n_urls} URLs", "URLs/s", n_urls,
+                f"{n_urls} URLs",
+                "URLs/s",
+                n_urls,
                 lambda: raw_img2dataset(url_list, root / f"raw-{next(runs)}", config),
-                ours, repeats, warmup=not quick)
+                ours,
+                repeats,
+                warmup=not quick,
+            )
         report.comparisons.append(rows)
         table = ours_runs[-1].read_samples()
     kept = sum(table["kept"].to_pylist())

@@ -62,11 +62,16 @@ def world_pairs(out: Path) -> int:
 def run(quick: bool = False, repeats: int | None = None, preset: str | None = None) -> Report:
     preset = preset or ("smoke" if quick else "tiny")
     scales = QUICK_SCALES if quick else SCALES
-    report = Report("end-to-end", quick, machine(), notes=[
-        f"`capfilt run --preset {preset}` at {', '.join(f'{s}x' for s in scales)} web pairs, once each "
-        "(a run is minutes long); stage times from each run's Prefect task runs",
-        *(["quick: generation 0 only (--rounds 0)"] if quick else []),
-    ])
+    report = Report(
+        "end-to-end",
+        quick,
+        machine(),
+        notes=[
+            f"`capfilt run --preset {preset}` at {', '.join(f'{s}x' for s in scales)} web pairs, once each "
+            "(a run is minutes long); stage times from each run's Prefect task runs",
+            *(["quick: generation 0 only (--rounds 0)"] if quick else []),
+        ],
+    )
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-e2e-") as folder:
         base_pairs = None
         totals = {}
@@ -78,10 +83,20 @@ def run(quick: bool = False, repeats: int | None = None, preset: str | None = No
             pairs = base_pairs * scale
             totals[scale] = seconds
             per_sample = sum(stages.get(stage, 0.0) for stage in PER_SAMPLE_STAGES)
-            report.measurements.append(Measurement(
-                f"{scale}x ({pairs} web pairs)", "pairs/s", pairs, [seconds], load_before, load_1min(),
-                extra={"per-sample stages s": round(per_sample, 1),
-                       **{f"{stage} s": round(value, 1) for stage, value in sorted(stages.items())}}))
+            report.measurements.append(
+                Measurement(
+                    f"{scale}x ({pairs} web pairs)",
+                    "pairs/s",
+                    pairs,
+                    [seconds],
+                    load_before,
+                    load_1min(),
+                    extra={
+                        "per-sample stages s": round(per_sample, 1),
+                        **{f"{stage} s": round(value, 1) for stage, value in sorted(stages.items())},
+                    },
+                )
+            )
             report.figures[f"{scale}x per-sample stages (s)"] = per_sample
     for scale in scales[1:]:
         report.figures[f"time {scale}x / 1x (linear: {scale}, goal <= {1.1 * scale:.1f})"] = totals[scale] / totals[1]

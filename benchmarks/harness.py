@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.manifests.atomic import atomic_write_text
+from vlp_core.atomic import atomic_write_text
 
 
 def machine() -> dict[str, Any]:
@@ -28,8 +28,9 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
@@ -44,8 +45,10 @@ def machine() -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     load = " ".join(f"{value:.2f}" for value in info["load_average"])
-    return (f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, "
-            f"load average {load}, GPU {info['gpu'] or 'none'}, torch {info['torch']}")
+    return (
+        f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, "
+        f"load average {load}, GPU {info['gpu'] or 'none'}, torch {info['torch']}"
+    )
 
 
 def load_1min() -> float:
@@ -100,8 +103,15 @@ def time_once(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def compare(label: str, unit: str, work: float, baseline: Callable[[], Any], ours: Callable[[], Any],
-            repeats: int, warmup: bool = True) -> Comparison:
+def compare(
+    label: str,
+    unit: str,
+    work: float,
+    baseline: Callable[[], Any],
+    ours: Callable[[], Any],
+    repeats: int,
+    warmup: bool = True,
+) -> Comparison:
     """Time `baseline` and `ours` `repeats` times each, alternating which goes first."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -134,12 +144,15 @@ class Measurement:
 
     def lines(self) -> list[str]:
         extra = "".join(f", {name} {_format(value)}" for name, value in self.extra.items())
-        return [f"{self.label}: {self.summary()['rate']:.2f} {self.unit} ({_spread(self.seconds)}{extra}; "
-                f"load {self.load_before:.2f} -> {self.load_after:.2f})"]
+        return [
+            f"{self.label}: {self.summary()['rate']:.2f} {self.unit} ({_spread(self.seconds)}{extra}; "
+            f"load {self.load_before:.2f} -> {self.load_after:.2f})"
+        ]
 
 
-def measure(label: str, unit: str, work: float, function: Callable[[], Any], repeats: int,
-            warmup: bool = True) -> Measurement:
+def measure(
+    label: str, unit: str, work: float, function: Callable[[], Any], repeats: int, warmup: bool = True
+) -> Measurement:
     if warmup:
         function()
     load_before = load_1min()
@@ -175,7 +188,10 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "benchmark": self.benchmark, "quick": self.quick, "machine": self.machine, "notes": self.notes,
+            "benchmark": self.benchmark,
+            "quick": self.quick,
+            "machine": self.machine,
+            "notes": self.notes,
             "comparisons": [item.summary() for item in self.comparisons],
             "measurements": [item.summary() for item in self.measurements],
             "figures": self.figures,

@@ -118,23 +118,40 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
     images = QUICK_IMAGES if quick else IMAGES
     scorer = Scorer("tiny")
     pixels, clip_pixels, captions = scorer_inputs(scorer, images)
-    report = Report("scoring", quick, machine(), notes=[
-        f"filter: BLIP preset tiny (random weights), ITM + ITC; ranker: open_clip {scorer.clip_model} (random "
-        f"weights); {images} images x {CANDIDATES} candidates, {BATCH_SIZE} captions per forward",
-        "baseline: naive per-pair forward (each pair encodes its image in both models); ours: image features once "
-        "per image, cross-attention keys/values once per image, CLIP text up to the last token "
-        "(vlp_core.scoring.score_captions, ClipRanker.image_features + scores)",
-        *([] if quick else [f"marginal cost also at preset base + {CLIP_MODELS['base']} (random weights), "
-                            f"{BASE_IMAGES} images, BLIP at 224 px (the preset) and {RETRIEVAL_IMAGE_SIZE} px (BLIP's "
-                            "released retrieval checkpoints, which the filter fine-tunes from)"]),
-    ])
+    report = Report(
+        "scoring",
+        quick,
+        machine(),
+        notes=[
+            f"filter: BLIP preset tiny (random weights), ITM + ITC; ranker: open_clip {scorer.clip_model} (random "
+            f"weights); {images} images x {CANDIDATES} candidates, {BATCH_SIZE} captions per forward",
+            "baseline: naive per-pair forward (each pair encodes its image in both models); ours: image features once "
+            "per image, cross-attention keys/values once per image, CLIP text up to the last token "
+            "(vlp_core.scoring.score_captions, ClipRanker.image_features + scores)",
+            *(
+                []
+                if quick
+                else [
+                    f"marginal cost also at preset base + {CLIP_MODELS['base']} (random weights), "
+                    f"{BASE_IMAGES} images, BLIP at 224 px (the preset) and {RETRIEVAL_IMAGE_SIZE} px (BLIP's "
+                    "released retrieval checkpoints, which the filter fine-tunes from)"
+                ]
+            ),
+        ],
+    )
     ours_scores = scorer.ours(pixels, clip_pixels, captions)
     naive_scores = scorer.naive(pixels, clip_pixels, captions)
     report.figures["max |ours - naive| score difference"] = max(abs(a - b) for a, b in zip(ours_scores, naive_scores))
-    report.comparisons.append(compare(
-        f"{images} images x {CANDIDATES} captions", "captions/s", images * CANDIDATES,
-        lambda: scorer.naive(pixels, clip_pixels, captions), lambda: scorer.ours(pixels, clip_pixels, captions),
-        repeats))
+    report.comparisons.append(
+        compare(
+            f"{images} images x {CANDIDATES} captions",
+            "captions/s",
+            images * CANDIDATES,
+            lambda: scorer.naive(pixels, clip_pixels, captions),
+            lambda: scorer.ours(pixels, clip_pixels, captions),
+            repeats,
+        )
+    )
     marginal_caption_cost(report, scorer, images, repeats)
     if not quick:
         for image_size in (None, RETRIEVAL_IMAGE_SIZE):

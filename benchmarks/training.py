@@ -9,6 +9,7 @@ reset before each preset where Linux allows it.
 
 from __future__ import annotations
 
+import functools
 import resource
 from pathlib import Path
 
@@ -47,11 +48,16 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def run(quick: bool = False, repeats: int | None = None) -> Report:
     repeats = repeats or (1 if quick else 3)
-    report = Report("training", quick, machine(), notes=[
-        "full step: BlipPretrainer ITC (momentum model, queues, distillation) + ITM (hard negatives) + LM, "
-        "backward, AdamW; reference: the same model's LM-only step; random weights, world pairs, fixed batch",
-        "peak memory: CUDA max_memory_allocated, or on the CPU the process RSS high-water mark (VmHWM)",
-    ])
+    report = Report(
+        "training",
+        quick,
+        machine(),
+        notes=[
+            "full step: BlipPretrainer ITC (momentum model, queues, distillation) + ITM (hard negatives) + LM, "
+            "backward, AdamW; reference: the same model's LM-only step; random weights, world pairs, fixed batch",
+            "peak memory: CUDA max_memory_allocated, or on the CPU the process RSS high-water mark (VmHWM)",
+        ],
+    )
     for preset, batch_size in (QUICK_BATCH_SIZES if quick else BATCH_SIZES).items():
         model, tokenizer = random_blip(preset)
         device = next(model.parameters()).device
@@ -59,12 +65,18 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
         for name, objectives in (("full pretraining step", PRETRAIN), ("LM-only step", CAPTIONER)):
             prompt = model.config.prompt if objectives == CAPTIONER else ""
             reset_peak_memory(device)
-            pretrainer = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, prompt),
-                                        objectives).train()
+            pretrainer = BlipPretrainer(
+                model, special_ids(tokenizer), prompt_length(tokenizer, prompt), objectives
+            ).train()
             optimizer = configure_optimizer(pretrainer, lr=1e-4, weight_decay=0.05)
             batch = training_batch(model, tokenizer, images, captions, prompt)
-            measurement = measure(f"{preset} {name}, batch {batch_size}", "samples/s", batch_size,
-                                  lambda: train_step(pretrainer, optimizer, batch), repeats)
+            measurement = measure(
+                f"{preset} {name}, batch {batch_size}",
+                "samples/s",
+                batch_size,
+                functools.partial(train_step, pretrainer, optimizer, batch),
+                repeats,
+            )
             measurement.extra["peak memory GiB"] = round(peak_memory_gib(device), 3)
             parameters = sum(p.numel() for p in pretrainer.parameters())
             measurement.extra["parameters incl. momentum copy (M)"] = round(parameters / 1e6, 1)

@@ -48,31 +48,42 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_blip(preset: str = "tiny", device: str | None = None, image_size: int | None = None
-                ) -> tuple[BlipModel, PreTrainedTokenizerBase]:
+def random_blip(
+    preset: str = "tiny", device: str | None = None, image_size: int | None = None
+) -> tuple[BlipModel, PreTrainedTokenizerBase]:
     """`preset` with random weights and a tokenizer trained on world captions (its vocabulary is the model's);
     `image_size` overrides the preset's (e.g. 384 px, the size of BLIP's released retrieval checkpoints)."""
     config = load_preset(preset)
     tokenizer = train_tokenizer(world_captions(2000), vocab_size=config.text.vocab_size)
     vision = dataclasses.replace(config.vision, image_size=image_size or config.vision.image_size)
-    config = dataclasses.replace(config, vision=vision,
-                                 text=dataclasses.replace(config.text, vocab_size=len(tokenizer)))
+    config = dataclasses.replace(
+        config, vision=vision, text=dataclasses.replace(config.text, vocab_size=len(tokenizer))
+    )
     torch.manual_seed(SEED)
     return BlipModel(config).to(device or default_device()), tokenizer
 
 
-def training_batch(model: BlipModel, tokenizer: PreTrainedTokenizerBase, images: list[Image.Image],
-                   captions: list[str], prompt: str = "") -> dict[str, torch.Tensor]:
+def training_batch(
+    model: BlipModel,
+    tokenizer: PreTrainedTokenizerBase,
+    images: list[Image.Image],
+    captions: list[str],
+    prompt: str = "",
+) -> dict[str, torch.Tensor]:
     """The keyword arguments of `BlipPretrainer.forward` (alpha aside) for these pairs, on the model's device."""
     device = model_device(model)
-    input_ids, attention_mask = tokenize(tokenizer, [prompt + caption for caption in captions],
-                                         model.config.max_text_length, device)
-    return {"pixel_values": pixel_values(model, images), "input_ids": input_ids, "attention_mask": attention_mask,
-            "image_ids": torch.arange(len(images), device=device)}
+    input_ids, attention_mask = tokenize(
+        tokenizer, [prompt + caption for caption in captions], model.config.max_text_length, device
+    )
+    return {
+        "pixel_values": pixel_values(model, images),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "image_ids": torch.arange(len(images), device=device),
+    }
 
 
-def train_step(pretrainer: BlipPretrainer, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
-               ) -> float:
+def train_step(pretrainer: BlipPretrainer, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
     """One optimisation step (forward, backward, AdamW); returns the loss."""
     loss = pretrainer(**batch, alpha=pretrainer.model.config.alpha)["loss"]
     loss.backward()
@@ -81,8 +92,9 @@ def train_step(pretrainer: BlipPretrainer, optimizer: torch.optim.Optimizer, bat
     return loss.item()
 
 
-def captioner_under_test(checkpoint: Path | None = None, steps: int | None = None
-                         ) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
+def captioner_under_test(
+    checkpoint: Path | None = None, steps: int | None = None
+) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
     """(captioner in eval mode, tokenizer, description): the checkpoint, or the tiny preset trained here
     for `steps` LM steps on world pairs, so that its captions end with [SEP] at natural lengths."""
     if checkpoint is not None:
@@ -98,10 +110,19 @@ def captioner_under_test(checkpoint: Path | None = None, steps: int | None = Non
     loss = float("nan")
     for step in range(steps):
         picks = order[step * CAPTIONER_BATCH : (step + 1) * CAPTIONER_BATCH].tolist()
-        loss = train_step(pretrainer, optimizer, training_batch(model, tokenizer, [images[i] for i in picks],
-                                                                [captions[i] for i in picks], prompt))
-    return model.eval(), tokenizer, (f"preset tiny (vocabulary {len(tokenizer)}), LM-trained here for {steps} steps "
-                                     f"of {CAPTIONER_BATCH} world pairs (final loss {loss:.2f})")
+        loss = train_step(
+            pretrainer,
+            optimizer,
+            training_batch(model, tokenizer, [images[i] for i in picks], [captions[i] for i in picks], prompt),
+        )
+    return (
+        model.eval(),
+        tokenizer,
+        (
+            f"preset tiny (vocabulary {len(tokenizer)}), LM-trained here for {steps} steps "
+            f"of {CAPTIONER_BATCH} world pairs (final loss {loss:.2f})"
+        ),
+    )
 
 
 def pixel_values(model: BlipModel, images: list[Image.Image]) -> torch.Tensor:

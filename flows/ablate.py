@@ -78,18 +78,37 @@ def capfilt_ablate(
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: need distinct integers, got {seeds}")
-    overrides = {"num_captions": num_captions, "itm_threshold": itm_threshold, "top_k": top_k,
-                 "pretrain_steps": pretrain_steps, "batch_size": batch_size, "model_preset": model_preset,
-                 "clip_model": clip_model,
-                 "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "num_gpus": num_gpus,
-                 "executor": executor, "ray_address": ray_address}
-    settings, inputs, out = run_setup(out_dir, preset, overrides, url_list, human_annotations, human_image_root,
-                                      test_annotations, test_image_root, world_seed, n_web)
+    overrides = {
+        "num_captions": num_captions,
+        "itm_threshold": itm_threshold,
+        "top_k": top_k,
+        "pretrain_steps": pretrain_steps,
+        "batch_size": batch_size,
+        "model_preset": model_preset,
+        "clip_model": clip_model,
+        "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint),
+        "num_gpus": num_gpus,
+        "executor": executor,
+        "ray_address": ray_address,
+    }
+    settings, inputs, out = run_setup(
+        out_dir,
+        preset,
+        overrides,
+        url_list,
+        human_annotations,
+        human_image_root,
+        test_annotations,
+        test_image_root,
+        world_seed,
+        n_web,
+    )
     return run_ablation(settings, inputs, out, chosen, seeds)
 
 
-def run_ablation(settings: RunSettings, inputs: Inputs, out: Path, arms: list[ablation.Arm], seeds: list[int]
-                 ) -> dict[str, Any]:
+def run_ablation(
+    settings: RunSettings, inputs: Inputs, out: Path, arms: list[ablation.Arm], seeds: list[int]
+) -> dict[str, Any]:
     """The ablation, top to bottom; returns where the table, the candidates and their report are."""
     logger = get_run_logger()
     root = out / "data_manifests"
@@ -104,9 +123,14 @@ def run_ablation(settings: RunSettings, inputs: Inputs, out: Path, arms: list[ab
         logger.info("arm %s: %d pretraining run(s)", arm.name, len(seeds))
         entries.append(train_arm(settings, inputs, out, candidates, arm, seeds))
     summary = ablation_summary(
-        entries, seeds=seeds, settings=json.loads(json.dumps(asdict(settings), default=str)),
-        candidates={"path": str(candidates.path), "manifest_digest": manifest_digest(candidates),
-                    "checkpoints": candidates.read_info()["checkpoints"]},
+        entries,
+        seeds=seeds,
+        settings=json.loads(json.dumps(asdict(settings), default=str)),
+        candidates={
+            "path": str(candidates.path),
+            "manifest_digest": manifest_digest(candidates),
+            "checkpoints": candidates.read_info()["checkpoints"],
+        },
         world=load_world(inputs.world_dir)[0].to_dict() if inputs.world_dir is not None else None,
     )
     table = write_ablation(candidates.path, summary)
@@ -116,8 +140,9 @@ def run_ablation(settings: RunSettings, inputs: Inputs, out: Path, arms: list[ab
     return {"table": str(table), "summary": summary, "candidates": str(candidates.path), "report": str(report)}
 
 
-def train_arm(settings: RunSettings, inputs: Inputs, out: Path, candidates: Generation, arm: ablation.Arm,
-              seeds: list[int]) -> dict[str, Any]:
+def train_arm(
+    settings: RunSettings, inputs: Inputs, out: Path, candidates: Generation, arm: ablation.Arm, seeds: list[int]
+) -> dict[str, Any]:
     """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
     human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
     generation = derive_arm_task(candidates, arm, human, settings.itm_threshold, settings.top_k)
@@ -128,7 +153,14 @@ def train_arm(settings: RunSettings, inputs: Inputs, out: Path, candidates: Gene
         model = pretrain_task(config, generation, training_dir(out, "pretrain", config, digest))
         evaluation_file = generation.path / f"evaluation-seed-{seed}.json"
         evaluation = evaluate_once_task(evaluation_config(settings, inputs, model), generation, evaluation_file)
-        runs.append({"seed": seed, "checkpoint": model.digest, "run_dir": str(model.checkpoint_dir.parent),
-                     "evaluation_file": str(evaluation_file), "evaluation": evaluation})
+        runs.append(
+            {
+                "seed": seed,
+                "checkpoint": model.digest,
+                "run_dir": str(model.checkpoint_dir.parent),
+                "evaluation_file": str(evaluation_file),
+                "evaluation": evaluation,
+            }
+        )
     counts = generation.read_info()["counts"]
     return arm_summary(asdict(arm), {"path": str(generation.path), "manifest_digest": digest, "counts": counts}, runs)

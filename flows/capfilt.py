@@ -22,6 +22,7 @@ from prefect.cache_policies import NONE
 
 from pipelines.executor import resolve_executor
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest
+from pipelines.registry import MODEL_STAGES
 from pipelines.report import report
 from pipelines.stages import assemble, caption, download, evaluate, rank
 from pipelines.stages import filter as filtering
@@ -39,17 +40,16 @@ DATASET = "web"
 class Inputs:
     """What a run reads: web URLs, a human-annotated COCO set, a held-out COCO set."""
 
-    url_list: Path | None                  # None with world_dir: the world's own server
+    url_list: Path | None  # None with world_dir: the world's own server
     human_annotations: Path
     human_image_root: Path
     test_annotations: Path
     test_image_root: Path
-    world_dir: Path | None = None          # a synthetic world: its URLs are served, its truth evaluated
+    world_dir: Path | None = None  # a synthetic world: its URLs are served, its truth evaluated
 
     @classmethod
     def of_world(cls, paths: WorldPaths) -> Inputs:
-        return cls(None, paths.human_annotations, paths.human_root, paths.test_annotations, paths.test_root,
-                   paths.root)
+        return cls(None, paths.human_annotations, paths.human_root, paths.test_annotations, paths.test_root, paths.root)
 
 
 @dataclass(frozen=True)
@@ -59,23 +59,23 @@ class RunSettings:
     model_preset: str = "tiny"
     rounds: int = 1
     pretrain_steps: int = 400
-    itc_warmup_steps: int = 200            # pretraining from scratch: ITC alone first
-    easy_negative_steps: int = 200         # BLIP trainings: ITM negatives ramp from uniform to hard
+    itc_warmup_steps: int = 200  # pretraining from scratch: ITC alone first
+    easy_negative_steps: int = 200  # BLIP trainings: ITM negatives ramp from uniform to hard
     finetune_steps: int = 150
     clip_steps: int = 150
     batch_size: int = 32
     lr: float = 3e-4
-    train_cpus: int = 2                    # cores of a training that runs alone; side-by-side ones share them
+    train_cpus: int = 2  # cores of a training that runs alone; side-by-side ones share them
     num_captions: int = 5
     itm_threshold: float = 0.5
     top_k: int = 2
-    k_test: int = 8                        # evaluation: ITC candidates re-ranked by ITM per query
+    k_test: int = 8  # evaluation: ITC candidates re-ranked by ITM per query
     clip_model: str = "clip_tiny"
-    clip_checkpoint: Path | None = None    # a trained open_clip state dict; None trains clip_model here
+    clip_checkpoint: Path | None = None  # a trained open_clip state dict; None trains clip_model here
     inference_batch_size: int = 32
     concurrency: int = 1
     num_gpus: float = 0.0
-    executor: str | None = None            # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
+    executor: str | None = None  # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
     ray_address: str | None = None
     seed: int = 0
     world: WorldConfig = WorldConfig(n_web=2000, n_human=500, n_test=100)  # made when no url_list is given
@@ -83,25 +83,54 @@ class RunSettings:
     def __post_init__(self) -> None:
         """Fail before any work, naming the setting to fix."""
         object.__setattr__(self, "executor", resolve_executor(self.executor))
-        at_least = {"rounds": 0, "itc_warmup_steps": 0, "easy_negative_steps": 0, "pretrain_steps": 1,
-                    "finetune_steps": 1, "clip_steps": 1, "batch_size": 1, "train_cpus": 1, "num_captions": 1,
-                    "top_k": 1, "k_test": 1, "inference_batch_size": 1, "concurrency": 1}
+        at_least = {
+            "rounds": 0,
+            "itc_warmup_steps": 0,
+            "easy_negative_steps": 0,
+            "pretrain_steps": 1,
+            "finetune_steps": 1,
+            "clip_steps": 1,
+            "batch_size": 1,
+            "train_cpus": 1,
+            "num_captions": 1,
+            "top_k": 1,
+            "k_test": 1,
+            "inference_batch_size": 1,
+            "concurrency": 1,
+        }
         integers = {name: (getattr(self, name), low) for name, low in at_least.items()}
-        check_config(type(self).__name__, [
-            *((isinstance(value, int) and not isinstance(value, bool) and value >= low,
-               f"{name} must be an integer ≥ {low}, got {value!r}") for name, (value, low) in integers.items()),
-            (0.0 <= self.itm_threshold <= 1.0,
-             f"itm_threshold must be a probability in [0, 1], got {self.itm_threshold!r}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
-            (self.num_gpus >= 0, f"num_gpus must be ≥ 0, got {self.num_gpus!r}"),
-        ])
+        check_config(
+            type(self).__name__,
+            [
+                *(
+                    (
+                        isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                        f"{name} must be an integer ≥ {low}, got {value!r}",
+                    )
+                    for name, (value, low) in integers.items()
+                ),
+                (
+                    0.0 <= self.itm_threshold <= 1.0,
+                    f"itm_threshold must be a probability in [0, 1], got {self.itm_threshold!r}",
+                ),
+                (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+                (self.num_gpus >= 0, f"num_gpus must be ≥ 0, got {self.num_gpus!r}"),
+            ],
+        )
 
 
 RUN_PRESETS = {
     "tiny": RunSettings(),  # the README demo
     "smoke": RunSettings(  # every stage, minimal work: for tests of the flow and its deployments
-        pretrain_steps=10, itc_warmup_steps=4, easy_negative_steps=4, finetune_steps=5, clip_steps=5, batch_size=8,
-        num_captions=2, inference_batch_size=8, train_cpus=1,
+        pretrain_steps=10,
+        itc_warmup_steps=4,
+        easy_negative_steps=4,
+        finetune_steps=5,
+        clip_steps=5,
+        batch_size=8,
+        num_captions=2,
+        inference_batch_size=8,
+        train_cpus=1,
         world=WorldConfig(n_web=60, n_human=24, n_test=12, captions_per_image=2),
     ),
 }
@@ -146,17 +175,42 @@ def capfilt(
     n_web: int | None = None,
 ) -> dict[str, Any]:
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served."""
-    overrides = {"rounds": rounds, "num_captions": num_captions, "itm_threshold": itm_threshold, "top_k": top_k,
-                 "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint), "executor": executor,
-                 "ray_address": ray_address}
-    settings, inputs, out = run_setup(out_dir, preset, overrides, url_list, human_annotations, human_image_root,
-                                      test_annotations, test_image_root, world_seed, n_web)
+    overrides = {
+        "rounds": rounds,
+        "num_captions": num_captions,
+        "itm_threshold": itm_threshold,
+        "top_k": top_k,
+        "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint),
+        "executor": executor,
+        "ray_address": ray_address,
+    }
+    settings, inputs, out = run_setup(
+        out_dir,
+        preset,
+        overrides,
+        url_list,
+        human_annotations,
+        human_image_root,
+        test_annotations,
+        test_image_root,
+        world_seed,
+        n_web,
+    )
     return bootstrap(settings, inputs, out)
 
 
-def run_setup(out_dir: str, preset: str, overrides: dict[str, Any], url_list: str | None,
-              human_annotations: str | None, human_image_root: str | None, test_annotations: str | None,
-              test_image_root: str | None, world_seed: int, n_web: int | None) -> tuple[RunSettings, Inputs, Path]:
+def run_setup(
+    out_dir: str,
+    preset: str,
+    overrides: dict[str, Any],
+    url_list: str | None,
+    human_annotations: str | None,
+    human_image_root: str | None,
+    test_annotations: str | None,
+    test_image_root: str | None,
+    world_seed: int,
+    n_web: int | None,
+) -> tuple[RunSettings, Inputs, Path]:
     """A flow's settings (the preset with the overrides that are not None), its inputs (a synthetic world made
     under `out_dir` when there is no `url_list`) and its resolved run folder."""
     if preset not in RUN_PRESETS:
@@ -166,8 +220,12 @@ def run_setup(out_dir: str, preset: str, overrides: dict[str, Any], url_list: st
     if url_list is None:
         world = replace(settings.world, seed=world_seed, n_web=n_web or settings.world.n_web)
         return settings, Inputs.of_world(make_world(out / "world", world)), out
-    sets = {"human_annotations": human_annotations, "human_image_root": human_image_root,
-            "test_annotations": test_annotations, "test_image_root": test_image_root}
+    sets = {
+        "human_annotations": human_annotations,
+        "human_image_root": human_image_root,
+        "test_annotations": test_annotations,
+        "test_image_root": test_image_root,
+    }
     missing = [name for name, value in sets.items() if value is None]
     if missing:
         raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
@@ -188,8 +246,7 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
 
     for round_number in range(1, settings.rounds + 1):
         logger.info("round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
-        target = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, round_number),
-                               clip_weights)
+        target = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, round_number), clip_weights)
         model = pretrain_task(pretraining, target, training_dir(out, "pretrain", pretraining, manifest_digest(target)))
         metrics[round_number] = evaluate_task(evaluation_config(settings, inputs, model), target)
         reports[round_number] = report_task(target, world_dir=inputs.world_dir)
@@ -202,9 +259,9 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
 def download_web(inputs: Inputs, web: Generation) -> Generation:
     """Generation 0: the web pairs (the world's own server when no URL list is given)."""
     if inputs.world_dir is not None:
-        download_world_task(inputs.world_dir, web, download.DownloadConfig())
+        download_world_task(download.DownloadConfig(), inputs.world_dir, web)
     else:
-        download_task(inputs.url_list, web, download.DownloadConfig())
+        download_task(download.DownloadConfig(), inputs.url_list, web)
     return web
 
 
@@ -220,62 +277,118 @@ def clip_ranker(settings: RunSettings, inputs: Inputs, out: Path) -> Path:
 
 def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConfig:
     """BLIP pretraining from the preset's random weights (ITC warm-up first)."""
-    return replace(_training(settings, settings.pretrain_steps, preset=settings.model_preset,
-                             itc_warmup_steps=settings.itc_warmup_steps),
-                   seed=settings.seed if seed is None else seed)
+    return replace(
+        _training(
+            settings, settings.pretrain_steps, preset=settings.model_preset, itc_warmup_steps=settings.itc_warmup_steps
+        ),
+        seed=settings.seed if seed is None else seed,
+    )
 
 
-def capfilt_round(settings: RunSettings, inputs: Inputs, out: Path, model: train.TrainResult, web: Generation,
-                  target: Generation, clip_weights: Path) -> Generation:
+def capfilt_round(
+    settings: RunSettings,
+    inputs: Inputs,
+    out: Path,
+    model: train.TrainResult,
+    web: Generation,
+    target: Generation,
+    clip_weights: Path,
+) -> Generation:
     """One CapFilt round from `model`: fine-tune captioner ∥ filter on the human pairs, caption `web` into
     `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
     human = (inputs.human_annotations, inputs.human_image_root)
     side_by_side = settings.executor == "ray"  # in one process they take turns: torch's threads and RNG are global
-    finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir,
-                           cpus=max(1, settings.train_cpus // 2) if side_by_side else None)
-    runs = [(finetune_captioner_task, training_dir(out, "captioner", finetuning, model.digest)),
-            (finetune_filter_task, training_dir(out, "filter", finetuning, model.digest))]
+    finetuning = _training(
+        settings,
+        settings.finetune_steps,
+        init_checkpoint=model.checkpoint_dir,
+        cpus=max(1, settings.train_cpus // 2) if side_by_side else None,
+    )
+    runs = [
+        (finetune_captioner_task, training_dir(out, "captioner", finetuning, model.digest)),
+        (finetune_filter_task, training_dir(out, "filter", finetuning, model.digest)),
+    ]
     if side_by_side:
         futures = [fine_tune.submit(finetuning, *human, run_dir) for fine_tune, run_dir in runs]
         captioner, filter_model = (future.result() for future in futures)
     else:
         captioner, filter_model = (fine_tune(finetuning, *human, run_dir) for fine_tune, run_dir in runs)
 
-    pool = {"batch_size": settings.inference_batch_size, "concurrency": settings.concurrency,
-            "num_gpus": settings.num_gpus, "executor": settings.executor, "ray_address": settings.ray_address}
-    caption_task(caption.CaptionConfig(checkpoint=captioner.checkpoint_dir, num_captions=settings.num_captions,
-                                       seed=settings.seed, **pool), web, target)
-    filter_task(filtering.FilterConfig(checkpoint=filter_model.checkpoint_dir, threshold=settings.itm_threshold,
-                                       **pool), target)
-    rank_task(rank.RankConfig(clip_model=settings.clip_model, clip_checkpoint=clip_weights, top_k=settings.top_k,
-                              **pool), target)
+    pool = {
+        "batch_size": settings.inference_batch_size,
+        "concurrency": settings.concurrency,
+        "num_gpus": settings.num_gpus,
+        "executor": settings.executor,
+        "ray_address": settings.ray_address,
+    }
+    caption_task(
+        caption.CaptionConfig(
+            checkpoint=captioner.checkpoint_dir, num_captions=settings.num_captions, seed=settings.seed, **pool
+        ),
+        web,
+        target,
+    )
+    filter_task(
+        filtering.FilterConfig(checkpoint=filter_model.checkpoint_dir, threshold=settings.itm_threshold, **pool), target
+    )
+    rank_task(
+        rank.RankConfig(clip_model=settings.clip_model, clip_checkpoint=clip_weights, top_k=settings.top_k, **pool),
+        target,
+    )
     assemble_task(
-        assemble.AssembleConfig(*human), target, target.number - 1,  # the generation its models learnt from
-        checkpoints={"pretrained": model.digest, "captioner": captioner.digest, "filter": filter_model.digest,
-                     "clip": file_digest(clip_weights)},
-        stages=["caption", "filter", "rank"], config_digest=config_digest(asdict(settings)),
+        assemble.AssembleConfig(*human),
+        target,
+        target.number - 1,  # the generation its models learnt from
+        checkpoints={
+            "pretrained": model.digest,
+            "captioner": captioner.digest,
+            "filter": filter_model.digest,
+            "clip": file_digest(clip_weights),
+        },
+        stages=list(MODEL_STAGES),
+        config_digest=config_digest(asdict(settings)),
         flow_run_id=_flow_run_id(),
     )
     return target
 
 
-def _training(settings: RunSettings, steps: int, *, preset: str | None = None, init_checkpoint: Path | None = None,
-              itc_warmup_steps: int = 0, cpus: int | None = None) -> TrainConfig:
+def _training(
+    settings: RunSettings,
+    steps: int,
+    *,
+    preset: str | None = None,
+    init_checkpoint: Path | None = None,
+    itc_warmup_steps: int = 0,
+    cpus: int | None = None,
+) -> TrainConfig:
     """Training settings: from a preset's random weights, from a checkpoint, or (neither) the CLIP ranker."""
     return TrainConfig(
-        preset=preset, init_checkpoint=init_checkpoint, max_steps=steps, batch_size=settings.batch_size,
-        lr=settings.lr, seed=settings.seed, itc_warmup_steps=itc_warmup_steps,
-        easy_negative_steps=settings.easy_negative_steps, cpus_per_worker=cpus or settings.train_cpus,
-        use_gpu=settings.num_gpus > 0, executor=settings.executor, ray_address=settings.ray_address,
+        preset=preset,
+        init_checkpoint=init_checkpoint,
+        max_steps=steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed,
+        itc_warmup_steps=itc_warmup_steps,
+        easy_negative_steps=settings.easy_negative_steps,
+        cpus_per_worker=cpus or settings.train_cpus,
+        use_gpu=settings.num_gpus > 0,
+        executor=settings.executor,
+        ray_address=settings.ray_address,
         checkpoint_every=max(50, steps // 4),
     )
 
 
 def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainResult) -> evaluate.EvaluateConfig:
     return evaluate.EvaluateConfig(
-        checkpoint=model.checkpoint_dir, test_annotations=inputs.test_annotations,
-        test_image_root=inputs.test_image_root, world_dir=inputs.world_dir, k_test=settings.k_test,
-        batch_size=settings.inference_batch_size, num_gpus=settings.num_gpus, executor=settings.executor,
+        checkpoint=model.checkpoint_dir,
+        test_annotations=inputs.test_annotations,
+        test_image_root=inputs.test_image_root,
+        world_dir=inputs.world_dir,
+        k_test=settings.k_test,
+        batch_size=settings.inference_batch_size,
+        num_gpus=settings.num_gpus,
+        executor=settings.executor,
         ray_address=settings.ray_address,
     )
 
@@ -296,18 +409,29 @@ def publish_generation(generation: Generation, metrics: dict[str, Any], report_p
     """A Prefect artifact per generation: counts, metrics, and where the manifests, evaluation and report are."""
     info = generation.read_info()
     counts = info["counts"]
-    lines = [f"# {generation.dataset} generation {generation.number}", "",
-             f"Manifests: `{generation.path}`  ", f"Evaluation: `{generation.path / evaluate.EVALUATION_FILE}`  ",
-             f"Report: `{report_page}`", "",
-             "| source | rows | kept |", "|---|---|---|"]
-    lines += [f"| {source} | {rows} | {counts['kept_by_source'].get(source, 0)} |"
-              for source, rows in counts["rows_by_source"].items()]
+    lines = [
+        f"# {generation.dataset} generation {generation.number}",
+        "",
+        f"Manifests: `{generation.path}`  ",
+        f"Evaluation: `{generation.path / evaluate.EVALUATION_FILE}`  ",
+        f"Report: `{report_page}`",
+        "",
+        "| source | rows | kept |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {source} | {rows} | {counts['kept_by_source'].get(source, 0)} |"
+        for source, rows in counts["rows_by_source"].items()
+    ]
     lines += ["", "| rejected (stage/reason) | rows |", "|---|---|"]
     lines += [f"| {reason} | {n} |" for reason, n in counts["rejected_by_stage_reason"].items()]
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in _flat_numbers(metrics).items()]
-    create_markdown_artifact("\n".join(lines), key=f"{generation.dataset}-gen-{generation.number}",
-                             description=f"CapFilt generation {generation.number}")
+    create_markdown_artifact(
+        "\n".join(lines),
+        key=f"{generation.dataset}-gen-{generation.number}",
+        description=f"CapFilt generation {generation.number}",
+    )
 
 
 def _flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -14,18 +14,26 @@ from pipelines.cli.stage_commands import add_executor_options
 
 
 def add_flow_commands(commands: Commands) -> None:
-    run = add_command(commands, "run", _run,
-                      "Run the whole bootstrapping loop as a Prefect flow; --preset tiny needs no input.")
+    run = add_command(
+        commands, "run", _run, "Run the whole bootstrapping loop as a Prefect flow; --preset tiny needs no input."
+    )
     _add_run_options(run, Path("runs/tiny"))
     run.add_argument("--rounds", type=int, help="CapFilt rounds (default: the preset's)")
 
-    ablate = add_command(commands, "ablate", _ablate,
-                         "BLIP's Table 1 ablation: train and evaluate no CapFilt / filter only / captioner only / "
-                         "CapFilt (/ + CLIP rank) on the same candidates and budget, over several seeds; prints the "
-                         "table. Without --url-list it runs on a synthetic world.")
+    ablate = add_command(
+        commands,
+        "ablate",
+        _ablate,
+        "BLIP's Table 1 ablation: train and evaluate no CapFilt / filter only / captioner only / "
+        "CapFilt (/ + CLIP rank) on the same candidates and budget, over several seeds; prints the "
+        "table. Without --url-list it runs on a synthetic world.",
+    )
     _add_run_options(ablate, Path("runs/ablate"))
-    ablate.add_argument("--arms", type=_names, help="comma-separated arms (default: all of "
-                        "no_capfilt,filter_only,captioner_only,capfilt,capfilt_rank)")
+    ablate.add_argument(
+        "--arms",
+        type=_names,
+        help="comma-separated arms (default: all of no_capfilt,filter_only,captioner_only,capfilt,capfilt_rank)",
+    )
     ablate.add_argument("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
     ablate.add_argument("--pretrain-steps", type=int, help="pretraining budget of every model, in steps")
     ablate.add_argument("--batch-size", type=int, help="training batch size (per worker)")
@@ -35,18 +43,28 @@ def add_flow_commands(commands: Commands) -> None:
     ablate.add_argument("--test-annotations", help="with --url-list: COCO Karpathy json of the held-out set")
     ablate.add_argument("--test-image-root", help="with --url-list: the folder its image paths are under")
     ablate.add_argument("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
-    ablate.add_argument("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the "
-                        "run preset's)")
+    ablate.add_argument(
+        "--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)"
+    )
     ablate.add_argument("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
     ablate.add_argument("--gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
 
-    deploy = add_command(commands, "deploy", _deploy,
-                         "Serve the flow's deployments (capfilt/nightly on a cron schedule, capfilt/on-demand) "
-                         "on the Prefect server at PREFECT_API_URL until Ctrl-C.")
+    deploy = add_command(
+        commands,
+        "deploy",
+        _deploy,
+        "Serve the flow's deployments (capfilt/nightly on a cron schedule, capfilt/on-demand) "
+        "on the Prefect server at PREFECT_API_URL until Ctrl-C.",
+    )
     deploy.add_argument("--cron", default="0 2 * * *", help="schedule of capfilt/nightly (default: %(default)s)")
-    deploy.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
-                        help="default flow parameter, e.g. url_list='\"/data/urls.parquet\"' or rounds=2 "
-                        "(repeatable; see the capfilt flow's parameters)")
+    deploy.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="default flow parameter, e.g. url_list='\"/data/urls.parquet\"' or rounds=2 "
+        "(repeatable; see the capfilt flow's parameters)",
+    )
 
 
 def _add_run_options(parser: argparse.ArgumentParser, out: Path) -> None:
@@ -82,9 +100,17 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
 
-    result = capfilt(out_dir=str(args.out), preset=args.preset, rounds=args.rounds, num_captions=args.num_captions,
-                     itm_threshold=args.threshold, top_k=args.top_k, n_web=args.n_web, executor=args.executor,
-                     ray_address=args.ray_address)
+    result = capfilt(
+        out_dir=str(args.out),
+        preset=args.preset,
+        rounds=args.rounds,
+        num_captions=args.num_captions,
+        itm_threshold=args.threshold,
+        top_k=args.top_k,
+        n_web=args.n_web,
+        executor=args.executor,
+        ray_address=args.ray_address,
+    )
     root = Path(result["manifests"])
     print(format_generations(root))
     print(json.dumps(result["metrics"], indent=2, default=str))
@@ -108,13 +134,27 @@ def _ablate(args: argparse.Namespace) -> None:
     from flows.ablate import capfilt_ablate
 
     result = capfilt_ablate(
-        out_dir=str(args.out), preset=args.preset, url_list=args.url_list, human_annotations=args.human_annotations,
-        human_image_root=args.human_image_root, test_annotations=args.test_annotations,
-        test_image_root=args.test_image_root, arms=args.arms, seeds=args.seeds, num_captions=args.num_captions,
-        itm_threshold=args.threshold, top_k=args.top_k, pretrain_steps=args.pretrain_steps,
-        batch_size=args.batch_size, model_preset=args.model_preset, clip_model=args.clip_model,
-        clip_checkpoint=args.clip_checkpoint, num_gpus=args.gpus,
-        executor=args.executor, ray_address=args.ray_address, n_web=args.n_web,
+        out_dir=str(args.out),
+        preset=args.preset,
+        url_list=args.url_list,
+        human_annotations=args.human_annotations,
+        human_image_root=args.human_image_root,
+        test_annotations=args.test_annotations,
+        test_image_root=args.test_image_root,
+        arms=args.arms,
+        seeds=args.seeds,
+        num_captions=args.num_captions,
+        itm_threshold=args.threshold,
+        top_k=args.top_k,
+        pretrain_steps=args.pretrain_steps,
+        batch_size=args.batch_size,
+        model_preset=args.model_preset,
+        clip_model=args.clip_model,
+        clip_checkpoint=args.clip_checkpoint,
+        num_gpus=args.gpus,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        n_web=args.n_web,
     )
     print(Path(result["table"]).read_text())
     print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}")

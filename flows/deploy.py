@@ -21,10 +21,17 @@ NIGHTLY = "0 2 * * *"
 def deployments(parameters: dict[str, Any], cron: str = NIGHTLY) -> list:
     """The two deployments: `capfilt/nightly` on `cron`, and `capfilt/on-demand` (no schedule)."""
     return [
-        capfilt.to_deployment(name="nightly", cron=cron, parameters=parameters,
-                              description="CapFilt on the newest URL list, on a schedule"),
-        capfilt.to_deployment(name="on-demand", parameters=parameters,
-                              description="CapFilt when you ask: prefect deployment run 'capfilt/on-demand'"),
+        capfilt.to_deployment(
+            name="nightly",
+            cron=cron,
+            parameters=parameters,
+            description="CapFilt on the newest URL list, on a schedule",
+        ),
+        capfilt.to_deployment(
+            name="on-demand",
+            parameters=parameters,
+            description="CapFilt when you ask: prefect deployment run 'capfilt/on-demand'",
+        ),
     ]
 
 

@@ -19,13 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from processes import stop_group, wait_until
 from websockets.sync.client import connect
 
-from processes import stop_group, wait_until
-
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--no-first-run", "--no-default-browser-check", "--remote-debugging-address=127.0.0.1",
-                  "--remote-debugging-port=0", "--window-size=1280,900")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+    "--window-size=1280,900",
+)
 START_TIMEOUT_S = 60
 PAGE_TIMEOUT_S = 60
 
@@ -98,16 +105,24 @@ class Chromium:
     def __enter__(self) -> Chromium:
         self.profile = Path(tempfile.mkdtemp(prefix="capfilt-chromium-"))
         self.log = open(self.profile / "chromium.log", "wb")
-        self.process = subprocess.Popen([self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-                                         "about:blank"], stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         port_file = self.profile / "DevToolsActivePort"
         try:
-            wait_until(lambda: port_file.is_file() and port_file.read_text().strip() != "" or self._exited(),
-                       "chromium DevTools port", START_TIMEOUT_S)
+            wait_until(
+                lambda: port_file.is_file() and port_file.read_text().strip() != "" or self._exited(),
+                "chromium DevTools port",
+                START_TIMEOUT_S,
+            )
             if self._exited():
-                raise RuntimeError(f"chromium exited ({self.process.returncode}): "
-                                   f"{(self.profile / 'chromium.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"chromium exited ({self.process.returncode}): "
+                    f"{(self.profile / 'chromium.log').read_text()[-2000:]}"
+                )
             self.port = int(port_file.read_text().split()[0])
         except BaseException:
             self.__exit__()

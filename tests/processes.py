@@ -5,7 +5,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def free_port() -> int:

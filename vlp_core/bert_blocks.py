@@ -43,14 +43,16 @@ def split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
     return states.view(*states.shape[:2], num_heads, -1).transpose(1, 2)
 
 
-def project_heads(states: torch.Tensor, projections: tuple[torch.nn.Linear, ...], num_heads: int
-                  ) -> tuple[torch.Tensor, ...]:
+def project_heads(
+    states: torch.Tensor, projections: tuple[torch.nn.Linear, ...], num_heads: int
+) -> tuple[torch.Tensor, ...]:
     """Each of `projections` applied to (B, L, D) states, split into heads: (B, H, L, D / H) each."""
     return tuple(split_heads(linear(states, projection), num_heads) for projection in projections)
 
 
-def cross_keys_values(layer: torch.nn.Module, image_embeds: torch.Tensor, num_heads: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_keys_values(
+    layer: torch.nn.Module, image_embeds: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's cross-attention keys and values of (n, 1+P, Dv) image embeddings: (n, H, 1+P, D / H) each.
     The encoder and the decoder share these weights, so both compute them here."""
     cross = layer.crossattention.self

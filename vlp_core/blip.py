@@ -66,8 +66,10 @@ class BlipModel(nn.Module):
         """``(B, 3, H, W)`` normalised pixels -> ``(B, 1 + P, Dv)`` patch embeddings ([CLS] first)."""
         size = self.config.vision.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise ValueError(f"pixel_values must be (B, 3, {size}, {size}) for this model, got "
-                             f"{tuple(pixel_values.shape)}; resize images with the model's image transform")
+            raise ValueError(
+                f"pixel_values must be (B, 3, {size}, {size}) for this model, got "
+                f"{tuple(pixel_values.shape)}; resize images with the model's image transform"
+            )
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -83,8 +85,9 @@ class BlipModel(nn.Module):
         """``(B, L, Dt)`` -> ``(B, E)`` L2-normalised ITC feature of the [CLS] token."""
         return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                   ) -> torch.Tensor:
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Image-text matching logits ``(B, 2)``, column 1 = "match".
 
         ``image_embeds`` ``(B, 1 + P, Dv)`` row-aligned with ``input_ids`` ``(B, L)`` whose column 0 is ``[ENC]``.
@@ -98,8 +101,9 @@ class BlipModel(nn.Module):
         ).last_hidden_state
         return self.itm_head(hidden[:, 0, :])
 
-    def lm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                  ) -> torch.Tensor:
+    def lm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Next-token logits ``(B, L, V)`` of the image-grounded causal decoder; position t predicts token t+1.
 
         ``image_embeds`` ``(B, 1 + P, Dv)``; ``input_ids`` ``(B, L)`` start with ``[DEC]``.
@@ -114,11 +118,15 @@ class BlipModel(nn.Module):
 
     def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-            raise ValueError(f"input_ids and attention_mask must both be (B, L), got {tuple(input_ids.shape)} "
-                             f"and {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, L), got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}"
+            )
         if input_ids.shape[1] > self.config.text.max_position:
-            raise ValueError(f"texts of {input_ids.shape[1]} tokens exceed text.max_position="
-                             f"{self.config.text.max_position}; tokenize with a smaller max_length")
+            raise ValueError(
+                f"texts of {input_ids.shape[1]} tokens exceed text.max_position="
+                f"{self.config.text.max_position}; tokenize with a smaller max_length"
+            )
 
     @staticmethod
     def _image_mask(image_embeds: torch.Tensor) -> torch.Tensor:

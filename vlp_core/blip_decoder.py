@@ -11,8 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlp_core.bert_blocks import (add_norm, cross_keys_values, embed, feed_forward, layer_norm, linear, merge_heads,
-                                  project_heads, split_heads)
+from vlp_core.bert_blocks import (
+    add_norm,
+    cross_keys_values,
+    embed,
+    feed_forward,
+    layer_norm,
+    linear,
+    merge_heads,
+    project_heads,
+    split_heads,
+)
 from vlp_core.blip import BlipModel
 
 COMPACT_BELOW = 0.5  # the self-attention cache is compacted when fewer of its slots are live
@@ -40,8 +49,14 @@ class BlipDecoder:
     `scaled_dot_product_attention`, each new token's self-attention through `_attend_one`.
     """
 
-    def __init__(self, model: BlipModel, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
-                 max_new_tokens: int, vocab_limit: int | None = None):
+    def __init__(
+        self,
+        model: BlipModel,
+        image_embeds: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        vocab_limit: int | None = None,
+    ):
         """image_embeds (N, 1+P, Dv); prompt_ids (Lp,) starting with [DEC]."""
         decoder = model.text_decoder
         self.embeddings = decoder.bert.embeddings
@@ -55,14 +70,14 @@ class BlipDecoder:
         self.image_embeds = image_embeds
         self.prompt_ids = prompt_ids
         self.max_length = len(prompt_ids) + max_new_tokens
-        self.length = 0                          # tokens in every row's self-attention cache
-        self.width = 1                           # rows per image in the cross-attention grid
-        self.self_cache = torch.empty(0)         # (layers, 2, max_length, slots, heads, head_dim)
-        self.live: torch.Tensor | None = None    # (B,) the slot of each row; None: row i is in slot i
+        self.length = 0  # tokens in every row's self-attention cache
+        self.width = 1  # rows per image in the cross-attention grid
+        self.self_cache = torch.empty(0)  # (layers, 2, max_length, slots, heads, head_dim)
+        self.live: torch.Tensor | None = None  # (B,) the slot of each row; None: row i is in slot i
         self.cross_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, keys and values (n, heads, 1+P, hd)
-        self.row_image = torch.empty(0)          # (B,) each row's image in the cross cache
+        self.row_image = torch.empty(0)  # (B,) each row's image in the cross cache
         self.grid_slot: torch.Tensor | None = None  # (B,) image * width + rank of the row among its image's
-                                                    # rows; None: row i is grid slot i
+        # rows; None: row i is grid slot i
 
     def start(self, copies: int) -> torch.Tensor:
         num_images, device, heads = len(self.image_embeds), self.image_embeds.device, self.num_heads
@@ -72,8 +87,9 @@ class BlipDecoder:
             attention = layer.attention.self
             query, keys, values = project_heads(hidden, (attention.query, attention.key, attention.value), heads)
             if index == 0:
-                self.self_cache = keys.new_empty(len(self.layers), 2, self.max_length, num_images * copies,
-                                                 heads, keys.shape[-1])
+                self.self_cache = keys.new_empty(
+                    len(self.layers), 2, self.max_length, num_images * copies, heads, keys.shape[-1]
+                )
             prompt_cache = torch.stack([keys, values]).repeat_interleave(copies, 1)  # (2, slots, heads, Lp, hd)
             self.self_cache[index, :, : keys.shape[2]] = prompt_cache.permute(0, 3, 1, 2, 4)
             context = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
@@ -117,8 +133,9 @@ class BlipDecoder:
     def _self_attend(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): each row's new token against its cached tokens and itself (added to the cache)."""
         cache, position = self.self_cache[index], self.length
-        query, key, value = F.linear(hidden, *self.query_key_value[index]).view(
-            len(hidden), 3, self.num_heads, -1).unbind(1)  # (B, heads, hd) each
+        query, key, value = (
+            F.linear(hidden, *self.query_key_value[index]).view(len(hidden), 3, self.num_heads, -1).unbind(1)
+        )  # (B, heads, hd) each
         slots = slice(None) if self.live is None else self.live
         cache[0, position, slots], cache[1, position, slots] = key, value
         # dead slots attend too: cheaper than gathering the live ones' cache

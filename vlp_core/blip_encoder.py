@@ -17,8 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlp_core.bert_blocks import (add_norm, cross_keys_values, embed, feed_forward, linear, merge_heads, project_heads,
-                                  split_heads)
+from vlp_core.bert_blocks import (
+    add_norm,
+    cross_keys_values,
+    embed,
+    feed_forward,
+    linear,
+    merge_heads,
+    project_heads,
+    split_heads,
+)
 from vlp_core.blip import BlipModel
 
 ImageKeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: cross-attention keys, values (n, H, 1+P, D/H)
@@ -36,8 +44,13 @@ class BlipTextEncoder:
         """(n, 1+P, Dv) image embeddings -> every layer's cross-attention keys and values of each image."""
         return [cross_keys_values(layer, image_embeds, self.num_heads) for layer in self.layers]
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 images: ImageKeysValues | None = None, owner: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: ImageKeysValues | None = None,
+        owner: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, L) ids and mask -> (B, L, D) hidden states. Unimodal when `images` is None; else image-grounded,
         caption i attending to image owner[i] of `images` (from `image_keys_values`)."""
         if (images is None) != (owner is None):
@@ -46,8 +59,9 @@ class BlipTextEncoder:
         padding = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys that may be attended
         for index, layer in enumerate(self.layers):
             attention = layer.attention.self
-            query, keys, values = project_heads(hidden, (attention.query, attention.key, attention.value),
-                                                self.num_heads)
+            query, keys, values = project_heads(
+                hidden, (attention.query, attention.key, attention.value), self.num_heads
+            )
             context = F.scaled_dot_product_attention(query, keys, values, attn_mask=padding)
             hidden = add_norm(layer.attention.output, merge_heads(context), hidden)
             if images is not None:

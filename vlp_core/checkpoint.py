@@ -14,18 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pickle
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file
+from transformers import BlipConfig as HFBlipConfig
 from transformers import (
-    BlipConfig as HFBlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipImageProcessor,
@@ -34,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from vlp_core.atomic import atomic_directory
 from vlp_core.blip import BlipModel
 from vlp_core.config import BlipConfig, TextConfig, VisionConfig
 from vlp_core.tokenizer import load_tokenizer, special_ids
@@ -61,27 +57,6 @@ def file_digest(path: str | Path) -> str:
     return f"sha256:{sha.hexdigest()[:16]}"
 
 
-@contextmanager
-def _atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder that replaces ``directory`` once the block succeeds."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, target)
-
-
 def _unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tied tensor under one name only (the first in sorted order).
 
@@ -107,7 +82,7 @@ def _check_vocabulary(config: BlipConfig, tokenizer: PreTrainedTokenizerBase) ->
 def save_checkpoint(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> str:
     """Write ``model`` and ``tokenizer`` to ``directory`` atomically; returns the weights' digest."""
     _check_vocabulary(model.config, tokenizer)
-    with _atomic_directory(directory) as staging:
+    with atomic_directory(directory) as staging:
         save_file(_unique_tensors(model), str(staging / WEIGHTS_FILE))
         digest = file_digest(staging / WEIGHTS_FILE)
         header = {"format": CHECKPOINT_FORMAT, "digest": digest, "config": model.config.to_dict()}
@@ -116,8 +91,9 @@ def save_checkpoint(model: BlipModel, tokenizer: PreTrainedTokenizerBase, direct
     return digest
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
     """Read a folder written by :func:`save_checkpoint`; the weights must match the stored digest."""
     folder = Path(directory)
     config_path = folder / CONFIG_FILE
@@ -125,12 +101,16 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
         raise FileNotFoundError(f"{folder} is not a capfilt checkpoint: {CONFIG_FILE} is missing")
     header = json.loads(config_path.read_text())
     if header.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{config_path}: format {header.get('format')!r} is not {CHECKPOINT_FORMAT!r} "
-                         "(a transformers BLIP folder? use import_hf)")
+        raise ValueError(
+            f"{config_path}: format {header.get('format')!r} is not {CHECKPOINT_FORMAT!r} "
+            "(a transformers BLIP folder? use import_hf)"
+        )
     digest = file_digest(folder / WEIGHTS_FILE)
     if digest != header["digest"]:
-        raise ValueError(f"{folder / WEIGHTS_FILE} has digest {digest}, but {CONFIG_FILE} records "
-                         f"{header['digest']}: the weights were modified or the copy is incomplete")
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} has digest {digest}, but {CONFIG_FILE} records "
+            f"{header['digest']}: the weights were modified or the copy is incomplete"
+        )
     model = BlipModel(BlipConfig.from_dict(header["config"]))
     load_model(model, str(folder / WEIGHTS_FILE), strict=True)
     return model.to(device), load_tokenizer(folder / TOKENIZER_DIR), digest
@@ -177,8 +157,13 @@ def _hf_config(model: BlipModel, tokenizer: PreTrainedTokenizerBase) -> HFBlipCo
     )
 
 
-def _export_hf(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
-               hf_class: type[PreTrainedModel], parts: tuple[str, ...]) -> None:
+def _export_hf(
+    model: BlipModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: str | Path,
+    hf_class: type[PreTrainedModel],
+    parts: tuple[str, ...],
+) -> None:
     _check_vocabulary(model.config, tokenizer)
     hf_model = hf_class(_hf_config(model, tokenizer))
     weights = {key: value for key, value in model.state_dict().items() if key.split(".")[0] in parts}
@@ -189,7 +174,7 @@ def _export_hf(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: 
         image_mean=list(model.config.image_mean),
         image_std=list(model.config.image_std),
     )
-    with _atomic_directory(directory) as staging:
+    with atomic_directory(directory) as staging:
         hf_model.save_pretrained(str(staging))
         BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(staging))
 
@@ -239,8 +224,9 @@ def import_hf(directory: str | Path) -> tuple[BlipModel, PreTrainedTokenizerBase
     architecture = (hf_config.architectures or [None])[0]
     hf_classes = {cls.__name__: cls for cls in (BlipForConditionalGeneration, BlipForImageTextRetrieval)}
     if architecture not in hf_classes:
-        raise ValueError(f"{folder}: architecture {architecture!r} is not supported; expected one of "
-                         f"{sorted(hf_classes)}")
+        raise ValueError(
+            f"{folder}: architecture {architecture!r} is not supported; expected one of {sorted(hf_classes)}"
+        )
     hf_model = hf_classes[architecture].from_pretrained(str(folder), weights_only=True)
     tokenizer = load_tokenizer(folder)
     config = _config_from_hf(hf_config, name=folder.name)

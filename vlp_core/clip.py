@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
+from vlp_core.atomic import atomic_write_file
 from vlp_core.checkpoint import load_state_dict_file
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
@@ -34,8 +35,9 @@ class ClipRanker:
     Shapes: N images, E embedding width, K_i candidate captions of image i.
     """
 
-    def __init__(self, model_name: str, model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model_name: str, model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, device: torch.device
+    ) -> None:
         self.model_name = model_name
         self.model = model
         self.tokenizer = tokenizer
@@ -102,8 +104,7 @@ def encode_text_to_last_token(model: torch.nn.Module, tokens: torch.Tensor) -> t
     so cutting the padding changes nothing but the cost. Other text towers run ``encode_text`` as is.
     """
     length = int((tokens != 0).sum(dim=1).max())  # the tokenizer pads with 0 after [EOT]
-    trimmable = (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
-                 and model.attn_mask is not None)
+    trimmable = isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None
     if not trimmable or length >= tokens.shape[1]:
         return model.encode_text(tokens)
     tokens = tokens[:, :length]
@@ -142,12 +143,9 @@ def load_clip(model_name: str, checkpoint: Path | None = None, device: str | tor
 
 
 def save_clip(ranker: ClipRanker, path: Path) -> None:
-    """Write the ranker's weights to a ``.safetensors`` file, atomically (temp file + rename)."""
+    """Write the ranker's weights to a ``.safetensors`` file, atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_clip writes safetensors; give a path ending in .safetensors, not {path}")
     state_dict = {key: value.detach().contiguous().cpu() for key, value in ranker.model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(state_dict, temporary)
-    temporary.replace(path)
+    atomic_write_file(path, lambda temporary: save_file(state_dict, temporary))

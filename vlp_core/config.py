@@ -119,13 +119,15 @@ class TextConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _require_positive_ints(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                               "max_position")
+        _require_positive_ints(
+            self, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position"
+        )
         _require_heads_divide_width(self)
         _require(0.0 <= self.dropout < 1.0, "TextConfig", "dropout", self.dropout, "in [0, 1)")
 
-    def to_hf(self, encoder_hidden_size: int, pad_id: int = 0, bos_id: int | None = None,
-              sep_id: int | None = None) -> BlipTextConfig:
+    def to_hf(
+        self, encoder_hidden_size: int, pad_id: int = 0, bos_id: int | None = None, sep_id: int | None = None
+    ) -> BlipTextConfig:
         """transformers config; ``encoder_hidden_size`` is the vision width the cross-attention reads."""
         return BlipTextConfig(
             vocab_size=self.vocab_size,
@@ -187,8 +189,7 @@ class BlipConfig:
         _require(0.0 < self.momentum < 1.0, "BlipConfig", "momentum", self.momentum, "in (0, 1)")
         _require(0.0 <= self.alpha <= 1.0, "BlipConfig", "alpha", self.alpha, "in [0, 1]")
         _require(0.0 < self.temp <= 1.0, "BlipConfig", "temp", self.temp, "in (0, 1]")
-        _require(0.0 <= self.label_smoothing < 1.0, "BlipConfig", "label_smoothing", self.label_smoothing,
-                 "in [0, 1)")
+        _require(0.0 <= self.label_smoothing < 1.0, "BlipConfig", "label_smoothing", self.label_smoothing, "in [0, 1)")
         _require(isinstance(self.prompt, str), "BlipConfig", "prompt", self.prompt, "a string")
         _require(
             self.max_text_length <= self.text.max_position,
@@ -199,8 +200,13 @@ class BlipConfig:
         )
         for name in ("image_mean", "image_std"):
             value = tuple(getattr(self, name))
-            _require(len(value) == 3 and all(isinstance(v, (int, float)) for v in value), "BlipConfig", name,
-                     value, "three numbers (one per RGB channel)")
+            _require(
+                len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+                "BlipConfig",
+                name,
+                value,
+                "three numbers (one per RGB channel)",
+            )
             object.__setattr__(self, name, tuple(float(v) for v in value))
         _require(all(s > 0 for s in self.image_std), "BlipConfig", "image_std", self.image_std, "positive")
 

@@ -21,12 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vlp_core.decode import (  # noqa: F401 (the decoder's names stay importable from here)
-    DECODE_REASONS,
-    DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    load_image,
-)
+from vlp_core.decode import DECODE_REASONS, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image  # noqa: F401 (the decoder's names stay importable from here)
 from vlp_core.tokenizer import tokenize
 
 if TYPE_CHECKING:

@@ -79,8 +79,9 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, p
     return logits.scatter(1, previous_ids, seen)
 
 
-def select_beams(scores: torch.Tensor, tokens: torch.Tensor, sep_id: int, num_beams: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def select_beams(
+    scores: torch.Tensor, tokens: torch.Tensor, sep_id: int, num_beams: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the best candidates of each image, sorted best first: scores and tokens (n, C), C >= 2W.
 
     Returns `finishing` (n, C) bool: candidates that end with [SEP] and rank among the first W (as in
@@ -136,8 +137,15 @@ RowDraws = Callable[[], torch.Tensor]  # the next step's uniform draws in [0, 1)
 TokenChooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, V) logits, (B,) row ids -> (B,) tokens
 
 
-def row_draws(num_images: int, copies: int, steps: int, generator: torch.Generator | None = None,
-              seeds: Sequence[int] | None = None, *, device: torch.device) -> RowDraws:
+def row_draws(
+    num_images: int,
+    copies: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
+    *,
+    device: torch.device,
+) -> RowDraws:
     """Uniform draws for all N * copies rows and `steps` steps, drawn up front (finished rows keep
     theirs, so nothing shifts) and placed on `device` (the rows'); each call returns the next step's.
 
@@ -149,8 +157,10 @@ def row_draws(num_images: int, copies: int, steps: int, generator: torch.Generat
         source = generator.device if generator is not None else torch.device("cpu")
         table = torch.rand(steps, num_images * copies, generator=generator, device=source)
     else:
-        table = torch.cat([torch.rand(steps, copies, generator=torch.Generator().manual_seed(seed), device="cpu")
-                           for seed in seeds], dim=1)
+        table = torch.cat(
+            [torch.rand(steps, copies, generator=torch.Generator().manual_seed(seed), device="cpu") for seed in seeds],
+            dim=1,
+        )
     return iter(table.to(device)).__next__
 
 
@@ -168,8 +178,9 @@ def nucleus_choice(top_p: float, temperature: float, draws: RowDraws) -> TokenCh
     return choose
 
 
-def sample_tokens(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.Tensor, copies: int,
-                  choose: TokenChooser) -> list[list[int]]:
+def sample_tokens(
+    decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.Tensor, copies: int, choose: TokenChooser
+) -> list[list[int]]:
     """Greedy or sampled decoding of `copies` rows per image. Returns the new token ids of each row
     (N * copies lists, image-major), [SEP] included when produced."""
     logits = decoder.start(copies)
@@ -180,7 +191,7 @@ def sample_tokens(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch
         next_ids = choose(rules.apply(logits, history, generated), rows)
         history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
         done = (next_ids == rules.sep_id) | (generated + 1 == rules.max_length)
-        for row, token_ids in zip(rows[done].tolist(), history[done, len(prompt_ids):].tolist(), strict=True):
+        for row, token_ids in zip(rows[done].tolist(), history[done, len(prompt_ids) :].tolist(), strict=True):
             results[row] = token_ids
         alive = (~done).nonzero().squeeze(1)
         if len(alive) == 0:
@@ -192,8 +203,14 @@ def sample_tokens(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch
     return results
 
 
-def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.Tensor, num_images: int,
-                num_beams: int, num_captions: int) -> list[list[list[int]]]:
+def beam_search(
+    decoder: TokenDecoder,
+    rules: DecodingRules,
+    prompt_ids: torch.Tensor,
+    num_images: int,
+    num_beams: int,
+    num_captions: int,
+) -> list[list[list[int]]]:
     """Beam search scoring a caption by its mean token log-probability (length penalty 1).
 
     As in transformers, the rules apply to the model's log-probabilities: a [SEP] held back by
@@ -222,13 +239,14 @@ def beam_search(decoder: TokenDecoder, rules: DecodingRules, prompt_ids: torch.T
             finishing.scatter_(1, continuing, scores.gather(1, continuing).isfinite())
         for slot, candidate in finishing.nonzero().tolist():
             row = slot * width + parents[slot, candidate].item()
-            token_ids = history[row, len(prompt_ids):].tolist() + [tokens[slot, candidate].item()]
+            token_ids = history[row, len(prompt_ids) :].tolist() + [tokens[slot, candidate].item()]
             finished[images[slot]].append((scores[slot, candidate].item() / length, token_ids))
         for image in images:
             finished[image] = sorted(finished[image], key=lambda hypothesis: -hypothesis[0])[:width]
         best_live = (scores.gather(1, continuing[:, :1]).squeeze(1) / length).tolist()
         searching = [
-            slot for slot, image in enumerate(images)
+            slot
+            for slot, image in enumerate(images)
             if length < rules.max_length and not _settled(finished[image], best_live[slot], width)
         ]
         if not searching:
@@ -285,19 +303,25 @@ def generate(
     prompt_ids = [ids.dec, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     positions = model.config.text.max_position
     if len(prompt_ids) + max_length > positions:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens with [DEC]) + max_length ({max_length}) exceeds the "
-                         f"decoder's {positions} positions; lower max_length")
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens with [DEC]) + max_length ({max_length}) exceeds the "
+            f"decoder's {positions} positions; lower max_length"
+        )
     if seeds is not None and (generator is not None or len(seeds) != len(pixel_values)):
-        raise ValueError(f"seeds must hold one seed per image ({len(pixel_values)}, got {len(seeds)}) and "
-                         "cannot be combined with generator")
+        raise ValueError(
+            f"seeds must hold one seed per image ({len(pixel_values)}, got {len(seeds)}) and "
+            "cannot be combined with generator"
+        )
     if len(pixel_values) == 0:
         return []
-    rules = DecodingRules(ids.sep, min(len(tokenizer), model.config.text.vocab_size), min_length, max_length,
-                          repetition_penalty)
+    rules = DecodingRules(
+        ids.sep, min(len(tokenizer), model.config.text.vocab_size), min_length, max_length, repetition_penalty
+    )
     with inference_mode(model) as device:
         prompt_tensor = torch.tensor(prompt_ids, device=device)
-        decoder = BlipDecoder(model, model.encode_image(pixel_values.to(device)), prompt_tensor, max_length,
-                              rules.vocab_limit)
+        decoder = BlipDecoder(
+            model, model.encode_image(pixel_values.to(device)), prompt_tensor, max_length, rules.vocab_limit
+        )
         if method == "beam":
             per_image = beam_search(decoder, rules, prompt_tensor, len(pixel_values), num_beams, num_captions)
         else:
@@ -308,8 +332,16 @@ def generate(
     return [tokenizer.batch_decode(token_lists, skip_special_tokens=True) for token_lists in per_image]
 
 
-def _check_arguments(num_captions: int, method: str, top_p: float, temperature: float, min_length: int,
-                     max_length: int, repetition_penalty: float, num_beams: int) -> None:
+def _check_arguments(
+    num_captions: int,
+    method: str,
+    top_p: float,
+    temperature: float,
+    min_length: int,
+    max_length: int,
+    repetition_penalty: float,
+    num_beams: int,
+) -> None:
     """Raise ValueError naming the first bad argument and what it must be."""
     problems = [
         (method in METHODS, f"method must be one of {METHODS}, got {method!r}"),
@@ -319,11 +351,15 @@ def _check_arguments(num_captions: int, method: str, top_p: float, temperature: 
         (max_length >= 1, f"max_length must be >= 1, got {max_length}"),
         (0 <= min_length <= max_length, f"min_length must be in [0, max_length={max_length}], got {min_length}"),
         (repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {repetition_penalty}"),
-        (method != "greedy" or num_captions == 1,
-         f"greedy decoding gives one caption per image; use num_captions=1 or method='nucleus' (got {num_captions})"),
-        (method != "beam" or num_beams >= num_captions,
-         f"beam search returns at most num_beams captions: need num_beams >= num_captions, got {num_beams} < "
-         f"{num_captions}"),
+        (
+            method != "greedy" or num_captions == 1,
+            f"greedy decoding gives one caption per image; use num_captions=1 or method='nucleus' (got {num_captions})",
+        ),
+        (
+            method != "beam" or num_beams >= num_captions,
+            f"beam search returns at most num_beams captions: need num_beams >= num_captions, got {num_beams} < "
+            f"{num_captions}",
+        ),
     ]
     for ok, message in problems:
         if not ok:

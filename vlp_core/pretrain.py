@@ -41,8 +41,9 @@ class BlipPretrainer(nn.Module):
     """A :class:`BlipModel` plus what its training needs: momentum copies of the unimodal encoders and
     projections (never trained, updated by EMA) and the ITC queues of momentum features."""
 
-    def __init__(self, model: BlipModel, special: SpecialIds, prompt_length: int = 1,
-                 objectives: tuple[str, ...] = PRETRAIN) -> None:
+    def __init__(
+        self, model: BlipModel, special: SpecialIds, prompt_length: int = 1, objectives: tuple[str, ...] = PRETRAIN
+    ) -> None:
         super().__init__()
         self.objectives = self._checked_objectives(objectives, allowed=PRETRAIN)
         self.model = model
@@ -56,9 +57,17 @@ class BlipPretrainer(nn.Module):
             self.image_queue = FeatureQueue(config.embed_dim, config.queue_size, device)
             self.text_queue = FeatureQueue(config.embed_dim, config.queue_size, device)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_ids: torch.Tensor, alpha: float, generator: torch.Generator | None = None,
-                hardness: float = 1.0, objectives: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+        alpha: float,
+        generator: torch.Generator | None = None,
+        hardness: float = 1.0,
+        objectives: tuple[str, ...] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """One training step's losses.
 
         Args:
@@ -86,13 +95,22 @@ class BlipPretrainer(nn.Module):
                 itc = self._contrastive(image_embeds, pixel_values, input_ids, attention_mask, image_ids, alpha)
                 out["itc_loss"] = itc["itc_loss"]
             if "itm" in objectives:
-                out |= self._matching(image_embeds, input_ids, attention_mask, image_ids,
-                                      itc["sim_i2t"], itc["sim_t2i"], generator, hardness)
+                out |= self._matching(
+                    image_embeds,
+                    input_ids,
+                    attention_mask,
+                    image_ids,
+                    itc["sim_i2t"],
+                    itc["sim_t2i"],
+                    generator,
+                    hardness,
+                )
             if "lm" in objectives:
                 decoder_ids = self._with_first_token(input_ids, self.special.dec)
                 logits = self.model.lm_logits(image_embeds, decoder_ids, attention_mask)
-                out |= lm_loss(logits, decoder_ids, attention_mask, self.prompt_length,
-                               self.model.config.label_smoothing)
+                out |= lm_loss(
+                    logits, decoder_ids, attention_mask, self.prompt_length, self.model.config.label_smoothing
+                )
         out["loss"] = sum(out[f"{objective}_loss"] for objective in objectives)
         return out
 
@@ -105,8 +123,15 @@ class BlipPretrainer(nn.Module):
             raise ValueError("the ITM objective mines its negatives from ITC similarities: add 'itc'")
         return tuple(objectives)
 
-    def _contrastive(self, image_embeds: torch.Tensor, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, image_ids: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+    def _contrastive(
+        self,
+        image_embeds: torch.Tensor,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+        alpha: float,
+    ) -> dict[str, torch.Tensor]:
         """ITC against momentum features and the queues; updates the momentum model and queues when training."""
         model, momentum = self.model, self.momentum_model
         with torch.no_grad():
@@ -119,18 +144,35 @@ class BlipPretrainer(nn.Module):
                     ema_update(getattr(model, part), getattr(momentum, part), model.config.momentum)
             image_features_m = momentum.image_features(momentum.encode_image(pixel_values))
             text_features_m = momentum.text_features(momentum.encode_text(input_ids, attention_mask))
-        itc = itc_loss(image_features, text_features, image_features_m, text_features_m,
-                       self.image_queue.features, self.text_queue.features, self.image_queue.ids,
-                       image_ids, model.temp, alpha)
+        itc = itc_loss(
+            image_features,
+            text_features,
+            image_features_m,
+            text_features_m,
+            self.image_queue.features,
+            self.text_queue.features,
+            self.image_queue.ids,
+            image_ids,
+            model.temp,
+            alpha,
+        )
         if self.training:
             all_ids = gather_from_all_ranks(image_ids)
             self.image_queue.enqueue(gather_from_all_ranks(image_features_m), all_ids)
             self.text_queue.enqueue(gather_from_all_ranks(text_features_m), all_ids)
         return itc
 
-    def _matching(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  image_ids: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
-                  generator: torch.Generator | None, hardness: float) -> dict[str, torch.Tensor]:
+    def _matching(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+        generator: torch.Generator | None,
+        hardness: float,
+    ) -> dict[str, torch.Tensor]:
         """ITM on B positives, B (negative image, text) and B (image, negative text) pairs."""
         neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, generator, hardness)
         encoder_ids = self._with_first_token(input_ids, self.special.enc)

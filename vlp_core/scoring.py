@@ -52,17 +52,24 @@ def score_captions(
         encoder, enc_id = BlipTextEncoder(model), special_ids(tokenizer).enc
         for start in range(0, len(texts), batch_size):
             owner = torch.tensor(owners[start : start + batch_size], device=device)
-            input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
-                                                 model.config.max_text_length, device)
+            input_ids, attention_mask = tokenize(
+                tokenizer, texts[start : start + batch_size], model.config.max_text_length, device
+            )
             itm, itc = _score_batch(model, encoder, image_embeds, owner, input_ids, attention_mask, enc_id)
             itm_scores += itm.tolist()
             itc_scores += itc.tolist()
     return _split_per_image(captions, itm_scores, itc_scores)
 
 
-def _score_batch(model: BlipModel, encoder: BlipTextEncoder, image_embeds: torch.Tensor, owner: torch.Tensor,
-                 input_ids: torch.Tensor, attention_mask: torch.Tensor, enc_id: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_batch(
+    model: BlipModel,
+    encoder: BlipTextEncoder,
+    image_embeds: torch.Tensor,
+    owner: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    enc_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM match probability and ITC similarity (b,) of b captions (b, L) against their images:
     row i against image_embeds[owner[i]] (N, 1+P, Dv). The images of the batch are projected to
     cross-attention keys/values once each (an image cut by a batch boundary: once per batch)."""
@@ -91,8 +98,7 @@ def _check_inputs(pixel_values: torch.Tensor, captions: list[list[str]], batch_s
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be (N, 3, H, W), got shape {tuple(pixel_values.shape)}")
     if len(captions) != len(pixel_values):
-        raise ValueError(f"captions must hold one list per image: {len(captions)} lists for {len(pixel_values)} "
-                         "images")
+        raise ValueError(f"captions must hold one list per image: {len(captions)} lists for {len(pixel_values)} images")
     for image, candidates in enumerate(captions):
         if isinstance(candidates, str) or not all(isinstance(text, str) for text in candidates):
             raise ValueError(f"captions[{image}] must be a list of strings, got {candidates!r}")

@@ -53,8 +53,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> BertTokenizer:
     if room < 1:
         raise ValueError(f"vocab_size must leave room for the special tokens (got {vocab_size})")
     normalizer, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
-    words = Counter(word for text in corpus
-                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = Counter(word for text in corpus for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
     characters: Counter[str] = Counter()
     for word, count in words.items():
         for character in word:
@@ -86,13 +85,15 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
         dec=tokenizer.convert_tokens_to_ids(DEC_TOKEN),
     )
     if tokenizer.unk_token_id in (ids.enc, ids.dec) or None in vars(ids).values():
-        raise ValueError(f"tokenizer lacks BLIP's special tokens ({ids}); build it with train_tokenizer or "
-                         "load_tokenizer")
+        raise ValueError(
+            f"tokenizer lacks BLIP's special tokens ({ids}); build it with train_tokenizer or load_tokenizer"
+        )
     return ids
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int,
-             device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[CLS] caption [SEP]`` right-padded to the longest caption (truncated to ``max_length``).
 
     Returns ``input_ids`` and ``attention_mask``, both LongTensor ``(B, L)`` on ``device`` with
@@ -107,5 +108,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length
         max_length=max_length,
         return_token_type_ids=False,
     )
-    return (torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
-            torch.tensor(batch["attention_mask"], dtype=torch.long, device=device))
+    return (
+        torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
+        torch.tensor(batch["attention_mask"], dtype=torch.long, device=device),
+    )

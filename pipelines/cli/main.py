@@ -8,13 +8,16 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from pipelines.cli.options import ConfigDefaultsHelpFormatter, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_stage_commands
 from pipelines.manifests.manifest import Generation, ManifestError, list_generations
 
 DEFAULT_ROOT = Path("data_manifests")
+WORLD_CONFIG = "pipelines.world.generate:WorldConfig"
+DOWNLOAD_CONFIG = "pipelines.stages.download:DownloadConfig"
 
 # Offline by default: no model hub, no telemetry. Users with a hub mirror can override these.
 OFFLINE_ENVIRONMENT = {
@@ -51,10 +54,11 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     return 0
 
 
-def add_command(commands: Commands, name: str, handler: Callable[[argparse.Namespace], None],
-                help: str) -> argparse.ArgumentParser:
+def add_command(
+    commands: Commands, name: str, handler: Callable[[argparse.Namespace], None], help: str
+) -> argparse.ArgumentParser:
     """A subcommand whose `handler(args)` runs it."""
-    sub = commands.add_parser(name, help=help, description=help)
+    sub = commands.add_parser(name, help=help, description=help, formatter_class=ConfigDefaultsHelpFormatter)
     sub.set_defaults(handler=handler)
     return sub
 
@@ -66,7 +70,7 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
 
     world = command("world", _world, "Make a synthetic web world (images, noisy alt-texts, COCO-format sets).")
     world.add_argument("--out", type=Path, required=True, help="folder to write the world into")
-    add_world_options(world)
+    _add_world_options(world)
 
     serve = command("serve-world", _serve_world, "Serve a world's web images on 127.0.0.1 until Ctrl-C.")
     serve.add_argument("world_dir", type=Path)
@@ -89,14 +93,17 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
     return parser
 
 
-def add_world_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-web", type=int, default=2000, help="web image-text pairs (default: %(default)s)")
-    parser.add_argument("--n-human", type=int, default=500, help="human-annotated images (default: %(default)s)")
-    parser.add_argument("--n-test", type=int, default=200, help="held-out test images (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=64, help="pixels (default: %(default)s)")
+def _add_world_options(parser: argparse.ArgumentParser) -> None:
+    option = functools.partial(config_option, parser, config=WORLD_CONFIG)
+    option("--seed", type=int, help="the world's random seed")
+    option("--n-web", type=int, help="web image-text pairs")
+    option("--n-human", type=int, help="human-annotated images")
+    option("--n-test", type=int, help="held-out test images")
+    option("--image-size", type=int, help="pixels")
     parser.add_argument(
-        "--noise", default=None, metavar="TYPE=RATE,...",
+        "--noise",
+        default=None,
+        metavar="TYPE=RATE,...",
         help="web caption noise rates, e.g. clean=0.5,partial=0.1,wrong_attribute=0.15,other_image=0.15,"
         "boilerplate=0.07,empty=0.03 (must sum to 1)",
     )
@@ -108,21 +115,25 @@ def _add_manifest_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_download_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
-                        help="let URLs resolving into this private network through (repeatable)")
-    parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=384,
-                        help="shortest side after resizing; smaller images are kept (default: %(default)s)")
-    parser.add_argument("--timeout", type=int, default=10, help="seconds per URL (default: %(default)s)")
+    parser.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="let URLs resolving into this private network through (repeatable)",
+    )
+    option = functools.partial(config_option, parser, config=DOWNLOAD_CONFIG)
+    option("--threads", type=int, help="download threads per process")
+    option("--processes", type=int, help="img2dataset processes")
+    option("--samples-per-shard", type=int, help="URLs per shard (a shard is the unit of resume)")
+    option("--image-size", type=int, help="shortest side after resizing; smaller images are kept")
+    option("--timeout", dest="timeout_s", type=int, help="seconds per connect and per socket read")
 
 
 def world_config(args: argparse.Namespace):
     from pipelines.world.generate import WorldConfig
 
-    options = dict(seed=args.seed, n_web=args.n_web, n_human=args.n_human, n_test=args.n_test,
-                   image_size=args.image_size)
+    options = config_kwargs(args, WorldConfig)
     if args.noise:
         options["noise_rates"] = _parse_rates(args.noise)
     return WorldConfig(**options)
@@ -143,8 +154,10 @@ def _world(args: argparse.Namespace) -> None:
     from pipelines.world.generate import make_world
 
     paths = make_world(args.out, world_config(args))
-    print(f"world written to {paths.root}: web pairs {paths.web_pairs}, human set {paths.human_annotations}, "
-          f"test set {paths.test_annotations}")
+    print(
+        f"world written to {paths.root}: web pairs {paths.web_pairs}, human set {paths.human_annotations}, "
+        f"test set {paths.test_annotations}"
+    )
 
 
 def _serve_world(args: argparse.Namespace) -> None:
@@ -163,13 +176,11 @@ def _download(args: argparse.Namespace) -> None:
     from pipelines.stages.download import DownloadConfig, download, download_world
 
     generation = Generation(args.root, args.dataset, 0)
-    config = DownloadConfig(image_size=args.image_size, processes=args.processes, threads=args.threads,
-                            samples_per_shard=args.samples_per_shard, timeout_s=args.timeout,
-                            allowed_networks=tuple(args.allow_network))
+    config = DownloadConfig(**config_kwargs(args, DownloadConfig), allowed_networks=tuple(args.allow_network))
     if args.world:
-        download_world(args.world, generation, config)
+        download_world(config, args.world, generation)
     else:
-        download(args.url_list, generation, config)
+        download(config, args.url_list, generation)
     print(format_generations(args.root))
 
 
@@ -189,11 +200,17 @@ def format_generations(root: Path) -> str:
         info = generation.read_info()
         counts = info["counts"]
         by_source = counts["rows_by_source"]
-        lines.append((
-            generation.dataset, str(generation.number), _dash(info.get("parent_generation")),
-            str(counts["rows"]), str(counts["kept"]),
-            *(str(by_source.get(s, 0)) for s in ("web", "synthetic", "human")), info["created_at"],
-        ))
+        lines.append(
+            (
+                generation.dataset,
+                str(generation.number),
+                _dash(info.get("parent_generation")),
+                str(counts["rows"]),
+                str(counts["kept"]),
+                *(str(by_source.get(s, 0)) for s in ("web", "synthetic", "human")),
+                info["created_at"],
+            )
+        )
         for reason, n in counts["rejected_by_stage_reason"].items():
             rejects.append(f"  {generation.dataset} gen {generation.number}: {reason:<32} {n}")
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]

@@ -10,11 +10,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from pipelines.cli.options import config_default, config_kwargs, config_option
 from pipelines.executor import EXECUTORS
 from pipelines.manifests.manifest import Generation
+from pipelines.registry import MODEL_STAGES
+
+CAPTION_CONFIG = "pipelines.stages.caption:CaptionConfig"
+FILTER_CONFIG = "pipelines.stages.filter:FilterConfig"
+RANK_CONFIG = "pipelines.stages.rank:RankConfig"
+EVALUATE_CONFIG = "pipelines.stages.evaluate:EvaluateConfig"
+TRAIN_CONFIG = "pipelines.training.config:TrainConfig"
 
 Commands = argparse._SubParsersAction  # what add_subparsers() returns
 
@@ -22,105 +30,141 @@ Commands = argparse._SubParsersAction  # what add_subparsers() returns
 def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.ArgumentParser]) -> None:
     command = functools.partial(add_command, commands)
 
-    pretrain = command("pretrain", _pretrain, "Pretrain BLIP (ITC + ITM + LM) on a generation's kept pairs (Ray Train).")
+    pretrain = command("pretrain", _pretrain, "Pretrain BLIP (ITC + ITM + LM) on a generation's kept pairs.")
     _generation_options(pretrain)
     _training_options(pretrain)
 
-    finetune = command("finetune", _finetune, "Fine-tune a captioner (LM) or a filter (ITC + ITM), or train the "
-                       "CLIP ranker, on a COCO Karpathy set (Ray Train).")
+    finetune = command(
+        "finetune",
+        _finetune,
+        "Fine-tune a captioner (LM) or a filter (ITC + ITM), or train the "
+        "CLIP ranker, on a COCO Karpathy set (Ray Train).",
+    )
     finetune.add_argument("role", choices=["captioner", "filter", "clip"])
     finetune.add_argument("--annotations", type=Path, required=True, help="COCO Karpathy json")
     finetune.add_argument("--image-root", type=Path, required=True, help="folder the json's image paths are under")
     _training_options(finetune)
 
-    caption = command("caption", _caption, "Write K nucleus-sampled captions per web image of generation 0 into "
-                      "a new generation (Ray Data actor pool).")
+    caption = command(
+        "caption",
+        _caption,
+        "Write K nucleus-sampled captions per web image of generation 0 into a new generation (Ray Data actor pool).",
+    )
     _generation_options(caption)
     caption.add_argument("--checkpoint", type=Path, required=True, help="captioner checkpoint folder")
-    caption.add_argument("--num-captions", type=int, default=10, help="K (default: %(default)s)")
-    caption.add_argument("--top-p", type=float, default=0.9)
-    caption.add_argument("--max-length", type=int, default=30)
-    caption.add_argument("--min-length", type=int, default=5)
-    caption.add_argument("--seed", type=int, default=0)
-    _pool_options(caption)
+    option = functools.partial(config_option, caption, config=CAPTION_CONFIG)
+    option("--num-captions", type=int, help="K, synthetic captions per image")
+    option("--top-p", type=float, help="nucleus sampling mass")
+    option("--max-length", type=int, help="caption tokens after the prompt, [SEP] included")
+    option("--min-length", type=int, help="caption tokens after the prompt before [SEP] may come")
+    option("--seed", type=int, help="with the image id, seeds each image's captions")
+    _pool_options(caption, CAPTION_CONFIG)
 
-    filtering = command("filter", _filter, "Score every web and synthetic caption with the filter's ITM head and "
-                        "keep those above the threshold; --rethreshold re-decides from stored scores.")
+    filtering = command(
+        "filter",
+        _filter,
+        "Score every web and synthetic caption with the filter's ITM head and "
+        "keep those above the threshold; --rethreshold re-decides from stored scores.",
+    )
     _generation_options(filtering)
     filtering.add_argument("--checkpoint", type=Path, help="filter checkpoint folder (not needed with --rethreshold)")
-    filtering.add_argument("--threshold", type=float, default=0.5, help="ITM match probability to keep a caption")
+    config_option(filtering, "--threshold", FILTER_CONFIG, type=float, help="ITM match probability to keep a caption")
     filtering.add_argument("--rethreshold", action="store_true", help="re-decide from stored scores, no model")
-    _pool_options(filtering)
+    _pool_options(filtering, FILTER_CONFIG)
 
     ranking = command("rank", _rank, "CLIP-score the surviving candidates of each image and keep the top-k.")
     _generation_options(ranking)
     ranking.add_argument("--clip-model", default="clip_tiny", help="open_clip architecture (default: %(default)s)")
     ranking.add_argument("--clip-checkpoint", type=Path, required=True, help="local CLIP weights (.safetensors)")
-    ranking.add_argument("--top-k", type=int, default=2, help="captions kept per image (default: %(default)s)")
-    _pool_options(ranking)
+    config_option(ranking, "--top-k", RANK_CONFIG, type=int, help="captions kept per image")
+    _pool_options(ranking, RANK_CONFIG)
 
     assembling = command("assemble", _assemble, "Add the human-annotated pairs and write generation.json.")
     _generation_options(assembling)
     assembling.add_argument("--annotations", type=Path, required=True, help="human COCO Karpathy json")
     assembling.add_argument("--image-root", type=Path, required=True)
-    assembling.add_argument("--checkpoint", action="append", default=[], metavar="ROLE=DIGEST",
-                            help="a model that built this generation, e.g. captioner=sha256:... (repeatable)")
+    assembling.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="ROLE=DIGEST",
+        help="a model that built this generation, e.g. captioner=sha256:... (repeatable)",
+    )
 
-    evaluating = command("evaluate", _evaluate, "Retrieval R@1/5, caption metrics and, on a world, filter "
-                         "precision/recall; stored as the generation's evaluation.json.")
+    evaluating = command(
+        "evaluate",
+        _evaluate,
+        "Retrieval R@1/5, caption metrics and, on a world, filter "
+        "precision/recall; stored as the generation's evaluation.json.",
+    )
     _generation_options(evaluating)
     evaluating.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint folder")
     evaluating.add_argument("--test-annotations", type=Path, required=True, help="held-out COCO Karpathy json")
     evaluating.add_argument("--test-image-root", type=Path, required=True)
     evaluating.add_argument("--world", type=Path, help="the synthetic world, for its ground-truth metrics")
-    evaluating.add_argument("--k-test", type=int, default=16, help="ITC candidates re-ranked by ITM")
+    config_option(evaluating, "--k-test", EVALUATE_CONFIG, type=int, help="ITC candidates re-ranked by ITM")
     add_executor_options(evaluating)
 
-    reporting = command("report", _write_report, "Write a generation's dataset-quality report: index.html (opens "
-                        "from disk), report.json and the plots.")
+    reporting = command(
+        "report",
+        _write_report,
+        "Write a generation's dataset-quality report: index.html (opens from disk), report.json and the plots.",
+    )
     _generation_options(reporting)
     reporting.add_argument("--out", type=Path, help="report folder (default: <generation>/report)")
-    reporting.add_argument("--world", type=Path, help="the synthetic world, for its ground truth (default: the "
-                           "world the generation's evaluation.json names, if any)")
+    reporting.add_argument(
+        "--world",
+        type=Path,
+        help="the synthetic world, for its ground truth (default: the "
+        "world the generation's evaluation.json names, if any)",
+    )
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=Path("data_manifests"), help="manifest root")
     parser.add_argument("--dataset", default="web")
-    parser.add_argument("--generation", type=int, required=True, help="the generation to read (pretrain, "
-                        "evaluate) or to build (caption, filter, rank, assemble)")
+    parser.add_argument(
+        "--generation",
+        type=int,
+        required=True,
+        help="the generation to read (pretrain, evaluate) or to build (caption, filter, rank, assemble)",
+    )
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="checkpoints go here; a rerun resumes")
     parser.add_argument("--preset", help="vlp_core model preset to start from random weights (e.g. tiny)")
     parser.add_argument("--init-checkpoint", type=Path, help="capfilt or transformers BLIP folder to start from")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup-steps", type=int, default=0, help="learning-rate warm-up")
-    parser.add_argument("--itc-warmup-steps", type=int, default=0, help="BLIP: train ITC alone for the first steps")
-    parser.add_argument("--easy-negative-steps", type=int, default=0,
-                        help="BLIP: ramp ITM negatives from uniform to ITC-hard over these steps")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP when > 1)")
-    parser.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores (torch threads) per worker")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    option = functools.partial(config_option, parser, config=TRAIN_CONFIG)
+    option("--max-steps", type=int, help="train this many steps (or give --epochs)")
+    option("--epochs", type=int, help="train this many passes over the pairs (or give --max-steps)")
+    option("--batch-size", type=int, help="pairs per step and worker")
+    option("--lr", type=float, help="peak learning rate")
+    option("--warmup-steps", type=int, help="learning-rate warm-up")
+    option("--itc-warmup-steps", type=int, help="BLIP: train ITC alone for the first steps")
+    option("--easy-negative-steps", type=int, help="BLIP: ramp ITM negatives from uniform to ITC-hard over these steps")
+    option("--workers", dest="num_workers", type=int, help="Ray Train workers (DDP when > 1)")
+    option("--cpus-per-worker", type=int, help="CPU cores (torch threads) per worker")
+    option("--gpu", dest="use_gpu", action="store_true", help="one GPU per worker")
     add_executor_options(parser)
 
 
-def _pool_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
-    parser.add_argument("--concurrency", type=int, default=1, help="Ray actors, each holding the model")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+def _pool_options(parser: argparse.ArgumentParser, config: str) -> None:
+    option = functools.partial(config_option, parser, config=config)
+    option("--batch-size", type=int, help="images per model call")
+    option("--concurrency", type=int, help="Ray actors, each holding the model")
+    option("--gpus-per-actor", dest="num_gpus", type=float, help="GPUs per actor; 0 runs on the CPU")
     add_executor_options(parser)
 
 
 def add_executor_options(parser: argparse.ArgumentParser) -> None:
     """Where the work runs: --executor and --ray-address."""
-    parser.add_argument("--executor", choices=EXECUTORS,
-                        help="ray: Ray actors, tasks and Ray Train (local Ray or a cluster); local: in this process, "
-                        "one model at a time (default: $CAPFILT_EXECUTOR, else ray)")
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="ray: Ray actors, tasks and Ray Train (local Ray or a cluster); local: in this process, "
+        "one model at a time (default: $CAPFILT_EXECUTOR, else ray)",
+    )
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
 
 
@@ -128,19 +172,10 @@ def _generation(args: argparse.Namespace, number: int | None = None) -> Generati
     return Generation(args.root, args.dataset, args.generation if number is None else number)
 
 
-def _pool(args: argparse.Namespace) -> dict:
-    return {"batch_size": args.batch_size, "concurrency": args.concurrency, "num_gpus": args.gpus_per_actor,
-            "executor": args.executor, "ray_address": args.ray_address}
-
-
 def _train_config(args: argparse.Namespace):
     from pipelines.training.config import TrainConfig
 
-    return TrainConfig(preset=args.preset, init_checkpoint=args.init_checkpoint, max_steps=args.max_steps,
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_workers=args.workers,
-                       cpus_per_worker=args.cpus_per_worker, warmup_steps=args.warmup_steps,
-                       itc_warmup_steps=args.itc_warmup_steps, easy_negative_steps=args.easy_negative_steps,
-                       use_gpu=args.gpu, executor=args.executor, ray_address=args.ray_address)
+    return TrainConfig(**config_kwargs(args, TrainConfig))
 
 
 def _report(result) -> None:
@@ -163,8 +198,7 @@ def _finetune(args: argparse.Namespace) -> None:
 def _caption(args: argparse.Namespace) -> None:
     from pipelines.stages.caption import CaptionConfig, run_caption
 
-    config = CaptionConfig(checkpoint=args.checkpoint, num_captions=args.num_captions, top_p=args.top_p,
-                           max_length=args.max_length, min_length=args.min_length, seed=args.seed, **_pool(args))
+    config = CaptionConfig(**config_kwargs(args, CaptionConfig))
     rows = run_caption(config, _generation(args, 0), _generation(args))
     print(f"caption: {rows.num_rows} rows in {_generation(args).path}")
 
@@ -173,41 +207,44 @@ def _filter(args: argparse.Namespace) -> None:
     from pipelines.stages.filter import FilterConfig, rethreshold, run_filter
 
     if args.rethreshold:
-        rows = rethreshold(_generation(args), args.threshold)
+        threshold = args.threshold if args.threshold is not None else config_default(FILTER_CONFIG, "threshold")
+        rows = rethreshold(_generation(args), threshold)
     elif args.checkpoint is None:
         raise ValueError("filter: give --checkpoint (the filter model), or --rethreshold to re-decide stored scores")
     else:
-        rows = run_filter(FilterConfig(checkpoint=args.checkpoint, threshold=args.threshold, **_pool(args)),
-                          _generation(args))
+        rows = run_filter(FilterConfig(**config_kwargs(args, FilterConfig)), _generation(args))
     print(f"filter: {sum(rows['kept'].to_pylist())} of {rows.num_rows} rows kept")
 
 
 def _rank(args: argparse.Namespace) -> None:
     from pipelines.stages.rank import RankConfig, run_rank
 
-    config = RankConfig(clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint, top_k=args.top_k,
-                        **_pool(args))
+    config = RankConfig(**config_kwargs(args, RankConfig))
     rows = run_rank(config, _generation(args))
     print(f"rank: {sum(rows['kept'].to_pylist())} of {rows.num_rows} rows kept")
 
 
 def _assemble(args: argparse.Namespace) -> None:
-    from pipelines.stages.assemble import AssembleConfig, run_assemble
     from pipelines.manifests.manifest import config_digest
+    from pipelines.stages.assemble import AssembleConfig, run_assemble
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     config = AssembleConfig(human_annotations=args.annotations, human_image_root=args.image_root)
-    rows = run_assemble(config, _generation(args), args.generation - 1, checkpoints,
-                        stages=["caption", "filter", "rank"], config_digest=config_digest(vars(config)))
+    rows = run_assemble(
+        config,
+        _generation(args),
+        args.generation - 1,
+        checkpoints,
+        stages=list(MODEL_STAGES),
+        config_digest=config_digest(vars(config)),
+    )
     print(f"assemble: generation {args.generation} has {rows.num_rows} rows")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
 
-    config = EvaluateConfig(checkpoint=args.checkpoint, test_annotations=args.test_annotations,
-                            test_image_root=args.test_image_root, world_dir=args.world, k_test=args.k_test,
-                            executor=args.executor, ray_address=args.ray_address)
+    config = EvaluateConfig(world_dir=args.world, **config_kwargs(args, EvaluateConfig))
     print(json.dumps(run_evaluate(config, _generation(args)), indent=2, default=str))
 
 

@@ -15,25 +15,26 @@ import datetime as dt
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.manifests.atomic import atomic_write_json, atomic_write_parquet
+from vlp_core.atomic import atomic_write_json, atomic_write_parquet
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"capfilt.schema_version"
 CAPTION_SOURCES = ("web", "synthetic", "human")
 
 _FIELDS = [
-    pa.field("sample_id", pa.string(), nullable=False),      # stable hash of (image_id, source, caption)
+    pa.field("sample_id", pa.string(), nullable=False),  # stable hash of (image_id, source, caption)
     pa.field("image_id", pa.string(), nullable=False),
-    pa.field("image_ref", pa.string()),                      # "<shard tar>#<key>" or an image file path
-    pa.field("url", pa.string()),                            # web pairs only
+    pa.field("image_ref", pa.string()),  # "<shard tar>#<key>" or an image file path
+    pa.field("url", pa.string()),  # web pairs only
     pa.field("image_sha256", pa.string()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
@@ -46,10 +47,10 @@ _FIELDS = [
     pa.field("clip_score", pa.float32()),
     pa.field("clip_rank", pa.int32()),
     pa.field("kept", pa.bool_(), nullable=False),
-    pa.field("reject_stage", pa.string()),                   # download | caption | filter | rank | ...
-    pa.field("reject_reason", pa.string()),                  # short machine-usable reason, e.g. http_404
-    pa.field("reject_detail", pa.string()),                  # the original error message, for humans
-    pa.field("model_ref", pa.string()),                      # checkpoint digest that made the caption/score
+    pa.field("reject_stage", pa.string()),  # download | caption | filter | rank | ...
+    pa.field("reject_reason", pa.string()),  # short machine-usable reason, e.g. http_404
+    pa.field("reject_detail", pa.string()),  # the original error message, for humans
+    pa.field("model_ref", pa.string()),  # checkpoint digest that made the caption/score
 ]
 SAMPLE_SCHEMA = pa.schema(_FIELDS, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
@@ -218,7 +219,7 @@ def generation_info(
         "checkpoints": dict(checkpoints or {}),
         "inputs": dict(inputs or {}),
         "flow_run_id": flow_run_id,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "counts": generation_counts(table),
     }
 

@@ -13,15 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.manifests.atomic import atomic_write_json, atomic_write_text
+from vlp_core.atomic import atomic_write_json, atomic_write_text
 
 ABLATION_JSON = "ablation.json"
 ABLATION_MD = "ablation.md"
 CANDIDATE_SOURCES = ("web", "synthetic")
 # measure -> column title, in table order: the arm's data, then its models on the held-out set
 MEASURES = {
-    "training_pairs": "pairs", "kept_ratio": "kept ratio", "tr@1": "TR@1", "tr@5": "TR@5", "ir@1": "IR@1",
-    "ir@5": "IR@5", "bleu_4": "BLEU-4", "cider": "CIDEr", "caption_accuracy": "caption acc.",
+    "training_pairs": "pairs",
+    "kept_ratio": "kept ratio",
+    "tr@1": "TR@1",
+    "tr@5": "TR@5",
+    "ir@1": "IR@1",
+    "ir@5": "IR@5",
+    "bleu_4": "BLEU-4",
+    "cider": "CIDEr",
+    "caption_accuracy": "caption acc.",
 }
 
 
@@ -45,8 +52,13 @@ def spread(values: list[float | None]) -> dict[str, float | int | None]:
     if not values or any(value is None for value in values):
         return {"n": len(values), "mean": None, "std": None, "min": None, "max": None}
     array = np.asarray(values, dtype=np.float64)
-    return {"n": len(values), "mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-            "min": float(array.min()), "max": float(array.max())}
+    return {
+        "n": len(values),
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
 
 
 def arm_summary(arm: dict[str, Any], generation: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -65,18 +77,36 @@ def arm_summary(arm: dict[str, Any], generation: dict[str, Any], runs: list[dict
     }
 
 
-def ablation_summary(arms: list[dict[str, Any]], *, seeds: list[int], settings: dict[str, Any],
-                     candidates: dict[str, Any], world: dict[str, Any] | None) -> dict[str, Any]:
+def ablation_summary(
+    arms: list[dict[str, Any]],
+    *,
+    seeds: list[int],
+    settings: dict[str, Any],
+    candidates: dict[str, Any],
+    world: dict[str, Any] | None,
+) -> dict[str, Any]:
     """ablation.json: the arms (from `arm_summary`), the seeds, the run settings, the candidate generation
     (path, manifest digest, checkpoints that scored it) and the world's config with its noise rates."""
-    return {"measures": MEASURES, "seeds": seeds, "settings": settings, "candidates": candidates, "world": world,
-            "arms": arms}
+    return {
+        "measures": MEASURES,
+        "seeds": seeds,
+        "settings": settings,
+        "candidates": candidates,
+        "world": world,
+        "arms": arms,
+    }
 
 
 def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per arm for a table: name, its components and `MEASURES` as spreads."""
-    return [{"name": arm["arm"]["name"], **{key: arm["arm"][key] for key in ("captioner", "filter", "rank")},
-             **{measure: arm["summary"][measure] for measure in MEASURES}} for arm in summary["arms"]]
+    return [
+        {
+            "name": arm["arm"]["name"],
+            **{key: arm["arm"][key] for key in ("captioner", "filter", "rank")},
+            **{measure: arm["summary"][measure] for measure in MEASURES},
+        }
+        for arm in summary["arms"]
+    ]
 
 
 def format_spread(value: dict[str, Any], measure: str) -> str:
@@ -92,38 +122,65 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
     """ablation.md: the Table-1-like table, the filter on injected noise per arm, and what produced them."""
     settings, world = summary["settings"], summary["world"]
     tick = {True: "✓", False: ""}
-    lines = [f"# CapFilt ablation (mean ± std over seeds {', '.join(map(str, summary['seeds']))})", "",
-             "| arm | C | F | rank | " + " | ".join(MEASURES.values()) + " |",
-             "|---|---|---|---|" + "---|" * len(MEASURES)]
+    lines = [
+        f"# CapFilt ablation (mean ± std over seeds {', '.join(map(str, summary['seeds']))})",
+        "",
+        "| arm | C | F | rank | " + " | ".join(MEASURES.values()) + " |",
+        "|---|---|---|---|" + "---|" * len(MEASURES),
+    ]
     for row in table_rows(summary):
-        cells = [row["name"], tick[row["captioner"]], tick[row["filter"]], tick[row["rank"]],
-                 *(format_spread(row[measure], measure) for measure in MEASURES)]
+        cells = [
+            row["name"],
+            tick[row["captioner"]],
+            tick[row["filter"]],
+            tick[row["rank"]],
+            *(format_spread(row[measure], measure) for measure in MEASURES),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "C: synthetic captions; F: ITM filter; rank: CLIP top-k per image. Retrieval is on the held-out "
-              "set (ITC, then ITM re-rank); kept ratio is the kept share of the web + synthetic candidates."]
+    lines += [
+        "",
+        "C: synthetic captions; F: ITM filter; rank: CLIP top-k per image. Retrieval is on the held-out "
+        "set (ITC, then ITM re-rank); kept ratio is the kept share of the web + synthetic candidates.",
+    ]
     filtered = [arm for arm in summary["arms"] if (arm["data"]["filter"] or {}).get("removed")]
     if filtered:
         noise_types = sorted(filtered[0]["data"]["filter"]["by_noise_type"])
-        lines += ["", "## Web pairs each arm leaves out, against the injected noise", "",
-                  "Precision: the share of the left-out web pairs that carry noise; recall: the share of the noisy "
-                  "web pairs left out. Arms without the filter leave out only empty captions and failed downloads.",
-                  "", "| arm | precision | recall | " + " | ".join(f"{t} removed" for t in noise_types) + " |",
-                  "|---|---|---|" + "---|" * len(noise_types)]
+        lines += [
+            "",
+            "## Web pairs each arm leaves out, against the injected noise",
+            "",
+            "Precision: the share of the left-out web pairs that carry noise; recall: the share of the noisy "
+            "web pairs left out. Arms without the filter leave out only empty captions and failed downloads.",
+            "",
+            "| arm | precision | recall | " + " | ".join(f"{t} removed" for t in noise_types) + " |",
+            "|---|---|---|" + "---|" * len(noise_types),
+        ]
         for arm in filtered:
             metrics = arm["data"]["filter"]
-            rates = [f"{metrics['by_noise_type'][t]['removal_rate']:.2f}" if t in metrics["by_noise_type"] else "-"
-                     for t in noise_types]
-            lines.append(f"| {arm['arm']['name']} | {_number(metrics['precision'])} | {_number(metrics['recall'])} | "
-                         + " | ".join(rates) + " |")
-    lines += ["", "## Settings", "",
-              f"- pretraining budget per model: {settings.get('pretrain_steps')} steps × batch "
-              f"{settings.get('batch_size')} (model preset {settings.get('model_preset')})",
-              f"- ITM threshold {settings.get('itm_threshold')}, CLIP top-k {settings.get('top_k')}, "
-              f"{settings.get('num_captions')} synthetic captions per image",
-              f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})"]
+            rates = [
+                f"{metrics['by_noise_type'][t]['removal_rate']:.2f}" if t in metrics["by_noise_type"] else "-"
+                for t in noise_types
+            ]
+            lines.append(
+                f"| {arm['arm']['name']} | {_number(metrics['precision'])} | {_number(metrics['recall'])} | "
+                + " | ".join(rates)
+                + " |"
+            )
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"- pretraining budget per model: {settings.get('pretrain_steps')} steps × batch "
+        f"{settings.get('batch_size')} (model preset {settings.get('model_preset')})",
+        f"- ITM threshold {settings.get('itm_threshold')}, CLIP top-k {settings.get('top_k')}, "
+        f"{settings.get('num_captions')} synthetic captions per image",
+        f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})",
+    ]
     if world is not None:
-        lines.append(f"- world: seed {world.get('seed')}, {world.get('n_web')} web pairs, noise rates "
-                     + ", ".join(f"{name} {rate}" for name, rate in (world.get("noise_rates") or {}).items()))
+        lines.append(
+            f"- world: seed {world.get('seed')}, {world.get('n_web')} web pairs, noise rates "
+            + ", ".join(f"{name} {rate}" for name, rate in (world.get("noise_rates") or {}).items())
+        )
     return "\n".join(lines) + "\n"
 
 

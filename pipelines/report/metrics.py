@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
@@ -78,8 +78,12 @@ def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks: Iterable[int] = RE
     return {k: float((ranks < k).mean()) for k in ks}
 
 
-def retrieval_recalls(image_text_scores: np.ndarray, text_image_scores: np.ndarray, text_image: Sequence[int],
-                      ks: Iterable[int] = RECALL_KS) -> dict[str, float]:
+def retrieval_recalls(
+    image_text_scores: np.ndarray,
+    text_image_scores: np.ndarray,
+    text_image: Sequence[int],
+    ks: Iterable[int] = RECALL_KS,
+) -> dict[str, float]:
     """Text retrieval (image queries, (N, T) scores) and image retrieval (text queries, (T, N) scores).
 
     `text_image[t]` is the image of text t. An image query is right when any of its texts is retrieved,
@@ -87,8 +91,10 @@ def retrieval_recalls(image_text_scores: np.ndarray, text_image_scores: np.ndarr
     """
     n_images, n_texts = image_text_scores.shape
     if text_image_scores.shape != (n_texts, n_images) or len(text_image) != n_texts:
-        raise ValueError(f"expected image→text scores (N, T), text→image scores (T, N) and T image indices; got "
-                         f"{image_text_scores.shape}, {text_image_scores.shape} and {len(text_image)}")
+        raise ValueError(
+            f"expected image→text scores (N, T), text→image scores (T, N) and T image indices; got "
+            f"{image_text_scores.shape}, {text_image_scores.shape} and {len(text_image)}"
+        )
     image_of_text = np.asarray(text_image)
     relevant = image_of_text[None, :] == np.arange(n_images)[:, None]  # (N, T)
     text_recall = recall_at_k(image_text_scores, relevant, ks)
@@ -114,8 +120,9 @@ def caption_scores(references: Mapping[str, Sequence[str]], candidates: Mapping[
     """
     if set(references) != set(candidates) or not references:
         missing = sorted(set(references) ^ set(candidates))[:5]
-        raise ValueError("references and candidates must cover the same, non-empty set of images "
-                         f"(they differ at {missing})")
+        raise ValueError(
+            f"references and candidates must cover the same, non-empty set of images (they differ at {missing})"
+        )
     empty = [key for key, texts in references.items() if not texts]
     if empty:
         raise ValueError(f"images without reference captions: {empty[:5]}")
@@ -135,8 +142,11 @@ def attribute_accuracy_summary(captions: Mapping[str, str], scenes: Mapping[str,
     accuracies = [attribute_accuracy(caption, scenes[key]) for key, caption in captions.items()]
     if not accuracies:
         return {"n": 0, "mean": None, "fully_correct": None}
-    return {"n": len(accuracies), "mean": float(np.mean(accuracies)),
-            "fully_correct": float(np.mean([a == 1.0 for a in accuracies]))}
+    return {
+        "n": len(accuracies),
+        "mean": float(np.mean(accuracies)),
+        "fully_correct": float(np.mean([a == 1.0 for a in accuracies])),
+    }
 
 
 # --------------------------------------------------------------------------- filtering against the truth
@@ -146,8 +156,9 @@ def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def removal_metrics(noise_types: Sequence[str], removed: Sequence[bool], noisy_types: Iterable[str]
-                    ) -> dict[str, object]:
+def removal_metrics(
+    noise_types: Sequence[str], removed: Sequence[bool], noisy_types: Iterable[str]
+) -> dict[str, object]:
     """How well a filter removed the pairs it should, one entry per web pair.
 
     precision = removed ∧ noisy / removed, recall = removed ∧ noisy / noisy (None when the denominator is
@@ -172,8 +183,9 @@ def removal_metrics(noise_types: Sequence[str], removed: Sequence[bool], noisy_t
     }
 
 
-def decision_metrics(noise_types: Sequence[str], decisions: Sequence[str], filter_stage: str,
-                     unscreened: Iterable[str]) -> dict[str, object]:
+def decision_metrics(
+    noise_types: Sequence[str], decisions: Sequence[str], filter_stage: str, unscreened: Iterable[str]
+) -> dict[str, object]:
     """The filter's and all stages' removal metrics and the noise type × decision table of the web pairs,
     one decision per pair ("kept" or its reject stage). Pairs decided at an `unscreened` stage (e.g. a
     failed download) never met the filter: they count in the decision table only."""

@@ -13,11 +13,11 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.manifests.atomic import atomic_write_bytes, atomic_write_text
 from pipelines.manifests.images import ImageRefError, ImageStore
 from pipelines.manifests.manifest import Generation
 from pipelines.report.ablation_table import format_spread
 from pipelines.report.plots import SOURCE_COLOURS, write_plots
+from vlp_core.atomic import atomic_write_bytes, atomic_write_text
 
 PLOTS_DIR = "plots"
 THUMBS_DIR = "thumbs"
@@ -28,14 +28,22 @@ def render_page(figures: dict[str, Any], generation: Generation, folder: Path) -
     """Write the plots, the thumbnails and index.html into `folder`; returns the page's path."""
     plots = {name: f"{PLOTS_DIR}/{file}" for name, file in write_plots(figures, folder / PLOTS_DIR).items()}
     store = ImageStore(generation.path.parent)
-    thumbs = [write_thumbnail(store, example["image_ref"], folder / THUMBS_DIR / f"{index:03d}.png")
-              for index, example in enumerate(figures["examples"])]
-    environment = Environment(loader=PackageLoader("pipelines.report", "templates"), autoescape=select_autoescape(),
-                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    thumbs = [
+        write_thumbnail(store, example["image_ref"], folder / THUMBS_DIR / f"{index:03d}.png")
+        for index, example in enumerate(figures["examples"])
+    ]
+    environment = Environment(
+        loader=PackageLoader("pipelines.report", "templates"),
+        autoescape=select_autoescape(),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     environment.filters["num"] = format_number
     environment.filters["spread"] = format_spread
     html = environment.get_template("report.html.j2").render(
-        f=figures, plots=plots, thumbs=thumbs, colours=SOURCE_COLOURS)
+        f=figures, plots=plots, thumbs=thumbs, colours=SOURCE_COLOURS
+    )
     return atomic_write_text(folder / "index.html", html)
 
 

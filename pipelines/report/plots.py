@@ -4,8 +4,9 @@ page) and PNG; the files do not depend on the time they were drawn."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -33,8 +34,9 @@ def funnel_plot(figures: Figures) -> Figure | None:
     width = 0.8 / len(funnel)
     for index, (source, source_steps) in enumerate(funnel.items()):
         positions = [x + (index - (len(funnel) - 1) / 2) * width for x in range(len(steps))]
-        ax.bar(positions, [step["rows"] for step in source_steps], width, label=source,
-               color=SOURCE_COLOURS.get(source))
+        ax.bar(
+            positions, [step["rows"] for step in source_steps], width, label=source, color=SOURCE_COLOURS.get(source)
+        )
     ax.set_xticks(range(len(steps)), steps)
     ax.set_ylabel("rows kept after the step")
     ax.set_title("Funnel: candidates left after each stage")
@@ -52,8 +54,10 @@ def rejections_plot(figures: Figures) -> Figure | None:
     ax = figure.subplots()
     left = [0] * len(labels)
     for source in dict.fromkeys(r["source"] for r in rejections):
-        counts = [sum(r["rows"] for r in rejections if r["source"] == source and f"{r['stage']}/{r['reason']}" == label)
-                  for label in labels]
+        counts = [
+            sum(r["rows"] for r in rejections if r["source"] == source and f"{r['stage']}/{r['reason']}" == label)
+            for label in labels
+        ]
         ax.barh(range(len(labels)), counts, left=left, label=source, color=SOURCE_COLOURS.get(source))
         left = [a + b for a, b in zip(left, counts)]
     ax.set_yticks(range(len(labels)), labels)
@@ -67,6 +71,7 @@ def rejections_plot(figures: Figures) -> Figure | None:
 def score_plot(name: str, setting: str) -> Callable[[Figures], Figure | None]:
     """A plot of the `name` score histograms per source, with the recorded thresholds; the title names
     the stage `setting` (figures["thresholds"][setting])."""
+
     def plot(figures: Figures) -> Figure | None:
         histograms = figures["scores"][name]
         if not histograms["by_source"]:
@@ -74,18 +79,25 @@ def score_plot(name: str, setting: str) -> Callable[[Figures], Figure | None]:
         figure = _figure()
         ax = figure.subplots()
         for source, histogram in histograms["by_source"].items():
-            ax.stairs(histogram["counts"], histograms["edges"], label=f"{source} (n={histogram['n']})",
-                      color=SOURCE_COLOURS.get(source), linewidth=1.8)
+            ax.stairs(
+                histogram["counts"],
+                histograms["edges"],
+                label=f"{source} (n={histogram['n']})",
+                color=SOURCE_COLOURS.get(source),
+                linewidth=1.8,
+            )
         if name == "itm":
             for threshold in figures["thresholds"]["itm_threshold"]:
                 ax.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:.4g}")
         ax.set_xlabel(f"{name.upper()} score")
         ax.set_ylabel("captions")
         values = ", ".join(f"{value:.4g}" for value in figures["thresholds"][setting])
-        ax.set_title(f"{name.upper()} scores per caption source" + (f" ({setting.replace('_', ' ')} {values})"
-                                                                     if values else ""))
+        ax.set_title(
+            f"{name.upper()} scores per caption source" + (f" ({setting.replace('_', ' ')} {values})" if values else "")
+        )
         ax.legend()
         return figure
+
     return plot
 
 
@@ -99,8 +111,13 @@ def caption_length_plot(figures: Figures) -> Figure | None:
     for source, stats in text.items():
         histogram, total = stats["all"]["length_histogram"], stats["all"]["captions"]
         if total:
-            ax.stairs([count / total for count in histogram], [x - 0.5 for x in range(len(histogram) + 1)],
-                      label=source, color=SOURCE_COLOURS.get(source), linewidth=1.8)
+            ax.stairs(
+                [count / total for count in histogram],
+                [x - 0.5 for x in range(len(histogram) + 1)],
+                label=source,
+                color=SOURCE_COLOURS.get(source),
+                linewidth=1.8,
+            )
     ax.set_xlabel("caption length (words)")
     ax.set_ylabel("share of captions")
     ax.set_title("Caption length per source (all candidates)")
@@ -120,8 +137,15 @@ def diversity_plot(figures: Figures) -> Figure | None:
     for index, (source, subset) in enumerate(bars):
         distinct = text[source][subset]["distinct_ngrams"]
         positions = [x + (index - (len(bars) - 1) / 2) * width for x in range(len(distinct))]
-        ax.bar(positions, list(distinct.values()), width, label=f"{source} ({subset})",
-               color=SOURCE_COLOURS.get(source), hatch="//" if subset == "kept" else None, edgecolor="white")
+        ax.bar(
+            positions,
+            list(distinct.values()),
+            width,
+            label=f"{source} ({subset})",
+            color=SOURCE_COLOURS.get(source),
+            hatch="//" if subset == "kept" else None,
+            edgecolor="white",
+        )
     ax.set_xticks(range(len(distinct)), [f"{n}-grams" for n in distinct])
     ax.set_yscale("symlog")
     ax.set_ylabel("distinct n-grams")
@@ -165,8 +189,9 @@ def world_plot(figures: Figures) -> Figure | None:
     types = list(world["filter"]["by_noise_type"])
     for index, (key, colour) in enumerate((("filter", "#1f78b4"), ("all_stages", "#a6cee3"))):
         rates = [world[key]["by_noise_type"][t]["removal_rate"] for t in types]
-        ax.bar([x + (index - 0.5) * 0.4 for x in range(len(types))], rates, 0.4, label=key.replace("_", " "),
-               color=colour)
+        ax.bar(
+            [x + (index - 0.5) * 0.4 for x in range(len(types))], rates, 0.4, label=key.replace("_", " "), color=colour
+        )
     ax.set_xticks(range(len(types)), types, rotation=20)
     ax.set_ylim(0, 1.25)
     ax.set_ylabel("removed share of web pairs")

@@ -18,29 +18,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.manifests.atomic import atomic_write_json
 from pipelines.manifests.manifest import CAPTION_SOURCES, Generation, ManifestError, generation_counts, manifest_digest
+from pipelines.registry import FILTER, UNSCREENED_STAGES, in_stage_order
 from pipelines.report.ablation_table import MEASURES, read_ablation, table_rows
 from pipelines.report.metrics import decision_metrics, simple_tokenize
 from pipelines.world.generate import WorldPaths, web_key
+from vlp_core.atomic import atomic_directory, atomic_write_json
 
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
 EVALUATION_FILE = "evaluation.json"  # written by pipelines.stages.evaluate (not imported: it pulls in torch and Ray)
-STAGE_ORDER = ("download", "caption", "filter", "rank", "ablate", "assemble")
-UNSCREENED_STAGES = ("download", "caption")  # rows rejected there never met the filter
 SCORE_COLUMNS = {"itm": "itm_score", "clip": "clip_score"}
 SCORE_BINS = 20
 NGRAM_ORDERS = (1, 2, 3, 4)
@@ -57,10 +55,10 @@ class ReportInputs:
     """Everything a report is computed from."""
 
     samples: pa.Table
-    info: dict[str, Any]                    # generation.json, with the manifest digest added
-    markers: dict[str, list[dict]]          # stage -> the stats each finished shard recorded
-    ancestors: list[dict[str, Any]]         # {"info", "evaluation"} per generation, the root first, this one last
-    noise_by_key: dict[str, str] | None     # world web pair key -> noise type, on a synthetic world
+    info: dict[str, Any]  # generation.json, with the manifest digest added
+    markers: dict[str, list[dict]]  # stage -> the stats each finished shard recorded
+    ancestors: list[dict[str, Any]]  # {"info", "evaluation"} per generation, the root first, this one last
+    noise_by_key: dict[str, str] | None  # world web pair key -> noise type, on a synthetic world
     world_dir: str | None
     ablation: dict[str, Any] | None = None  # ablation.json of an ablation run on these candidates
 
@@ -88,8 +86,11 @@ def read_report_inputs(generation: Generation, world_dir: Path | None = None) ->
     return ReportInputs(
         samples=generation.read_samples(),
         info=info,
-        markers={stage.name: [_read_json(path) for path in sorted(stage.glob("*.json"))]
-                 for stage in sorted((generation.path / "markers").glob("*")) if stage.is_dir()},
+        markers={
+            stage.name: [_read_json(path) for path in sorted(stage.glob("*.json"))]
+            for stage in sorted((generation.path / "markers").glob("*"))
+            if stage.is_dir()
+        },
         ancestors=ancestors[::-1],
         noise_by_key=_noise_labels(Path(world_dir)) if world_dir is not None else None,
         world_dir=str(world_dir) if world_dir is not None else None,
@@ -140,9 +141,13 @@ def report_figures(inputs: ReportInputs) -> Figures:
         "funnel": funnel(rows, inputs.info.get("stages", [])),
         "rejections": rejections(rows),
         "scores": {name: score_histograms(rows, column) for name, column in SCORE_COLUMNS.items()},
-        "text": {source: {"all": text_stats(r["caption"] for r in rows if r["caption_source"] == source),
-                          "kept": text_stats(r["caption"] for r in rows if r["caption_source"] == source and r["kept"])}
-                 for source in _sources(rows)},
+        "text": {
+            source: {
+                "all": text_stats(r["caption"] for r in rows if r["caption_source"] == source),
+                "kept": text_stats(r["caption"] for r in rows if r["caption_source"] == source and r["kept"]),
+            }
+            for source in _sources(rows)
+        },
         "examples": examples(rows),
         "history": history(inputs.ancestors, counts),
         "world": None,
@@ -155,14 +160,26 @@ def report_figures(inputs: ReportInputs) -> Figures:
 
 def lineage(info: dict[str, Any]) -> dict[str, Any]:
     """The header: what the generation was built from, so that it can be rebuilt."""
-    keys = ("dataset", "generation", "parent_generation", "stages", "checkpoints", "config_digest", "code_version",
-            "flow_run_id", "created_at", "inputs", "manifest_digest")
+    keys = (
+        "dataset",
+        "generation",
+        "parent_generation",
+        "stages",
+        "checkpoints",
+        "config_digest",
+        "code_version",
+        "flow_run_id",
+        "created_at",
+        "inputs",
+        "manifest_digest",
+    )
     return {key: info.get(key) for key in keys}
 
 
 def stage_settings(markers: dict[str, list[dict]]) -> dict[str, list]:
     """The decision settings the stages recorded per shard: ITM thresholds and CLIP top-k (several values
     when shards were decided differently)."""
+
     def recorded(stage: str, key: str) -> list:
         return sorted({m[key] for m in markers.get(stage, []) if m and m.get(key) is not None})
 
@@ -174,15 +191,10 @@ def _sources(rows: list[dict]) -> list[str]:
     return [source for source in CAPTION_SOURCES if source in present]
 
 
-def _stage_order(stages: Iterable[str]) -> list[str]:
-    known = [stage for stage in STAGE_ORDER if stage in stages]
-    return known + sorted(set(stages) - set(STAGE_ORDER))
-
-
 def funnel(rows: list[dict], stages: list[str]) -> dict[str, list[dict]]:
     """Per source, the rows still kept after each stage, in pipeline order, starting from all rows."""
     rejected = Counter((row["caption_source"], row["reject_stage"]) for row in rows if not row["kept"])
-    order = _stage_order({*stages, *(stage for _, stage in rejected if stage is not None)})
+    order = in_stage_order({*stages, *(stage for _, stage in rejected if stage is not None)})
     result = {}
     for source in _sources(rows):
         left = sum(row["caption_source"] == source for row in rows)
@@ -196,19 +208,24 @@ def funnel(rows: list[dict], stages: list[str]) -> dict[str, list[dict]]:
 
 def rejections(rows: list[dict]) -> list[dict[str, Any]]:
     """Rejected rows per (stage, reason, source), in pipeline order."""
-    counted = Counter((row["reject_stage"], row["reject_reason"], row["caption_source"])
-                      for row in rows if not row["kept"])
-    order = {stage: i for i, stage in enumerate(_stage_order({s or "" for s, _, _ in counted}))}
-    return [{"stage": stage, "reason": reason, "source": source, "rows": n}
-            for (stage, reason, source), n in sorted(counted.items(),
-                                                     key=lambda item: (order[item[0][0] or ""], str(item[0][1]),
-                                                                       item[0][2]))]
+    counted = Counter(
+        (row["reject_stage"], row["reject_reason"], row["caption_source"]) for row in rows if not row["kept"]
+    )
+    order = {stage: i for i, stage in enumerate(in_stage_order({s or "" for s, _, _ in counted}))}
+    return [
+        {"stage": stage, "reason": reason, "source": source, "rows": n}
+        for (stage, reason, source), n in sorted(
+            counted.items(), key=lambda item: (order[item[0][0] or ""], str(item[0][1]), item[0][2])
+        )
+    ]
 
 
 def score_histograms(rows: list[dict], column: str) -> dict[str, Any]:
     """Histogram (SCORE_BINS equal bins over the scores' range, [0, 1] for ITM) and summary per source."""
-    by_source = {source: [float(row[column]) for row in rows if row["caption_source"] == source
-                          and row[column] is not None] for source in _sources(rows)}
+    by_source = {
+        source: [float(row[column]) for row in rows if row["caption_source"] == source and row[column] is not None]
+        for source in _sources(rows)
+    }
     by_source = {source: values for source, values in by_source.items() if values}
     everything = [value for values in by_source.values() for value in values]
     if not everything:
@@ -219,9 +236,16 @@ def score_histograms(rows: list[dict], column: str) -> dict[str, Any]:
     edges = np.linspace(low, high, SCORE_BINS + 1)
     return {
         "edges": edges.tolist(),
-        "by_source": {source: {"n": len(values), "mean": float(np.mean(values)), "min": min(values),
-                               "max": max(values), "counts": np.histogram(values, bins=edges)[0].tolist()}
-                      for source, values in by_source.items()},
+        "by_source": {
+            source: {
+                "n": len(values),
+                "mean": float(np.mean(values)),
+                "min": min(values),
+                "max": max(values),
+                "counts": np.histogram(values, bins=edges)[0].tolist(),
+            }
+            for source, values in by_source.items()
+        },
     }
 
 
@@ -231,8 +255,9 @@ def text_stats(captions: Iterable[str | None]) -> dict[str, Any]:
     duplicate is a caption whose words equal an earlier one's."""
     tokenized = [simple_tokenize(caption or "").split() for caption in captions]
     lengths = [len(words) for words in tokenized]
-    ngrams = {n: [tuple(words[i:i + n]) for words in tokenized for i in range(len(words) - n + 1)]
-              for n in NGRAM_ORDERS}
+    ngrams = {
+        n: [tuple(words[i : i + n]) for words in tokenized for i in range(len(words) - n + 1)] for n in NGRAM_ORDERS
+    }
     n_captions = len(tokenized)
     return {
         "captions": n_captions,
@@ -241,8 +266,9 @@ def text_stats(captions: Iterable[str | None]) -> dict[str, Any]:
         "length_histogram": np.bincount(lengths).tolist() if lengths else [],
         "vocabulary": len({word for words in tokenized for word in words}),
         "distinct_ngrams": {str(n): len(set(grams)) for n, grams in ngrams.items()},
-        "distinct_ngram_ratio": {str(n): len(set(grams)) / len(grams) if grams else None
-                                 for n, grams in ngrams.items()},
+        "distinct_ngram_ratio": {
+            str(n): len(set(grams)) / len(grams) if grams else None for n, grams in ngrams.items()
+        },
         "duplicate_rate": 1 - len({tuple(words) for words in tokenized}) / n_captions if n_captions else None,
     }
 
@@ -254,27 +280,49 @@ def examples(rows: list[dict], n: int = N_EXAMPLES) -> list[dict[str, Any]]:
     for row in rows:
         if row["caption_source"] in ("web", "synthetic") and row["image_ref"]:
             by_image[row["image_id"]].append(row)
-    best = {image: max((r["itm_score"] for r in image_rows if r["itm_score"] is not None), default=None)
-            for image, image_rows in by_image.items()}
+    best = {
+        image: max((r["itm_score"] for r in image_rows if r["itm_score"] is not None), default=None)
+        for image, image_rows in by_image.items()
+    }
     scored = sorted((image for image, score in best.items() if score is not None), key=lambda i: (-best[i], i))
     roles = {image: "highest" for image in scored[:N_EXTREMES]}
     roles.update({image: "lowest" for image in scored[-N_EXTREMES:] if image not in roles})
     hashed = sorted(set(by_image) - set(roles), key=lambda image: hashlib.sha256(image.encode()).hexdigest())
     picked = [*roles, *hashed][:n]
-    return [{
-        "image_id": image,
-        "image_ref": by_image[image][0]["image_ref"],
-        "role": roles.get(image, "sampled"),
-        "best_itm_score": best[image],
-        "captions": [_caption_entry(row) for row in sorted(
-            by_image[image], key=lambda r: (r["caption_source"] != "web", not r["kept"], -(r["itm_score"] or 0.0),
-                                            r["sample_id"]))],
-    } for image in picked]
+    return [
+        {
+            "image_id": image,
+            "image_ref": by_image[image][0]["image_ref"],
+            "role": roles.get(image, "sampled"),
+            "best_itm_score": best[image],
+            "captions": [
+                _caption_entry(row)
+                for row in sorted(
+                    by_image[image],
+                    key=lambda r: (
+                        r["caption_source"] != "web",
+                        not r["kept"],
+                        -(r["itm_score"] or 0.0),
+                        r["sample_id"],
+                    ),
+                )
+            ],
+        }
+        for image in picked
+    ]
 
 
 def _caption_entry(row: dict) -> dict[str, Any]:
-    keys = ("caption_source", "caption", "kept", "reject_stage", "reject_reason", "itm_score", "clip_score",
-            "clip_rank")
+    keys = (
+        "caption_source",
+        "caption",
+        "kept",
+        "reject_stage",
+        "reject_reason",
+        "itm_score",
+        "clip_score",
+        "clip_rank",
+    )
     return {key: row[key] for key in keys}
 
 
@@ -287,17 +335,19 @@ def history(ancestors: list[dict[str, Any]], counts: dict[str, Any]) -> list[dic
         rows, kept = itemgetter("rows", "kept")(counts if index == len(ancestors) - 1 else ancestor["info"]["counts"])
         evaluation = ancestor["evaluation"] or {}
         world = evaluation.get("world") or {}
-        table.append({
-            "generation": ancestor["info"]["generation"],
-            "rows": rows,
-            "kept": kept,
-            "kept_ratio": kept / rows if rows else None,
-            "evaluated": bool(evaluation),
-            **{key: evaluation.get("retrieval", {}).get(key) for key in HISTORY_METRICS},
-            **{key: evaluation.get("captioning", {}).get(key) for key in CAPTION_METRICS},
-            "filter_precision": (world.get("filter") or {}).get("precision"),
-            "filter_recall": (world.get("filter") or {}).get("recall"),
-        })
+        table.append(
+            {
+                "generation": ancestor["info"]["generation"],
+                "rows": rows,
+                "kept": kept,
+                "kept_ratio": kept / rows if rows else None,
+                "evaluated": bool(evaluation),
+                **{key: evaluation.get("retrieval", {}).get(key) for key in HISTORY_METRICS},
+                **{key: evaluation.get("captioning", {}).get(key) for key in CAPTION_METRICS},
+                "filter_precision": (world.get("filter") or {}).get("precision"),
+                "filter_recall": (world.get("filter") or {}).get("recall"),
+            }
+        )
     return table
 
 
@@ -309,10 +359,18 @@ def ablation(summary: dict[str, Any]) -> dict[str, Any]:
         "seeds": summary["seeds"],
         "measures": MEASURES,
         "rows": table_rows(summary),
-        "filter": [{"name": arm["arm"]["name"], "precision": (arm["data"]["filter"] or {}).get("precision"),
-                    "recall": (arm["data"]["filter"] or {}).get("recall")} for arm in summary["arms"]],
-        "settings": {key: settings.get(key) for key in ("pretrain_steps", "batch_size", "model_preset",
-                                                         "itm_threshold", "top_k", "num_captions")},
+        "filter": [
+            {
+                "name": arm["arm"]["name"],
+                "precision": (arm["data"]["filter"] or {}).get("precision"),
+                "recall": (arm["data"]["filter"] or {}).get("recall"),
+            }
+            for arm in summary["arms"]
+        ],
+        "settings": {
+            key: settings.get(key)
+            for key in ("pretrain_steps", "batch_size", "model_preset", "itm_threshold", "top_k", "num_captions")
+        },
         "noise_rates": (summary["world"] or {}).get("noise_rates"),
     }
 
@@ -323,11 +381,13 @@ def world_truth(rows: list[dict], noise_by_key: dict[str, str]) -> dict[str, Any
     web = [row for row in rows if row["caption_source"] == "web"]
     unknown = [row["url"] for row in web if web_key(row["url"] or "") not in noise_by_key]
     if unknown:
-        raise ValueError(f"{len(unknown)} web row(s) have URLs that are not pairs of the given world "
-                         f"(e.g. {unknown[0]}); pass the world the generation was downloaded from")
+        raise ValueError(
+            f"{len(unknown)} web row(s) have URLs that are not pairs of the given world "
+            f"(e.g. {unknown[0]}); pass the world the generation was downloaded from"
+        )
     noise = [noise_by_key[web_key(row["url"])] for row in web]
     decisions = ["kept" if row["kept"] else row["reject_stage"] for row in web]
-    return decision_metrics(noise, decisions, "filter", unscreened=UNSCREENED_STAGES)
+    return decision_metrics(noise, decisions, FILTER.name, unscreened=UNSCREENED_STAGES)
 
 
 # --------------------------------------------------------------------------- writing
@@ -347,24 +407,7 @@ def write_report(generation: Generation, out_dir: Path | None = None, world_dir:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / REPORT_JSON).is_file():
         raise ValueError(f"{out_dir} holds files but no {REPORT_JSON}; give an empty or new folder for the report")
     figures = report_figures(read_report_inputs(generation, world_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
-    try:
+    with atomic_directory(out_dir) as staging:
         render_page(figures, generation, staging)
         atomic_write_json(staging / REPORT_JSON, figures)
-        _swap_in(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "index.html"
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `staging` with two renames; the old folder is removed afterwards."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        out_dir.rename(old / out_dir.name)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines import registry
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest, read_part
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
@@ -43,9 +44,10 @@ from pipelines.stages.rank import STAGE as RANK_STAGE
 from pipelines.stages.rank import keep_top_k
 from pipelines.stages.shards import Row, rejected, rows_table, shards_finished_by
 
-STAGE = "ablate"
+STAGE = registry.ABLATE.name
 DATASET_PREFIX = "ablate-"
-SCORE_OF_STAGE = {FILTER_STAGE: "itm_score", RANK_STAGE: "clip_score"}  # stages that decide from a stored score
+# the stages that decide from a stored score, and that score
+SCORE_OF_STAGE = {FILTER_STAGE: registry.FILTER.scores[0], RANK_STAGE: registry.RANK.scores[0]}
 
 
 @dataclass(frozen=True)
@@ -54,21 +56,24 @@ class Arm:
 
     name: str
     captioner: bool  # the synthetic captions are candidates
-    filter: bool     # candidates need ITM ≥ threshold
-    rank: bool       # then only the CLIP top-k per image stay
+    filter: bool  # candidates need ITM ≥ threshold
+    rank: bool  # then only the CLIP top-k per image stay
 
     def __post_init__(self) -> None:
         if self.rank and not self.filter:
             raise ValueError(f"arm {self.name}: CLIP ranks the filter's survivors, so rank needs the filter")
 
 
-ARMS = {arm.name: arm for arm in (
-    Arm("no_capfilt", captioner=False, filter=False, rank=False),
-    Arm("filter_only", captioner=False, filter=True, rank=False),
-    Arm("captioner_only", captioner=True, filter=False, rank=False),
-    Arm("capfilt", captioner=True, filter=True, rank=False),
-    Arm("capfilt_rank", captioner=True, filter=True, rank=True),
-)}
+ARMS = {
+    arm.name: arm
+    for arm in (
+        Arm("no_capfilt", captioner=False, filter=False, rank=False),
+        Arm("filter_only", captioner=False, filter=True, rank=False),
+        Arm("captioner_only", captioner=True, filter=False, rank=False),
+        Arm("capfilt", captioner=True, filter=True, rank=False),
+        Arm("capfilt_rank", captioner=True, filter=True, rank=True),
+    )
+}
 
 
 def arms_named(names: list[str]) -> list[Arm]:
@@ -83,8 +88,12 @@ def lift_score_decisions(rows: list[Row]) -> list[Row]:
     """The rows with the filter's and the ranker's score-based rejections lifted, scores kept. A row they
     rejected without a score (its image failed to decode, its caption was empty) stays rejected."""
     lifted = {"kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
-    return [{**row, **lifted} if row["reject_stage"] in SCORE_OF_STAGE
-            and row[SCORE_OF_STAGE[row["reject_stage"]]] is not None else row for row in rows]
+    return [
+        {**row, **lifted}
+        if row["reject_stage"] in SCORE_OF_STAGE and row[SCORE_OF_STAGE[row["reject_stage"]]] is not None
+        else row
+        for row in rows
+    ]
 
 
 def arm_rows(rows: list[Row], arm: Arm, threshold: float, top_k: int) -> list[Row]:
@@ -101,15 +110,18 @@ def arm_rows(rows: list[Row], arm: Arm, threshold: float, top_k: int) -> list[Ro
     survivors = [row for row in decided if row["kept"] and row["itm_score"] is not None]
     unranked = [row["sample_id"] for row in survivors if row["clip_score"] is None]
     if unranked:
-        raise ValueError(f"arm {arm.name}: {len(unranked)} row(s) kept at ITM threshold {threshold} have no "
-                         f"clip_score (e.g. sample {unranked[0]}); the candidates were ranked after a stricter "
-                         "filter: rank them again at this threshold, or use the candidates' threshold")
+        raise ValueError(
+            f"arm {arm.name}: {len(unranked)} row(s) kept at ITM threshold {threshold} have no "
+            f"clip_score (e.g. sample {unranked[0]}); the candidates were ranked after a stricter "
+            "filter: rank them again at this threshold, or use the candidates' threshold"
+        )
     return keep_top_k(decided, {row["sample_id"]: row["clip_score"] for row in survivors}, top_k)
 
 
 def rebased(rows: list[Row], source_dir: Path, target_dir: Path) -> list[Row]:
     """The rows with each relative image_ref (relative to the dataset folder `source_dir`) made relative to
     the dataset folder `target_dir`; absolute refs and missing ones are left as they are."""
+
     def rebase(image_ref: str | None) -> str | None:
         path, sep, key = (image_ref or "").partition("#")
         if not path or Path(path).is_absolute():
@@ -133,18 +145,33 @@ def derive_arm(candidates: Generation, arm: Arm, human: AssembleConfig, threshol
         key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
         if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
             continue
-        rows = rebased(arm_rows(read_part(source).to_pylist(), arm, threshold, top_k),
-                       candidates.path.parent, target.path.parent)
+        rows = rebased(
+            arm_rows(read_part(source).to_pylist(), arm, threshold, top_k), candidates.path.parent, target.path.parent
+        )
         target.marker_path(STAGE, shard).unlink(missing_ok=True)
         target.write_part(shard, rows_table(rows))
-        target.mark_done(STAGE, shard, {
-            "key": key, **rules, "rows": len(rows), "kept": sum(row["kept"] for row in rows),
-            "rejected": dict(Counter(f"{row['reject_stage']}/{row['reject_reason']}" for row in rows
-                                     if not row["kept"])),
-        })
+        target.mark_done(
+            STAGE,
+            shard,
+            {
+                "key": key,
+                **rules,
+                "rows": len(rows),
+                "kept": sum(row["kept"] for row in rows),
+                "rejected": dict(
+                    Counter(f"{row['reject_stage']}/{row['reject_reason']}" for row in rows if not row["kept"])
+                ),
+            },
+        )
     info = candidates.read_info()
-    run_assemble(human, target, info["parent_generation"], checkpoints=info["checkpoints"], stages=[STAGE],
-                 config_digest=config_digest({**rules, "candidates": manifest_digest(candidates)}))
+    run_assemble(
+        human,
+        target,
+        info["parent_generation"],
+        checkpoints=info["checkpoints"],
+        stages=[STAGE],
+        config_digest=config_digest({**rules, "candidates": manifest_digest(candidates)}),
+    )
     return target
 
 

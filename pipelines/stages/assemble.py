@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import pyarrow as pa
 
+from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, generation_info, samples_table
 from pipelines.stages.shards import part_shards
 from vlp_core.data import CaptionRecord, ImageDecodeError, load_coco_karpathy, load_image
 
 log = logging.getLogger(__name__)
 
-STAGE = "assemble"
+STAGE = registry.ASSEMBLE.name
 HUMAN_SHARD = "human"
 HUMAN_ID_PREFIX = "human-"
 
@@ -41,11 +42,15 @@ class AssembleConfig:
 
     def __post_init__(self) -> None:
         if not Path(self.human_annotations).is_file():
-            raise ValueError(f"assemble config: human_annotations {self.human_annotations} is not a file; "
-                             "pass a COCO Karpathy json ([{'image', 'caption', 'image_id'}, ...])")
+            raise ValueError(
+                f"assemble config: human_annotations {self.human_annotations} is not a file; "
+                "pass a COCO Karpathy json ([{'image', 'caption', 'image_id'}, ...])"
+            )
         if not Path(self.human_image_root).is_dir():
-            raise ValueError(f"assemble config: human_image_root {self.human_image_root} is not a folder; pass the "
-                             "folder the annotation's image paths are relative to")
+            raise ValueError(
+                f"assemble config: human_image_root {self.human_image_root} is not a folder; pass the "
+                "folder the annotation's image paths are relative to"
+            )
 
 
 def run_assemble(
@@ -71,18 +76,28 @@ def run_assemble(
         records = load_coco_karpathy(config.human_annotations, config.human_image_root)  # validates before writing
         human = human_rows(records, target.number, parent)
         target.write_part(HUMAN_SHARD, human)
-        target.mark_done(STAGE, HUMAN_SHARD, {"rows": human.num_rows, "images": len(records),
-                                              "kept": sum(human["kept"].to_pylist())})
+        target.mark_done(
+            STAGE, HUMAN_SHARD, {"rows": human.num_rows, "images": len(records), "kept": sum(human["kept"].to_pylist())}
+        )
         log.info("assemble: %d human captions of %d images into %s", human.num_rows, len(records), target.path)
 
     table = target.read_samples()
-    target.write_info(generation_info(
-        table, dataset=target.dataset, number=target.number, parent=parent,
-        stages=[*stages, STAGE] if STAGE not in stages else list(stages),
-        config_digest=config_digest, checkpoints=checkpoints, flow_run_id=flow_run_id,
-        inputs={"human_annotations": str(Path(config.human_annotations).resolve()),
-                "human_image_root": str(Path(config.human_image_root).resolve())},
-    ))
+    target.write_info(
+        generation_info(
+            table,
+            dataset=target.dataset,
+            number=target.number,
+            parent=parent,
+            stages=[*stages, STAGE] if STAGE not in stages else list(stages),
+            config_digest=config_digest,
+            checkpoints=checkpoints,
+            flow_run_id=flow_run_id,
+            inputs={
+                "human_annotations": str(Path(config.human_annotations).resolve()),
+                "human_image_root": str(Path(config.human_image_root).resolve()),
+            },
+        )
+    )
     return table
 
 
@@ -90,21 +105,36 @@ def _check_stages_finished(target: Generation, stages: list[str]) -> None:
     """Every candidate shard of `target` (all but part-human) must carry the marker of every stage."""
     shards = [shard for shard in part_shards(target) if shard != HUMAN_SHARD]
     if not shards:
-        raise ManifestError(f"assemble: {target.path} has no candidate parts; run the caption, filter and rank "
-                            "stages into it first")
+        raise ManifestError(
+            f"assemble: {target.path} has no candidate parts; run the caption, filter and rank stages into it first"
+        )
     for stage in stages:
         unfinished = [shard for shard in shards if not target.is_done(stage, shard)]
         if unfinished:
-            raise ManifestError(f"assemble: the {stage} stage has not finished shard(s) {unfinished} of "
-                                f"{target.path}; run it to completion first")
+            raise ManifestError(
+                f"assemble: the {stage} stage has not finished shard(s) {unfinished} of "
+                f"{target.path}; run it to completion first"
+            )
 
 
 def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa.Table:
     """One manifest row per distinct caption of every record (a sample_id names an (image, source, caption)
     triple, so a repeated caption is stored once); size and sha256 come from the image file."""
-    columns: dict[str, list] = {name: [] for name in (
-        "image_id", "image_ref", "image_sha256", "width", "height", "caption", "kept", "reject_stage",
-        "reject_reason", "reject_detail")}
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            "image_id",
+            "image_ref",
+            "image_sha256",
+            "width",
+            "height",
+            "caption",
+            "kept",
+            "reject_stage",
+            "reject_reason",
+            "reject_detail",
+        )
+    }
     for record in records:
         image_ref = str(Path(record.image_path).resolve())
         facts = _image_facts(Path(image_ref))
@@ -115,12 +145,14 @@ def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa
             for name, value in facts.items():
                 columns[name].append(value)
     n_rows = len(columns["image_id"])
-    return samples_table({
-        **columns,
-        "caption_source": ["human"] * n_rows,
-        "generation": [generation] * n_rows,
-        "parent_generation": [parent] * n_rows,
-    })
+    return samples_table(
+        {
+            **columns,
+            "caption_source": ["human"] * n_rows,
+            "generation": [generation] * n_rows,
+            "parent_generation": [parent] * n_rows,
+        }
+    )
 
 
 def _image_facts(path: Path) -> dict[str, object]:
@@ -129,7 +161,21 @@ def _image_facts(path: Path) -> dict[str, object]:
         width, height = load_image(path).size
     except ImageDecodeError as error:
         log.warning("assemble: human image %s rejected (%s)", path, error)
-        return {"image_sha256": None, "width": None, "height": None, "kept": False, "reject_stage": STAGE,
-                "reject_reason": error.reason, "reject_detail": error.detail}
-    return {"image_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "width": width, "height": height,
-            "kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
+        return {
+            "image_sha256": None,
+            "width": None,
+            "height": None,
+            "kept": False,
+            "reject_stage": STAGE,
+            "reject_reason": error.reason,
+            "reject_detail": error.detail,
+        }
+    return {
+        "image_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "width": width,
+        "height": height,
+        "kept": True,
+        "reject_stage": None,
+        "reject_reason": None,
+        "reject_detail": None,
+    }

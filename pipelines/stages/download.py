@@ -24,14 +24,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.manifests.atomic import atomic_write_parquet, atomic_write_text
+from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
 from pipelines.stages.url_policy import POLICY_REASON, UrlPolicy
+from vlp_core.atomic import atomic_write_parquet, atomic_write_text
 from vlp_core.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
-STAGE = "download"
+STAGE = registry.DOWNLOAD.name
 REFUSED_SHARD = "refused"
 LOOPBACK = "127.0.0.1/32"
 
@@ -40,20 +41,28 @@ LOOPBACK = "127.0.0.1/32"
 class DownloadConfig:
     """How img2dataset fetches. `allowed_networks` lets otherwise refused private ranges through."""
 
-    image_size: int = 384            # shortest side after resizing; smaller images are kept as they are
+    image_size: int = 384  # shortest side after resizing; smaller images are kept as they are
     processes: int = 1
     threads: int = 16
     samples_per_shard: int = 1000
-    timeout_s: int = 10              # per connect and per socket read
+    timeout_s: int = 10  # per connect and per socket read
     retries: int = 0
     allowed_networks: tuple[str, ...] = ()
-    max_image_bytes: int = 32 * 2**20      # a larger response body is refused (too_large)
-    max_fetch_seconds: float = 120.0       # a body still arriving after this is cut off (timeout)
-    max_pixels: int = DEFAULT_MAX_PIXELS   # an image declaring more pixels is not decoded (too_large)
+    max_image_bytes: int = 32 * 2**20  # a larger response body is refused (too_large)
+    max_fetch_seconds: float = 120.0  # a body still arriving after this is cut off (timeout)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # an image declaring more pixels is not decoded (too_large)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout_s", "max_image_bytes",
-                     "max_fetch_seconds", "max_pixels"):
+        for name in (
+            "image_size",
+            "processes",
+            "threads",
+            "samples_per_shard",
+            "timeout_s",
+            "max_image_bytes",
+            "max_fetch_seconds",
+            "max_pixels",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"download config: {name} must be ≥ 1, got {getattr(self, name)}")
         if self.retries < 0:
@@ -80,11 +89,13 @@ def read_url_list(path: Path) -> pa.Table:
     if "url" not in table.schema.names:
         raise ManifestError(f"{path}: URL list needs a 'url' column (found: {table.schema.names})")
     captions = table["caption"] if "caption" in table.schema.names else pa.nulls(table.num_rows)
-    return pa.table({
-        "row_index": pa.array(range(table.num_rows), pa.int64()),
-        "url": _as_text(table["url"]),
-        "caption": _as_text(captions),
-    })
+    return pa.table(
+        {
+            "row_index": pa.array(range(table.num_rows), pa.int64()),
+            "url": _as_text(table["url"]),
+            "caption": _as_text(captions),
+        }
+    )
 
 
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
@@ -92,11 +103,12 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
     "NaN") are decoded as UTF-8, with U+FFFD for invalid bytes; caption cleaning drops those later."""
     if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
         return pc.cast(column, pa.string())
-    return pa.array([None if raw is None else raw.decode("utf-8", errors="replace") for raw in column.to_pylist()],
-                    pa.string())
+    return pa.array(
+        [None if raw is None else raw.decode("utf-8", errors="replace") for raw in column.to_pylist()], pa.string()
+    )
 
 
-def download(url_list: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
+def download(config: DownloadConfig, url_list: Path, generation: Generation) -> pa.Table:
     """Download every URL of `url_list` into `generation` (normally gen 0); returns its manifest rows."""
     urls = read_url_list(url_list)
     policy = UrlPolicy(config.allowed_networks)
@@ -122,14 +134,21 @@ def download(url_list: Path, generation: Generation, config: DownloadConfig) -> 
             f"download: manifest has {table.num_rows} rows for {urls.num_rows} URLs; some shards failed "
             f"(see {generation.path / 'shards'}); run the download again to retry them"
         )
-    generation.write_info(generation_info(
-        table, dataset=generation.dataset, number=generation.number, parent=None, stages=[STAGE],
-        config_digest=config_digest(asdict(config)), inputs={"url_list": str(Path(url_list).resolve())},
-    ))
+    generation.write_info(
+        generation_info(
+            table,
+            dataset=generation.dataset,
+            number=generation.number,
+            parent=None,
+            stages=[STAGE],
+            config_digest=config_digest(asdict(config)),
+            inputs={"url_list": str(Path(url_list).resolve())},
+        )
+    )
     return table
 
 
-def download_world(world_dir: Path, generation: Generation, config: DownloadConfig) -> pa.Table:
+def download_world(config: DownloadConfig, world_dir: Path, generation: Generation) -> pa.Table:
     """Serve a synthetic world on loopback for the duration of its download (loopback allowed).
 
     A re-run serves on the port of the first run, so the URL list stays the same and finished shards
@@ -144,7 +163,7 @@ def download_world(world_dir: Path, generation: Generation, config: DownloadConf
         if not url_list.exists():
             atomic_write_text(port_file, str(urlsplit(server.base_url).port))
             server.write_url_list(url_list)
-        return download(url_list, generation, config)
+        return download(config, url_list, generation)
 
 
 def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[str | None]) -> None:
@@ -188,8 +207,12 @@ def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) 
 
     from pipelines.stages.download_worker import FetchGuard, guarded_downloads
 
-    guard = FetchGuard(UrlPolicy(config.allowed_networks), max_bytes=config.max_image_bytes,
-                       max_seconds=config.max_fetch_seconds, max_pixels=config.max_pixels)
+    guard = FetchGuard(
+        UrlPolicy(config.allowed_networks),
+        max_bytes=config.max_image_bytes,
+        max_seconds=config.max_fetch_seconds,
+        max_pixels=config.max_pixels,
+    )
     with guarded_downloads(guard):
         img2dataset_download(
             url_list=str(input_path),
@@ -220,21 +243,23 @@ def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
     rows = pq.read_table(shard_parquet).sort_by("row_index").to_pylist()
     ok = [r["status"] == "success" for r in rows]
     tar_ref = f"{generation.path.name}/shards/{shard}.tar"
-    table = samples_table({
-        "image_id": [_image_id(r["row_index"]) for r in rows],
-        "image_ref": [f"{tar_ref}#{r['key']}" if k else None for r, k in zip(rows, ok)],
-        "url": [r["url"] for r in rows],
-        "image_sha256": [r["sha256"] if k else None for r, k in zip(rows, ok)],
-        "width": [r["original_width"] if k else None for r, k in zip(rows, ok)],
-        "height": [r["original_height"] if k else None for r, k in zip(rows, ok)],
-        "caption": [r["caption"] for r in rows],
-        "caption_source": ["web"] * len(rows),
-        "generation": [generation.number] * len(rows),
-        "kept": ok,
-        "reject_stage": [None if k else STAGE for k in ok],
-        "reject_reason": [None if k else failure_reason(r["error_message"]) for r, k in zip(rows, ok)],
-        "reject_detail": [None if k else r["error_message"] for r, k in zip(rows, ok)],
-    })
+    table = samples_table(
+        {
+            "image_id": [_image_id(r["row_index"]) for r in rows],
+            "image_ref": [f"{tar_ref}#{r['key']}" if k else None for r, k in zip(rows, ok)],
+            "url": [r["url"] for r in rows],
+            "image_sha256": [r["sha256"] if k else None for r, k in zip(rows, ok)],
+            "width": [r["original_width"] if k else None for r, k in zip(rows, ok)],
+            "height": [r["original_height"] if k else None for r, k in zip(rows, ok)],
+            "caption": [r["caption"] for r in rows],
+            "caption_source": ["web"] * len(rows),
+            "generation": [generation.number] * len(rows),
+            "kept": ok,
+            "reject_stage": [None if k else STAGE for k in ok],
+            "reject_reason": [None if k else failure_reason(r["error_message"]) for r, k in zip(rows, ok)],
+            "reject_detail": [None if k else r["error_message"] for r, k in zip(rows, ok)],
+        }
+    )
     generation.write_part(shard, table)
     generation.mark_done(STAGE, shard, {"rows": len(rows), "succeeded": sum(ok)})
     log.info("download: shard %s → %d rows, %d images", shard, len(rows), sum(ok))
@@ -251,8 +276,10 @@ _REASONS = [  # first match wins
     (re.compile(r"redirect", re.I), lambda m: "redirect_error"),
     (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), lambda m: "dns_error"),
     (re.compile(r"unknown url type|unsupported", re.I), lambda m: "unsupported_url"),
-    (re.compile(r"not_an_image|truncated|corrupt|cannot identify image|decod|image file", re.I),
-     lambda m: "decode_error"),
+    (
+        re.compile(r"not_an_image|truncated|corrupt|cannot identify image|decod|image file", re.I),
+        lambda m: "decode_error",
+    ),
 ]
 
 

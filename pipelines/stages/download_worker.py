@@ -48,9 +48,9 @@ class FetchGuard:
     """The limits every fetch and decode of a download obeys (picklable: it travels to the workers)."""
 
     policy: UrlPolicy
-    max_bytes: int      # largest response body accepted
+    max_bytes: int  # largest response body accepted
     max_seconds: float  # a body still arriving after this many seconds is cut off
-    max_pixels: int     # largest declared image (width x height) that is decoded
+    max_pixels: int  # largest declared image (width x height) that is decoded
 
 
 class _BoundedResponse(http.client.HTTPResponse):
@@ -127,8 +127,13 @@ class _HttpOnlyRedirectHandler(urllib.request.HTTPRedirectHandler):
 def guarded_opener(guard: FetchGuard) -> urllib.request.OpenerDirector:
     """A urllib opener for http(s) only, that obeys `guard` on every hop (no proxy, file, ftp or data)."""
     opener = urllib.request.OpenerDirector()
-    for handler in (_GuardedHandler(guard), _HttpOnlyRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
+    for handler in (
+        _GuardedHandler(guard),
+        _HttpOnlyRedirectHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.UnknownHandler(),
+    ):
         opener.add_handler(handler)
     return opener
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,9 +35,9 @@ import ray
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipelines.manifests.atomic import atomic_write_json
-from pipelines.manifests.manifest import Generation
 from pipelines.executor import init_ray, resolve_executor
+from pipelines.manifests.manifest import Generation
+from pipelines.registry import UNSCREENED_STAGES
 from pipelines.report.metrics import (
     attribute_accuracy_summary,
     caption_scores,
@@ -45,11 +46,10 @@ from pipelines.report.metrics import (
     retrieval_recalls,
     top_k_pairs,
 )
-from pipelines.stages.caption import STAGE as CAPTION_STAGE
-from pipelines.stages.download import STAGE as DOWNLOAD_STAGE
 from pipelines.stages.filter import STAGE as FILTER_STAGE
 from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_key
 from pipelines.world.grammar import Scene
+from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import load_checkpoint
 from vlp_core.data import CaptionRecord, ImageTransform, image_transform, load_coco_karpathy, load_image
@@ -69,19 +69,19 @@ N_EXAMPLES = 8  # generated captions stored in evaluation.json for people to rea
 class EvaluateConfig:
     """What to evaluate and how. Caption defaults follow BLIP's COCO evaluation (beam 3, min length 5)."""
 
-    checkpoint: Path                 # a capfilt checkpoint folder (vlp_core.checkpoint)
-    test_annotations: Path           # COCO Karpathy json of the held-out set
-    test_image_root: Path            # the folder its image paths are relative to
-    k_test: int = 16                 # ITC candidates per query re-ranked by ITM
-    caption_method: str = "beam"     # "greedy" or "beam"
+    checkpoint: Path  # a capfilt checkpoint folder (vlp_core.checkpoint)
+    test_annotations: Path  # COCO Karpathy json of the held-out set
+    test_image_root: Path  # the folder its image paths are relative to
+    k_test: int = 16  # ITC candidates per query re-ranked by ITM
+    caption_method: str = "beam"  # "greedy" or "beam"
     num_beams: int = 3
-    min_length: int = 5              # caption tokens after the prompt
+    min_length: int = 5  # caption tokens after the prompt
     max_length: int = 30
-    world_dir: Path | None = None    # a synthetic world folder: adds the world metrics
-    batch_size: int = 32             # images (and texts) per forward pass
-    concurrency: int = 1             # Ray tasks sharing the ITM re-rank (local: one)
-    num_gpus: float = 0.0            # GPUs per Ray task (local: the process's GPU when > 0)
-    executor: str | None = None      # "ray" (Ray tasks) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
+    world_dir: Path | None = None  # a synthetic world folder: adds the world metrics
+    batch_size: int = 32  # images (and texts) per forward pass
+    concurrency: int = 1  # Ray tasks sharing the ITM re-rank (local: one)
+    num_gpus: float = 0.0  # GPUs per Ray task (local: the process's GPU when > 0)
+    executor: str | None = None  # "ray" (Ray tasks) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -92,11 +92,15 @@ class EvaluateConfig:
             (Path(self.test_image_root).is_dir(), f"test_image_root {self.test_image_root} is not a folder"),
             (self.world_dir is None or Path(self.world_dir).is_dir(), f"world_dir {self.world_dir} is not a folder"),
             (self.k_test >= 1, f"k_test must be >= 1, got {self.k_test}"),
-            (self.caption_method in CAPTION_METHODS,
-             f"caption_method must be one of {CAPTION_METHODS}, got {self.caption_method!r}"),
+            (
+                self.caption_method in CAPTION_METHODS,
+                f"caption_method must be one of {CAPTION_METHODS}, got {self.caption_method!r}",
+            ),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
-            (0 <= self.min_length <= self.max_length,
-             f"need 0 <= min_length <= max_length, got {self.min_length} and {self.max_length}"),
+            (
+                0 <= self.min_length <= self.max_length,
+                f"need 0 <= min_length <= max_length, got {self.min_length} and {self.max_length}",
+            ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
             (self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}"),
@@ -135,10 +139,13 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
         "generation": generation.number,
         "checkpoint": {"path": str(Path(config.checkpoint).resolve()), "digest": encoded.digest},
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "test_set": {"images": len(references), "texts": sum(len(texts) for texts in references.values())},
-        "retrieval": retrieval_recalls(reranked_scores(similarity, itm, config.k_test),
-                                       reranked_scores(similarity.T, itm.T, config.k_test), text_image),
+        "retrieval": retrieval_recalls(
+            reranked_scores(similarity, itm, config.k_test),
+            reranked_scores(similarity.T, itm.T, config.k_test),
+            text_image,
+        ),
         "retrieval_itc": retrieval_recalls(similarity, similarity.T, text_image),
         "captioning": caption_scores(references, encoded.captions),
         "caption_examples": [
@@ -149,8 +156,14 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
     if world is not None:
         results["world"] = world_metrics(samples, world, encoded.captions)
     atomic_write_json(output or generation.path / EVALUATION_FILE, results)
-    log.info("evaluate: %s on %s gen %d: %s, %s", encoded.digest, generation.dataset, generation.number,
-             results["retrieval"], results["captioning"])
+    log.info(
+        "evaluate: %s on %s gen %d: %s, %s",
+        encoded.digest,
+        generation.dataset,
+        generation.number,
+        results["retrieval"],
+        results["captioning"],
+    )
     return results
 
 
@@ -162,8 +175,10 @@ def load_test_set(config: EvaluateConfig) -> list[CaptionRecord]:
     seen: dict[str, Path] = {}
     for record in records:
         if seen.setdefault(record.image_id, record.image_path) != record.image_path:
-            raise ValueError(f"{config.test_annotations}: image_id {record.image_id!r} names two images "
-                             f"({seen[record.image_id]} and {record.image_path}); give each image its own id")
+            raise ValueError(
+                f"{config.test_annotations}: image_id {record.image_id!r} names two images "
+                f"({seen[record.image_id]} and {record.image_path}); give each image its own id"
+            )
     return records
 
 
@@ -231,32 +246,43 @@ def _load_model(config: EvaluateConfig) -> tuple[BlipModel, PreTrainedTokenizerB
     return load_checkpoint(config.checkpoint, device)
 
 
-def _image_batches(records: list[CaptionRecord], transform: ImageTransform, batch_size: int
-                   ) -> Iterator[tuple[list[CaptionRecord], torch.Tensor]]:
+def _image_batches(
+    records: list[CaptionRecord], transform: ImageTransform, batch_size: int
+) -> Iterator[tuple[list[CaptionRecord], torch.Tensor]]:
     """The records in batches with their pixels (B, 3, S, S)."""
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         yield batch, torch.stack([transform(load_image(record.image_path)) for record in batch])
 
 
-def _text_features(model: BlipModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int
-                   ) -> torch.Tensor:
+def _text_features(
+    model: BlipModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int
+) -> torch.Tensor:
     """(T, E) L2-normalised ITC features of the texts."""
     features = []
     with inference_mode(model) as device:
         for start in range(0, len(texts), batch_size):
-            input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size],
-                                                 model.config.max_text_length, device)
+            input_ids, attention_mask = tokenize(
+                tokenizer, texts[start : start + batch_size], model.config.max_text_length, device
+            )
             embeds = model.encode_text(input_ids, attention_mask)
             features.append(model.text_features(embeds).float().cpu())
     return torch.cat(features)
 
 
-def _caption(model: BlipModel, tokenizer: PreTrainedTokenizerBase, pixels: torch.Tensor, config: EvaluateConfig
-             ) -> list[str]:
+def _caption(
+    model: BlipModel, tokenizer: PreTrainedTokenizerBase, pixels: torch.Tensor, config: EvaluateConfig
+) -> list[str]:
     """One caption per image (B, 3, S, S), greedy or by beam search."""
-    captions = generate(model, tokenizer, pixels, method=config.caption_method, num_beams=config.num_beams,
-                        min_length=config.min_length, max_length=config.max_length)
+    captions = generate(
+        model,
+        tokenizer,
+        pixels,
+        method=config.caption_method,
+        num_beams=config.num_beams,
+        min_length=config.min_length,
+        max_length=config.max_length,
+    )
     return [candidates[0] for candidates in captions]
 
 
@@ -275,18 +301,22 @@ def world_metrics(samples: pa.Table, world: WorldPaths, test_captions: dict[str,
     key_of_image = {row["image_id"]: web_key(row["url"]) for row in web}
     unknown = [row["url"] for row in web if key_of_image[row["image_id"]] not in noise_by_key]
     if unknown:
-        raise ValueError(f"{len(unknown)} web row(s) of the generation have URLs that are not pairs of the world "
-                         f"{world.root} (e.g. {unknown[0]}); pass the world the generation was downloaded from")
+        raise ValueError(
+            f"{len(unknown)} web row(s) of the generation have URLs that are not pairs of the world "
+            f"{world.root} (e.g. {unknown[0]}); pass the world the generation was downloaded from"
+        )
 
     noise = [noise_by_key[key_of_image[row["image_id"]]] for row in web]
     decisions = ["kept" if row["kept"] else row["reject_stage"] for row in web]
     return {
         "test_caption_accuracy": attribute_accuracy_summary(test_captions, scenes),
         # Images that failed to download or decode never met the filter: they count in the decision table only.
-        **decision_metrics(noise, decisions, FILTER_STAGE, unscreened=(DOWNLOAD_STAGE, CAPTION_STAGE)),
+        **decision_metrics(noise, decisions, FILTER_STAGE, unscreened=UNSCREENED_STAGES),
         "kept_caption_accuracy": {
-            source: _kept_caption_accuracy([row for row in rows if row["caption_source"] == source],
-                                           {image: scenes[key] for image, key in key_of_image.items()})
+            source: _kept_caption_accuracy(
+                [row for row in rows if row["caption_source"] == source],
+                {image: scenes[key] for image, key in key_of_image.items()},
+            )
             for source in ("web", "synthetic")
         },
     }
@@ -295,5 +325,7 @@ def world_metrics(samples: pa.Table, world: WorldPaths, test_captions: dict[str,
 def _kept_caption_accuracy(rows: list[dict[str, Any]], scene_of_image: dict[str, Scene]) -> dict[str, Any]:
     """Attribute accuracy of the kept rows' captions against their images' true scenes."""
     kept = [row for row in rows if row["kept"]]
-    return attribute_accuracy_summary({row["sample_id"]: row["caption"] or "" for row in kept},
-                                      {row["sample_id"]: scene_of_image[row["image_id"]] for row in kept})
+    return attribute_accuracy_summary(
+        {row["sample_id"]: row["caption"] or "" for row in kept},
+        {row["sample_id"]: scene_of_image[row["image_id"]] for row in kept},
+    )

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import torch
 
+from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
 from pipelines.stages.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
@@ -43,7 +44,7 @@ from vlp_core.checkpoint import WEIGHTS_FILE, file_digest, load_checkpoint
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
 
-STAGE = "filter"
+STAGE = registry.FILTER.name
 
 
 def _check_threshold(threshold: float) -> tuple[bool, str]:
@@ -60,11 +61,14 @@ class FilterConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config(type(self).__name__, [
-            (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
-            _check_threshold(self.threshold),
-            (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
-        ])
+        check_config(
+            type(self).__name__,
+            [
+                (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
+                _check_threshold(self.threshold),
+                (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
+            ],
+        )
 
 
 class FilterActor(ImageModelActor):

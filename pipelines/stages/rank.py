@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import torch
 
+from pipelines import registry
 from pipelines.manifests.manifest import Generation
 from pipelines.stages.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
@@ -36,7 +37,7 @@ from vlp_core.clip import load_clip
 
 log = logging.getLogger(__name__)
 
-STAGE = "rank"
+STAGE = registry.RANK.name
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,17 @@ class RankConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config(type(self).__name__, [
-            (self.clip_checkpoint is None or Path(self.clip_checkpoint).is_file(),
-             f"clip_checkpoint {self.clip_checkpoint} is not a file"),
-            (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
-            (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
-        ])
+        check_config(
+            type(self).__name__,
+            [
+                (
+                    self.clip_checkpoint is None or Path(self.clip_checkpoint).is_file(),
+                    f"clip_checkpoint {self.clip_checkpoint} is not a file",
+                ),
+                (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+                (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
+            ],
+        )
 
 
 class RankActor(ImageModelActor):

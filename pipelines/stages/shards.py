@@ -24,26 +24,27 @@ import pyarrow as pa
 import ray
 import torch
 
+from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.images import ImageRefError, ImageStore
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
-from pipelines.executor import init_ray, resolve_executor
+from pipelines.registry import MODEL_STAGES, stage_named
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("caption", "filter", "rank")
-STAGE_SCORES = {"caption": (), "filter": ("itm_score", "itc_score"), "rank": ("clip_score", "clip_rank")}
 DEFAULT_MAX_CAPTION_CHARS = 300
 
 Row = dict[str, Any]
 
-REQUEST_SCHEMA = pa.schema([
-    pa.field("shard", pa.string()),
-    pa.field("image_id", pa.string()),
-    pa.field("image_ref", pa.string()),
-    pa.field("sample_ids", pa.list_(pa.string())),  # the candidate rows the model scores (none for caption)
-    pa.field("texts", pa.list_(pa.string())),       # their captions, as the model reads them
-])
+REQUEST_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("image_ref", pa.string()),
+        pa.field("sample_ids", pa.list_(pa.string())),  # the candidate rows the model scores (none for caption)
+        pa.field("texts", pa.list_(pa.string())),  # their captions, as the model reads them
+    ]
+)
 RESULT_FIELDS = [
     *REQUEST_SCHEMA,
     pa.field("model_ref", pa.string()),
@@ -63,19 +64,22 @@ def check_config(name: str, problems: list[tuple[bool, str]]) -> None:
 class ActorPoolConfig:
     """How a stage runs its model on Ray: shared by the caption, filter and rank configs."""
 
-    batch_size: int = 16              # images per model call (one Ray Data block)
-    concurrency: int = 1              # Ray actors, each holding one copy of the model (local: one)
-    num_gpus: float = 0.0             # GPUs per actor; 0 runs on the CPU
-    executor: str | None = None       # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
-    ray_address: str | None = None    # None: $RAY_ADDRESS, else a local Ray
+    batch_size: int = 16  # images per model call (one Ray Data block)
+    concurrency: int = 1  # Ray actors, each holding one copy of the model (local: one)
+    num_gpus: float = 0.0  # GPUs per actor; 0 runs on the CPU
+    executor: str | None = None  # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
-        check_config(type(self).__name__, [
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
-            (self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}"),
-        ])
+        check_config(
+            type(self).__name__,
+            [
+                (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
+                (self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}"),
+            ],
+        )
 
     @property
     def device(self) -> str:
@@ -99,8 +103,11 @@ def captioned_shards(target: Generation) -> list[str]:
     if not captioned:
         raise ManifestError(f"{target.path}: no captioned shards; run the caption stage into this generation first")
     if len(captioned) < len(shards):
-        log.info("%s: parts without a caption marker are not candidates: %s", target.path,
-                 sorted(set(shards) - set(captioned)))
+        log.info(
+            "%s: parts without a caption marker are not candidates: %s",
+            target.path,
+            sorted(set(shards) - set(captioned)),
+        )
     return captioned
 
 
@@ -109,8 +116,9 @@ def shards_finished_by(target: Generation, stage: str) -> list[str]:
     shards = captioned_shards(target)
     unfinished = [shard for shard in shards if not target.is_done(stage, shard)]
     if unfinished:
-        raise ManifestError(f"{target.path}: the {stage} stage has not finished shard(s) {unfinished}; "
-                            f"run {stage} to completion first")
+        raise ManifestError(
+            f"{target.path}: the {stage} stage has not finished shard(s) {unfinished}; run {stage} to completion first"
+        )
     return shards
 
 
@@ -122,8 +130,8 @@ def rows_table(rows: list[Row]) -> pa.Table:
 def undo_from(rows: list[Row], stage: str) -> list[Row]:
     """The rows as they were before `stage` ran: rejections by it or a later stage are lifted, and
     the scores those stages wrote are cleared."""
-    undone = STAGE_ORDER[STAGE_ORDER.index(stage):]
-    cleared = {column: None for name in undone for column in STAGE_SCORES[name]}
+    undone = MODEL_STAGES[MODEL_STAGES.index(stage) :]
+    cleared = {column: None for name in undone for column in stage_named(name).scores}
     lifted = {"kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
     return [{**row, **cleared, **(lifted if row["reject_stage"] in undone else {})} for row in rows]
 
@@ -142,9 +150,16 @@ def image_requests(shard: str, candidates: list[Row], texts: list[str] | None = 
     candidate rows (`texts` aligned with `candidates`; None for a stage that reads only images)."""
     by_image: dict[str, Row] = {}
     for index, row in enumerate(candidates):
-        request = by_image.setdefault(row["image_id"], {
-            "shard": shard, "image_id": row["image_id"], "image_ref": row["image_ref"], "sample_ids": [], "texts": [],
-        })
+        request = by_image.setdefault(
+            row["image_id"],
+            {
+                "shard": shard,
+                "image_id": row["image_id"],
+                "image_ref": row["image_ref"],
+                "sample_ids": [],
+                "texts": [],
+            },
+        )
         if texts is not None:
             request["sample_ids"].append(row["sample_id"])
             request["texts"].append(texts[index])
@@ -160,8 +175,12 @@ def caption_requests(shard: str, rows: list[Row], max_chars: int) -> pa.Table:
 
 def scores_by_sample(results: list[Row], output: str) -> dict[str, Any]:
     """sample_id -> its value in the `output` list of the results (images that failed have none)."""
-    return {sample: value for result in results if not result["error_reason"]
-            for sample, value in zip(result["sample_ids"], result[output], strict=True)}
+    return {
+        sample: value
+        for result in results
+        if not result["error_reason"]
+        for sample, value in zip(result["sample_ids"], result[output], strict=True)
+    }
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -202,8 +221,15 @@ class ImageModelActor:
         rows = []
         for index, request in enumerate(requests):
             reason, detail = failures.get(index, (None, None))
-            rows.append({**request, **output_of.get(index, {}), "model_ref": self.model_ref,
-                         "error_reason": reason, "error_detail": detail})
+            rows.append(
+                {
+                    **request,
+                    **output_of.get(index, {}),
+                    "model_ref": self.model_ref,
+                    "error_reason": reason,
+                    "error_detail": detail,
+                }
+            )
         for reason, detail in failures.values():
             log.warning("cannot use an image (%s): %s", reason, detail)
         return pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS + self.output_fields))
@@ -232,7 +258,7 @@ class CaptionScoringStage:
     """A `ShardedStage` that scores the kept captions of `target` in place (filter, rank); subclasses
     name the stage and its actor and write `merge`."""
 
-    config: Any                 # the stage's config: `max_caption_chars`, and what its actor reads
+    config: Any  # the stage's config: `max_caption_chars`, and what its actor reads
     target: Generation
     name: ClassVar[str]
     actor_class: ClassVar[type[ImageModelActor]]
@@ -254,12 +280,18 @@ class _PendingShard:
     results: dict[str, Row] = field(default_factory=dict)  # image_id -> result (a retried block counts once)
 
 
-def run_sharded_inference(stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
-                          ) -> pa.Table:
+def run_sharded_inference(
+    stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
+) -> pa.Table:
     """Run `stage` over every shard of `shards` without its marker in `target`; returns all target rows."""
     pending = {shard: stage.requests(shard) for shard in shards if not target.is_done(stage.name, shard)}
-    log.info("%s: %d of %d shards to do, %d images", stage.name, len(pending), len(shards),
-             sum(r.num_rows for r in pending.values()))
+    log.info(
+        "%s: %d of %d shards to do, %d images",
+        stage.name,
+        len(pending),
+        len(shards),
+        sum(r.num_rows for r in pending.values()),
+    )
     waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
     for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
         commit_shard(target, stage.name, shard, *stage.merge(shard, []))
@@ -277,7 +309,7 @@ def run_sharded_inference(stage: ShardedStage, target: Generation, shards: list[
 def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, stats: dict[str, Any]) -> None:
     """Make `table` the shard's rows as of `stage`: the markers of later stages go first (their view
     is stale now), then the part is replaced, then the stage's marker is written."""
-    for later in STAGE_ORDER[STAGE_ORDER.index(stage) + 1:]:
+    for later in MODEL_STAGES[MODEL_STAGES.index(stage) + 1 :]:
         target.marker_path(later, shard).unlink(missing_ok=True)
     target.write_part(shard, table)
     target.mark_done(stage, shard, stats)
@@ -287,8 +319,9 @@ def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, st
 def _map_requests(stage: ShardedStage, requests: list[pa.Table], pool: ActorPoolConfig) -> Iterator[Row]:
     """Stream the results of `stage`'s actor over the requests, one block of `batch_size` images at a time:
     in this process (local) or from a Ray Data actor pool (ray)."""
-    blocks = [table.slice(start, pool.batch_size)
-              for table in requests for start in range(0, table.num_rows, pool.batch_size)]
+    blocks = [
+        table.slice(start, pool.batch_size) for table in requests for start in range(0, table.num_rows, pool.batch_size)
+    ]
     actor, kwargs = stage.actor()
     if pool.executor == "local":
         model = actor(**kwargs)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable
 from urllib.parse import urlsplit
 
 Resolver = Callable[[str], list[str]]
@@ -84,8 +84,9 @@ class UrlPolicy:
         except (OSError, UnicodeError) as error:
             return error
 
-    def connect(self, address: tuple[str, int], timeout: float,
-                source_address: tuple[str, int] | None = None) -> socket.socket:
+    def connect(
+        self, address: tuple[str, int], timeout: float, source_address: tuple[str, int] | None = None
+    ) -> socket.socket:
         """`socket.create_connection` that refuses (UrlPolicyError) a host resolving to any address the
         policy does not allow, and otherwise connects to the first checked address that answers."""
         host, port = address

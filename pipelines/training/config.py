@@ -13,8 +13,18 @@ from vlp_core.config import preset_names
 # Where a run executes: never part of what it trains.
 PLACEMENT_FIELDS = ("executor", "ray_address")
 # Fields that may change when a run is restarted: how long it trains and where it runs.
-RESTARTABLE_FIELDS = ("epochs", "max_steps", "num_workers", "cpus_per_worker", "use_gpu", "loader_workers",
-                      "checkpoint_every", "log_every", "max_failures", *PLACEMENT_FIELDS)
+RESTARTABLE_FIELDS = (
+    "epochs",
+    "max_steps",
+    "num_workers",
+    "cpus_per_worker",
+    "use_gpu",
+    "loader_workers",
+    "checkpoint_every",
+    "log_every",
+    "max_failures",
+    *PLACEMENT_FIELDS,
+)
 
 
 @dataclass(frozen=True)
@@ -22,56 +32,73 @@ class TrainConfig:
     """One training run. BLIP trainings start from `preset` (random weights) or `init_checkpoint`."""
 
     # the model
-    preset: str | None = None            # vlp_core preset, e.g. "tiny"
+    preset: str | None = None  # vlp_core preset, e.g. "tiny"
     init_checkpoint: Path | None = None  # capfilt checkpoint folder or transformers BLIP folder
-    tokenizer: Path | None = None        # with `preset`: a tokenizer folder; None trains one on the captions
-    clip_model: str = "clip_tiny"        # train_clip: open_clip architecture
+    tokenizer: Path | None = None  # with `preset`: a tokenizer folder; None trains one on the captions
+    clip_model: str = "clip_tiny"  # train_clip: open_clip architecture
     # how long: exactly one of them
     epochs: int | None = None
     max_steps: int | None = None
     # optimisation
-    batch_size: int = 32                 # per worker
-    lr: float = 1e-4                     # peak; linear warm-up, then cosine decay to 0
+    batch_size: int = 32  # per worker
+    lr: float = 1e-4  # peak; linear warm-up, then cosine decay to 0
     weight_decay: float = 0.05
-    warmup_steps: int = 0                # learning-rate warm-up
-    itc_warmup_steps: int = 0            # BLIP tasks: ITC alone first (see training.tasks.Schedule)
-    easy_negative_steps: int = 0         # BLIP tasks: ITM negatives ramp from uniform to hard
+    warmup_steps: int = 0  # learning-rate warm-up
+    itc_warmup_steps: int = 0  # BLIP tasks: ITC alone first (see training.tasks.Schedule)
+    easy_negative_steps: int = 0  # BLIP tasks: ITM negatives ramp from uniform to hard
     seed: int = 0
     # where and how it runs
-    executor: str | None = None          # "ray" (Ray Train) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
-    num_workers: int = 1                 # Ray Train workers (DDP when > 1)
-    cpus_per_worker: int = 1             # CPU cores (and torch threads) each worker takes
-    use_gpu: bool = False                # one GPU per worker; bf16 autocast on CUDA
-    loader_workers: int = 0              # DataLoader processes per worker
-    checkpoint_every: int = 500          # steps
-    log_every: int = 50                  # steps
-    max_failures: int = 0                # Ray Train restarts after a worker failure (resuming from checkpoints)
+    executor: str | None = None  # "ray" (Ray Train) or "local"; None: $CAPFILT_EXECUTOR, else "ray"
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    cpus_per_worker: int = 1  # CPU cores (and torch threads) each worker takes
+    use_gpu: bool = False  # one GPU per worker; bf16 autocast on CUDA
+    loader_workers: int = 0  # DataLoader processes per worker
+    checkpoint_every: int = 500  # steps
+    log_every: int = 50  # steps
+    max_failures: int = 0  # Ray Train restarts after a worker failure (resuming from checkpoints)
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
         if self.executor == "local":
             _require(self.num_workers == 1, "num_workers", "1 with the local executor (several workers need Ray Train)")
-            _require(self.max_failures == 0, "max_failures",
-                     "0 with the local executor (Ray Train restarts failed workers; a local run resumes when re-run)")
+            _require(
+                self.max_failures == 0,
+                "max_failures",
+                "0 with the local executor (Ray Train restarts failed workers; a local run resumes when re-run)",
+            )
         for name in ("batch_size", "num_workers", "cpus_per_worker", "checkpoint_every", "log_every"):
             _require(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer ≥ 1")
-        for name in ("warmup_steps", "itc_warmup_steps", "easy_negative_steps", "seed", "loader_workers",
-                     "max_failures"):
+        for name in (
+            "warmup_steps",
+            "itc_warmup_steps",
+            "easy_negative_steps",
+            "seed",
+            "loader_workers",
+            "max_failures",
+        ):
             _require(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer ≥ 0")
         if (self.epochs is None) == (self.max_steps is None):
-            raise ValueError(f"TrainConfig: give either epochs or max_steps, not both or neither "
-                             f"(got epochs={self.epochs!r}, max_steps={self.max_steps!r})")
+            raise ValueError(
+                f"TrainConfig: give either epochs or max_steps, not both or neither "
+                f"(got epochs={self.epochs!r}, max_steps={self.max_steps!r})"
+            )
         for name in ("epochs", "max_steps"):
             value = getattr(self, name)
             _require(value is None or (_is_int(value) and value >= 1), name, "None or an integer ≥ 1")
         _require(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a number in (0, 1)")
         _require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay", "≥ 0")
-        _require(self.preset is None or self.init_checkpoint is None, "preset",
-                 "None when init_checkpoint is set (start from one or the other)")
+        _require(
+            self.preset is None or self.init_checkpoint is None,
+            "preset",
+            "None when init_checkpoint is set (start from one or the other)",
+        )
         _require(self.preset is None or self.preset in preset_names(), "preset", f"one of {preset_names()}")
-        _require(self.tokenizer is None or self.preset is not None, "tokenizer",
-                 "None unless preset is set (a checkpoint brings its own tokenizer)")
+        _require(
+            self.tokenizer is None or self.preset is not None,
+            "tokenizer",
+            "None unless preset is set (a checkpoint brings its own tokenizer)",
+        )
         for name in ("init_checkpoint", "tokenizer"):
             value = getattr(self, name)
             if value is not None:

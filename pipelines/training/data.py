@@ -43,16 +43,17 @@ def generation_pairs(generation: Generation) -> list[Pair]:
     rows = table.select(["image_id", "image_ref", "caption"]).to_pylist()
     missing = [row["image_id"] for row in rows if row["image_ref"] is None]
     if missing:
-        raise ManifestError(f"{generation.path}: {len(missing)} kept rows have no image_ref (e.g. {missing[0]}); "
-                            "a kept row must point at its image")
+        raise ManifestError(
+            f"{generation.path}: {len(missing)} kept rows have no image_ref (e.g. {missing[0]}); "
+            "a kept row must point at its image"
+        )
     return _pairs([(row["image_id"], row["image_ref"], row["caption"]) for row in rows], str(generation.path))
 
 
 def coco_pairs(annotations: Path, image_root: Path) -> list[Pair]:
     """One pair per caption of a COCO Karpathy annotation file; `image_ref`s are absolute paths."""
     records = load_coco_karpathy(annotations, Path(image_root).resolve())
-    triples = [(record.image_id, str(record.image_path), caption)
-               for record in records for caption in record.captions]
+    triples = [(record.image_id, str(record.image_path), caption) for record in records for caption in record.captions]
     return _pairs(triples, str(annotations))
 
 
@@ -65,8 +66,12 @@ def _pairs(triples: list[tuple[str, str, str | None]], source: str) -> list[Pair
         if cleaned is not None:
             pairs.append(Pair(image_ref, cleaned, image_index[image_id]))
     if len(pairs) < len(triples):
-        log.info("%s: %d of %d captions are empty after cleaning and are not trained on",
-                 source, len(triples) - len(pairs), len(triples))
+        log.info(
+            "%s: %d of %d captions are empty after cleaning and are not trained on",
+            source,
+            len(triples) - len(pairs),
+            len(triples),
+        )
     if not pairs:
         raise ValueError(f"{source}: no training pairs (no kept rows with a non-empty caption)")
     return pairs
@@ -78,8 +83,9 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def epoch_order(n_pairs: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int
-                ) -> list[tuple[int, int]]:
+def epoch_order(
+    n_pairs: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int
+) -> list[tuple[int, int]]:
     """This rank's (pair index, item seed) for one epoch: a shuffle shared by all ranks, dealt round-robin,
     cut to whole batches. Every rank gets the same number of batches."""
     order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).tolist()
@@ -94,8 +100,13 @@ class PairDataset(Dataset):
     The item seed fixes the transform's randomness (the training crop) for that item.
     """
 
-    def __init__(self, pairs: list[Pair], image_dir: Path, transform: Callable[[Image.Image], torch.Tensor],
-                 caption_prefix: str = "") -> None:
+    def __init__(
+        self,
+        pairs: list[Pair],
+        image_dir: Path,
+        transform: Callable[[Image.Image], torch.Tensor],
+        caption_prefix: str = "",
+    ) -> None:
         self.pairs = pairs
         self.store = ImageStore(image_dir)
         self.transform = transform
@@ -118,5 +129,8 @@ def collate_captions(batch: list[tuple[torch.Tensor, str, int]]) -> dict[str, to
     """Stack images and keep captions as text (for models with their own tokenizer, e.g. open_clip):
     pixel_values (B, 3, S, S), captions (B strings), image_index (B,)."""
     images, captions, image_index = zip(*batch)
-    return {"pixel_values": torch.stack(images), "captions": list(captions),
-            "image_index": torch.tensor(image_index, dtype=torch.long)}
+    return {
+        "pixel_values": torch.stack(images),
+        "captions": list(captions),
+        "image_index": torch.tensor(image_index, dtype=torch.long),
+    }

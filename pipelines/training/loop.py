@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipelines.manifests.atomic import atomic_write_bytes, atomic_write_json
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import Pair, PairDataset, derive_seed, epoch_order
 from pipelines.training.tasks import Schedule, build_task
+from vlp_core.atomic import atomic_write_bytes, atomic_write_json
 from vlp_core.pretrain import configure_optimizer
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,12 @@ SUMMARY_FILE = "training.json"
 class TrainSpec:
     """One run, as the driver hands it to every worker (paths must be visible to all workers)."""
 
-    task: str                     # one of training.tasks.TASKS
+    task: str  # one of training.tasks.TASKS
     config: TrainConfig
     run_dir: Path
     pairs: tuple[Pair, ...]
-    image_dir: Path               # what relative image_refs are relative to
-    tokenizer_dir: Path | None    # BLIP from a preset: the tokenizer to use
+    image_dir: Path  # what relative image_refs are relative to
+    tokenizer_dir: Path | None  # BLIP from a preset: the tokenizer to use
     steps_per_epoch: int
     total_steps: int
 
@@ -69,11 +69,16 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
 
     torch.set_num_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    task = build_task(spec.task, preset=config.preset, init_checkpoint=config.init_checkpoint,
-                      tokenizer_dir=spec.tokenizer_dir, clip_model=config.clip_model,
-                      schedule=Schedule(spec.steps_per_epoch, config.itc_warmup_steps, config.easy_negative_steps),
-                      seed=derive_seed(config.seed, "itm", rank),
-                      device=device)
+    task = build_task(
+        spec.task,
+        preset=config.preset,
+        init_checkpoint=config.init_checkpoint,
+        tokenizer_dir=spec.tokenizer_dir,
+        clip_model=config.clip_model,
+        schedule=Schedule(spec.steps_per_epoch, config.itc_warmup_steps, config.easy_negative_steps),
+        seed=derive_seed(config.seed, "itm", rank),
+        device=device,
+    )
     trainee = task.trainee
     optimizer = configure_optimizer(trainee, config.lr, config.weight_decay)
     step, history = 0, []
@@ -88,8 +93,14 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
         epoch, batches_done = divmod(step, spec.steps_per_epoch)
         order = epoch_order(len(dataset), config.batch_size, rank, world_size, config.seed, epoch)
         loader = placement.prepare_loader(
-            DataLoader(dataset, batch_size=config.batch_size, sampler=order[batches_done * config.batch_size:],
-                       collate_fn=task.collate, num_workers=config.loader_workers))
+            DataLoader(
+                dataset,
+                batch_size=config.batch_size,
+                sampler=order[batches_done * config.batch_size :],
+                collate_fn=task.collate,
+                num_workers=config.loader_workers,
+            )
+        )
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, spec.total_steps, config.warmup_steps, config.lr)
@@ -101,8 +112,13 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
 
             history.append({"step": step, **{name: value.item() for name, value in losses.items()}})
             if rank == 0 and (step % config.log_every == 0 or step == spec.total_steps):
-                log.info("%s step %d/%d  %s", spec.task, step, spec.total_steps,
-                         "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step"))
+                log.info(
+                    "%s step %d/%d  %s",
+                    spec.task,
+                    step,
+                    spec.total_steps,
+                    "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step"),
+                )
             if rank == 0 and (step % config.checkpoint_every == 0 or step == spec.total_steps):
                 save_training_state(spec.run_dir / "checkpoints" / f"step-{step}", trainee, optimizer, step, history)
             if step == spec.total_steps:
@@ -111,8 +127,9 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
     if rank == 0:
         final = spec.run_dir / "final"
         digest = trainee.export(final)
-        atomic_write_json(final / SUMMARY_FILE, {"task": spec.task, "steps": step, "digest": digest,
-                                                 "history": history})
+        atomic_write_json(
+            final / SUMMARY_FILE, {"task": spec.task, "steps": step, "digest": digest, "history": history}
+        )
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -123,19 +140,26 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def save_training_state(directory: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                        history: list[dict[str, float]]) -> None:
+def save_training_state(
+    directory: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, float]]
+) -> None:
     """Export the model into `directory`, then write the resume state beside it (last, atomically)."""
     trainee.export(directory)
-    state = {"step": step, "history": history, "trainee": trainee.state_dict(),
-             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    state = {
+        "step": step,
+        "history": history,
+        "trainee": trainee.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(directory / STATE_FILE, buffer.getvalue())
 
 
-def load_training_state(directory: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer,
-                        device: torch.device) -> tuple[int, list[dict[str, float]]]:
+def load_training_state(
+    directory: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, list[dict[str, float]]]:
     """Restore trainee, optimizer and RNG from a step folder (tensors only: `weights_only=True`);
     returns (step, loss history)."""
     state: dict[str, Any] = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)

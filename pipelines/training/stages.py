@@ -18,8 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +27,12 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines.manifests.atomic import atomic_write_json
-from pipelines.manifests.manifest import Generation, config_digest
 from pipelines.executor import init_ray
+from pipelines.manifests.manifest import Generation, config_digest
 from pipelines.training.config import RESTARTABLE_FIELDS, TrainConfig
 from pipelines.training.data import Pair, coco_pairs, generation_pairs
 from pipelines.training.loop import SUMMARY_FILE, Placement, TrainSpec, train_loop
+from vlp_core.atomic import atomic_directory, atomic_write_json
 from vlp_core.config import load_preset
 from vlp_core.tokenizer import load_tokenizer, train_tokenizer
 
@@ -74,15 +72,19 @@ def train_clip(config: TrainConfig, annotations: Path, image_root: Path, run_dir
 
     `final/` holds `clip.safetensors` and `clip.json`; `training.tasks.load_clip_checkpoint` reads it."""
     if config.preset is not None or config.init_checkpoint is not None:
-        raise ValueError("train_clip trains config.clip_model from scratch: leave preset and init_checkpoint "
-                         "unset (to use a trained open_clip model, give its weights to the rank stage instead)")
+        raise ValueError(
+            "train_clip trains config.clip_model from scratch: leave preset and init_checkpoint "
+            "unset (to use a trained open_clip model, give its weights to the rank stage instead)"
+        )
     return _fit("clip", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
 
 
 def _require_blip_source(config: TrainConfig) -> None:
     if config.preset is None and config.init_checkpoint is None:
-        raise ValueError("TrainConfig: set preset (train from random weights) or init_checkpoint (a capfilt or "
-                         "transformers BLIP folder)")
+        raise ValueError(
+            "TrainConfig: set preset (train from random weights) or init_checkpoint (a capfilt or "
+            "transformers BLIP folder)"
+        )
 
 
 def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run_dir: Path) -> TrainResult:
@@ -91,8 +93,10 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
     global_batch = config.batch_size * config.num_workers
     steps_per_epoch = len(pairs) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{task}: {len(pairs)} pairs are fewer than one global batch "
-                         f"(batch_size {config.batch_size} × num_workers {config.num_workers}); lower batch_size")
+        raise ValueError(
+            f"{task}: {len(pairs)} pairs are fewer than one global batch "
+            f"(batch_size {config.batch_size} × num_workers {config.num_workers}); lower batch_size"
+        )
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     _record_run(run_dir, task, config, pairs)
     finished = _finished_result(run_dir, total_steps)
@@ -100,11 +104,26 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
         log.info("%s: %s already holds the model after %d steps", task, run_dir / "final", total_steps)
         return finished
 
-    spec = TrainSpec(task=task, config=config, run_dir=run_dir, pairs=tuple(pairs),
-                     image_dir=Path(image_dir).resolve(), tokenizer_dir=_tokenizer_dir(task, config, pairs, run_dir),
-                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    log.info("%s: %d pairs, %d steps (%d per epoch) on %d %s worker(s) → %s", task, len(pairs), total_steps,
-             steps_per_epoch, config.num_workers, config.executor, run_dir)
+    spec = TrainSpec(
+        task=task,
+        config=config,
+        run_dir=run_dir,
+        pairs=tuple(pairs),
+        image_dir=Path(image_dir).resolve(),
+        tokenizer_dir=_tokenizer_dir(task, config, pairs, run_dir),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+    log.info(
+        "%s: %d pairs, %d steps (%d per epoch) on %d %s worker(s) → %s",
+        task,
+        len(pairs),
+        total_steps,
+        steps_per_epoch,
+        config.num_workers,
+        config.executor,
+        run_dir,
+    )
     if config.executor == "local":
         _train_here(spec)
     else:
@@ -135,10 +154,14 @@ def _train_on_ray(spec: TrainSpec) -> None:
     init_ray(config.ray_address)
     trainer = TorchTrainer(
         functools.partial(_ray_train_worker, spec),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name=spec.task, storage_path=str(spec.run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=config.max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=spec.task,
+            storage_path=str(spec.run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
     )
     trainer.fit()
 
@@ -146,19 +169,29 @@ def _train_on_ray(spec: TrainSpec) -> None:
 def _ray_train_worker(spec: TrainSpec) -> None:
     """Ray Train's `train_loop_per_worker`: the training loop, placed by Ray Train."""
     context = ray.train.get_context()
-    train_loop(spec, Placement(
-        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
-        prepare_model=lambda model, find_unused_parameters: ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}),
-        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
-    ))
+    train_loop(
+        spec,
+        Placement(
+            rank=context.get_world_rank(),
+            world_size=context.get_world_size(),
+            device=ray.train.torch.get_device(),
+            prepare_model=lambda model, find_unused_parameters: ray.train.torch.prepare_model(
+                model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
+            ),
+            prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+        ),
+    )
 
 
 def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: list[Pair]) -> None:
     """Write run.json on the first start; refuse a restart that would train something else."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESTARTABLE_FIELDS}
-    record = {"task": task, "config": settings, "pairs": len(pairs),
-              "data_digest": config_digest({"pairs": [dataclasses.astuple(p) for p in pairs]})}
+    record = {
+        "task": task,
+        "config": settings,
+        "pairs": len(pairs),
+        "data_digest": config_digest({"pairs": [dataclasses.astuple(p) for p in pairs]}),
+    }
     path = run_dir / "run.json"
     if not path.exists():
         atomic_write_json(path, record)
@@ -168,8 +201,10 @@ def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: list[Pair]
         changed = sorted(k for k in record if previous.get(k) != record[k])
         if "config" in changed:
             changed = [f"config.{k}" for k in sorted(settings) if previous["config"].get(k) != settings[k]]
-        raise ValueError(f"{run_dir} holds a run with other settings or data ({', '.join(changed)} differ); "
-                         "use a new run_dir, or restore the settings to resume it")
+        raise ValueError(
+            f"{run_dir} holds a run with other settings or data ({', '.join(changed)} differ); "
+            "use a new run_dir, or restore the settings to resume it"
+        )
 
 
 def _finished_result(run_dir: Path, total_steps: int) -> TrainResult | None:
@@ -190,14 +225,15 @@ def _tokenizer_dir(task: str, config: TrainConfig, pairs: list[Pair], run_dir: P
     model_config = load_preset(config.preset)
     folder = config.tokenizer or run_dir / "tokenizer"
     if not folder.is_dir():
-        tokenizer = train_tokenizer([model_config.prompt, *(p.caption for p in pairs)],
-                                    vocab_size=model_config.text.vocab_size)
-        staging = run_dir / ".tokenizer.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        tokenizer.save_pretrained(str(staging))
-        os.replace(staging, folder)
+        tokenizer = train_tokenizer(
+            [model_config.prompt, *(p.caption for p in pairs)], vocab_size=model_config.text.vocab_size
+        )
+        with atomic_directory(folder) as staging:
+            tokenizer.save_pretrained(str(staging))
     vocabulary = len(load_tokenizer(folder))
     if vocabulary > model_config.text.vocab_size:
-        raise ValueError(f"tokenizer {folder} has {vocabulary} tokens, more than preset {config.preset!r}'s "
-                         f"text.vocab_size {model_config.text.vocab_size}; use a smaller vocabulary or another preset")
+        raise ValueError(
+            f"tokenizer {folder} has {vocabulary} tokens, more than preset {config.preset!r}'s "
+            f"text.vocab_size {model_config.text.vocab_size}; use a smaller vocabulary or another preset"
+        )
     return folder

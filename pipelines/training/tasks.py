@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from pipelines.manifests.atomic import atomic_write_json
 from pipelines.training.data import collate_captions
+from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, file_digest, import_hf, load_checkpoint, save_checkpoint
 from vlp_core.clip import ClipRanker, load_clip, save_clip
@@ -64,8 +64,13 @@ class BlipTrainee(nn.Module):
     """A `BlipPretrainer` plus what a step needs besides the batch: its `Schedule` and the generator
     that samples ITM negatives."""
 
-    def __init__(self, pretrainer: BlipPretrainer, tokenizer: PreTrainedTokenizerBase, schedule: Schedule,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        pretrainer: BlipPretrainer,
+        tokenizer: PreTrainedTokenizerBase,
+        schedule: Schedule,
+        generator: torch.Generator,
+    ) -> None:
         super().__init__()
         self.pretrainer = pretrainer
         self.tokenizer = tokenizer
@@ -76,9 +81,16 @@ class BlipTrainee(nn.Module):
         """batch: pixel_values (B, 3, S, S), input_ids / attention_mask (B, L), image_index (B,)."""
         schedule = self.schedule
         alpha = alpha_ramp(step, schedule.steps_per_epoch, self.pretrainer.model.config.alpha)
-        return self.pretrainer(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                               batch["image_index"], alpha, self.generator, hardness=schedule.hardness(step),
-                               objectives=schedule.objectives(step, self.pretrainer.objectives))
+        return self.pretrainer(
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["image_index"],
+            alpha,
+            self.generator,
+            hardness=schedule.hardness(step),
+            objectives=schedule.objectives(step, self.pretrainer.objectives),
+        )
 
     def export(self, directory: Path) -> str:
         """A capfilt checkpoint folder (`vlp_core.checkpoint.load_checkpoint` reads it); returns its digest."""
@@ -144,12 +156,21 @@ class Task:
     trainee: nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
     collate: Callable[[list], dict]
-    caption_prefix: str             # prepended to every caption (the captioner's prompt)
-    find_unused_parameters: bool    # DDP: some parameters get no gradient under this objective
+    caption_prefix: str  # prepended to every caption (the captioner's prompt)
+    find_unused_parameters: bool  # DDP: some parameters get no gradient under this objective
 
 
-def build_task(task: str, *, preset: str | None, init_checkpoint: Path | None, tokenizer_dir: Path | None,
-               clip_model: str, schedule: Schedule, seed: int, device: torch.device) -> Task:
+def build_task(
+    task: str,
+    *,
+    preset: str | None,
+    init_checkpoint: Path | None,
+    tokenizer_dir: Path | None,
+    clip_model: str,
+    schedule: Schedule,
+    seed: int,
+    device: torch.device,
+) -> Task:
     """The trainee of `task` on `device`, from a preset (random weights, the call site seeds torch) or a checkpoint."""
     if task == "clip":
         ranker = load_clip(clip_model, device=device)

@@ -24,23 +24,24 @@ import io
 import json
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Mapping
 from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.manifests.atomic import atomic_write_bytes, atomic_write_json, atomic_write_parquet
 from pipelines.world.grammar import NOISE_TYPES, Scene, describe, paraphrases, sample_scene, web_caption
 from pipelines.world.render import render_scene
+from vlp_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
 FORMAT_VERSION = 1
-DEFAULT_NOISE_RATES = MappingProxyType({"clean": 0.50, "partial": 0.10, "wrong_attribute": 0.15,
-                                        "other_image": 0.15, "boilerplate": 0.07, "empty": 0.03})
+DEFAULT_NOISE_RATES = MappingProxyType(
+    {"clean": 0.50, "partial": 0.10, "wrong_attribute": 0.15, "other_image": 0.15, "boilerplate": 0.07, "empty": 0.03}
+)
 FAULT_TYPES = ("http_404", "corrupt", "html", "slow")
 NO_FAULT = "none"
 DEFAULT_FAULT_RATES = MappingProxyType({"http_404": 0.01, "corrupt": 0.01, "html": 0.01, "slow": 0.005})
@@ -65,8 +66,14 @@ class WorldConfig:
     slow_seconds: float = 2.0  # how long a `slow` URL waits before answering
 
     def __post_init__(self) -> None:
-        for name, low, high in (("seed", 0, 2**63 - 1), ("n_web", 1, MAX_ITEMS), ("n_human", 0, MAX_ITEMS),
-                                ("n_test", 0, MAX_ITEMS), ("image_size", 32, 1024), ("captions_per_image", 1, 20)):
+        for name, low, high in (
+            ("seed", 0, 2**63 - 1),
+            ("n_web", 1, MAX_ITEMS),
+            ("n_human", 0, MAX_ITEMS),
+            ("n_test", 0, MAX_ITEMS),
+            ("image_size", 32, 1024),
+            ("captions_per_image", 1, 20),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"WorldConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
@@ -113,11 +120,18 @@ class WorldPaths:
     @classmethod
     def at(cls, root: Path) -> WorldPaths:
         root = Path(root)
-        return cls(root=root, world_json=root / "world.json", web_pairs=root / "web" / "pairs.parquet",
-                   web_images=root / "web" / "images", web_noise=root / "ground_truth" / "web_noise.parquet",
-                   scenes=root / "ground_truth" / "scenes.parquet",
-                   human_root=root / "human", human_annotations=root / "human" / "annotations.json",
-                   test_root=root / "test", test_annotations=root / "test" / "annotations.json")
+        return cls(
+            root=root,
+            world_json=root / "world.json",
+            web_pairs=root / "web" / "pairs.parquet",
+            web_images=root / "web" / "images",
+            web_noise=root / "ground_truth" / "web_noise.parquet",
+            scenes=root / "ground_truth" / "scenes.parquet",
+            human_root=root / "human",
+            human_annotations=root / "human" / "annotations.json",
+            test_root=root / "test",
+            test_annotations=root / "test" / "annotations.json",
+        )
 
 
 def make_world(out_dir: Path, config: WorldConfig) -> WorldPaths:
@@ -129,17 +143,30 @@ def make_world(out_dir: Path, config: WorldConfig) -> WorldPaths:
     noise, faults = _write_web(paths, config)
     human = _write_coco_set(paths.human_root, "h", config.n_human, config)
     test = _write_coco_set(paths.test_root, "t", config.n_test, config)
-    atomic_write_parquet(pa.table({
-        "image_id": list(human) + list(test),
-        "split": ["human"] * len(human) + ["test"] * len(test),
-        "scene": [scene.to_json() for scene in [*human.values(), *test.values()]],
-    }), paths.scenes)
-    atomic_write_json(paths.world_json, {
-        "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
-        "counts": {"web": config.n_web, "human": config.n_human, "test": config.n_test,
-                   "noise": noise, "fault": faults},
-    })
+    atomic_write_parquet(
+        pa.table(
+            {
+                "image_id": list(human) + list(test),
+                "split": ["human"] * len(human) + ["test"] * len(test),
+                "scene": [scene.to_json() for scene in [*human.values(), *test.values()]],
+            }
+        ),
+        paths.scenes,
+    )
+    atomic_write_json(
+        paths.world_json,
+        {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "counts": {
+                "web": config.n_web,
+                "human": config.n_human,
+                "test": config.n_test,
+                "noise": noise,
+                "fault": faults,
+            },
+        },
+    )
     (paths.root / _IN_PROGRESS).unlink()
     return paths
 
@@ -149,8 +176,9 @@ def load_world(out_dir: Path) -> tuple[WorldConfig, WorldPaths]:
     paths = WorldPaths.at(out_dir)
     info = _read_world_json(paths)
     if info is None:
-        raise ValueError(f"{out_dir} is not a synthetic world folder (no world.json); make one with "
-                         "`capfilt world --out DIR`")
+        raise ValueError(
+            f"{out_dir} is not a synthetic world folder (no world.json); make one with `capfilt world --out DIR`"
+        )
     return WorldConfig(**info["config"]), paths
 
 
@@ -220,13 +248,22 @@ def _write_web(paths: WorldPaths, config: WorldConfig) -> tuple[dict[str, int], 
         true_captions.append(describe(scene, rng))
         image = render_scene(scene, config.image_size, np.random.default_rng(rng.getrandbits(64)))
         atomic_write_bytes(paths.web_images / f"{key}.jpg", _encode(image, "JPEG"))
-    url_paths = [f"images/{key}.jpg" if fault == NO_FAULT else f"fault/{fault}/{key}.jpg"
-                 for key, fault in zip(keys, faults)]
+    url_paths = [
+        f"images/{key}.jpg" if fault == NO_FAULT else f"fault/{fault}/{key}.jpg" for key, fault in zip(keys, faults)
+    ]
     atomic_write_parquet(pa.table({"key": keys, "path": url_paths, "caption": captions}), paths.web_pairs)
-    atomic_write_parquet(pa.table({
-        "key": keys, "noise_type": noise, "fault": faults, "true_caption": true_captions,
-        "scene": [scene.to_json() for scene in scenes],
-    }), paths.web_noise)
+    atomic_write_parquet(
+        pa.table(
+            {
+                "key": keys,
+                "noise_type": noise,
+                "fault": faults,
+                "true_caption": true_captions,
+                "scene": [scene.to_json() for scene in scenes],
+            }
+        ),
+        paths.web_noise,
+    )
     return noise_counts, faults_counts
 
 
@@ -240,8 +277,9 @@ def _write_coco_set(root: Path, prefix: str, n: int, config: WorldConfig) -> dic
         rng = _item_rng(config, image_id)
         scene = scenes[image_id] = sample_scene(rng)
         image_path = f"images/{image_id}.png"
-        records.append({"image": image_path, "caption": paraphrases(scene, rng, config.captions_per_image),
-                        "image_id": image_id})
+        records.append(
+            {"image": image_path, "caption": paraphrases(scene, rng, config.captions_per_image), "image_id": image_id}
+        )
         image = render_scene(scene, config.image_size, np.random.default_rng(rng.getrandbits(64)))
         atomic_write_bytes(root / image_path, _encode(image, "PNG"))
     atomic_write_json(root / "annotations.json", records)
@@ -259,8 +297,10 @@ def _read_world_json(paths: WorldPaths) -> dict | None:
         return None
     info = json.loads(paths.world_json.read_text())
     if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{paths.world_json}: world format version {info.get('format_version')!r}, this code "
-                         f"reads version {FORMAT_VERSION}; make the world again")
+        raise ValueError(
+            f"{paths.world_json}: world format version {info.get('format_version')!r}, this code "
+            f"reads version {FORMAT_VERSION}; make the world again"
+        )
     return info
 
 
@@ -274,12 +314,16 @@ def _already_made(paths: WorldPaths, config: WorldConfig) -> bool:
     info = _read_world_json(paths)
     if info is not None:
         asked = config.to_dict()
-        differences = [f"{key}={info['config'].get(key)!r}, asked {value!r}" for key, value in asked.items()
-                       if info["config"].get(key) != value]
+        differences = [
+            f"{key}={info['config'].get(key)!r}, asked {value!r}"
+            for key, value in asked.items()
+            if info["config"].get(key) != value
+        ]
         if not differences:
             return True
-        raise ValueError(f"{paths.root} holds another world ({'; '.join(differences)}); "
-                         "choose another folder or delete it")
+        raise ValueError(
+            f"{paths.root} holds another world ({'; '.join(differences)}); choose another folder or delete it"
+        )
     if paths.root.exists() and any(paths.root.iterdir()):
         raise ValueError(f"{paths.root} is not empty and holds no world; choose an empty or new folder")
     return False

@@ -25,15 +25,22 @@ NOISE_TYPES = ("clean", "partial", "wrong_attribute", "other_image", "boilerplat
 NOISY_TYPES = frozenset({"wrong_attribute", "other_image", "boilerplate", "empty"})
 
 # Where each position lies, as (x, y) fractions of the image side; relations are read from these.
-POSITION_ANCHORS = {"left": (0.18, 0.5), "right": (0.82, 0.5), "top": (0.5, 0.18), "bottom": (0.5, 0.82),
-                    "center": (0.5, 0.5)}
+POSITION_ANCHORS = {
+    "left": (0.18, 0.5),
+    "right": (0.82, 0.5),
+    "top": (0.5, 0.18),
+    "bottom": (0.5, 0.82),
+    "center": (0.5, 0.5),
+}
 OBJECT_COUNT_WEIGHTS = {1: 0.3, 2: 0.4, 3: 0.3}
 
 # Words the grammar writes, and the parser reads back (every phrase maps to exactly one value).
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 POSITION_PHRASES = {
-    "left": ("on the left", "on the left side"), "right": ("on the right", "on the right side"),
-    "top": ("at the top", "near the top"), "bottom": ("at the bottom", "near the bottom"),
+    "left": ("on the left", "on the left side"),
+    "right": ("on the right", "on the right side"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
     "center": ("in the center", "in the middle"),
 }
 RELATION_PHRASES = {"left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below"}
@@ -42,16 +49,37 @@ RELATION_PHRASES = {"left_of": "to the left of", "right_of": "to the right of", 
 # {r01} a true relation from object 0 to object 1. FULL templates state every attribute of every
 # object (position directly or through a relation); BARE ones leave positions out (for partial captions).
 FULL_TEMPLATES = {
-    1: ("{o0} {p0}", "there is {o0} {p0}", "{o0} is {p0}", "{p0}, {o0}", "{p0} there is {o0}",
-        "{o0} {p0} of the picture"),
-    2: ("{o0} {p0} and {o1} {p1}", "{o0} {r01} {o1}", "there is {o0} {r01} {o1}", "{o0} is {r01} {o1}",
-        "{o0} is {p0} and {o1} is {p1}", "{p0}, {o0}, and {p1}, {o1}", "two shapes: {o0} {p0} and {o1} {p1}"),
-    3: ("{o0} {p0}, {o1} {p1} and {o2} {p2}", "{o0} {r01} {o1}, and {o2} {p2}",
-        "there are three shapes: {o0} {p0}, {o1} {p1} and {o2} {p2}", "{o0} is {p0}, {o1} is {p1} and {o2} is {p2}",
-        "{p0}, {o0}; {p1}, {o1}; {p2}, {o2}", "{o2} {p2}, and {o0} {r01} {o1}"),
+    1: (
+        "{o0} {p0}",
+        "there is {o0} {p0}",
+        "{o0} is {p0}",
+        "{p0}, {o0}",
+        "{p0} there is {o0}",
+        "{o0} {p0} of the picture",
+    ),
+    2: (
+        "{o0} {p0} and {o1} {p1}",
+        "{o0} {r01} {o1}",
+        "there is {o0} {r01} {o1}",
+        "{o0} is {r01} {o1}",
+        "{o0} is {p0} and {o1} is {p1}",
+        "{p0}, {o0}, and {p1}, {o1}",
+        "two shapes: {o0} {p0} and {o1} {p1}",
+    ),
+    3: (
+        "{o0} {p0}, {o1} {p1} and {o2} {p2}",
+        "{o0} {r01} {o1}, and {o2} {p2}",
+        "there are three shapes: {o0} {p0}, {o1} {p1} and {o2} {p2}",
+        "{o0} is {p0}, {o1} is {p1} and {o2} is {p2}",
+        "{p0}, {o0}; {p1}, {o1}; {p2}, {o2}",
+        "{o2} {p2}, and {o0} {r01} {o1}",
+    ),
 }
-BARE_TEMPLATES = {1: ("{o0}", "there is {o0}", "a picture of {o0}"), 2: ("{o0} and {o1}", "there is {o0} and {o1}"),
-                  3: ("{o0}, {o1} and {o2}",)}
+BARE_TEMPLATES = {
+    1: ("{o0}", "there is {o0}", "a picture of {o0}"),
+    2: ("{o0} and {o1}", "there is {o0} and {o1}"),
+    3: ("{o0}, {o1} and {o2}",),
+}
 
 
 @dataclass(frozen=True)
@@ -103,8 +131,11 @@ def sample_scene(rng: random.Random) -> Scene:
     n_objects = rng.choices(list(OBJECT_COUNT_WEIGHTS), weights=list(OBJECT_COUNT_WEIGHTS.values()))[0]
     positions = rng.sample(POSITIONS, n_objects)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_objects)
-    return Scene(tuple(SceneObject(shape, color, rng.choice(SIZES), position)
-                       for (color, shape), position in zip(kinds, positions)))
+    return Scene(
+        tuple(
+            SceneObject(shape, color, rng.choice(SIZES), position) for (color, shape), position in zip(kinds, positions)
+        )
+    )
 
 
 def relation_holds(subject: SceneObject, relation: str, reference: SceneObject) -> bool:
@@ -201,15 +232,26 @@ def web_caption(noise_type: str, scene: Scene, candidates: list[Scene], rng: ran
 
 
 BOILERPLATE_TEMPLATES = (
-    "IMG_{n4}.jpg", "DSC{n5}.JPG", "click to buy", "stock photo", "stock photo {n5}", "free shipping on all orders",
-    "image may contain: text", "untitled", "photo {n3}", "download high resolution", "buy now and save {n2}%",
-    "thumbnail", "screenshot_{n4}.png", "product image",
+    "IMG_{n4}.jpg",
+    "DSC{n5}.JPG",
+    "click to buy",
+    "stock photo",
+    "stock photo {n5}",
+    "free shipping on all orders",
+    "image may contain: text",
+    "untitled",
+    "photo {n3}",
+    "download high resolution",
+    "buy now and save {n2}%",
+    "thumbnail",
+    "screenshot_{n4}.png",
+    "product image",
 )
 
 
 def boilerplate_caption(rng: random.Random) -> str:
     """Web alt-text that says nothing about the image ("IMG_0042.jpg", "click to buy", ...)."""
-    numbers = {f"n{k}": f"{rng.randrange(10 ** k):0{k}d}" for k in (2, 3, 4, 5)}
+    numbers = {f"n{k}": f"{rng.randrange(10**k):0{k}d}" for k in (2, 3, 4, 5)}
     return rng.choice(BOILERPLATE_TEMPLATES).format(**numbers)
 
 
@@ -232,8 +274,15 @@ def _render(template: str, objects: list[SceneObject], keep: list[tuple[bool, bo
 # --- reading captions ---------------------------------------------------------------------------
 
 _WORD_TO_SIZE = {word: size for size, words in SIZE_WORDS.items() for word in words}
-_WORD_TO_POSITION = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "center",
-                     "centre": "center", "middle": "center"}
+_WORD_TO_POSITION = {
+    "left": "left",
+    "right": "right",
+    "top": "top",
+    "bottom": "bottom",
+    "center": "center",
+    "centre": "center",
+    "middle": "center",
+}
 _RELATION_NGRAMS = {tuple(phrase.split()): relation for relation, phrase in RELATION_PHRASES.items()}
 _CLAUSE_BREAKS = {",", ";", ":", ".", "and", "while"}
 _TOKEN = re.compile(r"[a-z]+|[,;:.]")
@@ -285,7 +334,7 @@ def parse_caption(text: str) -> ParsedCaption | None:
 def _relation_at(tokens: list[str], i: int) -> tuple[str | None, int]:
     """The relation phrase starting at tokens[i] (if any) and how many tokens it spans (at least 1)."""
     for length in sorted({len(ngram) for ngram in _RELATION_NGRAMS}, reverse=True):
-        relation = _RELATION_NGRAMS.get(tuple(tokens[i:i + length]))
+        relation = _RELATION_NGRAMS.get(tuple(tokens[i : i + length]))
         if relation:
             return relation, length
     return None, 1
@@ -303,8 +352,9 @@ def attribute_accuracy(caption: str, scene: Scene) -> float:
     parsed = parse_caption(caption)
     if parsed is None:
         return 0.0
-    best = max(_true_claims(parsed, scene, matching)
-               for matching in _matchings(len(parsed.mentions), len(scene.objects)))
+    best = max(
+        _true_claims(parsed, scene, matching) for matching in _matchings(len(parsed.mentions), len(scene.objects))
+    )
     return best / parsed.n_attributes
 
 
@@ -327,8 +377,11 @@ def _true_claims(parsed: ParsedCaption, scene: Scene, matching: tuple[int | None
             continue
         obj = scene.objects[obj_index]
         true += mention.shape == obj.shape
-        true += sum(getattr(mention, a) == getattr(obj, a) for a in ("color", "size", "position")
-                    if getattr(mention, a) is not None)
+        true += sum(
+            getattr(mention, a) == getattr(obj, a)
+            for a in ("color", "size", "position")
+            if getattr(mention, a) is not None
+        )
     for subject, relation, reference in parsed.relations:
         a, b = matching[subject], matching[reference]
         true += a is not None and b is not None and relation_holds(scene.objects[a], relation, scene.objects[b])

@@ -13,8 +13,14 @@ from PIL import Image, ImageDraw
 
 from pipelines.world.grammar import POSITION_ANCHORS, Scene
 
-COLOR_RGB = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 205, 30),
-             "purple": (135, 50, 170), "orange": (245, 135, 20)}
+COLOR_RGB = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 205, 30),
+    "purple": (135, 50, 170),
+    "orange": (245, 135, 20),
+}
 BACKGROUND_RGB = ((235, 235, 230), (205, 205, 205), (225, 215, 195), (195, 208, 218), (165, 165, 160))
 HALF_EXTENT = {"small": 0.09, "large": 0.15}  # half the object's width, as a fraction of the image side
 POSITION_JITTER = 0.01  # fraction of the image side; anchors are >= 0.32 apart, two large objects need 0.30
@@ -25,13 +31,27 @@ SUPERSAMPLE = 4
 
 def _star(points: int = 5, inner: float = 0.45) -> tuple[tuple[float, float], ...]:
     angles = [-math.pi / 2 + k * math.pi / points for k in range(2 * points)]
-    return tuple(((1 if k % 2 == 0 else inner) * math.cos(a), (1 if k % 2 == 0 else inner) * math.sin(a))
-                 for k, a in enumerate(angles))
+    return tuple(
+        ((1 if k % 2 == 0 else inner) * math.cos(a), (1 if k % 2 == 0 else inner) * math.sin(a))
+        for k, a in enumerate(angles)
+    )
 
 
 def _cross(arm: float = 0.35) -> tuple[tuple[float, float], ...]:
-    return ((-arm, -1), (arm, -1), (arm, -arm), (1, -arm), (1, arm), (arm, arm), (arm, 1), (-arm, 1),
-            (-arm, arm), (-1, arm), (-1, -arm), (-arm, -arm))
+    return (
+        (-arm, -1),
+        (arm, -1),
+        (arm, -arm),
+        (1, -arm),
+        (1, arm),
+        (arm, arm),
+        (arm, 1),
+        (-arm, 1),
+        (-arm, arm),
+        (-1, arm),
+        (-1, -arm),
+        (-arm, -arm),
+    )
 
 
 SHAPE_OUTLINES = {

@@ -21,14 +21,16 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.manifests.atomic import atomic_write_parquet
 from pipelines.world.generate import FAULT_TYPES, load_world
+from vlp_core.atomic import atomic_write_parquet
 
 # /images/<key>.jpg, or /fault/<fault type>/<key>.jpg
 _ROUTE = re.compile(rf"/(?:images|fault/(?P<fault>{'|'.join(FAULT_TYPES)}))/(?P<key>[A-Za-z0-9_-]+)\.jpg")
 _JPEG_START_OF_SCAN = b"\xff\xda"
-_HTML_PAGE = (b"<!doctype html>\n<html><head><title>Product page</title></head>\n"
-              b"<body><h1>Great deals</h1><p>Click to buy. Free shipping on all orders.</p></body></html>\n")
+_HTML_PAGE = (
+    b"<!doctype html>\n<html><head><title>Product page</title></head>\n"
+    b"<body><h1>Great deals</h1><p>Click to buy. Free shipping on all orders.</p></body></html>\n"
+)
 
 
 class _WorldHTTPServer(ThreadingHTTPServer):

@@ -16,8 +16,9 @@ def _positive(values: list[float]) -> bool:
     return len(values) > 0 and all(value > 0 for value in values)
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
-                                  for name in BENCHMARKS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in BENCHMARKS]
+)
 def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", name, "--quick", "--json", str(tmp_path / "report.json")]) == 0
     printed = capsys.readouterr().out

@@ -20,8 +20,18 @@ ARMS, SEEDS = ["no_capfilt", "capfilt"], [0, 1]
 
 def _ablate(out: Path, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(home)}  # an ephemeral Prefect of its own
-    command = [str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--out", str(out), "--arms", ",".join(ARMS),
-               "--seeds", ",".join(map(str, SEEDS))]
+    command = [
+        str(BIN / "capfilt"),
+        "ablate",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--arms",
+        ",".join(ARMS),
+        "--seeds",
+        ",".join(map(str, SEEDS)),
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
 
 
@@ -62,10 +72,12 @@ def test_the_table_has_every_arm_and_seed(ablation_run) -> None:
     assert no_capfilt["data"]["filter"]["removed"] == removed["empty"]["removed"], "no ITM filter: empty ones only"
     rows = pq.read_table(out / "data_manifests" / "web" / "gen-0001" / "samples").to_pylist()
     threshold = summary["settings"]["itm_threshold"]
-    below = sum(row["caption_source"] == "web" and row["itm_score"] is not None and row["itm_score"] < threshold
-                for row in rows)
-    assert capfilt["data"]["filter"]["removed"] == no_capfilt["data"]["filter"]["removed"] + below, \
+    below = sum(
+        row["caption_source"] == "web" and row["itm_score"] is not None and row["itm_score"] < threshold for row in rows
+    )
+    assert capfilt["data"]["filter"]["removed"] == no_capfilt["data"]["filter"]["removed"] + below, (
         "the ITM filter leaves out the scored web captions below the threshold as well"
+    )
     assert {run["checkpoint"] for run in no_capfilt["runs"]}.isdisjoint(run["checkpoint"] for run in capfilt["runs"])
 
 
@@ -86,8 +98,9 @@ def test_arms_train_on_the_pairs_their_rules_keep(ablation_run) -> None:
         assert arm["per_seed"]["0"]["training_pairs"] == arm["per_seed"]["1"]["training_pairs"] == expected[name]
         assert arm["per_seed"]["0"]["kept_ratio"] == pytest.approx((expected[name] - human) / candidate_rows)
         assert arm["generation"]["counts"]["rows_by_source"]["synthetic"] > 0
-    synthetic_passing = sum(row["caption_source"] == "synthetic" and (row["itm_score"] or 0) >= threshold
-                            for row in rows)
+    synthetic_passing = sum(
+        row["caption_source"] == "synthetic" and (row["itm_score"] or 0) >= threshold for row in rows
+    )
     kept_synthetic = [arm["generation"]["counts"]["kept_by_source"].get("synthetic", 0) for arm in summary["arms"]]
     assert kept_synthetic == [0, synthetic_passing]
 
@@ -110,7 +123,10 @@ def test_a_rerun_reuses_every_training_and_evaluation(ablation_run) -> None:
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert _files(out / "train") == trainings, "no training ran again"
     after = _files(out / "data_manifests")
-    unchanged = {path: mtime for path, mtime in manifests.items()
-                 if "/report/" not in path and not path.endswith(("generation.json", "ablation.json", "ablation.md"))}
+    unchanged = {
+        path: mtime
+        for path, mtime in manifests.items()
+        if "/report/" not in path and not path.endswith(("generation.json", "ablation.json", "ablation.md"))
+    }
     assert {path: after.get(path) for path in unchanged} == unchanged, "parts, markers and evaluations are reused"
     assert json.loads((out / "data_manifests" / "web" / "gen-0001" / "ablation.json").read_text()) == before

@@ -45,12 +45,15 @@ def test_generations_on_an_empty_root(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "no generations" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"rounds": -1}, "rounds must be an integer ≥ 0"),
-    ({"num_captions": 0}, "num_captions must be an integer ≥ 1"),
-    ({"top_k": 1.5}, "top_k must be an integer ≥ 1"),
-    ({"itm_threshold": 1.2}, "itm_threshold must be a probability"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rounds": -1}, "rounds must be an integer ≥ 0"),
+        ({"num_captions": 0}, "num_captions must be an integer ≥ 1"),
+        ({"top_k": 1.5}, "top_k must be an integer ≥ 1"),
+        ({"itm_threshold": 1.2}, "itm_threshold must be a probability"),
+    ],
+)
 def test_bad_run_settings_fail_before_the_world_is_made(overrides: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
         run_setup(str(tmp_path / "run"), "smoke", overrides, None, None, None, None, None, world_seed=0, n_web=None)

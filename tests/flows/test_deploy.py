@@ -30,10 +30,20 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory):
     """A Prefect server on 127.0.0.1 with its own PREFECT_HOME; yields the environment to reach it."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: _healthy(env["PREFECT_API_URL"]), "the Prefect server answers", 180)
         yield env
@@ -48,11 +58,17 @@ def served(prefect_env: dict, tmp_path_factory: pytest.TempPathFactory):
     log = open(out.parent / "serve.log", "w")
     process = subprocess.Popen(
         [str(BIN / "capfilt"), "deploy", "--param", f"out_dir={json.dumps(str(out))}", "--param", 'preset="smoke"'],
-        env=prefect_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=prefect_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
-        wait_until(lambda: _prefect(prefect_env, "deployment", "inspect", "capfilt/on-demand").returncode == 0,
-                    "the deployments are registered", 180)
+        wait_until(
+            lambda: _prefect(prefect_env, "deployment", "inspect", "capfilt/on-demand").returncode == 0,
+            "the deployments are registered",
+            180,
+        )
         yield prefect_env, out
     finally:
         stop_group(process, signal.SIGINT)
@@ -71,7 +87,8 @@ def _run_deployment(env: dict, *params: str) -> subprocess.CompletedProcess:
 
 
 def _mtimes(folder: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.suffix in (".parquet", ".safetensors")}
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".parquet", ".safetensors")]
+    return {p: p.stat().st_mtime_ns for p in files}
 
 
 def test_both_deployments_are_registered_with_their_schedule(served) -> None:
@@ -93,7 +110,8 @@ def test_deployment_run_completes_and_writes_generations_and_artifact(served) ->
     assert set(info["counts"]["rows_by_source"]) == {"web", "synthetic", "human"}
     rows = pq.read_table(generation_1 / "samples").to_pylist()
     assert sum(r["caption_source"] == "synthetic" for r in rows) == 2 * sum(
-        r["caption_source"] == "web" and r["image_ref"] is not None for r in rows)
+        r["caption_source"] == "web" and r["image_ref"] is not None for r in rows
+    )
     assert (generation_1 / "evaluation.json").is_file()
     report = json.loads((generation_1 / "report" / "report.json").read_text())
     assert report["counts"]["rows"] == len(rows)
@@ -113,9 +131,15 @@ def test_deployment_run_completes_and_writes_generations_and_artifact(served) ->
 
 def test_a_failing_stage_fails_the_flow_run_with_its_message(served) -> None:
     env, out = served
-    result = _run_deployment(env, f"out_dir={json.dumps(str(out / 'bad'))}", 'url_list="/nonexistent/urls.parquet"',
-                             'human_annotations="/x"', 'human_image_root="/x"', 'test_annotations="/x"',
-                             'test_image_root="/x"')
+    result = _run_deployment(
+        env,
+        f"out_dir={json.dumps(str(out / 'bad'))}",
+        'url_list="/nonexistent/urls.parquet"',
+        'human_annotations="/x"',
+        'human_image_root="/x"',
+        'test_annotations="/x"',
+        'test_image_root="/x"',
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "FAILED" in output.upper()

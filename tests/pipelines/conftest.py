@@ -55,8 +55,8 @@ def downloaded_gen0(tmp_path_factory: pytest.TempPathFactory, stage_world: World
     generation = Generation(tmp_path_factory.mktemp("stage_manifests"), "world", 0)
     with WorldServer(stage_world.root) as server:
         url_list = server.write_url_list(tmp_path_factory.mktemp("stage_urls") / "urls.parquet")
-        download(url_list, generation, DownloadConfig(samples_per_shard=10, threads=8,
-                                                      allowed_networks=("127.0.0.1/32",)))
+        config = DownloadConfig(samples_per_shard=10, threads=8, allowed_networks=("127.0.0.1/32",))
+        download(config, url_list, generation)
     return generation
 
 
@@ -95,8 +95,10 @@ def tiny_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def no_inference(monkeypatch):
     """Make any model inference through the stages' shard loop fail loudly."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was run")
+
     monkeypatch.setattr(pipelines.stages.shards, "_map_requests", refuse)
 
 
@@ -106,8 +108,9 @@ def kill_midway():
     of `shards` is finished and not all of them; returns the shards that were done at the kill. A shard
     is finished when `stage` marked it in `target`, or when `finished(shard)` says so."""
 
-    def run(code: str, target: Generation, stage: str, shards: list[str],
-            finished: Callable[[str], bool] | None = None) -> list[str]:
+    def run(
+        code: str, target: Generation, stage: str, shards: list[str], finished: Callable[[str], bool] | None = None
+    ) -> list[str]:
         is_finished = finished or (lambda shard: target.is_done(stage, shard))
 
         def done() -> list[str]:

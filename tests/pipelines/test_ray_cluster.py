@@ -4,8 +4,8 @@ joined through RAY_ADDRESS, and a stage run as a `ray job submit` job. Everythin
 import json
 import os
 import secrets
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,8 +37,13 @@ def _answers(url: str) -> bool:
 
 def _cluster_env() -> dict[str, str]:
     """Token authentication on, with this module's own token (head and clients share it); stages on Ray."""
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
-            "CAPFILT_EXECUTOR": "ray"}
+    return {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": TOKEN,
+        "CAPFILT_EXECUTOR": "ray",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +53,33 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     env = _cluster_env()
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=3",
-         # Own ports for the head's agents: the defaults may be taken by another Ray on this machine.
-         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "runtime-env-agent-port", "metrics-export-port")),
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--num-cpus=3",
+            # Own ports for the head's agents: the defaults may be taken by another Ray on this machine.
+            *(
+                f"--{flag}={free_port()}"
+                for flag in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                )
+            ),
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -109,15 +134,44 @@ def test_stage_commands_run_on_the_cluster(ray_head, tmp_path: Path) -> None:
     assert main(["download", "--world", str(world), "--root", str(root)]) == 0
 
     finetune = subprocess.run(
-        [capfilt, "finetune", "captioner", "--preset", "tiny", "--max-steps", "2", "--batch-size", "4",
-         "--annotations", str(world / "human" / "annotations.json"), "--image-root", str(world / "human"),
-         "--run-dir", str(run_dir)],
-        env={**_cluster_env(), "RAY_ADDRESS": gcs_address}, capture_output=True, text=True, timeout=600,
+        [
+            capfilt,
+            "finetune",
+            "captioner",
+            "--preset",
+            "tiny",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--annotations",
+            str(world / "human" / "annotations.json"),
+            "--image-root",
+            str(world / "human"),
+            "--run-dir",
+            str(run_dir),
+        ],
+        env={**_cluster_env(), "RAY_ADDRESS": gcs_address},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert finetune.returncode == 0, finetune.stderr[-3000:]
 
-    caption = [capfilt, "caption", "--root", str(root), "--generation", "1", "--checkpoint", str(run_dir / "final"),
-               "--num-captions", "2", "--batch-size", "4"]
+    caption = [
+        capfilt,
+        "caption",
+        "--root",
+        str(root),
+        "--generation",
+        "1",
+        "--checkpoint",
+        str(run_dir / "final"),
+        "--num-captions",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     job = _submit_job(dashboard, *caption)
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
 

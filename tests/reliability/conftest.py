@@ -34,9 +34,15 @@ def hostile_download(tmp_path_factory: pytest.TempPathFactory) -> HostileDownloa
             url_list = tmp_path_factory.mktemp("hostile") / "urls.csv"
             url_list.write_bytes(b"\n".join(lines) + b"\n")
             generation = Generation(tmp_path_factory.mktemp("hostile_manifests"), "hostile", 0)
-            config = DownloadConfig(samples_per_shard=20, threads=16, timeout_s=2, max_fetch_seconds=3,
-                                    max_image_bytes=2 * 2**20, allowed_networks=("127.0.0.1/32",))
-            table = download(url_list, generation, config)
+            config = DownloadConfig(
+                samples_per_shard=20,
+                threads=16,
+                timeout_s=2,
+                max_fetch_seconds=3,
+                max_image_bytes=2 * 2**20,
+                allowed_networks=("127.0.0.1/32",),
+            )
+            table = download(config, url_list, generation)
         internal_hits = list(internal.hits)
     rows = {names[int(row["image_id"].removeprefix("web-"))]: row for row in table.to_pylist()}
     expected = {name: reason for name, (_, _, reason) in cases.items()} | dict.fromkeys(BAD_CAPTIONS)

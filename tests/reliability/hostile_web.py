@@ -21,7 +21,6 @@ from PIL import Image
 
 from pipelines.manifests.manifest import Generation
 
-
 INTERNAL_HOST = "127.0.0.2"
 BOMB_SIDE = 9000  # 81 Mpx declared (> the 64 Mpx limit): 243 MB decoded from a ~240 kB PNG
 HTML_PAGE = b"<!doctype html><html><body><h1>Click to buy</h1></body></html>"
@@ -37,12 +36,13 @@ def half_red(width: int = 40, height: int = 20) -> Image.Image:
     """Left half red, right half blue: shows rotation and flips."""
     pixels = np.zeros((height, width, 3), np.uint8)
     pixels[:, : width // 2] = (255, 0, 0)
-    pixels[:, width // 2:] = (0, 0, 255)
+    pixels[:, width // 2 :] = (0, 0, 255)
     return Image.fromarray(pixels)
 
 
 def png_bomb(side: int) -> bytes:
     """A valid RGB PNG of side x side black pixels; zlib squeezes its rows to almost nothing."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -82,9 +82,9 @@ class Reply:
     content_type: str = "image/jpeg"
     body: bytes = b""
     location: str | None = None  # a redirect target
-    send_length: bool = True     # False: no Content-Length, the body ends when the connection closes
-    hang_s: float = 0.0          # wait this long before answering
-    drip_s: float = 0.0          # send the body one byte at a time, this long apart
+    send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
+    hang_s: float = 0.0  # wait this long before answering
+    drip_s: float = 0.0  # send the body one byte at a time, this long apart
 
 
 class _Server(ThreadingHTTPServer):
@@ -166,33 +166,51 @@ def download_cases(internal: str) -> dict[str, tuple[str, Reply | None, str | No
     images = image_payloads()
     bad_image = {"truncated_jpeg": "decode_error", "empty": "empty_body", "bomb": "too_large"}
     cases = {name: (f"/{name}", Reply(body=images[name]), reason) for name, reason in bad_image.items()}
-    cases.update({name: (f"/{name}", Reply(body=images[name]), None)
-                  for name in ("jpeg", "animated_gif", "cmyk_jpeg", "png_16bit", "rgba_png", "exif_rotated")})
-    cases.update({
-        "html_as_jpeg": ("/html_as_jpeg", Reply(body=HTML_PAGE), "decode_error"),
-        "html_page": ("/html_page", Reply(content_type="text/html", body=HTML_PAGE), "decode_error"),
-        "json_body": ("/json_body", Reply(content_type="application/json", body=b'{"a": 1}'), "decode_error"),
-        "oversized_body": ("/oversized_body", Reply(body=bytes(3 * 2**20), send_length=False), "too_large"),
-        "http_404": ("/http_404", None, "http_404"),
-        "http_500": ("/http_500", Reply(500, "text/plain", b"oops"), "http_500"),
-        "connection_refused": (f"http://127.0.0.1:{closed_port()}/a.jpg", None, "connection_refused"),
-        "hang": ("/hang", Reply(body=images["jpeg"], hang_s=60), "timeout"),
-        "drip": ("/drip", Reply(body=bytes(5000), drip_s=0.01), "timeout"),
-        "redirect_ok": ("/redirect_ok", Reply(302, "text/plain", location="/jpeg"), None),
-        "redirect_loop": ("/redirect_loop", Reply(302, "text/plain", location="/redirect_loop"), "redirect_loop"),
-        "redirect_to_metadata": ("/redirect_to_metadata", Reply(
-            302, "text/plain", location="http://169.254.169.254/latest/meta-data/"), "url_policy"),
-        "redirect_to_internal": ("/redirect_to_internal", Reply(
-            302, "text/plain", location=f"{internal}/secret.jpg"), "url_policy"),
-        "redirect_to_file": ("/redirect_to_file", Reply(302, "text/plain", location="file:///etc/passwd"),
-                             "url_policy"),
-        "redirect_to_ftp": ("/redirect_to_ftp", Reply(302, "text/plain", location="ftp://127.0.0.1/a.jpg"),
-                            "url_policy"),
-        "internal_direct": (f"{internal}/secret.jpg", None, "url_policy"),
-        "metadata_direct": ("http://169.254.169.254/latest/meta-data/", None, "url_policy"),
-        "file_scheme": ("file:///etc/passwd", None, "url_policy"),
-        "ftp_scheme": ("ftp://example.org/a.jpg", None, "url_policy"),
-    })
+    cases.update(
+        {
+            name: (f"/{name}", Reply(body=images[name]), None)
+            for name in ("jpeg", "animated_gif", "cmyk_jpeg", "png_16bit", "rgba_png", "exif_rotated")
+        }
+    )
+    cases.update(
+        {
+            "html_as_jpeg": ("/html_as_jpeg", Reply(body=HTML_PAGE), "decode_error"),
+            "html_page": ("/html_page", Reply(content_type="text/html", body=HTML_PAGE), "decode_error"),
+            "json_body": ("/json_body", Reply(content_type="application/json", body=b'{"a": 1}'), "decode_error"),
+            "oversized_body": ("/oversized_body", Reply(body=bytes(3 * 2**20), send_length=False), "too_large"),
+            "http_404": ("/http_404", None, "http_404"),
+            "http_500": ("/http_500", Reply(500, "text/plain", b"oops"), "http_500"),
+            "connection_refused": (f"http://127.0.0.1:{closed_port()}/a.jpg", None, "connection_refused"),
+            "hang": ("/hang", Reply(body=images["jpeg"], hang_s=60), "timeout"),
+            "drip": ("/drip", Reply(body=bytes(5000), drip_s=0.01), "timeout"),
+            "redirect_ok": ("/redirect_ok", Reply(302, "text/plain", location="/jpeg"), None),
+            "redirect_loop": ("/redirect_loop", Reply(302, "text/plain", location="/redirect_loop"), "redirect_loop"),
+            "redirect_to_metadata": (
+                "/redirect_to_metadata",
+                Reply(302, "text/plain", location="http://169.254.169.254/latest/meta-data/"),
+                "url_policy",
+            ),
+            "redirect_to_internal": (
+                "/redirect_to_internal",
+                Reply(302, "text/plain", location=f"{internal}/secret.jpg"),
+                "url_policy",
+            ),
+            "redirect_to_file": (
+                "/redirect_to_file",
+                Reply(302, "text/plain", location="file:///etc/passwd"),
+                "url_policy",
+            ),
+            "redirect_to_ftp": (
+                "/redirect_to_ftp",
+                Reply(302, "text/plain", location="ftp://127.0.0.1/a.jpg"),
+                "url_policy",
+            ),
+            "internal_direct": (f"{internal}/secret.jpg", None, "url_policy"),
+            "metadata_direct": ("http://169.254.169.254/latest/meta-data/", None, "url_policy"),
+            "file_scheme": ("file:///etc/passwd", None, "url_policy"),
+            "ftp_scheme": ("ftp://example.org/a.jpg", None, "url_policy"),
+        }
+    )
     return cases
 
 

@@ -29,10 +29,13 @@ def _pixels(download: HostileDownload, name: str) -> np.ndarray:
 def test_every_url_is_one_row_with_the_expected_fate(hostile_download: HostileDownload) -> None:
     table = hostile_download.generation.read_samples()
     assert table.num_rows == hostile_download.n_urls == len(hostile_download.rows)
-    fates = {name: (row["kept"], row["reject_stage"], row["reject_reason"])
-             for name, row in hostile_download.rows.items()}
-    expected = {name: (reason is None, None if reason is None else "download", reason)
-                for name, reason in hostile_download.expected.items()}
+    fates = {
+        name: (row["kept"], row["reject_stage"], row["reject_reason"]) for name, row in hostile_download.rows.items()
+    }
+    expected = {
+        name: (reason is None, None if reason is None else "download", reason)
+        for name, reason in hostile_download.expected.items()
+    }
     assert fates == expected
     for name, row in hostile_download.rows.items():
         assert bool(row["reject_detail"]) == (not row["kept"]), name  # every reject keeps its message
@@ -54,7 +57,7 @@ def test_bounded_fetches_name_their_limit(hostile_download: HostileDownload) -> 
     rows = hostile_download.rows
     assert f"{BOMB_SIDE}x{BOMB_SIDE}" in rows["bomb"]["reject_detail"]
     assert "above 2097152 bytes" in rows["oversized_body"]["reject_detail"]
-    assert "after 3" in rows["drip"]["reject_detail"]        # the whole-body deadline, not a socket timeout
+    assert "after 3" in rows["drip"]["reject_detail"]  # the whole-body deadline, not a socket timeout
     assert "infinite loop" in rows["redirect_loop"]["reject_detail"]
 
 

@@ -47,11 +47,20 @@ def web_root(tmp_path: Path) -> Path:
     """A valid generation 0 (two parts, 4 kept rows) under tmp_path/manifests."""
     generation = Generation(tmp_path / "manifests", "web", 0)
     for shard in ("00000", "00001"):
-        generation.write_part(shard, samples_table({
-            "image_id": [f"web-{shard}-{i}" for i in range(2)], "image_ref": ["images/a.jpg"] * 2,
-            "caption": ["a red circle", "a blue square"], "caption_source": ["web"] * 2,
-            "generation": [0] * 2, "width": [64] * 2, "height": [64] * 2,
-        }))
+        generation.write_part(
+            shard,
+            samples_table(
+                {
+                    "image_id": [f"web-{shard}-{i}" for i in range(2)],
+                    "image_ref": ["images/a.jpg"] * 2,
+                    "caption": ["a red circle", "a blue square"],
+                    "caption_source": ["web"] * 2,
+                    "generation": [0] * 2,
+                    "width": [64] * 2,
+                    "height": [64] * 2,
+                }
+            ),
+        )
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "clip.safetensors").touch()
     return tmp_path / "manifests"
@@ -62,17 +71,31 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", ["missing_column", "renamed_column", "wrong_type", "foreign_schema_version",
-                                 "not_a_manifest", "truncated_parquet"])
-def test_a_bad_manifest_part_stops_caption_and_pretrain_before_anything_is_written(how, web_root, tmp_path,
-                                                                                    capsys) -> None:
+@pytest.mark.parametrize(
+    "how",
+    ["missing_column", "renamed_column", "wrong_type", "foreign_schema_version", "not_a_manifest", "truncated_parquet"],
+)
+def test_a_bad_manifest_part_stops_caption_and_pretrain_before_anything_is_written(
+    how, web_root, tmp_path, capsys
+) -> None:
     part = Generation(web_root, "web", 0).part_path("00001")
     message = _corrupt(Generation(web_root, "web", 0).read_samples(), part, how)
     before = _files(tmp_path)
     commands = {
         "caption": ["caption", "--root", web_root, "--generation", 1, "--checkpoint", tmp_path / "checkpoint"],
-        "pretrain": ["pretrain", "--root", web_root, "--generation", 0, "--preset", "tiny",
-                     "--run-dir", tmp_path / "run", "--max-steps", 1],
+        "pretrain": [
+            "pretrain",
+            "--root",
+            web_root,
+            "--generation",
+            0,
+            "--preset",
+            "tiny",
+            "--run-dir",
+            tmp_path / "run",
+            "--max-steps",
+            1,
+        ],
     }
     for name, argv in commands.items():
         code, err = _run(argv, capsys)
@@ -81,39 +104,64 @@ def test_a_bad_manifest_part_stops_caption_and_pretrain_before_anything_is_writt
     assert _files(tmp_path) == before, "nothing was written"
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"images": [], "annotations": []}, "expected a JSON list of entries, got dict"),  # COCO's own format
-    ([{"file_name": "a.jpg", "caption": "a cat"}], "entry 0: field 'image' must be a non-empty string"),
-    ([{"image": "a.jpg", "caption": []}], "entry 0: field 'caption' must be a string or a non-empty list"),
-    ("not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"images": [], "annotations": []}, "expected a JSON list of entries, got dict"),  # COCO's own format
+        ([{"file_name": "a.jpg", "caption": "a cat"}], "entry 0: field 'image' must be a non-empty string"),
+        ([{"image": "a.jpg", "caption": []}], "entry 0: field 'caption' must be a string or a non-empty list"),
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_an_annotation_file_that_is_not_coco_karpathy_is_refused(payload, message, tmp_path, capsys) -> None:
     annotations = tmp_path / "human.json"
     annotations.write_text(payload if isinstance(payload, str) else json.dumps(payload))
     before = _files(tmp_path)
-    code, err = _run(["finetune", "captioner", "--annotations", annotations, "--image-root", tmp_path,
-                      "--preset", "tiny", "--run-dir", tmp_path / "run", "--max-steps", 1], capsys)
+    code, err = _run(
+        [
+            "finetune",
+            "captioner",
+            "--annotations",
+            annotations,
+            "--image-root",
+            tmp_path,
+            "--preset",
+            "tiny",
+            "--run-dir",
+            tmp_path / "run",
+            "--max-steps",
+            1,
+        ],
+        capsys,
+    )
     assert code == 2 and str(annotations) in err and message in err, err
     assert _files(tmp_path) == before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["caption", "--num-captions", -1], "num_captions"),
-    (["caption", "--top-p", 0], "top_p"),
-    (["caption", "--top-p", 1.5], "top_p"),
-    (["caption", "--batch-size", 0], "batch_size"),
-    (["rank", "--clip-checkpoint", "{clip}", "--top-k", 0], "top_k"),
-    (["filter", "--checkpoint", "{ckpt}", "--threshold", 1.5], "threshold"),
-    (["pretrain", "--preset", "gigantic", "--run-dir", "{run}", "--max-steps", 1], "preset must be one of"),
-    (["pretrain", "--preset", "tiny", "--run-dir", "{run}", "--max-steps", -3], "max_steps"),
-    (["pretrain", "--preset", "tiny", "--run-dir", "{run}", "--max-steps", 1, "--lr", -1], "lr"),
-    (["download", "--url-list", "{urls}", "--threads", 0], "threads"),
-    (["download", "--url-list", "{urls}", "--allow-network", "intranet"], "not a CIDR"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["caption", "--num-captions", -1], "num_captions"),
+        (["caption", "--top-p", 0], "top_p"),
+        (["caption", "--top-p", 1.5], "top_p"),
+        (["caption", "--batch-size", 0], "batch_size"),
+        (["rank", "--clip-checkpoint", "{clip}", "--top-k", 0], "top_k"),
+        (["filter", "--checkpoint", "{ckpt}", "--threshold", 1.5], "threshold"),
+        (["pretrain", "--preset", "gigantic", "--run-dir", "{run}", "--max-steps", 1], "preset must be one of"),
+        (["pretrain", "--preset", "tiny", "--run-dir", "{run}", "--max-steps", -3], "max_steps"),
+        (["pretrain", "--preset", "tiny", "--run-dir", "{run}", "--max-steps", 1, "--lr", -1], "lr"),
+        (["download", "--url-list", "{urls}", "--threads", 0], "threads"),
+        (["download", "--url-list", "{urls}", "--allow-network", "intranet"], "not a CIDR"),
+    ],
+)
 def test_bad_config_values_fail_before_any_work(argv, message, web_root, tmp_path, capsys) -> None:
     (tmp_path / "urls.csv").write_text("url,caption\nhttp://example.org/a.jpg,a cat\n")
-    names = {"{ckpt}": tmp_path / "checkpoint", "{run}": tmp_path / "run", "{clip}": tmp_path / "clip.safetensors",
-             "{urls}": tmp_path / "urls.csv"}
+    names = {
+        "{ckpt}": tmp_path / "checkpoint",
+        "{run}": tmp_path / "run",
+        "{clip}": tmp_path / "clip.safetensors",
+        "{urls}": tmp_path / "urls.csv",
+    }
     argv = [names.get(a, a) for a in argv]
     if argv[0] in ("caption", "rank", "filter"):
         argv += ["--root", web_root, "--generation", 1]

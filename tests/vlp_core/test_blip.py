@@ -45,8 +45,11 @@ def _shared_and_own(model):
     shared = [(encoder.embeddings, decoder.embeddings)]
     own = []
     for enc_layer, dec_layer in zip(encoder.encoder.layer, decoder.encoder.layer):
-        shared += [(enc_layer.crossattention, dec_layer.crossattention), (enc_layer.intermediate, dec_layer.intermediate),
-                   (enc_layer.output, dec_layer.output)]
+        shared += [
+            (enc_layer.crossattention, dec_layer.crossattention),
+            (enc_layer.intermediate, dec_layer.intermediate),
+            (enc_layer.output, dec_layer.output),
+        ]
         own.append((enc_layer.attention, dec_layer.attention))
     return shared, own
 
@@ -66,7 +69,8 @@ def test_decoder_shares_everything_but_self_attention(model):
     assert head.decoder.bias.data_ptr() == head.bias.data_ptr()
     # parameters() counts every shared tensor once: the decoder adds only self-attention and its LM head
     decoder_only = sum(p.numel() for _, m in own for p in m.parameters()) + sum(
-        p.numel() for p in (head.bias, *head.transform.parameters()))
+        p.numel() for p in (head.bias, *head.transform.parameters())
+    )
     encoder_total = sum(p.numel() for p in model.text_encoder.parameters())
     text_total = sum(p.numel() for p in set(model.text_encoder.parameters()) | set(model.text_decoder.parameters()))
     assert text_total == encoder_total + decoder_only
@@ -124,10 +128,12 @@ def test_outputs_depend_on_the_image(model, inputs):
     with torch.no_grad():
         image_embeds = model.encode_image(pixels)
         swapped = image_embeds.flip(0)
-        assert not torch.allclose(model.itm_logits(image_embeds, input_ids, mask),
-                                  model.itm_logits(swapped, input_ids, mask), atol=1e-4)
-        assert not torch.allclose(model.lm_logits(image_embeds, input_ids, mask),
-                                  model.lm_logits(swapped, input_ids, mask), atol=1e-4)
+        assert not torch.allclose(
+            model.itm_logits(image_embeds, input_ids, mask), model.itm_logits(swapped, input_ids, mask), atol=1e-4
+        )
+        assert not torch.allclose(
+            model.lm_logits(image_embeds, input_ids, mask), model.lm_logits(swapped, input_ids, mask), atol=1e-4
+        )
 
 
 def test_bad_shapes_are_clear_errors(model, inputs):
@@ -145,8 +151,10 @@ def test_deepcopy_keeps_the_ties(model):
     twin = copy.deepcopy(model)
     encoder_layer, decoder_layer = twin.text_encoder.encoder.layer[0], twin.text_decoder.bert.encoder.layer[0]
     assert decoder_layer.crossattention is encoder_layer.crossattention
-    assert twin.text_encoder.embeddings.word_embeddings.weight.data_ptr() != \
-        model.text_encoder.embeddings.word_embeddings.weight.data_ptr()
+    assert (
+        twin.text_encoder.embeddings.word_embeddings.weight.data_ptr()
+        != model.text_encoder.embeddings.word_embeddings.weight.data_ptr()
+    )
 
 
 def test_base_preset_builds_with_the_paper_sizes():

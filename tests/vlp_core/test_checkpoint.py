@@ -9,7 +9,6 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import (
     UnsafeCheckpointError,
-    _atomic_directory,
     export_hf_captioner,
     export_hf_filter,
     import_hf,
@@ -77,20 +76,6 @@ def test_digest_changes_with_the_weights_and_detects_tampering(model, tokenizer,
         load_checkpoint(tmp_path / "ckpt")
 
 
-def test_overwrite_is_atomic(tmp_path):
-    target = tmp_path / "target"
-    with _atomic_directory(target) as staging:
-        (staging / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="boom"), _atomic_directory(target) as staging:
-        (staging / "new.txt").write_text("new")
-        raise RuntimeError("boom")
-    assert [path.name for path in target.iterdir()] == ["old.txt"]
-    with _atomic_directory(target) as staging:
-        (staging / "new.txt").write_text("new")
-    assert [path.name for path in target.iterdir()] == ["new.txt"]
-    assert [path.name for path in tmp_path.iterdir()] == ["target"]
-
-
 def test_tokenizer_larger_than_the_vocabulary_is_refused(model, tmp_path):
     big = train_tokenizer([f"word{i} token{i}" for i in range(2000)], vocab_size=4000)
     with pytest.raises(ValueError, match="text.vocab_size is 1024"):
@@ -134,8 +119,9 @@ def test_hf_filter_matches_itm_and_itc(model, tokenizer, batch, tmp_path):
         ours_itm = model.itm_logits(image_embeds, itm_ids, mask).softmax(-1)
         theirs_itm = hf_model(input_ids=itm_ids, pixel_values=pixels, attention_mask=mask).itm_score.softmax(-1)
         ours_itc = model.image_features(image_embeds) @ model.text_features(model.encode_text(input_ids, mask)).T
-        theirs_itc = hf_model(input_ids=input_ids, pixel_values=pixels, attention_mask=mask,
-                              use_itm_head=False).itm_score
+        theirs_itc = hf_model(
+            input_ids=input_ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False
+        ).itm_score
     assert torch.allclose(ours_itm, theirs_itm, atol=1e-4)
     assert torch.allclose(ours_itc, theirs_itc, atol=1e-4)
 
@@ -151,16 +137,20 @@ def test_import_of_export_gives_back_the_exported_parts(model, tokenizer, tmp_pa
 
     decoder_self_attention = {name for name in model.state_dict() if "text_decoder" in name and ".attention." in name}
     encoder_self_attention = {name for name in model.state_dict() if "text_encoder" in name and ".attention." in name}
-    not_in_captioner = encoder_self_attention | {name for name in model.state_dict() if "_proj." in name or "itm_head" in name}
+    not_in_captioner = encoder_self_attention | {
+        name for name in model.state_dict() if "_proj." in name or "itm_head" in name
+    }
     lm_head_own = {name for name in model.state_dict() if name.startswith("text_decoder.cls.")} - {
-        "text_decoder.cls.predictions.decoder.weight"}  # the output matrix is the shared word embedding
+        "text_decoder.cls.predictions.decoder.weight"
+    }  # the output matrix is the shared word embedding
     not_in_filter = decoder_self_attention | lm_head_own
     assert set(_differing(model, captioner)) <= not_in_captioner
     assert set(_differing(model, filter_model)) <= not_in_filter
     assert "text_encoder.encoder.layer.0.attention.self.query.weight" in _differing(model, captioner)
     # the captioner's encoder self-attention starts as a copy of the decoder's
-    assert not _differing(captioner.text_encoder.encoder.layer[0].attention,
-                          captioner.text_decoder.bert.encoder.layer[0].attention)
+    assert not _differing(
+        captioner.text_encoder.encoder.layer[0].attention, captioner.text_decoder.bert.encoder.layer[0].attention
+    )
 
 
 def test_import_of_a_foreign_folder_derives_the_config(model, tokenizer, tmp_path):

@@ -48,7 +48,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 # --------------------------------------------------------------------------- load_image
@@ -225,8 +227,9 @@ def test_normalize_caption_cuts_at_a_word_boundary():
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=st.one_of(st.text(), st.binary(), st.text(alphabet="<>&;#ltgamp/b x\u0301\x00\n")),
-       max_chars=st.integers(1, 60))
+@given(
+    raw=st.one_of(st.text(), st.binary(), st.text(alphabet="<>&;#ltgamp/b x\u0301\x00\n")), max_chars=st.integers(1, 60)
+)
 def test_normalize_caption_properties(raw, max_chars):
     caption, reason = normalize_caption(raw, max_chars)
     if caption is None:
@@ -276,8 +279,10 @@ def test_load_coco_karpathy_merges_captions_per_image(tmp_path):
         ([{"image": "a.png", "caption": []}], "entry 0: field 'caption'"),
         ([{"image": "a.png", "caption": ["ok", None]}], "entry 0: field 'caption'"),
         ([{"image": "a.png", "caption": "x", "image_id": [1]}], "entry 0: field 'image_id'"),
-        ([{"image": "a.png", "caption": "x", "image_id": 1}, {"image": "a.png", "caption": "y", "image_id": 2}],
-         "entry 1: image 'a.png' has image_id '2'"),
+        (
+            [{"image": "a.png", "caption": "x", "image_id": 1}, {"image": "a.png", "caption": "y", "image_id": 2}],
+            "entry 1: image 'a.png' has image_id '2'",
+        ),
     ],
 )
 def test_load_coco_karpathy_names_the_bad_entry(tmp_path, payload, message):

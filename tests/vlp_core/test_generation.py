@@ -204,7 +204,8 @@ def test_greedy_loop_matches_step_by_step_argmax_and_drops_finished_rows():
 @pytest.mark.parametrize("min_length,max_length", [(0, 1), (3, 3), (2, 7)])
 def test_sampled_lengths_respect_the_limits(min_length, max_length):
     rules = DecodingRules(sep_id=SEP, vocab_limit=3, min_length=min_length, max_length=max_length)
-    choose = nucleus_choice(0.9, 1.0, row_draws(4, 5, max_length, torch.Generator().manual_seed(0), device=torch.device("cpu")))
+    draws = row_draws(4, 5, max_length, torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    choose = nucleus_choice(0.9, 1.0, draws)
     for caption in sample_tokens(ToyDecoder(num_images=4, vocab=3), rules, PROMPT, copies=5, choose=choose):
         assert SEP not in caption[:-1] and len(caption) <= max_length
         assert caption[-1] == SEP or len(caption) == max_length
@@ -296,8 +297,9 @@ def test_cached_decoding_equals_recomputing_decoding(model, tokenizer, pixels, m
             if method == "beam":
                 outputs.append(beam_search(decoder, rules, prompt, len(pixels), num_beams=3, num_captions=3))
             else:
-                draws = row_draws(len(pixels), 4, rules.max_length, torch.Generator().manual_seed(3),
-                                  device=torch.device("cpu"))
+                draws = row_draws(
+                    len(pixels), 4, rules.max_length, torch.Generator().manual_seed(3), device=torch.device("cpu")
+                )
                 copies, choose = (1, greedy_choice) if method == "greedy" else (4, nucleus_choice(0.9, 1.0, draws))
                 outputs.append(sample_tokens(decoder, rules, prompt, copies, choose))
     assert outputs[0] == outputs[1]
@@ -322,7 +324,8 @@ def test_generate_encodes_each_image_once_and_computes_cross_attention_once(mode
 
     monkeypatch.setattr(torch.nn.functional, "linear", spying_linear)
     hook = model.vision_model.register_forward_hook(
-        lambda m, args, kwargs, out: vision_batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+        lambda m, args, kwargs, out: vision_batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
     try:
         captions = generate(model, tokenizer, pixels, num_captions=5, generator=torch.Generator().manual_seed(0))
     finally:
@@ -335,8 +338,9 @@ def test_generate_encodes_each_image_once_and_computes_cross_attention_once(mode
 
 def test_generate_is_reproducible_under_a_seed(model, tokenizer, pixels):
     def run(seed):
-        return generate(model, tokenizer, pixels, num_captions=4, min_length=3,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, tokenizer, pixels, num_captions=4, min_length=3, generator=torch.Generator().manual_seed(seed)
+        )
 
     first = run(0)
     assert first == run(0)
@@ -409,11 +413,16 @@ def test_matches_transformers_generate_on_the_exported_captioner(model, tokenize
     prompt = [ids.dec, *tokenizer("a picture of", add_special_tokens=False)["input_ids"], ids.sep]  # HF drops [SEP]
     with torch.no_grad():
         hf_output = hf_model.generate(
-            pixel_values=pixels, input_ids=torch.tensor([prompt] * len(pixels)), min_new_tokens=3,
-            max_new_tokens=10, do_sample=False, num_beams=1 if method == "greedy" else 3,
+            pixel_values=pixels,
+            input_ids=torch.tensor([prompt] * len(pixels)),
+            min_new_tokens=3,
+            max_new_tokens=10,
+            do_sample=False,
+            num_beams=1 if method == "greedy" else 3,
         )
     expected = [[tokenizer.decode(row[len(prompt) - 1 :], skip_special_tokens=True)] for row in hf_output]
-    ours = generate(model, tokenizer, pixels, method=method, num_beams=3, min_length=3, max_length=10,
-                    prompt="a picture of")
+    ours = generate(
+        model, tokenizer, pixels, method=method, num_beams=3, min_length=3, max_length=10, prompt="a picture of"
+    )
     assert ours == expected
     assert len({caption for (caption,) in ours}) > 1

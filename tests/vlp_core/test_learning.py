@@ -53,8 +53,9 @@ def trained(tmp_path_factory):
     pairs = [(i, caption) for i, record in enumerate(human) for caption in record.captions]
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
     for objectives, steps in PHASES:
-        pretrainer = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, config.prompt),
-                                    objectives).train()
+        pretrainer = BlipPretrainer(
+            model, special_ids(tokenizer), prompt_length(tokenizer, config.prompt), objectives
+        ).train()
         optimizer = configure_optimizer(pretrainer, lr=LR, weight_decay=0.05)
         for step in range(steps):
             batch = rng.sample(pairs, BATCH_SIZE)
@@ -62,9 +63,15 @@ def trained(tmp_path_factory):
             input_ids, attention_mask = tokenize(tokenizer, [config.prompt + c for _, c in batch], MAX_TOKENS)
             for group in optimizer.param_groups:  # linear warm-up, cosine decay
                 group["lr"] = LR * min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            out = pretrainer(human_pixels[image_index], input_ids, attention_mask, image_index,
-                             alpha=alpha_ramp(step, steps // 2, config.alpha), generator=generator,
-                             hardness=step / steps)
+            out = pretrainer(
+                human_pixels[image_index],
+                input_ids,
+                attention_mask,
+                image_index,
+                alpha=alpha_ramp(step, steps // 2, config.alpha),
+                generator=generator,
+                hardness=step / steps,
+            )
             optimizer.zero_grad()
             out["loss"].backward()
             optimizer.step()
@@ -98,11 +105,13 @@ def test_itm_tells_the_image_s_caption_from_another_image_s(trained):
     with torch.no_grad():
         image_embeds = model.encode_image(test_pixels).repeat(2, 1, 1)
         match = model.itm_logits(image_embeds, input_ids, attention_mask).softmax(dim=1)[:, 1]
-    own, other = match[:len(test)], match[len(test):]
+    own, other = match[: len(test)], match[len(test) :]
     ranked = (own > other).float().mean().item()
     accuracy = ((own > 0.5).float().mean() + (other <= 0.5).float().mean()).item() / 2
-    print(f"ITM: mean match probability {own.mean():.3f} for the image's caption, {other.mean():.3f} for "
-          f"another's; own above other for {ranked:.3f} of images; balanced accuracy at 0.5 {accuracy:.3f}")
+    print(
+        f"ITM: mean match probability {own.mean():.3f} for the image's caption, {other.mean():.3f} for "
+        f"another's; own above other for {ranked:.3f} of images; balanced accuracy at 0.5 {accuracy:.3f}"
+    )
     assert ranked >= 0.8 and accuracy >= 0.65
 
 

@@ -36,15 +36,18 @@ def test_itc_full_distillation_equals_cross_entropy_against_momentum_softmax():
     image_m, text_m = unit(4, 8, seed=4), unit(4, 8, seed=5)
     image_queue, text_queue = unit(8, 5, seed=6), unit(8, 5, seed=7)  # columns need not be unit here
     temp = 0.1
-    out = itc_loss(image, text, image_m, text_m, image_queue, text_queue,
-                   torch.arange(10, 15), torch.arange(4), temp, alpha=1.0)
+    out = itc_loss(
+        image, text, image_m, text_m, image_queue, text_queue, torch.arange(10, 15), torch.arange(4), temp, alpha=1.0
+    )
 
     keys_text, keys_image = torch.cat([text, text_queue.t()]), torch.cat([image, image_queue.t()])  # (B+Q, E)
     keys_text_m, keys_image_m = torch.cat([text_m, text_queue.t()]), torch.cat([image_m, image_queue.t()])
     total = 0.0
     for b in range(4):
-        for query, keys, query_m, keys_m in ((image[b], keys_text, image_m[b], keys_text_m),
-                                             (text[b], keys_image, text_m[b], keys_image_m)):
+        for query, keys, query_m, keys_m in (
+            (image[b], keys_text, image_m[b], keys_text_m),
+            (text[b], keys_image, text_m[b], keys_image_m),
+        ):
             logits = [float(query @ k) / temp for k in keys]
             logits_m = [float(query_m @ k) / temp for k in keys_m]
             z, z_m = math.log(sum(map(math.exp, logits))), sum(map(math.exp, logits_m))
@@ -57,8 +60,7 @@ def test_itc_counts_queued_features_of_the_same_image_as_positives():
     image_queue, text_queue = unit(8, 3, seed=10), unit(8, 3, seed=11)
     queue_ids = torch.tensor([7, 1, 9])  # column 1 is another caption/image of batch image 1
     temp = 0.2
-    out = itc_loss(image, text, image, text, image_queue, text_queue, queue_ids,
-                   torch.tensor([0, 1]), temp, alpha=0.0)
+    out = itc_loss(image, text, image, text, image_queue, text_queue, queue_ids, torch.tensor([0, 1]), temp, alpha=0.0)
 
     sim_i2t = image @ torch.cat([text.t(), text_queue], 1) / temp
     sim_t2i = text @ torch.cat([image.t(), image_queue], 1) / temp
@@ -79,8 +81,18 @@ def test_itc_gradients_flow_to_both_online_towers_and_not_to_momentum_features()
 def test_itc_rejects_mismatched_queues():
     image = unit(2, 8, seed=0)
     with pytest.raises(ValueError, match="queues disagree"):
-        itc_loss(image, image, image, image, torch.zeros(8, 4), torch.zeros(8, 4),
-                 torch.zeros(3, dtype=torch.long), torch.arange(2), 0.07, 0.4)
+        itc_loss(
+            image,
+            image,
+            image,
+            image,
+            torch.zeros(8, 4),
+            torch.zeros(8, 4),
+            torch.zeros(3, dtype=torch.long),
+            torch.arange(2),
+            0.07,
+            0.4,
+        )
 
 
 # ---- ITM hard negatives ----------------------------------------------------------------------------

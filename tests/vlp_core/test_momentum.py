@@ -59,8 +59,9 @@ def test_queue_state_round_trips_through_state_dict():
 
 
 def test_queue_rejects_wrong_shapes():
+    queue = FeatureQueue(dim=3, size=4, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"features \(B, 3\)"):
-        FeatureQueue(dim=3, size=4, device=torch.device("cpu")).enqueue(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
+        queue.enqueue(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
 
 
 def test_alpha_ramp():

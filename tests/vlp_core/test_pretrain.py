@@ -33,10 +33,10 @@ def make_pretrainer(tokenizer, objectives=("itc", "itm", "lm")) -> BlipPretraine
     """The tiny preset, thinner, with a queue of two batches (so the ITC targets stop changing)."""
     torch.manual_seed(0)
     tiny = load_preset("tiny")
-    config = replace(tiny, queue_size=16, vision=replace(tiny.vision, num_layers=2),
-                     text=replace(tiny.text, num_layers=2))
-    return BlipPretrainer(BlipModel(config), special_ids(tokenizer),
-                          prompt_length(tokenizer, PROMPT), objectives)
+    config = replace(
+        tiny, queue_size=16, vision=replace(tiny.vision, num_layers=2), text=replace(tiny.text, num_layers=2)
+    )
+    return BlipPretrainer(BlipModel(config), special_ids(tokenizer), prompt_length(tokenizer, PROMPT), objectives)
 
 
 def fixed_batch(tokenizer, size: int = 8):

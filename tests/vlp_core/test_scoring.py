@@ -97,8 +97,11 @@ def test_bad_inputs_are_explained(model, tokenizer, pixels, captions, batch_size
 def test_cross_attention_keys_values_are_projected_once_per_image(model, tokenizer, pixels, monkeypatch):
     projected = []
     original = BlipTextEncoder.image_keys_values
-    monkeypatch.setattr(BlipTextEncoder, "image_keys_values",
-                        lambda self, image_embeds: projected.append(len(image_embeds)) or original(self, image_embeds))
+    monkeypatch.setattr(
+        BlipTextEncoder,
+        "image_keys_values",
+        lambda self, image_embeds: projected.append(len(image_embeds)) or original(self, image_embeds),
+    )
     score_captions(model, tokenizer, pixels, CAPTIONS, batch_size=64)
     assert projected == [3]  # one batch holds every caption; image 1 has none
     projected.clear()

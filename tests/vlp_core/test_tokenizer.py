@@ -68,10 +68,20 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_the_same_corpus_gives_the_same_vocabulary_in_every_process():
-    script = ("import json, sys; from vlp_core.tokenizer import train_tokenizer; "
-              f"print(json.dumps(train_tokenizer({CORPUS!r}, vocab_size=60).get_vocab(), sort_keys=True))")
-    vocabularies = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                                   env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    script = (
+        "import json, sys; from vlp_core.tokenizer import train_tokenizer; "
+        f"print(json.dumps(train_tokenizer({CORPUS!r}, vocab_size=60).get_vocab(), sort_keys=True))"
+    )
+    vocabularies = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2)
+    }
     assert len(vocabularies) == 1
     assert json.loads(vocabularies.pop()) == train_tokenizer(CORPUS, vocab_size=60).get_vocab()
 

@@ -23,17 +23,19 @@ from pipelines.manifests.manifest import (
 
 
 def _rows(n: int = 4) -> pa.Table:
-    return samples_table({
-        "image_id": [f"img-{i // 2}" for i in range(n)],
-        "caption": [f"caption {i}" for i in range(n)],
-        "caption_source": ["web", "synthetic"] * (n // 2),
-        "generation": [1] * n,
-        "parent_generation": [0] * n,
-        "itm_score": [0.1 * i for i in range(n)],
-        "kept": [i % 3 != 0 for i in range(n)],
-        "reject_stage": ["filter" if i % 3 == 0 else None for i in range(n)],
-        "reject_reason": ["itm_below_threshold" if i % 3 == 0 else None for i in range(n)],
-    })
+    return samples_table(
+        {
+            "image_id": [f"img-{i // 2}" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+            "caption_source": ["web", "synthetic"] * (n // 2),
+            "generation": [1] * n,
+            "parent_generation": [0] * n,
+            "itm_score": [0.1 * i for i in range(n)],
+            "kept": [i % 3 != 0 for i in range(n)],
+            "reject_stage": ["filter" if i % 3 == 0 else None for i in range(n)],
+            "reject_reason": ["itm_below_threshold" if i % 3 == 0 else None for i in range(n)],
+        }
+    )
 
 
 def test_round_trip_and_plain_readers(tmp_path: Path) -> None:
@@ -65,9 +67,16 @@ def test_counts_and_lineage(tmp_path: Path) -> None:
 
     generation = Generation(tmp_path, "web", 1)
     generation.write_part("00000", table)
-    generation.write_info(generation_info(
-        table, dataset="web", number=1, parent=0, stages=["filter"], config_digest=config_digest({"k": 2}),
-    ))
+    generation.write_info(
+        generation_info(
+            table,
+            dataset="web",
+            number=1,
+            parent=0,
+            stages=["filter"],
+            config_digest=config_digest({"k": 2}),
+        )
+    )
     info = generation.read_info()
     assert info["parent_generation"] == 0 and info["counts"] == counts
     assert list_generations(tmp_path) == [generation]
@@ -141,16 +150,32 @@ def test_missing_generation_info_is_explained(tmp_path: Path) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.text(max_size=30), st.sampled_from(["web", "synthetic", "human"]),
-                          st.one_of(st.none(), st.text(max_size=60)), st.booleans(),
-                          st.one_of(st.none(), st.floats(0, 1, width=32))), min_size=1, max_size=20))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=30),
+            st.sampled_from(["web", "synthetic", "human"]),
+            st.one_of(st.none(), st.text(max_size=60)),
+            st.booleans(),
+            st.one_of(st.none(), st.floats(0, 1, width=32)),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
 def test_round_trip_property(rows) -> None:
     import tempfile
 
-    table = samples_table({
-        "image_id": [r[0] for r in rows], "caption_source": [r[1] for r in rows], "caption": [r[2] for r in rows],
-        "generation": [0] * len(rows), "kept": [r[3] for r in rows], "clip_score": [r[4] for r in rows],
-    })
+    table = samples_table(
+        {
+            "image_id": [r[0] for r in rows],
+            "caption_source": [r[1] for r in rows],
+            "caption": [r[2] for r in rows],
+            "generation": [0] * len(rows),
+            "kept": [r[3] for r in rows],
+            "clip_score": [r[4] for r in rows],
+        }
+    )
     assert table.schema.equals(SAMPLE_SCHEMA, check_metadata=True)
     with tempfile.TemporaryDirectory() as tmp:
         generation = Generation(Path(tmp), "web", 0)

@@ -20,17 +20,21 @@ from pipelines.world.grammar import NOISY_TYPES, Scene, SceneObject
 
 # 3 images, 2 texts each: text t belongs to image t // 2.
 TEXT_IMAGE = [0, 0, 1, 1, 2, 2]
-SIMILARITY = np.array([
-    [0.9, 0.1, 0.8, 0.2, 0.3, 0.0],   # image 0: best text 0 (right)
-    [0.7, 0.0, 0.1, 0.6, 0.2, 0.3],   # image 1: best text 0 (wrong), then text 3 (right)
-    [0.1, 0.2, 0.3, 0.4, 0.5, 0.05],  # image 2: best text 4 (right)
-])
+SIMILARITY = np.array(
+    [
+        [0.9, 0.1, 0.8, 0.2, 0.3, 0.0],  # image 0: best text 0 (right)
+        [0.7, 0.0, 0.1, 0.6, 0.2, 0.3],  # image 1: best text 0 (wrong), then text 3 (right)
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.05],  # image 2: best text 4 (right)
+    ]
+)
 # ITM match probabilities; only the top-2 ITC candidates of each query are read by the re-rank.
-ITM = np.array([
-    [0.9, 0.0, 0.2, 0.0, 0.0, 0.0],
-    [0.1, 0.0, 0.0, 0.9, 0.0, 1.0],   # text 5 has a high ITM but is not in image 1's ITC top 2
-    [0.0, 0.0, 0.0, 0.1, 0.8, 0.0],
-])
+ITM = np.array(
+    [
+        [0.9, 0.0, 0.2, 0.0, 0.0, 0.0],
+        [0.1, 0.0, 0.0, 0.9, 0.0, 1.0],  # text 5 has a high ITM but is not in image 1's ITC top 2
+        [0.0, 0.0, 0.0, 0.1, 0.8, 0.0],
+    ]
+)
 
 
 def test_top_k_candidates_best_first_with_stable_ties() -> None:
@@ -96,8 +100,10 @@ def test_caption_scores_identical_high_unrelated_zero() -> None:
         "b": ["a blue square at the top", "there is a blue square near the top"],
         "c": ["a green star in the middle", "a small green star in the center"],
     }
-    identical = caption_scores(references, {"a": "A red circle on the left.", "b": "a blue square at the top",
-                                            "c": "a green star in the middle"})
+    identical = caption_scores(
+        references,
+        {"a": "A red circle on the left.", "b": "a blue square at the top", "c": "a green star in the middle"},
+    )
     assert identical["bleu_4"] > 0.99 and identical["cider"] > 3.0
     unrelated = caption_scores(references, {"a": "click to buy", "b": "stock photo", "c": "IMG_0042.jpg"})
     assert unrelated["bleu_4"] < 1e-6 and unrelated["cider"] == 0.0

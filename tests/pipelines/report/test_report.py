@@ -36,8 +36,15 @@ ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "report"
 
 
 @pytest.fixture(scope="module")
-def lineage(ray_local, tmp_path_factory, downloaded_gen0, stage_world: WorldPaths, tiny_blip_checkpoint,
-            tiny_clip_checkpoint, dataset_copier) -> tuple[Generation, float]:
+def lineage(
+    ray_local,
+    tmp_path_factory,
+    downloaded_gen0,
+    stage_world: WorldPaths,
+    tiny_blip_checkpoint,
+    tiny_clip_checkpoint,
+    dataset_copier,
+) -> tuple[Generation, float]:
     """Generation 1 of a private copy of the stage world's download, built by every stage (filter threshold:
     the median ITM score), and both generations evaluated on the world; returns (gen 1, threshold)."""
     web = dataset_copier(downloaded_gen0, tmp_path_factory.mktemp("report"))
@@ -47,13 +54,28 @@ def lineage(ray_local, tmp_path_factory, downloaded_gen0, stage_world: WorldPath
     threshold = statistics.median(s for s in scores.to_pylist() if s is not None)
     rethreshold(target, threshold)
     run_rank(RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=8), target)
-    run_assemble(AssembleConfig(stage_world.human_annotations, stage_world.human_root), target, parent=0,
-                 checkpoints={"captioner": "sha256:c1", "filter": "sha256:f1"}, stages=["caption", "filter", "rank"],
-                 config_digest="sha256:cafe", flow_run_id="flow-run-1")
+    run_assemble(
+        AssembleConfig(stage_world.human_annotations, stage_world.human_root),
+        target,
+        parent=0,
+        checkpoints={"captioner": "sha256:c1", "filter": "sha256:f1"},
+        stages=["caption", "filter", "rank"],
+        config_digest="sha256:cafe",
+        flow_run_id="flow-run-1",
+    )
     for generation in (web, target):
-        run_evaluate(EvaluateConfig(tiny_blip_checkpoint, stage_world.test_annotations, stage_world.test_root,
-                                    k_test=4, caption_method="greedy", max_length=8, world_dir=stage_world.root),
-                     generation)
+        run_evaluate(
+            EvaluateConfig(
+                tiny_blip_checkpoint,
+                stage_world.test_annotations,
+                stage_world.test_root,
+                k_test=4,
+                caption_method="greedy",
+                max_length=8,
+                world_dir=stage_world.root,
+            ),
+            generation,
+        )
     return target, threshold
 
 
@@ -72,15 +94,21 @@ def query(generation: Generation, sql: str) -> list[tuple]:
 @pytest.mark.slow
 def test_counts_funnel_and_rejections_equal_duckdb(lineage, figures) -> None:
     generation, _ = lineage
-    by_source = query(generation, "SELECT caption_source, count(*), count(*) FILTER (kept), "
-                                  "count(DISTINCT image_id) FROM samples GROUP BY ALL")
+    by_source = query(
+        generation,
+        "SELECT caption_source, count(*), count(*) FILTER (kept), count(DISTINCT image_id) FROM samples GROUP BY ALL",
+    )
     counts = figures["counts"]
-    assert {s: (counts["rows_by_source"][s], counts["kept_by_source"].get(s, 0), counts["images_by_source"][s])
-            for s in counts["rows_by_source"]} == {s: (n, k, i) for s, n, k, i in by_source}
+    assert {
+        s: (counts["rows_by_source"][s], counts["kept_by_source"].get(s, 0), counts["images_by_source"][s])
+        for s in counts["rows_by_source"]
+    } == {s: (n, k, i) for s, n, k, i in by_source}
     assert {"web", "synthetic", "human"} == set(counts["rows_by_source"])
 
-    rejected = query(generation, "SELECT reject_stage, reject_reason, caption_source, count(*) FROM samples "
-                                 "WHERE NOT kept GROUP BY ALL")
+    rejected = query(
+        generation,
+        "SELECT reject_stage, reject_reason, caption_source, count(*) FROM samples WHERE NOT kept GROUP BY ALL",
+    )
     assert sorted((r["stage"], r["reason"], r["source"], r["rows"]) for r in figures["rejections"]) == sorted(rejected)
     stages = {r["stage"] for r in figures["rejections"]}
     assert {"download", "filter", "rank"} <= stages, "the stage world has download errors, filter and rank rejects"
@@ -88,8 +116,11 @@ def test_counts_funnel_and_rejections_equal_duckdb(lineage, figures) -> None:
     for source, steps in figures["funnel"].items():
         assert [step["step"] for step in steps] == ["candidates", "download", "caption", "filter", "rank", "assemble"]
         for step in steps[1:]:
-            [(left,)] = query(generation, f"SELECT count(*) FROM samples WHERE caption_source = '{source}' AND "
-                                          f"(kept OR reject_stage NOT IN {_stages_up_to(step['step'])})")
+            [(left,)] = query(
+                generation,
+                f"SELECT count(*) FROM samples WHERE caption_source = '{source}' AND "
+                f"(kept OR reject_stage NOT IN {_stages_up_to(step['step'])})",
+            )
             assert step["rows"] == left, (source, step)
         assert steps[-1]["rows"] == counts["kept_by_source"].get(source, 0)
 
@@ -108,8 +139,11 @@ def test_score_histograms_and_thresholds_equal_duckdb(lineage, figures) -> None:
         edges = np.array(histograms["edges"])
         if name == "itm":
             assert (edges[0], edges[-1]) == (0.0, 1.0)
-        summaries = query(generation, f"SELECT caption_source, count({column}), avg({column}), min({column}), "
-                                      f"max({column}) FROM samples WHERE {column} IS NOT NULL GROUP BY ALL")
+        summaries = query(
+            generation,
+            f"SELECT caption_source, count({column}), avg({column}), min({column}), "
+            f"max({column}) FROM samples WHERE {column} IS NOT NULL GROUP BY ALL",
+        )
         assert set(histograms["by_source"]) == {s for s, *_ in summaries} == {"web", "synthetic"}
         for source, n, mean, low, high in summaries:
             histogram = histograms["by_source"][source]
@@ -117,9 +151,12 @@ def test_score_histograms_and_thresholds_equal_duckdb(lineage, figures) -> None:
             assert histogram["mean"] == pytest.approx(mean, rel=1e-9)
             assert (histogram["min"], histogram["max"]) == pytest.approx((low, high))
             width = edges[1] - edges[0]
-            buckets = query(generation, f"SELECT least(floor(({column} - {edges[0]}) / {width}), "
-                                        f"{len(edges) - 2})::INT AS b, count(*) FROM samples WHERE caption_source = "
-                                        f"'{source}' AND {column} IS NOT NULL GROUP BY b")
+            buckets = query(
+                generation,
+                f"SELECT least(floor(({column} - {edges[0]}) / {width}), "
+                f"{len(edges) - 2})::INT AS b, count(*) FROM samples WHERE caption_source = "
+                f"'{source}' AND {column} IS NOT NULL GROUP BY b",
+            )
             expected = [0] * (len(edges) - 1)
             for bucket, count in buckets:
                 expected[bucket] = count
@@ -132,17 +169,22 @@ TOKENS = "string_split_regex(trim(regexp_replace(lower(coalesce(caption, '')), '
 @pytest.mark.slow
 def test_text_statistics_equal_duckdb(lineage, figures) -> None:
     generation, _ = lineage
-    words = (f"SELECT caption_source AS source, kept, row_number() OVER () AS caption_id, "
-             f"list_filter({TOKENS}, lambda w: w <> '') AS words FROM samples")
+    words = (
+        f"SELECT caption_source AS source, kept, row_number() OVER () AS caption_id, "
+        f"list_filter({TOKENS}, lambda w: w <> '') AS words FROM samples"
+    )
     for subset, condition in (("all", "true"), ("kept", "kept")):
-        rows = query(generation, f"""
+        rows = query(
+            generation,
+            f"""
             WITH captions AS ({words}), picked AS (SELECT * FROM captions WHERE {condition})
             SELECT source, count(*), avg(len(words)), count(DISTINCT words),
                    (SELECT count(DISTINCT w) FROM (SELECT unnest(p2.words) AS w FROM picked p2
                                                    WHERE p2.source = picked.source)),
                    (SELECT count(DISTINCT [words[i], words[i + 1]]) FROM
                       (SELECT words, unnest(range(1, len(words))) AS i FROM picked p3 WHERE p3.source = picked.source))
-            FROM picked GROUP BY source""")
+            FROM picked GROUP BY source""",
+        )
         for source, n, mean_length, distinct_captions, vocabulary, bigrams in rows:
             stats = figures["text"][source][subset]
             assert stats["captions"] == n and stats["vocabulary"] == vocabulary, (source, subset)
@@ -166,12 +208,15 @@ def test_text_statistics_by_hand() -> None:
 @pytest.mark.slow
 def test_examples_history_and_world_truth(lineage, figures, stage_world) -> None:
     generation, _ = lineage
-    best = query(generation, "SELECT image_id, max(itm_score) AS best FROM samples WHERE caption_source IN "
-                             "('web', 'synthetic') AND itm_score IS NOT NULL GROUP BY image_id "
-                             "ORDER BY best DESC, image_id")
+    best = query(
+        generation,
+        "SELECT image_id, max(itm_score) AS best FROM samples WHERE caption_source IN "
+        "('web', 'synthetic') AND itm_score IS NOT NULL GROUP BY image_id "
+        "ORDER BY best DESC, image_id",
+    )
     examples = figures["examples"]
     assert len(examples) == N_EXAMPLES and len({e["image_id"] for e in examples}) == N_EXAMPLES
-    assert [e["image_id"] for e in examples[:2 * N_EXTREMES]] == [i for i, _ in best[:N_EXTREMES] + best[-N_EXTREMES:]]
+    assert [e["image_id"] for e in examples[: 2 * N_EXTREMES]] == [i for i, _ in best[:N_EXTREMES] + best[-N_EXTREMES:]]
     for example in examples:
         [(n_captions,)] = query(generation, f"SELECT count(*) FROM samples WHERE image_id = '{example['image_id']}'")
         assert len(example["captions"]) == n_captions and example["captions"][0]["caption_source"] == "web"
@@ -185,16 +230,21 @@ def test_examples_history_and_world_truth(lineage, figures, stage_world) -> None
         assert entry["kept_ratio"] == pytest.approx(kept_ratio)
 
     truth = f"read_parquet('{stage_world.web_noise}')"
-    decided = (f"SELECT t.noise_type AS noise, CASE WHEN kept THEN 'kept' ELSE reject_stage END AS decision "
-               f"FROM samples s JOIN {truth} t ON regexp_extract(s.url, '([^/]+)\\.[a-z]+$', 1) = t.key "
-               "WHERE caption_source = 'web'")
+    decided = (
+        f"SELECT t.noise_type AS noise, CASE WHEN kept THEN 'kept' ELSE reject_stage END AS decision "
+        f"FROM samples s JOIN {truth} t ON regexp_extract(s.url, '([^/]+)\\.[a-z]+$', 1) = t.key "
+        "WHERE caption_source = 'web'"
+    )
     table = query(generation, f"SELECT noise, decision, count(*) FROM ({decided}) GROUP BY ALL")
     world = figures["world"]
     assert {(t, d, n) for t, row in world["decisions"].items() for d, n in row.items()} == set(table)
     noisy = ", ".join(f"'{t}'" for t in NOISY_TYPES)
-    [(removed, noisy_removed, noisy_total)] = query(generation, f"""
+    [(removed, noisy_removed, noisy_total)] = query(
+        generation,
+        f"""
         SELECT count(*) FILTER (decision = 'filter'), count(*) FILTER (decision = 'filter' AND noise IN ({noisy})),
-               count(*) FILTER (noise IN ({noisy})) FROM ({decided}) WHERE decision NOT IN ('download', 'caption')""")
+               count(*) FILTER (noise IN ({noisy})) FROM ({decided}) WHERE decision NOT IN ('download', 'caption')""",
+    )
     assert world["filter"]["removed"] == removed > 0
     assert world["filter"]["precision"] == pytest.approx(noisy_removed / removed)
     assert world["filter"]["recall"] == pytest.approx(noisy_removed / noisy_total)
@@ -207,8 +257,9 @@ def test_report_files_are_a_function_of_the_inputs(lineage, tmp_path) -> None:
     first, second = write_report(generation, tmp_path / "a"), write_report(generation, tmp_path / "b")
     for name in (REPORT_JSON, "index.html", "plots/itm_scores.svg", "plots/history.svg"):
         assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
-    assert json.loads((first.parent / REPORT_JSON).read_text()) == json.loads(json.dumps(
-        report_figures(read_report_inputs(generation))))
+    assert json.loads((first.parent / REPORT_JSON).read_text()) == json.loads(
+        json.dumps(report_figures(read_report_inputs(generation)))
+    )
 
 
 @pytest.mark.slow
@@ -252,14 +303,31 @@ def test_page_renders_in_chromium_with_every_image(lineage, tmp_path) -> None:
 
 def test_a_broken_image_is_shown_as_missing_and_an_unknown_folder_is_refused(tmp_path) -> None:
     generation = Generation(tmp_path / "manifests", "web", 0)
-    generation.write_part("00000", samples_table({
-        "image_id": ["web-0", "web-1"], "image_ref": ["gen-0000/shards/00000.tar#0", None],
-        "url": ["http://example.org/a.jpg", "http://example.org/b.jpg"], "caption": ["a red star", "a dog"],
-        "caption_source": ["web", "web"], "generation": [0, 0], "kept": [True, False],
-        "reject_stage": [None, "download"], "reject_reason": [None, "http_404"],
-    }))
-    generation.write_info({"dataset": "web", "generation": 0, "parent_generation": None, "stages": ["download"],
-                           "counts": {"rows": 2, "kept": 1}})
+    generation.write_part(
+        "00000",
+        samples_table(
+            {
+                "image_id": ["web-0", "web-1"],
+                "image_ref": ["gen-0000/shards/00000.tar#0", None],
+                "url": ["http://example.org/a.jpg", "http://example.org/b.jpg"],
+                "caption": ["a red star", "a dog"],
+                "caption_source": ["web", "web"],
+                "generation": [0, 0],
+                "kept": [True, False],
+                "reject_stage": [None, "download"],
+                "reject_reason": [None, "http_404"],
+            }
+        ),
+    )
+    generation.write_info(
+        {
+            "dataset": "web",
+            "generation": 0,
+            "parent_generation": None,
+            "stages": ["download"],
+            "counts": {"rows": 2, "kept": 1},
+        }
+    )
     page = write_report(generation)
     html = page.read_text()
     assert "image unavailable" in html and "00000.tar" in html

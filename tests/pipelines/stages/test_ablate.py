@@ -26,13 +26,30 @@ from pipelines.stages.shards import rows_table
 THRESHOLD, TOP_K = 0.5, 2
 
 
-def _row(image: str, source: str, caption: str, itm: float | None = None, clip: tuple[float, int] | None = None,
-         reject: tuple[str, str] | None = None, image_ref: str | None = "00000.tar#x") -> dict:
+def _row(
+    image: str,
+    source: str,
+    caption: str,
+    itm: float | None = None,
+    clip: tuple[float, int] | None = None,
+    reject: tuple[str, str] | None = None,
+    image_ref: str | None = "00000.tar#x",
+) -> dict:
     """A candidate row; `clip` is (clip_score, clip_rank)."""
     score, rank = clip or (None, None)
-    row = samples_table({"image_id": [image], "caption_source": [source], "caption": [caption],
-                         "image_ref": [image_ref], "generation": [1], "parent_generation": [0],
-                         "itm_score": [itm], "clip_score": [score], "clip_rank": [rank]}).to_pylist()[0]
+    row = samples_table(
+        {
+            "image_id": [image],
+            "caption_source": [source],
+            "caption": [caption],
+            "image_ref": [image_ref],
+            "generation": [1],
+            "parent_generation": [0],
+            "itm_score": [itm],
+            "clip_score": [score],
+            "clip_rank": [rank],
+        }
+    ).to_pylist()[0]
     if reject:
         row.update(kept=False, reject_stage=reject[0], reject_reason=reject[1])
     return row
@@ -67,9 +84,13 @@ UPSTREAM = {"": "filter/empty_caption", "lost": "download/http_404", "a broken i
 def test_no_capfilt_keeps_every_web_caption_with_an_image_and_excludes_synthetic() -> None:
     rows = arm_rows(candidate_rows(), ARMS["no_capfilt"], THRESHOLD, TOP_K)
     assert kept(rows) == [("A", "a web caption"), ("B", "a noisy caption")]
-    assert reasons(rows) == {**UPSTREAM, "syn one": "ablate/synthetic_not_in_arm",
-                             "syn two": "ablate/synthetic_not_in_arm", "syn three": "ablate/synthetic_not_in_arm",
-                             "syn of b": "ablate/synthetic_not_in_arm"}
+    assert reasons(rows) == {
+        **UPSTREAM,
+        "syn one": "ablate/synthetic_not_in_arm",
+        "syn two": "ablate/synthetic_not_in_arm",
+        "syn three": "ablate/synthetic_not_in_arm",
+        "syn of b": "ablate/synthetic_not_in_arm",
+    }
     assert [row["itm_score"] for row in rows][:2] == pytest.approx([0.9, 0.8]), "scores are kept"
 
 
@@ -128,8 +149,10 @@ def human(tmp_path: Path) -> AssembleConfig:
     root.mkdir()
     for name, colour in (("h0.png", "red"), ("h1.png", "blue")):
         Image.new("RGB", (32, 32), colour).save(root / name)
-    entries = [{"image": "h0.png", "caption": ["a red square", "red"], "image_id": "0"},
-               {"image": "h1.png", "caption": ["a blue square"], "image_id": "1"}]
+    entries = [
+        {"image": "h0.png", "caption": ["a red square", "red"], "image_id": "0"},
+        {"image": "h1.png", "caption": ["a blue square"], "image_id": "1"},
+    ]
     (tmp_path / "human.json").write_text(json.dumps(entries))
     return AssembleConfig(tmp_path / "human.json", root)
 
@@ -143,18 +166,28 @@ def candidates(tmp_path: Path, human: AssembleConfig) -> Generation:
         generation.write_part(shard, rows_table([row for row in rows if row["image_id"] in images]))
         for stage in ("caption", "filter", "rank"):
             generation.mark_done(stage, shard, {"threshold": THRESHOLD, "top_k": TOP_K})
-    run_assemble(human, generation, 0, checkpoints={"filter": "sha256:f", "clip": "sha256:c"},
-                 stages=["caption", "filter", "rank"], config_digest="sha256:x")
+    run_assemble(
+        human,
+        generation,
+        0,
+        checkpoints={"filter": "sha256:f", "clip": "sha256:c"},
+        stages=["caption", "filter", "rank"],
+        config_digest="sha256:x",
+    )
     return generation
 
 
 def _mtimes(generation: Generation) -> dict[str, int]:
-    return {str(p.relative_to(generation.path)): p.stat().st_mtime_ns for p in generation.path.rglob("*.*")
-            if p.name != "generation.json"}
+    return {
+        str(p.relative_to(generation.path)): p.stat().st_mtime_ns
+        for p in generation.path.rglob("*.*")
+        if p.name != "generation.json"
+    }
 
 
-def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(candidates: Generation,
-                                                                   human: AssembleConfig) -> None:
+def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(
+    candidates: Generation, human: AssembleConfig
+) -> None:
     arm = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
     assert arm == arm_generation(candidates, ARMS["capfilt"]) and arm.path.parent.name == "ablate-capfilt"
     info = arm.read_info()
@@ -166,10 +199,12 @@ def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(candidates: G
     assert (marker["rows"], marker["kept"], marker["threshold"]) == (6, 4, THRESHOLD)
 
     refs = {(row["caption_source"], row["image_ref"]) for row in arm.read_samples().to_pylist()}
-    assert {ref for source, ref in refs if source == "web"} == {"../web/00000.tar#x", None}, \
+    assert {ref for source, ref in refs if source == "web"} == {"../web/00000.tar#x", None}, (
         "relative to the arm's dataset folder, at the same file (the failed download has none)"
+    )
     assert {ref for source, ref in refs if source == "human"} == {
-        str((Path(human.human_image_root) / name).resolve()) for name in ("h0.png", "h1.png")}, "absolute refs stay"
+        str((Path(human.human_image_root) / name).resolve()) for name in ("h0.png", "h1.png")
+    }, "absolute refs stay"
 
     no_capfilt = derive_arm(candidates, ARMS["no_capfilt"], human, THRESHOLD, TOP_K)
     counts = no_capfilt.read_info()["counts"]
@@ -177,17 +212,22 @@ def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(candidates: G
     assert counts["rejected_by_stage_reason"]["ablate/synthetic_not_in_arm"] == 4
 
 
-def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(candidates: Generation,
-                                                                         human: AssembleConfig) -> None:
+def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(
+    candidates: Generation, human: AssembleConfig
+) -> None:
     arm = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
     before, digest = _mtimes(arm), manifest_digest(arm)
     derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
     assert _mtimes(arm) == before and manifest_digest(arm) == digest
 
     # The candidates' filter re-decided shard 00000 at 0.65: syn two (ITM 0.6) is out there, and so in the arm.
-    rows = [row if row["caption"] != "syn two" else {**row, "kept": False, "reject_stage": "filter",
-                                                     "reject_reason": "itm_below_threshold"}
-            for row in candidates.read_samples().to_pylist() if row["image_id"] in "AB"]
+    rows = [
+        row
+        if row["caption"] != "syn two"
+        else {**row, "kept": False, "reject_stage": "filter", "reject_reason": "itm_below_threshold"}
+        for row in candidates.read_samples().to_pylist()
+        if row["image_id"] in "AB"
+    ]
     candidates.write_part("00000", rows_table(rows))
     derive_arm(candidates, ARMS["capfilt"], human, 0.65, TOP_K)
     after = _mtimes(arm)
@@ -208,12 +248,21 @@ def test_a_torn_shard_is_redone_to_the_same_rows(candidates: Generation, human: 
 
 
 def _evaluation(tr1: float, cider: float, accuracy: float | None = 0.5) -> dict:
-    return {"retrieval": {"tr@1": tr1, "tr@5": 0.9, "ir@1": tr1 / 2, "ir@5": 0.8},
-            "captioning": {"bleu_4": 0.1, "cider": cider},
-            "world": {"test_caption_accuracy": {"mean": accuracy},
-                      "filter": {"precision": 0.75, "recall": 0.6, "removed": 4,
-                                 "by_noise_type": {"clean": {"removal_rate": 0.1}, "empty": {"removal_rate": 1.0}}},
-                      "all_stages": None, "kept_caption_accuracy": None}}
+    return {
+        "retrieval": {"tr@1": tr1, "tr@5": 0.9, "ir@1": tr1 / 2, "ir@5": 0.8},
+        "captioning": {"bleu_4": 0.1, "cider": cider},
+        "world": {
+            "test_caption_accuracy": {"mean": accuracy},
+            "filter": {
+                "precision": 0.75,
+                "recall": 0.6,
+                "removed": 4,
+                "by_noise_type": {"clean": {"removal_rate": 0.1}, "empty": {"removal_rate": 1.0}},
+            },
+            "all_stages": None,
+            "kept_caption_accuracy": None,
+        },
+    }
 
 
 def test_measures_spread_and_table() -> None:
@@ -228,13 +277,25 @@ def test_measures_spread_and_table() -> None:
     assert spread([0.7, None])["mean"] is None
 
     generation = {"path": "/g", "manifest_digest": "sha256:g", "counts": counts}
-    runs = [{"seed": seed, "checkpoint": f"sha256:{seed}", "run_dir": "/r", "evaluation_file": "/e",
-             "evaluation": _evaluation(tr1, 1.0)} for seed, tr1 in ((0, 0.2), (1, 0.4))]
+    runs = [
+        {
+            "seed": seed,
+            "checkpoint": f"sha256:{seed}",
+            "run_dir": "/r",
+            "evaluation_file": "/e",
+            "evaluation": _evaluation(tr1, 1.0),
+        }
+        for seed, tr1 in ((0, 0.2), (1, 0.4))
+    ]
     entry = arm_summary({"name": "capfilt", "captioner": True, "filter": True, "rank": False}, generation, runs)
     assert entry["per_seed"]["1"]["tr@1"] == 0.4 and entry["summary"]["tr@1"]["mean"] == pytest.approx(0.3)
-    summary = ablation_summary([entry], seeds=[0, 1], settings={"pretrain_steps": 10, "batch_size": 8},
-                               candidates={"path": "/c", "manifest_digest": "sha256:c"},
-                               world={"seed": 0, "n_web": 60, "noise_rates": {"clean": 0.5, "empty": 0.5}})
+    summary = ablation_summary(
+        [entry],
+        seeds=[0, 1],
+        settings={"pretrain_steps": 10, "batch_size": 8},
+        candidates={"path": "/c", "manifest_digest": "sha256:c"},
+        world={"seed": 0, "n_web": 60, "noise_rates": {"clean": 0.5, "empty": 0.5}},
+    )
     markdown = ablation_markdown(summary)
     assert "| capfilt | ✓ | ✓ |  | 4 | 0.333 ± 0.000 | 0.300 ± 0.141 |" in markdown
     assert "| capfilt | 0.750 | 0.600 | 0.10 | 1.00 |" in markdown
@@ -246,8 +307,9 @@ def test_measures_spread_and_table() -> None:
 
 
 def test_write_and_read_ablation(tmp_path: Path) -> None:
-    summary = ablation_summary([], seeds=[0], settings={}, candidates={"path": "/c", "manifest_digest": "x"},
-                               world=None)
+    summary = ablation_summary(
+        [], seeds=[0], settings={}, candidates={"path": "/c", "manifest_digest": "x"}, world=None
+    )
     assert read_ablation(tmp_path) is None
     table = write_ablation(tmp_path, summary)
     assert table.read_text().startswith("# CapFilt ablation") and read_ablation(tmp_path) == summary

@@ -19,23 +19,30 @@ STAGES = ["caption", "filter", "rank"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> WorldPaths:
-    return make_world(tmp_path_factory.mktemp("world"),
-                      WorldConfig(seed=1, n_web=20, n_human=N_HUMAN, n_test=0, captions_per_image=CAPTIONS_PER_IMAGE))
+    return make_world(
+        tmp_path_factory.mktemp("world"),
+        WorldConfig(seed=1, n_web=20, n_human=N_HUMAN, n_test=0, captions_per_image=CAPTIONS_PER_IMAGE),
+    )
 
 
 def candidate_generation(root: Path, finished: list[str] = STAGES) -> Generation:
     """Generation 1 after the `finished` stages: one web and two synthetic candidates of two images."""
     generation = Generation(root, "world", 1)
-    generation.write_part("00000", samples_table({
-        "image_id": ["web-000000000"] * 3 + ["web-000000001"] * 3,
-        "caption": ["stock photo", "a red circle", "a blue circle", "a green star", "a star", "a big star"],
-        "caption_source": ["web", "synthetic", "synthetic"] * 2,
-        "generation": [1] * 6,
-        "parent_generation": [0] * 6,
-        "kept": [False, True, True, True, True, False],
-        "reject_stage": ["filter", None, None, None, None, "rank"],
-        "reject_reason": ["itm_below_threshold", None, None, None, None, "clip_rank"],
-    }))
+    generation.write_part(
+        "00000",
+        samples_table(
+            {
+                "image_id": ["web-000000000"] * 3 + ["web-000000001"] * 3,
+                "caption": ["stock photo", "a red circle", "a blue circle", "a green star", "a star", "a big star"],
+                "caption_source": ["web", "synthetic", "synthetic"] * 2,
+                "generation": [1] * 6,
+                "parent_generation": [0] * 6,
+                "kept": [False, True, True, True, True, False],
+                "reject_stage": ["filter", None, None, None, None, "rank"],
+                "reject_reason": ["itm_below_threshold", None, None, None, None, "clip_rank"],
+            }
+        ),
+    )
     for stage in finished:
         generation.mark_done(stage, "00000", {})
     return generation
@@ -44,8 +51,15 @@ def candidate_generation(root: Path, finished: list[str] = STAGES) -> Generation
 def test_human_rows_and_lineage(world: WorldPaths, tmp_path: Path) -> None:
     generation = candidate_generation(tmp_path)
     config = AssembleConfig(world.human_annotations, world.human_root)
-    table = run_assemble(config, generation, parent=0, checkpoints=CHECKPOINTS, stages=STAGES,
-                         config_digest="sha256:1234", flow_run_id="run-7")
+    table = run_assemble(
+        config,
+        generation,
+        parent=0,
+        checkpoints=CHECKPOINTS,
+        stages=STAGES,
+        config_digest="sha256:1234",
+        flow_run_id="run-7",
+    )
 
     human = [row for row in table.to_pylist() if row["caption_source"] == "human"]
     annotations = json.loads(world.human_annotations.read_text())
@@ -79,10 +93,14 @@ def test_repeated_human_caption_is_stored_once(world: WorldPaths, tmp_path: Path
     annotations[0]["caption"].append(annotations[0]["caption"][0])
     repeated = tmp_path / "repeated.json"
     repeated.write_text(json.dumps(annotations))
-    table = run_assemble(AssembleConfig(repeated, world.human_root), candidate_generation(tmp_path), 0,
-                         CHECKPOINTS, STAGES, "sha256:1")
-    human_ids = [sid for sid, source in zip(table["sample_id"].to_pylist(), table["caption_source"].to_pylist())
-                 if source == "human"]
+    table = run_assemble(
+        AssembleConfig(repeated, world.human_root), candidate_generation(tmp_path), 0, CHECKPOINTS, STAGES, "sha256:1"
+    )
+    human_ids = [
+        sid
+        for sid, source in zip(table["sample_id"].to_pylist(), table["caption_source"].to_pylist())
+        if source == "human"
+    ]
     assert len(human_ids) == len(set(human_ids)) == N_HUMAN * CAPTIONS_PER_IMAGE
 
 
@@ -118,12 +136,18 @@ def test_unreadable_human_image_is_a_rejected_row(world: WorldPaths, tmp_path: P
     (image_root / annotations[0]["image"]).write_bytes(b"<html>not an image</html>")
     (image_root / annotations[1]["image"]).unlink()
     generation = candidate_generation(tmp_path)
-    table = run_assemble(AssembleConfig(world.human_annotations, image_root), generation, 0, CHECKPOINTS, STAGES,
-                         "sha256:1")
-    rejected = {(row["image_id"], row["reject_reason"]) for row in table.to_pylist()
-                if row["caption_source"] == "human" and not row["kept"]}
-    assert rejected == {(f"human-{annotations[0]['image_id']}", "not_an_image"),
-                        (f"human-{annotations[1]['image_id']}", "missing_file")}
+    table = run_assemble(
+        AssembleConfig(world.human_annotations, image_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1"
+    )
+    rejected = {
+        (row["image_id"], row["reject_reason"])
+        for row in table.to_pylist()
+        if row["caption_source"] == "human" and not row["kept"]
+    }
+    assert rejected == {
+        (f"human-{annotations[0]['image_id']}", "not_an_image"),
+        (f"human-{annotations[1]['image_id']}", "missing_file"),
+    }
     assert generation.read_info()["counts"]["rejected_by_stage_reason"]["assemble/not_an_image"] == CAPTIONS_PER_IMAGE
 
 

@@ -43,8 +43,7 @@ def _synthetic_by_image(table) -> dict[str, list[str]]:
     return captions
 
 
-def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0, config,
-                                                                         tiny_blip_checkpoint):
+def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0, config, tiny_blip_checkpoint):
     broken = _corrupt_one_image(web_gen0)
     target = Generation(web_gen0.root, "world", 1)
     table = run_caption(config, web_gen0, target)
@@ -57,8 +56,11 @@ def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0
     assert sorted(row["image_id"] for row in copied) == sorted(web_rows)
     for row in copied:
         before = web_rows[row["image_id"]]
-        assert (row["caption"], row["image_ref"], row["sample_id"]) == (before["caption"], before["image_ref"],
-                                                                       before["sample_id"])
+        assert (row["caption"], row["image_ref"], row["sample_id"]) == (
+            before["caption"],
+            before["image_ref"],
+            before["sample_id"],
+        )
         if row["image_id"] == broken:
             assert (row["kept"], row["reject_stage"], row["reject_reason"]) == (False, "caption", "not_an_image")
             assert "not a recognised image" in row["reject_detail"]
@@ -74,8 +76,9 @@ def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0
     digest = file_digest(tiny_blip_checkpoint / WEIGHTS_FILE)
     for row in synthetic:
         web = web_rows[row["image_id"]]
-        assert [row[k] for k in ("image_ref", "image_sha256", "width", "height")] == \
-               [web[k] for k in ("image_ref", "image_sha256", "width", "height")]
+        assert [row[k] for k in ("image_ref", "image_sha256", "width", "height")] == [
+            web[k] for k in ("image_ref", "image_sha256", "width", "height")
+        ]
         assert row["kept"] and row["model_ref"] == digest and row["caption"].strip()
 
     for shard in SHARDS:
@@ -98,11 +101,19 @@ def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(we
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(ray_local, web_gen0, tiny_blip_checkpoint,
-                                                             kill_midway, tmp_path):
+def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
+    ray_local, web_gen0, tiny_blip_checkpoint, kill_midway, tmp_path
+):
     """Killed on Ray, resumed on Ray; the same manifest as an uninterrupted run of the local executor."""
-    slow = CaptionConfig(tiny_blip_checkpoint, num_captions=10, min_length=20, max_length=20, batch_size=2,
-                         executor="ray", ray_address=ray.get_runtime_context().gcs_address)
+    slow = CaptionConfig(
+        tiny_blip_checkpoint,
+        num_captions=10,
+        min_length=20,
+        max_length=20,
+        batch_size=2,
+        executor="ray",
+        ray_address=ray.get_runtime_context().gcs_address,
+    )
     killed = Generation(web_gen0.root, "world", 1)
     kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}
     code = (
@@ -119,8 +130,11 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(ray_local, web_gen0
     resumed = run_caption(slow, web_gen0, killed)
     other_root = tmp_path / "uninterrupted"
     shutil.copytree(web_gen0.path, Generation(other_root, "world", 0).path)
-    uninterrupted = run_caption(dataclasses.replace(slow, executor="local"), Generation(other_root, "world", 0),
-                                Generation(other_root, "world", 1))
+    uninterrupted = run_caption(
+        dataclasses.replace(slow, executor="local"),
+        Generation(other_root, "world", 0),
+        Generation(other_root, "world", 1),
+    )
     assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
     assert resumed.to_pylist() == uninterrupted.to_pylist()
 

@@ -37,7 +37,7 @@ def server(world: Path):
 def downloaded(tmp_path_factory: pytest.TempPathFactory, server: WorldServer):
     url_list = server.write_url_list(tmp_path_factory.mktemp("urls") / "urls.parquet")
     generation = Generation(tmp_path_factory.mktemp("manifests"), "world", 0)
-    return url_list, generation, download(url_list, generation, CONFIG)
+    return url_list, generation, download(CONFIG, url_list, generation)
 
 
 def _truth(world: Path) -> dict[str, dict]:
@@ -93,7 +93,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
     assert len(shards) == 3
     before = {p: p.stat().st_mtime_ns for p in shards}
 
-    again = download(url_list, generation, CONFIG)
+    again = download(CONFIG, url_list, generation)
     assert again.equals(table)
     assert {p: p.stat().st_mtime_ns for p in shards} == before, "finished shards were not touched"
 
@@ -102,7 +102,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
     (torn.parent / f"{torn.stem}_stats.json").unlink()
     generation.marker_path("download", torn.stem).unlink()
     generation.part_path(torn.stem).unlink()
-    redone = download(url_list, generation, CONFIG)
+    redone = download(CONFIG, url_list, generation)
     assert redone.to_pylist() == table.to_pylist()
     assert torn.stat().st_size > 1000
     assert shards[0].stat().st_mtime_ns == before[shards[0]]
@@ -111,7 +111,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
 def test_url_policy_refuses_loopback_unless_allowed(tmp_path: Path, downloaded) -> None:
     url_list, _, _ = downloaded
     generation = Generation(tmp_path, "world", 0)
-    table = download(url_list, generation, DownloadConfig())
+    table = download(DownloadConfig(), url_list, generation)
     assert table.num_rows == N_WEB
     assert set(table["reject_reason"].to_pylist()) == {"url_policy"}
     assert not (generation.path / "shards").exists(), "nothing was fetched"
@@ -122,7 +122,7 @@ def test_changed_url_list_is_refused_for_an_existing_generation(tmp_path: Path, 
     shorter = tmp_path / "shorter.parquet"
     pq.write_table(pq.read_table(url_list).slice(0, 10), shorter)
     with pytest.raises(ManifestError, match="different URL list"):
-        download(shorter, generation, CONFIG)
+        download(CONFIG, shorter, generation)
 
 
 def test_bad_url_list_and_config_fail_fast(tmp_path: Path) -> None:
@@ -136,15 +136,18 @@ def test_bad_url_list_and_config_fail_fast(tmp_path: Path) -> None:
         DownloadConfig(threads=0)
 
 
-@pytest.mark.parametrize("message, reason", [
-    ("HTTP Error 404: Not Found", "http_404"),
-    ("HTTP Error 503: Service Unavailable", "http_503"),
-    ("The read operation timed out", "timeout"),
-    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
-    ("Image decoding error", "decode_error"),
-    ("something new", "download_error"),
-    (None, "download_error"),
-])
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("The read operation timed out", "timeout"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+        ("Image decoding error", "decode_error"),
+        ("something new", "download_error"),
+        (None, "download_error"),
+    ],
+)
 def test_failure_reasons(message: str, reason: str) -> None:
     assert failure_reason(message) == reason
 
@@ -152,9 +155,9 @@ def test_failure_reasons(message: str, reason: str) -> None:
 def test_a_world_download_resumes_on_the_same_port(tmp_path: Path, world: Path) -> None:
     generation = Generation(tmp_path, "world", 0)
     config = DownloadConfig(samples_per_shard=100, threads=8)
-    first = download_world(world, generation, config)
+    first = download_world(config, world, generation)
     written = {p: p.stat().st_mtime_ns for p in generation.path.rglob("*") if p.is_file() and p.suffix != ".json"}
-    again = download_world(world, generation, config)
+    again = download_world(config, world, generation)
     assert again.equals(first)
     assert {p: p.stat().st_mtime_ns for p in written} == written, "a finished download rewrites nothing"
 
@@ -168,13 +171,18 @@ def test_a_sigkilled_download_resumes_to_the_uninterrupted_manifest(tmp_path: Pa
         "from pathlib import Path\n"
         "from pipelines.stages.download import DownloadConfig, download\n"
         "from pipelines.manifests.manifest import Generation\n"
-        f"download(Path({str(url_list)!r}), Generation(Path({str(tmp_path)!r}), 'world', 0), "
-        f"DownloadConfig(**{dataclasses.asdict(CONFIG)!r}))\n"
+        f"download(DownloadConfig(**{dataclasses.asdict(CONFIG)!r}), Path({str(url_list)!r}), "
+        f"Generation(Path({str(tmp_path)!r}), 'world', 0))\n"
     )
     stats = killed.path / "shards"
-    kill_midway(code, killed, "download", ["00000", "00001", "00002"],
-                finished=lambda shard: (stats / f"{shard}_stats.json").exists())
+    kill_midway(
+        code,
+        killed,
+        "download",
+        ["00000", "00001", "00002"],
+        finished=lambda shard: (stats / f"{shard}_stats.json").exists(),
+    )
 
-    resumed = download(url_list, killed, CONFIG)
+    resumed = download(CONFIG, url_list, killed)
     assert len(set(resumed["image_id"].to_pylist())) == resumed.num_rows == N_WEB
     assert resumed.to_pylist() == uninterrupted.to_pylist()

@@ -36,8 +36,10 @@ N_WEB, N_TEST, CAPTIONS_PER_IMAGE = 40, 6, 3
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> WorldPaths:
-    return make_world(tmp_path_factory.mktemp("world"), WorldConfig(
-        seed=2, n_web=N_WEB, n_human=2, n_test=N_TEST, captions_per_image=CAPTIONS_PER_IMAGE))
+    return make_world(
+        tmp_path_factory.mktemp("world"),
+        WorldConfig(seed=2, n_web=N_WEB, n_human=2, n_test=N_TEST, captions_per_image=CAPTIONS_PER_IMAGE),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +76,35 @@ def generation(world: WorldPaths, tmp_path_factory: pytest.TempPathFactory) -> G
     rows = []
     for index, (pair, true) in enumerate(zip(pairs, truth)):
         image_id, fate = f"web-{index:09d}", decision(index)
-        rows.append({"image_id": image_id, "url": f"http://127.0.0.1:9/{pair['path']}", "caption": pair["caption"],
-                     "caption_source": "web", "kept": fate == "kept", "reject_stage": None if fate == "kept" else fate})
+        rows.append(
+            {
+                "image_id": image_id,
+                "url": f"http://127.0.0.1:9/{pair['path']}",
+                "caption": pair["caption"],
+                "caption_source": "web",
+                "kept": fate == "kept",
+                "reject_stage": None if fate == "kept" else fate,
+            }
+        )
         if fate not in ("download", "caption"):
-            rows.append({"image_id": image_id, "caption": true["true_caption"], "caption_source": "synthetic",
-                         "kept": True, "reject_stage": None})
-            rows.append({"image_id": image_id, "caption": "a picture", "caption_source": "synthetic",
-                         "kept": False, "reject_stage": "filter"})
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "caption": true["true_caption"],
+                    "caption_source": "synthetic",
+                    "kept": True,
+                    "reject_stage": None,
+                }
+            )
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "caption": "a picture",
+                    "caption_source": "synthetic",
+                    "kept": False,
+                    "reject_stage": "filter",
+                }
+            )
     generation = Generation(tmp_path_factory.mktemp("manifests"), "world", 1)
     columns = {name: [row.get(name) for row in rows] for name in rows[0]}
     generation.write_part("00000", samples_table({**columns, "generation": [1] * len(rows)}))
@@ -108,9 +132,18 @@ def test_world_metrics_match_the_known_decisions(world: WorldPaths, generation: 
 
 def test_world_metrics_refuse_a_generation_of_another_world(world: WorldPaths, tmp_path: Path) -> None:
     generation = Generation(tmp_path, "other", 0)
-    generation.write_part("00000", samples_table({
-        "image_id": ["web-0"], "url": ["http://example.com/images/x999999.jpg"], "caption": ["a cat"],
-        "caption_source": ["web"], "generation": [0]}))
+    generation.write_part(
+        "00000",
+        samples_table(
+            {
+                "image_id": ["web-0"],
+                "url": ["http://example.com/images/x999999.jpg"],
+                "caption": ["a cat"],
+                "caption_source": ["web"],
+                "generation": [0],
+            }
+        ),
+    )
     with pytest.raises(ValueError, match="not pairs of the world"):
         world_metrics(generation.read_samples(), world, {})
 
@@ -135,12 +168,23 @@ def test_score_pairs_in_slices_equals_full_scoring(world: WorldPaths, checkpoint
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_run_evaluate_writes_evaluation_json(world: WorldPaths, checkpoint: tuple[Path, str],
-                                             generation: Generation) -> None:
+def test_run_evaluate_writes_evaluation_json(
+    world: WorldPaths, checkpoint: tuple[Path, str], generation: Generation
+) -> None:
     folder, digest = checkpoint
-    config = EvaluateConfig(folder, world.test_annotations, world.test_root, k_test=4, num_beams=2,
-                            max_length=8, min_length=2, batch_size=4, concurrency=2, world_dir=world.root,
-                            executor="ray")
+    config = EvaluateConfig(
+        folder,
+        world.test_annotations,
+        world.test_root,
+        k_test=4,
+        num_beams=2,
+        max_length=8,
+        min_length=2,
+        batch_size=4,
+        concurrency=2,
+        world_dir=world.root,
+        executor="ray",
+    )
     results = run_evaluate(config, generation)
 
     assert json.loads((generation.path / EVALUATION_FILE).read_text()) == json.loads(json.dumps(results))
@@ -164,8 +208,11 @@ def test_run_evaluate_writes_evaluation_json(world: WorldPaths, checkpoint: tupl
     for image, (texts, scores) in enumerate(zip(pairs, score_pairs(config, 0, pairs))):
         itm[image, texts] = scores
     text_image = [i // CAPTIONS_PER_IMAGE for i in range(N_TEST * CAPTIONS_PER_IMAGE)]
-    assert results["retrieval"] == pytest.approx(retrieval_recalls(
-        reranked_scores(encoded.similarity, itm, 4), reranked_scores(encoded.similarity.T, itm.T, 4), text_image))
+    assert results["retrieval"] == pytest.approx(
+        retrieval_recalls(
+            reranked_scores(encoded.similarity, itm, 4), reranked_scores(encoded.similarity.T, itm.T, 4), text_image
+        )
+    )
 
 
 def test_config_validation_names_the_field(world: WorldPaths, checkpoint: tuple[Path, str], tmp_path: Path) -> None:

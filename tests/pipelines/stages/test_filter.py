@@ -91,8 +91,9 @@ def test_candidates_are_scored_and_decided(captioned, filtered, config, tiny_bli
     assert marker["model_ref"] == digest and marker["threshold"] == 0.5 and marker["rejected"]["empty_caption"] >= 1
 
 
-def test_rethreshold_redecides_from_stored_scores_without_a_model(filtered, config, tmp_path, dataset_copier,
-                                                                    no_inference):
+def test_rethreshold_redecides_from_stored_scores_without_a_model(
+    filtered, config, tmp_path, dataset_copier, no_inference
+):
     target = dataset_copier(filtered, tmp_path)
     scores = {row["sample_id"]: row["itm_score"] for row in target.read_samples().to_pylist()}
     median = statistics.median(s for s in scores.values() if s is not None)
@@ -140,8 +141,9 @@ def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_pa
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(captioned, tiny_blip_checkpoint, tmp_path,
-                                                             dataset_copier, kill_midway):
+def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
+    captioned, tiny_blip_checkpoint, tmp_path, dataset_copier, kill_midway
+):
     slow = FilterConfig(tiny_blip_checkpoint, batch_size=1)
     killed = dataset_copier(captioned, tmp_path / "killed")
     kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}

@@ -80,8 +80,9 @@ def test_ties_go_to_the_smaller_sample_id():
     assert clip_ranks(rows, {"a": 0.5}) == {"a": 0}, "unscored rows have no rank"
 
 
-def test_rerun_skips_ranked_shards_and_a_new_threshold_reopens_them(ranked, tmp_path, dataset_copier,
-                                                                     tiny_clip_checkpoint, no_inference):
+def test_rerun_skips_ranked_shards_and_a_new_threshold_reopens_them(
+    ranked, tmp_path, dataset_copier, tiny_clip_checkpoint, no_inference
+):
     _, ranked_target = ranked
     target = dataset_copier(ranked_target, tmp_path)
     table = target.read_samples()
@@ -106,8 +107,9 @@ def test_bad_inputs_fail_before_any_work(tiny_clip_checkpoint, downloaded_gen0, 
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(filtered, tiny_clip_checkpoint, tmp_path,
-                                                             dataset_copier, kill_midway):
+def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
+    filtered, tiny_clip_checkpoint, tmp_path, dataset_copier, kill_midway
+):
     slow = RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=1)
     killed = dataset_copier(filtered, tmp_path / "killed")
     kwargs = {**dataclasses.asdict(slow), "clip_checkpoint": str(tiny_clip_checkpoint)}

@@ -25,9 +25,20 @@ from pipelines.stages.shards import (
 
 
 def _row(sample_id: str, image_id: str = "img-1", **fields) -> dict:
-    row = {"sample_id": sample_id, "image_id": image_id, "image_ref": f"{image_id}.png", "caption": "a red circle",
-           "kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None,
-           "itm_score": None, "itc_score": None, "clip_score": None, "clip_rank": None}
+    row = {
+        "sample_id": sample_id,
+        "image_id": image_id,
+        "image_ref": f"{image_id}.png",
+        "caption": "a red circle",
+        "kept": True,
+        "reject_stage": None,
+        "reject_reason": None,
+        "reject_detail": None,
+        "itm_score": None,
+        "itc_score": None,
+        "clip_score": None,
+        "clip_rank": None,
+    }
     return {**row, **fields}
 
 
@@ -35,8 +46,9 @@ def test_undo_from_lifts_the_stage_and_later_ones_only():
     rows = [
         _row("a", kept=False, reject_stage="download", reject_reason="http_404"),
         _row("b", kept=False, reject_stage="filter", reject_reason="itm_below_threshold", itm_score=0.1),
-        _row("c", kept=False, reject_stage="rank", reject_reason="clip_rank", itm_score=0.9, clip_score=0.2,
-             clip_rank=2),
+        _row(
+            "c", kept=False, reject_stage="rank", reject_reason="clip_rank", itm_score=0.9, clip_score=0.2, clip_rank=2
+        ),
         _row("d", itm_score=0.8, clip_score=0.3, clip_rank=0),
     ]
     before_rank = undo_from(rows, "rank")
@@ -51,8 +63,12 @@ def test_undo_from_lifts_the_stage_and_later_ones_only():
 
 def test_requests_group_candidates_by_image_and_skip_what_cannot_be_scored():
     rows = [
-        _row("a", "img-1"), _row("b", "img-2", caption="<b> </b>"), _row("c", "img-1", caption="a <i>blue</i> square"),
-        _row("d", "img-3", kept=False), _row("e", "img-2"), _row("f", "img-4", image_ref=None),
+        _row("a", "img-1"),
+        _row("b", "img-2", caption="<b> </b>"),
+        _row("c", "img-1", caption="a <i>blue</i> square"),
+        _row("d", "img-3", kept=False),
+        _row("e", "img-2"),
+        _row("f", "img-4", image_ref=None),
     ]
     requests = caption_requests("00007", rows, max_chars=100).to_pylist()
     assert [(r["image_id"], r["sample_ids"], r["texts"]) for r in requests] == [

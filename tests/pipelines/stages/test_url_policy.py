@@ -66,8 +66,14 @@ def test_check_many_resolves_each_host_once_and_agrees_with_check() -> None:
             raise OSError("Name or service not known")
         return dns[host]
 
-    urls = [*(f"https://images.example/{i}.jpg" for i in range(5)), "https://sneaky.example/a.jpg",
-            "http://nowhere.invalid/a.jpg", "ftp://images.example/a.jpg", "http:///a.jpg", "http://[::1/a.jpg"]
+    urls = [
+        *(f"https://images.example/{i}.jpg" for i in range(5)),
+        "https://sneaky.example/a.jpg",
+        "http://nowhere.invalid/a.jpg",
+        "ftp://images.example/a.jpg",
+        "http:///a.jpg",
+        "http://[::1/a.jpg",
+    ]
     verdicts = UrlPolicy(resolver=resolve).check_many(urls)
     assert sorted(lookups) == ["images.example", "nowhere.invalid", "sneaky.example"]
     assert verdicts == [UrlPolicy(resolver=resolve).check(url) for url in urls]

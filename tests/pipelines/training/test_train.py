@@ -51,8 +51,12 @@ def micro_checkpoint(world, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random-init tiny BLIP, 2 layers, ITC queue of 2 batches; tokenizer trained on the world's captions."""
     captions = [c for entry in json.loads(world.human_annotations.read_text()) for c in entry["caption"]]
     tiny = load_preset("tiny")
-    config = dataclasses.replace(tiny, queue_size=2 * BATCH, vision=dataclasses.replace(tiny.vision, num_layers=2),
-                                 text=dataclasses.replace(tiny.text, num_layers=2))
+    config = dataclasses.replace(
+        tiny,
+        queue_size=2 * BATCH,
+        vision=dataclasses.replace(tiny.vision, num_layers=2),
+        text=dataclasses.replace(tiny.text, num_layers=2),
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("micro") / "checkpoint"
     save_checkpoint(BlipModel(config), train_tokenizer([tiny.prompt, *captions], vocab_size=1024), folder)
@@ -66,15 +70,20 @@ def generation(world, tmp_path_factory: pytest.TempPathFactory) -> Generation:
     refs = [str(world.human_root / entry["image"]) for entry in entries]
     captions = [entry["caption"][0] for entry in entries]
     generation = Generation(tmp_path_factory.mktemp("manifests"), "world", 1)
-    generation.write_part("00000", samples_table({
-        "image_id": [entry["image_id"] for entry in entries] + ["rejected", "empty"],
-        "image_ref": refs + refs[:2],
-        "caption": captions + ["a caption the filter rejected", "  <br> "],
-        "caption_source": ["human"] * 8 + ["web", "web"],
-        "generation": [1] * 10,
-        "kept": [True] * 8 + [False, True],
-        "reject_stage": [None] * 8 + ["filter", None],
-    }))
+    generation.write_part(
+        "00000",
+        samples_table(
+            {
+                "image_id": [entry["image_id"] for entry in entries] + ["rejected", "empty"],
+                "image_ref": refs + refs[:2],
+                "caption": captions + ["a caption the filter rejected", "  <br> "],
+                "caption_source": ["human"] * 8 + ["web", "web"],
+                "generation": [1] * 10,
+                "kept": [True] * 8 + [False, True],
+                "reject_stage": [None] * 8 + ["filter", None],
+            }
+        ),
+    )
     return generation
 
 
@@ -86,21 +95,24 @@ def _mean(history: list[dict], key: str, steps: slice) -> float:
 # ----------------------------------------------------------------------------- settings and data
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(), "either epochs or max_steps"),
-    (dict(epochs=1, max_steps=3), "either epochs or max_steps"),
-    (dict(max_steps=0), "max_steps must be None or an integer ≥ 1"),
-    (dict(max_steps=3, batch_size=0), "batch_size must be an integer ≥ 1"),
-    (dict(max_steps=3, lr=0.0), "lr must be a number in"),
-    (dict(max_steps=3, preset="huge"), "preset must be one of"),
-    (dict(max_steps=3, preset="tiny", init_checkpoint="."), "preset must be None when init_checkpoint"),
-    (dict(max_steps=3, tokenizer="."), "tokenizer must be None unless preset"),
-    (dict(max_steps=3, init_checkpoint="/no/such/folder"), "init_checkpoint must be an existing folder"),
-    (dict(max_steps=3, num_workers=True), "num_workers must be an integer"),
-    (dict(max_steps=3, num_workers=2, executor="local"), "num_workers must be 1 with the local executor"),
-    (dict(max_steps=3, max_failures=1, executor="local"), "max_failures must be 0 with the local executor"),
-    (dict(max_steps=3, executor="slurm"), "executor must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "either epochs or max_steps"),
+        (dict(epochs=1, max_steps=3), "either epochs or max_steps"),
+        (dict(max_steps=0), "max_steps must be None or an integer ≥ 1"),
+        (dict(max_steps=3, batch_size=0), "batch_size must be an integer ≥ 1"),
+        (dict(max_steps=3, lr=0.0), "lr must be a number in"),
+        (dict(max_steps=3, preset="huge"), "preset must be one of"),
+        (dict(max_steps=3, preset="tiny", init_checkpoint="."), "preset must be None when init_checkpoint"),
+        (dict(max_steps=3, tokenizer="."), "tokenizer must be None unless preset"),
+        (dict(max_steps=3, init_checkpoint="/no/such/folder"), "init_checkpoint must be an existing folder"),
+        (dict(max_steps=3, num_workers=True), "num_workers must be an integer"),
+        (dict(max_steps=3, num_workers=2, executor="local"), "num_workers must be 1 with the local executor"),
+        (dict(max_steps=3, max_failures=1, executor="local"), "max_failures must be 0 with the local executor"),
+        (dict(max_steps=3, executor="slurm"), "executor must be one of"),
+    ],
+)
 def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
@@ -112,8 +124,12 @@ def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batc
     with pytest.raises(ValueError, match="train_clip trains config.clip_model from scratch"):
         train_clip(TrainConfig(max_steps=1, preset="tiny"), small_set, world.human_root, tmp_path)
     with pytest.raises(ValueError, match="8 pairs are fewer than one global batch"):
-        finetune_filter(TrainConfig(max_steps=1, preset="tiny", batch_size=4, num_workers=3, executor="ray"), small_set,
-                        world.human_root, tmp_path)
+        finetune_filter(
+            TrainConfig(max_steps=1, preset="tiny", batch_size=4, num_workers=3, executor="ray"),
+            small_set,
+            world.human_root,
+            tmp_path,
+        )
 
 
 def test_epoch_order_deals_one_shuffle_to_ranks_in_whole_batches():
@@ -121,7 +137,7 @@ def test_epoch_order_deals_one_shuffle_to_ranks_in_whole_batches():
     assert [len(r) for r in ranks] == [8, 8]  # 23 // 2 // 4 = 2 batches each
     indices = [i for r in ranks for i, _ in r]
     assert len(set(indices)) == 16 and all(0 <= i < 23 for i in indices)
-    assert epoch_order(23, 4, 0, 2, seed=1, epoch=0) == ranks[0]                      # reproducible
+    assert epoch_order(23, 4, 0, 2, seed=1, epoch=0) == ranks[0]  # reproducible
     assert [i for i, _ in epoch_order(23, 4, 0, 2, seed=1, epoch=1)] != [i for i, _ in ranks[0]]
     assert derive_seed(1, 0) != derive_seed(0, 1)
 
@@ -142,8 +158,7 @@ def test_coco_pairs_number_images_and_keep_every_caption(world, small_set):
 # ----------------------------------------------------------------------------- training runs
 
 
-def test_pretrain_learns_from_the_kept_pairs_and_exports_a_loadable_checkpoint(
-        generation, micro_checkpoint, tmp_path):
+def test_pretrain_learns_from_the_kept_pairs_and_exports_a_loadable_checkpoint(generation, micro_checkpoint, tmp_path):
     config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=12, checkpoint_every=6, **FAST)
     result = pretrain(config, generation, tmp_path / "run")
 
@@ -166,8 +181,7 @@ def test_pretrain_learns_from_the_kept_pairs_and_exports_a_loadable_checkpoint(
 
 
 @pytest.mark.slow
-def test_a_restarted_run_resumes_from_its_last_checkpoint(
-        world, small_set, tmp_path):
+def test_a_restarted_run_resumes_from_its_last_checkpoint(world, small_set, tmp_path):
     run_dir = tmp_path / "captioner"
     config = TrainConfig(preset="tiny", max_steps=4, checkpoint_every=2, **FAST)
     first = finetune_captioner(config, small_set, world.human_root, run_dir)
@@ -187,8 +201,7 @@ def test_a_restarted_run_resumes_from_its_last_checkpoint(
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumed_from_a_checkpoint_ends_with_the_same_model(generation, micro_checkpoint,
-                                                                         tmp_path):
+def test_a_killed_run_resumed_from_a_checkpoint_ends_with_the_same_model(generation, micro_checkpoint, tmp_path):
     """Deterministic under its seed on CPU, and resume restores everything (momentum, queues, RNG, optimizer)."""
     config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=6, checkpoint_every=3, **FAST)
     whole = pretrain(config, generation, tmp_path / "whole")
@@ -201,7 +214,8 @@ def test_a_killed_run_resumed_from_a_checkpoint_ends_with_the_same_model(generat
 
 @pytest.mark.slow
 def test_finetune_filter_starts_from_a_transformers_folder_and_trains_only_what_it_uses(
-        world, small_set, micro_checkpoint, tmp_path):
+    world, small_set, micro_checkpoint, tmp_path
+):
     model, tokenizer, _ = load_checkpoint(micro_checkpoint)
     export_hf_filter(model, tokenizer, tmp_path / "hf")
     start, _ = import_hf(tmp_path / "hf")
@@ -231,8 +245,14 @@ def test_train_clip_learns_and_exports_a_ranker(world, small_set, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_pretrain_with_ddp_and_share_the_itc_queue(ray_local, generation, micro_checkpoint, tmp_path):
-    config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=4, checkpoint_every=4, num_workers=2,
-                         executor="ray", **{**FAST, "batch_size": BATCH // 2})
+    config = TrainConfig(
+        init_checkpoint=micro_checkpoint,
+        max_steps=4,
+        checkpoint_every=4,
+        num_workers=2,
+        executor="ray",
+        **{**FAST, "batch_size": BATCH // 2},
+    )
     result = pretrain(config, generation, tmp_path / "run")
     assert result.steps == 4
     assert result.losses[-1]["lm_loss"] < result.losses[0]["lm_loss"]
@@ -247,14 +267,21 @@ KILLED_RUN_STEPS = 40  # the worker outlives its killed driver for a moment; it 
 
 
 @pytest.mark.slow
-def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, generation, micro_checkpoint, tmp_path,
-                                                                   kill_midway):
+def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(
+    ray_local, generation, micro_checkpoint, tmp_path, kill_midway
+):
     """A real SIGKILL of the driver between checkpoints on Ray Train; the re-run resumes and ends with the
     same model as an uninterrupted run of the local executor."""
     import ray
 
-    config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=KILLED_RUN_STEPS, checkpoint_every=2,
-                         executor="ray", ray_address=ray.get_runtime_context().gcs_address, **FAST)
+    config = TrainConfig(
+        init_checkpoint=micro_checkpoint,
+        max_steps=KILLED_RUN_STEPS,
+        checkpoint_every=2,
+        executor="ray",
+        ray_address=ray.get_runtime_context().gcs_address,
+        **FAST,
+    )
     killed = tmp_path / "killed"
     code = (
         "from pathlib import Path\n"
@@ -266,8 +293,13 @@ def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(ray_local, g
         f"pretrain(config, Generation(Path({str(generation.root)!r}), 'world', 1), Path({str(killed)!r}))\n"
     )
     steps = [f"step-{step}" for step in range(2, KILLED_RUN_STEPS + 1, 2)]
-    kill_midway(code, generation, "pretrain", steps,
-                finished=lambda step: (killed / "checkpoints" / step / STATE_FILE).is_file())
+    kill_midway(
+        code,
+        generation,
+        "pretrain",
+        steps,
+        finished=lambda step: (killed / "checkpoints" / step / STATE_FILE).is_file(),
+    )
 
     resumed = pretrain(config, generation, killed)
     whole = pretrain(dataclasses.replace(config, executor="local"), generation, tmp_path / "whole")

@@ -65,8 +65,11 @@ def test_layout_and_pairs(world: Path, truth: list[dict]) -> None:
 def test_realised_counts_match_rates(world: Path, truth: list[dict]) -> None:
     counts = json.loads((world / "world.json").read_text())["counts"]
     realised_noise = {t: sum(r["noise_type"] == t for r in truth) for t in DEFAULT_NOISE_RATES}
-    assert realised_noise == counts["noise"] == {"clean": 30, "partial": 6, "wrong_attribute": 9,
-                                                 "other_image": 9, "boilerplate": 4, "empty": 2}
+    assert (
+        realised_noise
+        == counts["noise"]
+        == {"clean": 30, "partial": 6, "wrong_attribute": 9, "other_image": 9, "boilerplate": 4, "empty": 2}
+    )
     realised_faults = {f: sum(r["fault"] == f for r in truth) for f in [*DEFAULT_FAULT_RATES, NO_FAULT]}
     assert realised_faults == counts["fault"] == {"http_404": 1, "corrupt": 1, "html": 1, "slow": 1, "none": 56}
 
@@ -79,8 +82,13 @@ def test_rate_counts_sum_exactly_and_stay_within_one_of_the_rate() -> None:
 
 
 def test_fault_counts_follow_rates_with_one_of_each_from_twenty_pairs() -> None:
-    assert fault_counts(DEFAULT_FAULT_RATES, 2000) == {"http_404": 20, "corrupt": 20, "html": 20, "slow": 10,
-                                                       "none": 1930}
+    assert fault_counts(DEFAULT_FAULT_RATES, 2000) == {
+        "http_404": 20,
+        "corrupt": 20,
+        "html": 20,
+        "slow": 10,
+        "none": 1930,
+    }
     assert fault_counts(DEFAULT_FAULT_RATES, 20) == {"http_404": 1, "corrupt": 1, "html": 1, "slow": 1, "none": 16}
     assert fault_counts(DEFAULT_FAULT_RATES, 19)["none"] == 19
     assert fault_counts({**DEFAULT_FAULT_RATES, "slow": 0.0}, 100)["slow"] == 0
@@ -142,19 +150,22 @@ def test_refuses_another_world_or_a_foreign_folder(world: Path, tmp_path: Path) 
         load_world(tmp_path)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"n_web": 0}, r"n_web must be an integer in \[1,"),
-    ({"image_size": 16}, "image_size"),
-    ({"seed": -1}, "seed"),
-    ({"n_human": 2.5}, "n_human"),
-    ({"captions_per_image": 0}, "captions_per_image"),
-    ({"slow_seconds": -1}, "slow_seconds"),
-    ({"noise_rates": {"clean": 0.5, "typo": 0.5}}, r"unknown \['typo'\]; allowed: clean, partial"),
-    ({"noise_rates": {"clean": 0.5, "partial": 0.4}}, "must sum to 1, got 0.9"),
-    ({"noise_rates": {"clean": 1.5, "empty": -0.5}}, r"must lie in \[0, 1\]"),
-    ({"fault_rates": {"html": 0.7, "slow": 0.7}}, "fault_rates must sum to at most 1"),
-    ({"fault_rates": {"timeout": 0.1}}, "allowed: http_404, corrupt, html, slow"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n_web": 0}, r"n_web must be an integer in \[1,"),
+        ({"image_size": 16}, "image_size"),
+        ({"seed": -1}, "seed"),
+        ({"n_human": 2.5}, "n_human"),
+        ({"captions_per_image": 0}, "captions_per_image"),
+        ({"slow_seconds": -1}, "slow_seconds"),
+        ({"noise_rates": {"clean": 0.5, "typo": 0.5}}, r"unknown \['typo'\]; allowed: clean, partial"),
+        ({"noise_rates": {"clean": 0.5, "partial": 0.4}}, "must sum to 1, got 0.9"),
+        ({"noise_rates": {"clean": 1.5, "empty": -0.5}}, r"must lie in \[0, 1\]"),
+        ({"fault_rates": {"html": 0.7, "slow": 0.7}}, "fault_rates must sum to at most 1"),
+        ({"fault_rates": {"timeout": 0.1}}, "allowed: http_404, corrupt, html, slow"),
+    ],
+)
 def test_config_validation_names_the_field(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorldConfig(**options)

@@ -42,7 +42,8 @@ def _is_incomplete(parsed: ParsedCaption, scene: Scene) -> bool:
 def test_parses_a_relation_caption_exactly() -> None:
     parsed = parse_caption("a large red circle to the left of a small blue square")
     assert parsed == ParsedCaption(
-        (Mention("circle", "red", "large"), Mention("square", "blue", "small")), ((0, "left_of", 1),))
+        (Mention("circle", "red", "large"), Mention("square", "blue", "small")), ((0, "left_of", 1),)
+    )
     assert parsed.n_attributes == 7
 
 
@@ -57,15 +58,18 @@ def test_unparseable_text_is_none_and_scores_zero() -> None:
         assert attribute_accuracy(text, TWO) == 0.0
 
 
-@pytest.mark.parametrize("caption, expected", [
-    ("a large red circle to the left of a small blue square", 1.0),
-    ("a picture of a red circle", 1.0),                       # the captioner's prompt is ignored
-    ("a red circle on the right", 2 / 3),                     # shape, color true; position false
-    ("a small blue square to the left of a large red circle", 6 / 7),  # only the relation is false
-    ("a green star", 0.0),
-    ("a red circle, a blue square and a green star", 4 / 6),  # the third object is not in the scene
-    ("a blue circle and a red square", 2 / 4),                # best matching: the shapes right, colors wrong
-])
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a large red circle to the left of a small blue square", 1.0),
+        ("a picture of a red circle", 1.0),  # the captioner's prompt is ignored
+        ("a red circle on the right", 2 / 3),  # shape, color true; position false
+        ("a small blue square to the left of a large red circle", 6 / 7),  # only the relation is false
+        ("a green star", 0.0),
+        ("a red circle, a blue square and a green star", 4 / 6),  # the third object is not in the scene
+        ("a blue circle and a red square", 2 / 4),  # best matching: the shapes right, colors wrong
+    ],
+)
 def test_attribute_accuracy_counts_true_claims(caption: str, expected: float) -> None:
     assert attribute_accuracy(caption, TWO) == pytest.approx(expected)
 

@@ -27,8 +27,10 @@ def test_object_color_sits_at_its_anchor_and_corners_show_background(position: s
 
 
 def test_large_objects_cover_about_three_times_the_area_of_small_ones() -> None:
-    areas = {size: _mask(_pixels(Scene((SceneObject("circle", "blue", size, "center"),))), "blue").sum()
-             for size in ("small", "large")}
+    areas = {
+        size: _mask(_pixels(Scene((SceneObject("circle", "blue", size, "center"),))), "blue").sum()
+        for size in ("small", "large")
+    }
     assert 2.2 < areas["large"] / areas["small"] < 3.4  # (0.15 / 0.09)^2 = 2.8
 
 
@@ -40,8 +42,13 @@ def test_shapes_are_distinguishable() -> None:
 
 
 def test_neighbouring_large_objects_do_not_overlap_and_rendering_is_deterministic() -> None:
-    scene = Scene((SceneObject("circle", "yellow", "large", "left"), SceneObject("cross", "green", "large", "center"),
-                   SceneObject("square", "purple", "large", "top")))
+    scene = Scene(
+        (
+            SceneObject("circle", "yellow", "large", "left"),
+            SceneObject("cross", "green", "large", "center"),
+            SceneObject("square", "purple", "large", "top"),
+        )
+    )
     pixels = _pixels(scene, seed=3)
     for obj in scene.objects:
         alone = _mask(_pixels(Scene((obj,)), seed=3), obj.color).sum()

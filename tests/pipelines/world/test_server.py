@@ -56,18 +56,21 @@ def test_image_route_serves_the_jpeg(server: WorldServer, world: Path) -> None:
     assert body == (world / "web" / "images" / "w000001.jpg").read_bytes() and _decodes(body)
 
 
-@pytest.mark.parametrize("path, status, content_type, decodes", [
-    ("/fault/http_404/w000002.jpg", 404, "text/plain", False),
-    ("/fault/corrupt/w000002.jpg", 200, "image/jpeg", False),
-    ("/fault/html/w000002.jpg", 200, "text/html; charset=utf-8", False),
-    ("/fault/slow/w000002.jpg", 200, "image/jpeg", True),
-    ("/fault/unknown/w000002.jpg", 404, "text/plain", False),
-    ("/images/w999999.jpg", 404, "text/plain", False),
-    ("/world.json", 404, "text/plain", False),
-    ("/images/../world.json", 404, "text/plain", False),
-    ("/images/..%2Fworld.json", 404, "text/plain", False),
-    ("/fault/html/../../world.json", 404, "text/plain", False),
-])
+@pytest.mark.parametrize(
+    "path, status, content_type, decodes",
+    [
+        ("/fault/http_404/w000002.jpg", 404, "text/plain", False),
+        ("/fault/corrupt/w000002.jpg", 200, "image/jpeg", False),
+        ("/fault/html/w000002.jpg", 200, "text/html; charset=utf-8", False),
+        ("/fault/slow/w000002.jpg", 200, "image/jpeg", True),
+        ("/fault/unknown/w000002.jpg", 404, "text/plain", False),
+        ("/images/w999999.jpg", 404, "text/plain", False),
+        ("/world.json", 404, "text/plain", False),
+        ("/images/../world.json", 404, "text/plain", False),
+        ("/images/..%2Fworld.json", 404, "text/plain", False),
+        ("/fault/html/../../world.json", 404, "text/plain", False),
+    ],
+)
 def test_routes(server: WorldServer, path: str, status: int, content_type: str, decodes: bool) -> None:
     got_status, got_type, body = _get(server, path)
     assert (got_status, got_type, _decodes(body)) == (status, content_type, decodes)
@@ -109,7 +112,7 @@ def test_binds_loopback_on_an_ephemeral_port_and_stop_frees_it(world: Path) -> N
     server.stop()
     assert not server.running
     with pytest.raises(RuntimeError, match="not running"):
-        server.base_url
+        _ = server.base_url
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", int(port)), timeout=2)
     with socket.socket() as probe:  # the port can be listened on again

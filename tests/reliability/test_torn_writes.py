@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.manifests.atomic import atomic_write_bytes
+from vlp_core.atomic import atomic_write_bytes
 
 SIZE = 4 * 2**20  # big enough that a plain write would be caught half-done
 
@@ -32,7 +32,7 @@ def test_a_writer_killed_at_any_moment_never_leaves_a_torn_file(tmp_path: Path) 
     target = tmp_path / "part-00000.parquet"
     code = (
         "import itertools, sys\n"
-        "from pipelines.manifests.atomic import atomic_write_bytes\n"
+        "from vlp_core.atomic import atomic_write_bytes\n"
         "for i in itertools.count():\n"
         f"    atomic_write_bytes(sys.argv[1], bytes([i % 251]) * {SIZE})\n"
     )

@@ -1,0 +1,54 @@
+"""The one place that knows the stages: their names, their order, the score columns they write, and
+whether the rows they reject were judged on their caption.
+
+The shard loop (which later stages a commit invalidates), the report (the order of its tables), the
+evaluation and the ablation (which rejections count as the filter's) read it; so do the command line and
+the flows, through the stage modules' `STAGE` names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage that writes manifest rows.
+
+    scores: the nullable score columns it fills (cleared when it is undone).
+    model_stage: it runs a model over the shards (`stages.shards.run_sharded_inference`), in STAGES order.
+    screens_captions: a row it rejects was judged on its caption; rows rejected by the other stages (a dead
+        URL, an undecodable image) never reached a caption screen.
+    """
+
+    name: str
+    scores: tuple[str, ...] = ()
+    model_stage: bool = False
+    screens_captions: bool = False
+
+
+DOWNLOAD = Stage("download")
+CAPTION = Stage("caption", model_stage=True)
+FILTER = Stage("filter", scores=("itm_score", "itc_score"), model_stage=True, screens_captions=True)
+RANK = Stage("rank", scores=("clip_score", "clip_rank"), model_stage=True, screens_captions=True)
+ABLATE = Stage("ablate", screens_captions=True)
+ASSEMBLE = Stage("assemble")
+
+STAGES = (DOWNLOAD, CAPTION, FILTER, RANK, ABLATE, ASSEMBLE)  # the order in which they touch a generation
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+MODEL_STAGES = tuple(stage.name for stage in STAGES if stage.model_stage)  # the shard loop's stages, in order
+UNSCREENED_STAGES = tuple(stage.name for stage in STAGES if not stage.screens_captions)
+
+
+def stage_named(name: str) -> Stage:
+    """The registered stage called `name`; ValueError naming the known ones otherwise."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r}; known: {STAGE_NAMES}")
+
+
+def in_stage_order(names: set[str] | list[str]) -> list[str]:
+    """`names` with the registered stages first, in their order, then any others sorted."""
+    known = [name for name in STAGE_NAMES if name in names]
+    return known + sorted(set(names) - set(STAGE_NAMES))
