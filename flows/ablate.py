@@ -74,35 +74,12 @@ def capfilt_ablate(
 ) -> dict[str, Any]:
     """Train and evaluate every arm (default: all of `pipelines.stages.ablate.ARMS`) with every seed (default 0, 1, 2)
     on the same inputs and budget. Without `url_list`, a synthetic world is made and served."""
+    parameters = locals()
     chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.ARMS))
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: need distinct integers, got {seeds}")
-    overrides = {
-        "num_captions": num_captions,
-        "itm_threshold": itm_threshold,
-        "top_k": top_k,
-        "pretrain_steps": pretrain_steps,
-        "batch_size": batch_size,
-        "model_preset": model_preset,
-        "clip_model": clip_model,
-        "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint),
-        "num_gpus": num_gpus,
-        "executor": executor,
-        "ray_address": ray_address,
-    }
-    settings, inputs, out = run_setup(
-        out_dir,
-        preset,
-        overrides,
-        url_list,
-        human_annotations,
-        human_image_root,
-        test_annotations,
-        test_image_root,
-        world_seed,
-        n_web,
-    )
+    settings, inputs, out = run_setup(parameters)
     return run_ablation(settings, inputs, out, chosen, seeds)
 
 

@@ -12,7 +12,8 @@ skip the shards their completion markers cover.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         """Fail before any work, naming the setting to fix."""
         object.__setattr__(self, "executor", resolve_executor(self.executor))
+        if self.clip_checkpoint is not None:  # a flow parameter arrives as a string
+            object.__setattr__(self, "clip_checkpoint", Path(self.clip_checkpoint))
         at_least = {
             "rounds": 0,
             "itc_warmup_steps": 0,
@@ -175,61 +178,34 @@ def capfilt(
     n_web: int | None = None,
 ) -> dict[str, Any]:
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served."""
-    overrides = {
-        "rounds": rounds,
-        "num_captions": num_captions,
-        "itm_threshold": itm_threshold,
-        "top_k": top_k,
-        "clip_checkpoint": clip_checkpoint and Path(clip_checkpoint),
-        "executor": executor,
-        "ray_address": ray_address,
-    }
-    settings, inputs, out = run_setup(
-        out_dir,
-        preset,
-        overrides,
-        url_list,
-        human_annotations,
-        human_image_root,
-        test_annotations,
-        test_image_root,
-        world_seed,
-        n_web,
-    )
+    settings, inputs, out = run_setup(locals())
     return bootstrap(settings, inputs, out)
 
 
-def run_setup(
-    out_dir: str,
-    preset: str,
-    overrides: dict[str, Any],
-    url_list: str | None,
-    human_annotations: str | None,
-    human_image_root: str | None,
-    test_annotations: str | None,
-    test_image_root: str | None,
-    world_seed: int,
-    n_web: int | None,
-) -> tuple[RunSettings, Inputs, Path]:
-    """A flow's settings (the preset with the overrides that are not None), its inputs (a synthetic world made
-    under `out_dir` when there is no `url_list`) and its resolved run folder."""
+def run_setup(parameters: Mapping[str, Any]) -> tuple[RunSettings, Inputs, Path]:
+    """A flow's settings, inputs and resolved run folder, from its parameters (by name): the settings are
+    its `preset` with every parameter that names a RunSettings field and is not None; the inputs are the
+    URL list and the two COCO sets, or a synthetic world made under `out_dir` (of `world_seed`, `n_web`
+    web pairs) when there is no `url_list`."""
+    preset, out = parameters["preset"], Path(parameters["out_dir"]).resolve()
     if preset not in RUN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(RUN_PRESETS)}")
-    settings = replace(RUN_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    out = Path(out_dir).resolve()
-    if url_list is None:
-        world = replace(settings.world, seed=world_seed, n_web=n_web or settings.world.n_web)
+    setting_names = {field.name for field in fields(RunSettings)}
+    overrides = {name: value for name, value in parameters.items() if name in setting_names and value is not None}
+    settings = replace(RUN_PRESETS[preset], **overrides)
+    if parameters.get("url_list") is None:
+        world = replace(
+            settings.world, seed=parameters["world_seed"], n_web=parameters["n_web"] or settings.world.n_web
+        )
         return settings, Inputs.of_world(make_world(out / "world", world)), out
     sets = {
-        "human_annotations": human_annotations,
-        "human_image_root": human_image_root,
-        "test_annotations": test_annotations,
-        "test_image_root": test_image_root,
+        name: parameters.get(name)
+        for name in ("human_annotations", "human_image_root", "test_annotations", "test_image_root")
     }
     missing = [name for name, value in sets.items() if value is None]
     if missing:
         raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
-    return settings, Inputs(Path(url_list), *(Path(value) for value in sets.values())), out
+    return settings, Inputs(Path(parameters["url_list"]), *(Path(value) for value in sets.values())), out
 
 
 def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -10,15 +11,19 @@ from pathlib import Path
 from benchmarks.cli import add_bench_command
 from pipelines.cli.main import Commands, add_command, format_generations
 from pipelines.cli.main import main as pipelines_main
+from pipelines.cli.options import config_kwargs, config_option
 from pipelines.cli.stage_commands import add_executor_options
+
+RUN_FLOW = "flows.capfilt:capfilt"
+ABLATE_FLOW = "flows.ablate:capfilt_ablate"
 
 
 def add_flow_commands(commands: Commands) -> None:
     run = add_command(
         commands, "run", _run, "Run the whole bootstrapping loop as a Prefect flow; --preset tiny needs no input."
     )
-    _add_run_options(run, Path("runs/tiny"))
-    run.add_argument("--rounds", type=int, help="CapFilt rounds (default: the preset's)")
+    _add_run_options(run, RUN_FLOW)
+    config_option(run, "--rounds", RUN_FLOW, type=int, help="CapFilt rounds (default: the preset's)")
 
     ablate = add_command(
         commands,
@@ -28,26 +33,25 @@ def add_flow_commands(commands: Commands) -> None:
         "CapFilt (/ + CLIP rank) on the same candidates and budget, over several seeds; prints the "
         "table. Without --url-list it runs on a synthetic world.",
     )
-    _add_run_options(ablate, Path("runs/ablate"))
-    ablate.add_argument(
+    _add_run_options(ablate, ABLATE_FLOW)
+    option = functools.partial(config_option, ablate, config=ABLATE_FLOW)
+    option(
         "--arms",
         type=_names,
         help="comma-separated arms (default: all of no_capfilt,filter_only,captioner_only,capfilt,capfilt_rank)",
     )
-    ablate.add_argument("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
-    ablate.add_argument("--pretrain-steps", type=int, help="pretraining budget of every model, in steps")
-    ablate.add_argument("--batch-size", type=int, help="training batch size (per worker)")
-    ablate.add_argument("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
-    ablate.add_argument("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
-    ablate.add_argument("--human-image-root", help="with --url-list: the folder its image paths are under")
-    ablate.add_argument("--test-annotations", help="with --url-list: COCO Karpathy json of the held-out set")
-    ablate.add_argument("--test-image-root", help="with --url-list: the folder its image paths are under")
-    ablate.add_argument("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
-    ablate.add_argument(
-        "--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)"
-    )
-    ablate.add_argument("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
-    ablate.add_argument("--gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
+    option("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
+    option("--pretrain-steps", type=int, help="pretraining budget of every model, in steps (default: the preset's)")
+    option("--batch-size", type=int, help="training batch size per worker (default: the preset's)")
+    option("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
+    option("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
+    option("--human-image-root", help="with --url-list: the folder its image paths are under")
+    option("--test-annotations", help="with --url-list: COCO Karpathy json of the held-out set")
+    option("--test-image-root", help="with --url-list: the folder its image paths are under")
+    option("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
+    option("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)")
+    option("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
+    option("--gpus", dest="num_gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
 
     deploy = add_command(
         commands,
@@ -67,14 +71,21 @@ def add_flow_commands(commands: Commands) -> None:
     )
 
 
-def _add_run_options(parser: argparse.ArgumentParser, out: Path) -> None:
-    """The options `run` and `ablate` share: preset, run folder, CapFilt knobs, world size, Ray cluster."""
-    parser.add_argument("--preset", default="tiny", help="run preset (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=out, help="run folder (default: %(default)s)")
-    parser.add_argument("--num-captions", type=int, help="synthetic captions per image, K")
-    parser.add_argument("--threshold", type=float, help="ITM match probability a caption needs to be kept")
-    parser.add_argument("--top-k", type=int, help="captions kept per image after CLIP ranking")
-    parser.add_argument("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
+    """The options `run` and `ablate` share: preset, run folder, CapFilt knobs, world size, executor. Each sets
+    the flow parameter of its name; the flow's signature holds the defaults."""
+    option = functools.partial(config_option, parser, config=flow)
+    option("--preset", help="run preset")
+    option("--out", dest="out_dir", help="run folder")
+    option("--num-captions", type=int, help="synthetic captions per image, K (default: the preset's)")
+    option(
+        "--threshold",
+        dest="itm_threshold",
+        type=float,
+        help="ITM match probability a caption needs to be kept (default: the preset's)",
+    )
+    option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
+    option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
     add_executor_options(parser)
 
 
@@ -100,17 +111,7 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
 
-    result = capfilt(
-        out_dir=str(args.out),
-        preset=args.preset,
-        rounds=args.rounds,
-        num_captions=args.num_captions,
-        itm_threshold=args.threshold,
-        top_k=args.top_k,
-        n_web=args.n_web,
-        executor=args.executor,
-        ray_address=args.ray_address,
-    )
+    result = capfilt(**config_kwargs(args, capfilt))
     root = Path(result["manifests"])
     print(format_generations(root))
     print(json.dumps(result["metrics"], indent=2, default=str))
@@ -133,29 +134,7 @@ def _integers(text: str) -> list[int]:
 def _ablate(args: argparse.Namespace) -> None:
     from flows.ablate import capfilt_ablate
 
-    result = capfilt_ablate(
-        out_dir=str(args.out),
-        preset=args.preset,
-        url_list=args.url_list,
-        human_annotations=args.human_annotations,
-        human_image_root=args.human_image_root,
-        test_annotations=args.test_annotations,
-        test_image_root=args.test_image_root,
-        arms=args.arms,
-        seeds=args.seeds,
-        num_captions=args.num_captions,
-        itm_threshold=args.threshold,
-        top_k=args.top_k,
-        pretrain_steps=args.pretrain_steps,
-        batch_size=args.batch_size,
-        model_preset=args.model_preset,
-        clip_model=args.clip_model,
-        clip_checkpoint=args.clip_checkpoint,
-        num_gpus=args.gpus,
-        executor=args.executor,
-        ray_address=args.ray_address,
-        n_web=args.n_web,
-    )
+    result = capfilt_ablate(**config_kwargs(args, capfilt_ablate))
     print(Path(result["table"]).read_text())
     print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}")
 

@@ -56,5 +56,5 @@ def test_generations_on_an_empty_root(tmp_path: Path, capsys: pytest.CaptureFixt
 )
 def test_bad_run_settings_fail_before_the_world_is_made(overrides: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
-        run_setup(str(tmp_path / "run"), "smoke", overrides, None, None, None, None, None, world_seed=0, n_web=None)
+        run_setup({"out_dir": str(tmp_path / "run"), "preset": "smoke", "world_seed": 0, "n_web": None, **overrides})
     assert not (tmp_path / "run").exists()
