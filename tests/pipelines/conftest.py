@@ -5,6 +5,8 @@ root, so stages write their target generations next to a private copy.
 """
 
 import dataclasses
+import importlib
+import json
 import os
 import shutil
 import signal
@@ -29,6 +31,7 @@ from vlp_core.config import load_preset
 from vlp_core.data import load_coco_karpathy
 from vlp_core.tokenizer import train_tokenizer
 
+WEB_SHARDS = ["00000", "00001", "00002", "00003"]  # the stage world's 40 URLs, 10 per shard
 STAGE_WORLD = WorldConfig(seed=5, n_web=40, n_human=40, n_test=20, slow_seconds=0.1)
 
 
@@ -133,3 +136,33 @@ def kill_midway():
         return cut
 
     return run
+
+
+@pytest.fixture
+def resumes_like_uninterrupted(tmp_path: Path, kill_midway) -> Callable:
+    """`check(run, config, scored)` for a scoring stage (`run_filter`, `run_rank`): a subprocess runs
+    `run(config, target)` on a copy of `scored`'s dataset and is SIGKILLed midway; one finished shard
+    loses its marker (as if killed between a part's rename and its marker) and the run is resumed here.
+    The result must hold every sample once and equal an uninterrupted run on another copy."""
+
+    def check(run: Callable, config, scored: Generation) -> None:
+        stage = importlib.import_module(run.__module__).STAGE
+        killed = copy_dataset(scored, tmp_path / "killed")
+        settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+        config_class = type(config).__name__
+        code = (
+            "import json; from pathlib import Path\n"
+            f"from {run.__module__} import {config_class}, {run.__name__}\n"
+            "from pipelines.manifests.manifest import Generation\n"
+            f"{run.__name__}({config_class}(**json.loads({json.dumps(settings)!r})), "
+            f"Generation(Path({str(killed.root)!r}), {scored.dataset!r}, {scored.number}))\n"
+        )
+        finished = kill_midway(code, killed, stage, WEB_SHARDS)
+        killed.marker_path(stage, finished[0]).unlink()
+
+        resumed = run(config, killed)
+        uninterrupted = run(config, copy_dataset(scored, tmp_path / "uninterrupted"))
+        assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
+        assert resumed.to_pylist() == uninterrupted.to_pylist()
+
+    return check

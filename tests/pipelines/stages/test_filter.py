@@ -142,22 +142,6 @@ def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_pa
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
-    captioned, tiny_blip_checkpoint, tmp_path, dataset_copier, kill_midway
+    captioned, tiny_blip_checkpoint, resumes_like_uninterrupted
 ):
-    slow = FilterConfig(tiny_blip_checkpoint, batch_size=1)
-    killed = dataset_copier(captioned, tmp_path / "killed")
-    kwargs = {**dataclasses.asdict(slow), "checkpoint": str(tiny_blip_checkpoint)}
-    code = (
-        "import json; from pathlib import Path\n"
-        "from pipelines.stages.filter import FilterConfig, run_filter\n"
-        "from pipelines.manifests.manifest import Generation\n"
-        f"run_filter(FilterConfig(**json.loads({json.dumps(kwargs)!r})), "
-        f"Generation(Path({str(killed.root)!r}), 'world', 1))\n"
-    )
-    finished = kill_midway(code, killed, "filter", WEB_SHARDS)
-    killed.marker_path("filter", finished[0]).unlink()  # as if killed between a part's rename and its marker
-
-    resumed = run_filter(slow, killed)
-    uninterrupted = run_filter(slow, dataset_copier(captioned, tmp_path / "uninterrupted"))
-    assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
-    assert resumed.to_pylist() == uninterrupted.to_pylist()
+    resumes_like_uninterrupted(run_filter, FilterConfig(tiny_blip_checkpoint, batch_size=1), captioned)

@@ -1,8 +1,6 @@
 """The CLIP rank stage on the captioned and filtered stage world, with real Ray, a randomly initialised
 tiny BLIP (captioner and filter) and a randomly initialised clip_tiny saved as safetensors."""
 
-import dataclasses
-import json
 import statistics
 from collections import defaultdict
 
@@ -108,22 +106,8 @@ def test_bad_inputs_fail_before_any_work(tiny_clip_checkpoint, downloaded_gen0, 
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
-    filtered, tiny_clip_checkpoint, tmp_path, dataset_copier, kill_midway
+    filtered, tiny_clip_checkpoint, resumes_like_uninterrupted
 ):
-    slow = RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=1)
-    killed = dataset_copier(filtered, tmp_path / "killed")
-    kwargs = {**dataclasses.asdict(slow), "clip_checkpoint": str(tiny_clip_checkpoint)}
-    code = (
-        "import json; from pathlib import Path\n"
-        "from pipelines.stages.rank import RankConfig, run_rank\n"
-        "from pipelines.manifests.manifest import Generation\n"
-        f"run_rank(RankConfig(**json.loads({json.dumps(kwargs)!r})), "
-        f"Generation(Path({str(killed.root)!r}), 'world', 1))\n"
+    resumes_like_uninterrupted(
+        run_rank, RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=1), filtered
     )
-    finished = kill_midway(code, killed, "rank", WEB_SHARDS)
-    killed.marker_path("rank", finished[0]).unlink()  # as if killed between a part's rename and its marker
-
-    resumed = run_rank(slow, killed)
-    uninterrupted = run_rank(slow, dataset_copier(filtered, tmp_path / "uninterrupted"))
-    assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
-    assert resumed.to_pylist() == uninterrupted.to_pylist()
