@@ -15,6 +15,7 @@ from dataclasses import dataclass
 class Stage:
     """A stage that writes manifest rows.
 
+    config: its config dataclass, as "module:Class" (read lazily: the stage modules import torch).
     scores: the nullable score columns it fills (cleared when it is undone).
     model_stage: it runs a model over the shards (`stages.shards.run_sharded_inference`), in STAGES order.
     screens_captions: a row it rejects was judged on its caption; rows rejected by the other stages (a dead
@@ -22,17 +23,30 @@ class Stage:
     """
 
     name: str
+    config: str | None = None
     scores: tuple[str, ...] = ()
     model_stage: bool = False
     screens_captions: bool = False
 
 
-DOWNLOAD = Stage("download")
-CAPTION = Stage("caption", model_stage=True)
-FILTER = Stage("filter", scores=("itm_score", "itc_score"), model_stage=True, screens_captions=True)
-RANK = Stage("rank", scores=("clip_score", "clip_rank"), model_stage=True, screens_captions=True)
-ABLATE = Stage("ablate", screens_captions=True)
-ASSEMBLE = Stage("assemble")
+DOWNLOAD = Stage("download", "pipelines.stages.download:DownloadConfig")
+CAPTION = Stage("caption", "pipelines.stages.caption:CaptionConfig", model_stage=True)
+FILTER = Stage(
+    "filter",
+    "pipelines.stages.filter:FilterConfig",
+    scores=("itm_score", "itc_score"),
+    model_stage=True,
+    screens_captions=True,
+)
+RANK = Stage(
+    "rank",
+    "pipelines.stages.rank:RankConfig",
+    scores=("clip_score", "clip_rank"),
+    model_stage=True,
+    screens_captions=True,
+)
+ABLATE = Stage("ablate", screens_captions=True)  # re-decides a candidate generation's rows by an arm's rules
+ASSEMBLE = Stage("assemble", "pipelines.stages.assemble:AssembleConfig")
 
 STAGES = (DOWNLOAD, CAPTION, FILTER, RANK, ABLATE, ASSEMBLE)  # the order in which they touch a generation
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

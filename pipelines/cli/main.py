@@ -14,10 +14,11 @@ from pathlib import Path
 from pipelines.cli.options import ConfigDefaultsHelpFormatter, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_stage_commands
 from pipelines.manifests.manifest import Generation, ManifestError, list_generations
+from pipelines.registry import DOWNLOAD
 
 DEFAULT_ROOT = Path("data_manifests")
 WORLD_CONFIG = "pipelines.world.generate:WorldConfig"
-DOWNLOAD_CONFIG = "pipelines.stages.download:DownloadConfig"
+DOWNLOAD_CONFIG = DOWNLOAD.config
 
 # Offline by default: no model hub, no telemetry. Users with a hub mirror can override these.
 OFFLINE_ENVIRONMENT = {

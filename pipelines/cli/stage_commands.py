@@ -16,11 +16,9 @@ from pathlib import Path
 from pipelines.cli.options import config_default, config_kwargs, config_option
 from pipelines.executor import EXECUTORS
 from pipelines.manifests.manifest import Generation
-from pipelines.registry import MODEL_STAGES
+from pipelines.registry import CAPTION, FILTER, MODEL_STAGES, RANK
 
-CAPTION_CONFIG = "pipelines.stages.caption:CaptionConfig"
-FILTER_CONFIG = "pipelines.stages.filter:FilterConfig"
-RANK_CONFIG = "pipelines.stages.rank:RankConfig"
+CAPTION_CONFIG, FILTER_CONFIG, RANK_CONFIG = CAPTION.config, FILTER.config, RANK.config
 EVALUATE_CONFIG = "pipelines.stages.evaluate:EvaluateConfig"
 TRAIN_CONFIG = "pipelines.training.config:TrainConfig"
 

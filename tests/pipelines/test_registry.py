@@ -1,0 +1,33 @@
+"""pipelines.registry: the one description of the stages matches the stages themselves."""
+
+import dataclasses
+import importlib
+
+import pytest
+
+from pipelines.manifests.manifest import SAMPLE_SCHEMA
+from pipelines.registry import MODEL_STAGES, STAGES, UNSCREENED_STAGES, in_stage_order, stage_named
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_each_stage_module_names_itself_as_registered(stage):
+    module = importlib.import_module(f"pipelines.stages.{stage.name}")
+    assert module.STAGE == stage.name
+    if stage.config is not None:
+        module_name, _, class_name = stage.config.partition(":")
+        assert module_name == module.__name__ and dataclasses.is_dataclass(getattr(module, class_name))
+
+
+def test_score_columns_are_manifest_columns_and_only_model_stages_score():
+    for stage in STAGES:
+        assert set(stage.scores) <= set(SAMPLE_SCHEMA.names)
+        assert not stage.scores or stage.model_stage
+    assert MODEL_STAGES == ("caption", "filter", "rank")
+    assert set(UNSCREENED_STAGES) == {"download", "caption", "assemble"}
+
+
+def test_order_and_lookup():
+    assert in_stage_order({"assemble", "custom", "download", "filter"}) == ["download", "filter", "assemble", "custom"]
+    assert stage_named("rank").scores == ("clip_score", "clip_rank")
+    with pytest.raises(ValueError, match="unknown stage 'crop'"):
+        stage_named("crop")
