@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.capfilt import run_setup
+from flows.ablate import capfilt_ablate
+from flows.capfilt import capfilt, run_setup
 from flows.cli import add_flow_commands, main
 from pipelines.cli.main import build_parser
+from pipelines.cli.options import config_kwargs
 
 COMMANDS = sorted(build_parser(add_flow_commands)._subparsers._group_actions[0].choices)
 
@@ -58,3 +60,21 @@ def test_bad_run_settings_fail_before_the_world_is_made(overrides: dict, message
     with pytest.raises(ValueError, match=message):
         run_setup({"out_dir": str(tmp_path / "run"), "preset": "smoke", "world_seed": 0, "n_web": None, **overrides})
     assert not (tmp_path / "run").exists()
+
+
+def test_run_and_ablate_options_set_the_flow_parameters_of_their_names() -> None:
+    parser = build_parser(add_flow_commands)
+    args = parser.parse_args(
+        ["ablate", "--out", "x", "--threshold", "0.3", "--gpus", "1", "--seeds", "0,1", "--executor", "local"]
+    )
+    assert config_kwargs(args, capfilt_ablate) == {
+        "out_dir": "x",
+        "itm_threshold": 0.3,
+        "num_gpus": 1.0,
+        "seeds": [0, 1],
+        "executor": "local",
+    }
+    args = parser.parse_args(["run", "--preset", "smoke", "--rounds", "2", "--top-k", "3"])
+    assert config_kwargs(args, capfilt) == {"preset": "smoke", "rounds": 2, "top_k": 3}
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["run"].format_help().split())
+    assert "--out OUT run folder (default: runs/tiny)" in help_text  # the flow's own default
