@@ -1,9 +1,17 @@
 """Checkpoints: our own format, transformers' BLIP layout both ways, and safe state-dict loading.
 
 Our checkpoint folder holds ``model.safetensors`` (shared encoder/decoder tensors stored once and
-re-tied on load), ``config.json`` (the :class:`BlipConfig` and the weights' digest) and
-``tokenizer/``. The digest, ``sha256:<16 hex>`` of the weights file, identifies the model in
-manifests (``model_ref``). Every folder is written under a temporary name and renamed into place.
+re-tied on load), ``config.json`` (the :class:`BlipConfig`, the weights' digest and what each part of the
+model holds) and ``tokenizer/``. The digest, ``sha256:<16 hex>`` of the weights file, identifies the model
+in manifests (``model_ref``). Every folder is written under a temporary name and renamed into place.
+
+Everything that takes a BLIP checkpoint also takes a transformers BLIP folder as ``save_pretrained``
+writes it (``BlipForConditionalGeneration``: a captioner; ``BlipForImageTextRetrieval``: a filter): it is
+converted on load (:func:`import_hf`), and its digest is that of its weights file.
+
+A model has six parts (:data:`PARTS`), each ``trained`` (by capfilt), ``loaded`` (from a released
+folder), ``derived`` (copied from a sibling part on import) or ``random``. A stage refuses a checkpoint
+whose part it needs is random (:func:`require_parts`), e.g. a released captioner given as a filter.
 
 Nothing here unpickles arbitrary objects: weights come from safetensors, or from torch files through
 ``torch.load(weights_only=True)``.
@@ -18,6 +26,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
 from transformers import BlipConfig as HFBlipConfig
 from transformers import (
@@ -40,11 +49,37 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_FORMAT = "capfilt-blip/1"
 HF_CAPFILT_KEY = "capfilt_config"  # our BlipConfig, stored inside an exported transformers config
 
-CAPTIONER_PARTS = ("vision_model", "text_decoder")
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes, newest first
+
+CAPTIONER_PARTS = ("vision_model", "text_decoder")  # the BlipModel modules of transformers' two classes
 FILTER_PARTS = ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head")
 
+PARTS = ("vision", "text_encoder", "itc_projections", "itm_head", "decoder", "lm_head")
+CAPTIONER_NEEDS = ("vision", "decoder", "lm_head")
+FILTER_NEEDS = ("vision", "text_encoder", "itc_projections", "itm_head")
+OBJECTIVE_PARTS = {  # what each training objective trains
+    "itc": ("vision", "text_encoder", "itc_projections"),
+    "itm": ("vision", "text_encoder", "itm_head"),
+    "lm": ("vision", "decoder", "lm_head"),
+}
+HF_CLASSES = {cls.__name__: cls for cls in (BlipForConditionalGeneration, BlipForImageTextRetrieval)}
+IMPORTED_PARTS = {  # what import_hf fills, per transformers class
+    "BlipForConditionalGeneration": {
+        "vision": "loaded", "text_encoder": "derived", "itc_projections": "random", "itm_head": "random",
+        "decoder": "loaded", "lm_head": "loaded",
+    },
+    "BlipForImageTextRetrieval": {
+        "vision": "loaded", "text_encoder": "loaded", "itc_projections": "loaded", "itm_head": "loaded",
+        "decoder": "derived", "lm_head": "random",
+    },
+}  # fmt: skip
 
-class UnsafeCheckpointError(RuntimeError):
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what is wrong with it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A weights file that could only be read by unpickling arbitrary Python objects."""
 
 
@@ -79,13 +114,18 @@ def _check_vocabulary(config: BlipConfig, tokenizer: PreTrainedTokenizerBase) ->
         )
 
 
-def save_checkpoint(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> str:
-    """Write ``model`` and ``tokenizer`` to ``directory`` atomically; returns the weights' digest."""
+def save_checkpoint(
+    model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, parts: dict[str, str] | None = None
+) -> str:
+    """Write ``model`` and ``tokenizer`` to ``directory`` atomically; returns the weights' digest.
+    ``parts``: what each of :data:`PARTS` holds; None when it is not known (nothing is refused then)."""
     _check_vocabulary(model.config, tokenizer)
+    if parts is not None and set(parts) != set(PARTS):
+        raise ValueError(f"parts must name each of {PARTS}, got {sorted(parts)}")
     with atomic_directory(directory) as staging:
         save_file(_unique_tensors(model), str(staging / WEIGHTS_FILE))
         digest = file_digest(staging / WEIGHTS_FILE)
-        header = {"format": CHECKPOINT_FORMAT, "digest": digest, "config": model.config.to_dict()}
+        header = {"format": CHECKPOINT_FORMAT, "digest": digest, "config": model.config.to_dict(), "parts": parts}
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2))
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
     return digest
@@ -94,26 +134,151 @@ def save_checkpoint(model: BlipModel, tokenizer: PreTrainedTokenizerBase, direct
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
-    """Read a folder written by :func:`save_checkpoint`; the weights must match the stored digest."""
+    """Read a folder written by :func:`save_checkpoint` (its weights must match the stored digest) or a
+    transformers BLIP folder (converted by :func:`import_hf`; the digest is its weights file's)."""
     folder = Path(directory)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a capfilt checkpoint: {CONFIG_FILE} is missing")
-    header = json.loads(config_path.read_text())
+    header = _read_config(folder)
     if header.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{config_path}: format {header.get('format')!r} is not {CHECKPOINT_FORMAT!r} "
-            "(a transformers BLIP folder? use import_hf)"
-        )
-    digest = file_digest(folder / WEIGHTS_FILE)
-    if digest != header["digest"]:
-        raise ValueError(
-            f"{folder / WEIGHTS_FILE} has digest {digest}, but {CONFIG_FILE} records "
-            f"{header['digest']}: the weights were modified or the copy is incomplete"
-        )
+        model, tokenizer = import_hf(folder)
+        return model.to(device), tokenizer, file_digest(_hf_weights_file(folder))
+    digest = _checked_digest(folder, header)
     model = BlipModel(BlipConfig.from_dict(header["config"]))
     load_model(model, str(folder / WEIGHTS_FILE), strict=True)
     return model.to(device), load_tokenizer(folder / TOKENIZER_DIR), digest
+
+
+def checkpoint_parts(directory: str | Path) -> dict[str, str] | None:
+    """What each of :data:`PARTS` holds in a capfilt checkpoint or a transformers folder; None if unknown."""
+    header = _read_config(Path(directory))
+    if header.get("format") == CHECKPOINT_FORMAT:
+        return header.get("parts")
+    return dict(IMPORTED_PARTS[_hf_architecture(Path(directory), header)])
+
+
+def require_parts(directory: str | Path, needed: tuple[str, ...], role: str) -> None:
+    """CheckpointError when a part that `role` (e.g. "the caption stage") needs is random in the checkpoint."""
+    parts = checkpoint_parts(directory) or {}
+    random = [part for part in needed if parts.get(part) == "random"]
+    if random:
+        raise CheckpointError(
+            f"{directory}: its {' and '.join(random)} {'is' if len(random) == 1 else 'are'} initialised at random, "
+            f"and {role} needs {', '.join(needed)}; give a checkpoint trained for it "
+            "(a transformers captioner is BlipForConditionalGeneration, a filter BlipForImageTextRetrieval)"
+        )
+
+
+def check_checkpoint(directory: str | Path) -> None:
+    """Everything that can be checked without building the model, so that a bad checkpoint stops a stage
+    before any work: the folder and its config, the format, the weights file (present, readable, the
+    recorded digest, safe to read, tensor names and shapes the config's model has) and the tokenizer."""
+    folder = Path(directory)
+    header = _read_config(folder)
+    if header.get("format") == CHECKPOINT_FORMAT:
+        weights = folder / WEIGHTS_FILE
+        _checked_digest(folder, header)
+        with torch.device("meta"):
+            expected = BlipModel(BlipConfig.from_dict(header["config"])).state_dict()
+    else:
+        architecture = _hf_architecture(folder, header)
+        weights = _hf_weights_file(folder)
+        with torch.device("meta"):
+            expected = HF_CLASSES[architecture](HFBlipConfig.from_pretrained(str(folder))).state_dict()
+    _check_shapes(weights, _weights_shapes(weights), {name: tuple(t.shape) for name, t in expected.items()})
+    try:
+        load_tokenizer(folder / TOKENIZER_DIR if header.get("format") == CHECKPOINT_FORMAT else folder)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: its tokenizer cannot be read ({error})") from error
+
+
+def convert_hf(source: str | Path, destination: str | Path) -> str:
+    """Convert a transformers BLIP folder into a capfilt checkpoint once (what each part holds travels
+    along), so that every actor of a cluster job loads it without converting; returns its digest."""
+    check_checkpoint(source)
+    model, tokenizer = import_hf(source)
+    return save_checkpoint(model, tokenizer, destination, checkpoint_parts(source))
+
+
+def _read_config(folder: Path) -> dict:
+    """The folder's config.json, as a dict; CheckpointError naming the file when it is missing or not JSON."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a checkpoint: {CONFIG_FILE} is missing "
+            "(give a capfilt checkpoint folder or a transformers BLIP folder)"
+        )
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a JSON file ({error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(header).__name__}")
+    return header
+
+
+def _checked_digest(folder: Path, header: dict) -> str:
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    digest = file_digest(weights)
+    if digest != header.get("digest"):
+        raise CheckpointError(
+            f"{weights} has digest {digest}, but {folder / CONFIG_FILE} records "
+            f"{header.get('digest')}: the weights were modified or the copy is incomplete"
+        )
+    return digest
+
+
+def _hf_architecture(folder: Path, header: dict) -> str:
+    """The transformers class a foreign folder was saved from; CheckpointError unless we can import it."""
+    if header.get("format") is not None:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: format {header['format']!r} is not {CHECKPOINT_FORMAT!r}")
+    architecture = (header.get("architectures") or [None])[0]
+    if architecture not in HF_CLASSES:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: architecture {architecture!r} is not supported; expected a capfilt "
+            f"checkpoint or a transformers folder of {' or '.join(sorted(HF_CLASSES))}"
+        )
+    return architecture
+
+
+def _hf_weights_file(folder: Path) -> Path:
+    for name in HF_WEIGHTS_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(
+        f"{folder}: no weights file ({' or '.join(HF_WEIGHTS_FILES)}); a sharded folder "
+        "must be saved again as one file (save_pretrained(..., max_shard_size='20GB'))"
+    )
+
+
+def _weights_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a weights file, read safely (safetensors header, or tensors only)."""
+    if path.suffix != ".safetensors":
+        return {name: tuple(tensor.shape) for name, tensor in load_state_dict_file(path).items()}
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except Exception as error:  # safetensors raises its own error types for empty and truncated files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def _check_shapes(path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of the file must be one the model has, with its shape (tied copies may be left out)."""
+    unknown = sorted(set(found) - set(expected))
+    wrong = [
+        f"{name} {found[name]} (the model's is {expected[name]})"
+        for name in sorted(found)
+        if name in expected and found[name] != expected[name]
+    ]
+    if unknown or wrong or not found:
+        problem = (
+            f"tensors the model does not have: {unknown[:3]}"
+            if unknown
+            else f"wrong shapes: {wrong[:3]}"
+            if wrong
+            else "no tensors"
+        )
+        raise CheckpointError(f"{path} does not fit its config: {problem}")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -126,7 +291,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(path)
     if path.suffix not in {".pt", ".pth", ".bin"}:
-        raise ValueError(f"unsupported weights file {path.name!r}: expected .safetensors, .pt, .pth or .bin")
+        raise CheckpointError(f"unsupported weights file {path.name!r}: expected .safetensors, .pt, .pth or .bin")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -134,8 +299,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: it contains pickled Python objects that only a full unpickle could "
             "restore, which can run arbitrary code. Convert it to safetensors in a trusted sandbox."
         ) from error
+    except (EOFError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a readable torch file ({error})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a flat state dict of tensors (got {type(state).__name__})")
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors (got {type(state).__name__})")
     return state
 
 
@@ -187,7 +354,12 @@ def export_hf_captioner(model: BlipModel, tokenizer: PreTrainedTokenizerBase, di
 
 def export_hf_filter(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
     """Write a folder that ``BlipForImageTextRetrieval.from_pretrained`` and ``BlipProcessor`` load
-    (vision model, text encoder, ITC projections, ITM head)."""
+    (vision model, text encoder, ITC projections, ITM head).
+
+    The ITM input convention: capfilt's filter (as BLIP) reads ``[ENC]`` in column 0 of ``input_ids`` where
+    transformers' processor puts ``[CLS]``. To get capfilt's ITM scores from the exported model, replace
+    that column: ``input_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")`` before calling it with
+    ``use_itm_head=True``. ITC (``use_itm_head=False``) reads ``[CLS]`` as the processor gives it."""
     _export_hf(model, tokenizer, directory, BlipForImageTextRetrieval, FILTER_PARTS)
 
 
@@ -220,14 +392,9 @@ def import_hf(directory: str | Path) -> tuple[BlipModel, PreTrainedTokenizerBase
     encoder's) and its LM head transform and bias (random). A foreign folder keeps our default ITC temperature.
     """
     folder = Path(directory)
+    architecture = _hf_architecture(folder, _read_config(folder))
     hf_config = HFBlipConfig.from_pretrained(str(folder))
-    architecture = (hf_config.architectures or [None])[0]
-    hf_classes = {cls.__name__: cls for cls in (BlipForConditionalGeneration, BlipForImageTextRetrieval)}
-    if architecture not in hf_classes:
-        raise ValueError(
-            f"{folder}: architecture {architecture!r} is not supported; expected one of {sorted(hf_classes)}"
-        )
-    hf_model = hf_classes[architecture].from_pretrained(str(folder), weights_only=True)
+    hf_model = HF_CLASSES[architecture].from_pretrained(str(folder), weights_only=True)
     tokenizer = load_tokenizer(folder)
     config = _config_from_hf(hf_config, name=folder.name)
     _check_vocabulary(config, tokenizer)

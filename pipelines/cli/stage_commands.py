@@ -43,13 +43,28 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     finetune.add_argument("--image-root", type=Path, required=True, help="folder the json's image paths are under")
     _training_options(finetune)
 
+    importing = command(
+        "import-hf",
+        _import_hf,
+        "Convert a transformers BLIP folder (BlipForConditionalGeneration: a captioner; BlipForImageTextRetrieval: "
+        "a filter) into a capfilt checkpoint once, so that a cluster job's actors do not each convert it. Every "
+        "command that takes a checkpoint also takes such a folder as it is.",
+    )
+    importing.add_argument("source", type=Path, help="the transformers folder (as save_pretrained writes it)")
+    importing.add_argument("destination", type=Path, help="the capfilt checkpoint folder to write")
+
     caption = command(
         "caption",
         _caption,
         "Write K nucleus-sampled captions per web image of generation 0 into a new generation (Ray Data actor pool).",
     )
     _generation_options(caption)
-    caption.add_argument("--checkpoint", type=Path, required=True, help="captioner checkpoint folder")
+    caption.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="captioner: a capfilt checkpoint or a transformers BlipForConditionalGeneration folder",
+    )
     option = functools.partial(config_option, caption, config=CAPTION_CONFIG)
     option("--num-captions", type=int, help="K, synthetic captions per image")
     option("--top-p", type=float, help="nucleus sampling mass")
@@ -65,7 +80,12 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
         "keep those above the threshold; --rethreshold re-decides from stored scores.",
     )
     _generation_options(filtering)
-    filtering.add_argument("--checkpoint", type=Path, help="filter checkpoint folder (not needed with --rethreshold)")
+    filtering.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="filter: a capfilt checkpoint or a transformers BlipForImageTextRetrieval folder (its ITM head reads "
+        "[ENC] in column 0, as BLIP's; not needed with --rethreshold)",
+    )
     config_option(filtering, "--threshold", FILTER_CONFIG, type=float, help="ITM match probability to keep a caption")
     filtering.add_argument("--rethreshold", action="store_true", help="re-decide from stored scores, no model")
     _pool_options(filtering, FILTER_CONFIG)
@@ -191,6 +211,14 @@ def _finetune(args: argparse.Namespace) -> None:
 
     entry = {"captioner": stages.finetune_captioner, "filter": stages.finetune_filter, "clip": stages.train_clip}
     _report(entry[args.role](_train_config(args), args.annotations, args.image_root, args.run_dir))
+
+
+def _import_hf(args: argparse.Namespace) -> None:
+    from vlp_core.checkpoint import checkpoint_parts, convert_hf
+
+    digest = convert_hf(args.source, args.destination)
+    parts = ", ".join(f"{part} {state}" for part, state in checkpoint_parts(args.destination).items())
+    print(f"checkpoint: {args.destination} ({digest}); parts: {parts}")
 
 
 def _caption(args: argparse.Namespace) -> None:

@@ -51,7 +51,7 @@ from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_ke
 from pipelines.world.grammar import Scene
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
-from vlp_core.checkpoint import load_checkpoint
+from vlp_core.checkpoint import PARTS, check_checkpoint, load_checkpoint, require_parts
 from vlp_core.data import CaptionRecord, ImageTransform, image_transform, load_coco_karpathy, load_image
 from vlp_core.generation import generate
 from vlp_core.inference import inference_mode
@@ -69,7 +69,7 @@ N_EXAMPLES = 8  # generated captions stored in evaluation.json for people to rea
 class EvaluateConfig:
     """What to evaluate and how. Caption defaults follow BLIP's COCO evaluation (beam 3, min length 5)."""
 
-    checkpoint: Path  # a capfilt checkpoint folder (vlp_core.checkpoint)
+    checkpoint: Path  # a capfilt checkpoint folder or a transformers BLIP folder (vlp_core.checkpoint)
     test_annotations: Path  # COCO Karpathy json of the held-out set
     test_image_root: Path  # the folder its image paths are relative to
     k_test: int = 16  # ITC candidates per query re-ranked by ITM
@@ -108,6 +108,8 @@ class EvaluateConfig:
         for ok, message in problems:
             if not ok:
                 raise ValueError(f"evaluate config: {message}")
+        check_checkpoint(self.checkpoint)  # a bad checkpoint stops here, before any work
+        require_parts(self.checkpoint, PARTS, "the evaluation (retrieval and captioning)")
 
 
 @dataclass(frozen=True)

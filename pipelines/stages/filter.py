@@ -40,7 +40,14 @@ from pipelines.stages.shards import (
     shards_finished_by,
     undo_from,
 )
-from vlp_core.checkpoint import WEIGHTS_FILE, file_digest, load_checkpoint
+from vlp_core.checkpoint import (
+    FILTER_NEEDS,
+    WEIGHTS_FILE,
+    check_checkpoint,
+    file_digest,
+    load_checkpoint,
+    require_parts,
+)
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
 
@@ -69,6 +76,8 @@ class FilterConfig(ActorPoolConfig):
                 (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
             ],
         )
+        check_checkpoint(self.checkpoint)  # a bad checkpoint stops here, before any work
+        require_parts(self.checkpoint, FILTER_NEEDS, "the filter stage")
 
 
 class FilterActor(ImageModelActor):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.executor import resolve_executor
+from vlp_core.checkpoint import check_checkpoint
 from vlp_core.config import preset_names
 
 # Where a run executes: never part of what it trains.
@@ -104,6 +105,8 @@ class TrainConfig:
             if value is not None:
                 object.__setattr__(self, name, Path(value).resolve())
                 _require(getattr(self, name).is_dir(), name, f"an existing folder (got {value})")
+        if self.init_checkpoint is not None:
+            check_checkpoint(self.init_checkpoint)  # a bad checkpoint stops here, before any work
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from pipelines.training.data import collate_captions
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
-from vlp_core.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, file_digest, import_hf, load_checkpoint, save_checkpoint
+from vlp_core.checkpoint import OBJECTIVE_PARTS, PARTS, checkpoint_parts, file_digest, load_checkpoint, save_checkpoint
 from vlp_core.clip import ClipRanker, load_clip, save_clip
 from vlp_core.config import load_preset
 from vlp_core.data import CaptionCollator, image_transform
@@ -70,12 +70,14 @@ class BlipTrainee(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         schedule: Schedule,
         generator: torch.Generator,
+        parts: dict[str, str] | None,
     ) -> None:
         super().__init__()
         self.pretrainer = pretrainer
         self.tokenizer = tokenizer
         self.schedule = schedule
         self.generator = generator
+        self.parts = parts  # what the exported checkpoint holds (vlp_core.checkpoint.PARTS); None: unknown
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """batch: pixel_values (B, 3, S, S), input_ids / attention_mask (B, L), image_index (B,)."""
@@ -94,7 +96,7 @@ class BlipTrainee(nn.Module):
 
     def export(self, directory: Path) -> str:
         """A capfilt checkpoint folder (`vlp_core.checkpoint.load_checkpoint` reads it); returns its digest."""
-        return save_checkpoint(self.pretrainer.model, self.tokenizer, directory)
+        return save_checkpoint(self.pretrainer.model, self.tokenizer, directory, self.parts)
 
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         return {"itm_generator": self.generator.get_state()}
@@ -138,17 +140,6 @@ def load_clip_checkpoint(directory: Path, device: str | torch.device = "cpu") ->
     return load_clip(header["model_name"], weights, device), digest
 
 
-def load_blip(checkpoint: Path) -> tuple[BlipModel, PreTrainedTokenizerBase]:
-    """A capfilt checkpoint folder, or a transformers BLIP folder (converted with `import_hf`)."""
-    config_path = Path(checkpoint) / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {CONFIG_FILE}; expected a capfilt or transformers BLIP folder")
-    if json.loads(config_path.read_text()).get("format") == CHECKPOINT_FORMAT:
-        model, tokenizer, _ = load_checkpoint(checkpoint)
-        return model, tokenizer
-    return import_hf(checkpoint)
-
-
 @dataclass
 class Task:
     """Everything task-specific the training loop needs."""
@@ -176,15 +167,19 @@ def build_task(
         ranker = load_clip(clip_model, device=device)
         return Task(ClipTrainee(ranker), ranker.preprocess, collate_captions, "", False)
     if init_checkpoint is not None:
-        model, tokenizer = load_blip(init_checkpoint)
+        model, tokenizer, _ = load_checkpoint(init_checkpoint)
+        parts = checkpoint_parts(init_checkpoint)
     else:
         model, tokenizer = BlipModel(load_preset(preset)), load_tokenizer(tokenizer_dir)
+        parts = dict.fromkeys(PARTS, "random")
     prompt = model.config.prompt if task == "captioner" else ""
     objectives = BLIP_OBJECTIVES[task]
+    if parts is not None:
+        parts |= {part: "trained" for objective in objectives for part in OBJECTIVE_PARTS[objective]}
     pretrainer = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, prompt), objectives)
     generator = torch.Generator(device=device).manual_seed(seed)
     return Task(
-        trainee=BlipTrainee(pretrainer, tokenizer, schedule, generator).to(device),
+        trainee=BlipTrainee(pretrainer, tokenizer, schedule, generator, parts).to(device),
         transform=image_transform(model.config, train=True),
         collate=CaptionCollator(tokenizer, model.config.max_text_length),
         caption_prefix=prompt,

@@ -8,9 +8,11 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import (
+    CheckpointError,
     UnsafeCheckpointError,
     export_hf_captioner,
     export_hf_filter,
+    file_digest,
     import_hf,
     load_checkpoint,
     load_state_dict_file,
@@ -82,12 +84,15 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(model, tmp_path):
         save_checkpoint(model, big, tmp_path / "ckpt")
 
 
-def test_load_rejects_foreign_folders(model, tokenizer, tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+def test_load_takes_transformers_folders_as_they_are(model, tokenizer, tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
         load_checkpoint(tmp_path)
     export_hf_filter(model, tokenizer, tmp_path / "hf")
-    with pytest.raises(ValueError, match="use import_hf"):
-        load_checkpoint(tmp_path / "hf")
+    loaded, _, digest = load_checkpoint(tmp_path / "hf")
+    imported, _ = import_hf(tmp_path / "hf")
+    assert digest == file_digest(tmp_path / "hf" / "model.safetensors")
+    assert _differing(loaded.text_encoder, imported.text_encoder) == []  # the LM head transform is drawn anew
+    assert torch.equal(loaded.itm_head.weight, model.itm_head.weight)
 
 
 def test_hf_captioner_matches_lm_logits_and_generates(model, tokenizer, batch, tmp_path):
