@@ -3,18 +3,18 @@ initialised tiny BLIP (as captioner and as filter; random weights are enough for
 
 import dataclasses
 import json
-import shutil
 import statistics
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 
 from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation, ManifestError, read_part, sample_id
 from pipelines.stages.caption import CaptionConfig, run_caption
 from pipelines.stages.filter import FilterConfig, rethreshold, run_filter
-from vlp_core.checkpoint import WEIGHTS_FILE, file_digest, load_checkpoint
+from vlp_core.checkpoint import load_checkpoint, save_checkpoint
 from vlp_core.data import image_transform, load_image, normalize_caption
 from vlp_core.scoring import score_captions
 
@@ -119,10 +119,11 @@ def test_rethreshold_redecides_from_stored_scores_without_a_model(
 
 
 def test_scored_shards_refuse_another_filter_checkpoint(filtered, tiny_blip_checkpoint, tmp_path, no_inference):
+    model, tokenizer, digest = load_checkpoint(tiny_blip_checkpoint)
+    with torch.no_grad():
+        model.itm_head.bias.add_(1.0)
     other = tmp_path / "other_filter"
-    shutil.copytree(tiny_blip_checkpoint, other)
-    (other / WEIGHTS_FILE).write_bytes(b"other weights")
-    assert file_digest(other / WEIGHTS_FILE) != file_digest(tiny_blip_checkpoint / WEIGHTS_FILE)
+    assert save_checkpoint(model, tokenizer, other) != digest
     with pytest.raises(ManifestError, match="was scored by filter"):
         run_filter(FilterConfig(other), filtered)
 
