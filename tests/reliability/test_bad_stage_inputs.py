@@ -10,6 +10,9 @@ import pytest
 
 from flows.cli import main
 from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, samples_table
+from vlp_core.blip import BlipModel
+from vlp_core.checkpoint import save_checkpoint
+from vlp_core.tokenizer import train_tokenizer
 
 
 def _corrupt(table: pa.Table, path: Path, how: str) -> str:
@@ -61,7 +64,11 @@ def web_root(tmp_path: Path) -> Path:
                 }
             ),
         )
-    (tmp_path / "checkpoint").mkdir()
+    save_checkpoint(
+        BlipModel.from_preset("tiny"),
+        train_tokenizer(["a red circle", "a blue square"], vocab_size=64),
+        tmp_path / "checkpoint",
+    )  # a valid one: the stages must stop at the manifest
     (tmp_path / "clip.safetensors").touch()
     return tmp_path / "manifests"
 
