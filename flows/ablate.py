@@ -66,6 +66,8 @@ def capfilt_ablate(
     model_preset: str | None = None,
     clip_model: str | None = None,
     clip_checkpoint: str | None = None,
+    captioner_checkpoint: str | None = None,
+    filter_checkpoint: str | None = None,
     num_gpus: float | None = None,
     executor: str | None = None,
     ray_address: str | None = None,

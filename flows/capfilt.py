@@ -32,7 +32,14 @@ from pipelines.training import stages as train
 from pipelines.training.config import TrainConfig
 from pipelines.training.tasks import CLIP_WEIGHTS_FILE
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
-from vlp_core.checkpoint import file_digest
+from vlp_core.checkpoint import (
+    CAPTIONER_NEEDS,
+    FILTER_NEEDS,
+    check_checkpoint,
+    checkpoint_digest,
+    file_digest,
+    require_parts,
+)
 
 DATASET = "web"
 
@@ -73,6 +80,10 @@ class RunSettings:
     k_test: int = 8  # evaluation: ITC candidates re-ranked by ITM per query
     clip_model: str = "clip_tiny"
     clip_checkpoint: Path | None = None  # a trained open_clip state dict; None trains clip_model here
+    # released models (a capfilt checkpoint or a transformers BLIP folder); None fine-tunes one each round.
+    # Both given: one round that trains nothing (caption, filter, rank, assemble generation 1).
+    captioner_checkpoint: Path | None = None
+    filter_checkpoint: Path | None = None
     inference_batch_size: int = 32
     concurrency: int = 1
     num_gpus: float = 0.0
@@ -84,8 +95,16 @@ class RunSettings:
     def __post_init__(self) -> None:
         """Fail before any work, naming the setting to fix."""
         object.__setattr__(self, "executor", resolve_executor(self.executor))
-        if self.clip_checkpoint is not None:  # a flow parameter arrives as a string
-            object.__setattr__(self, "clip_checkpoint", Path(self.clip_checkpoint))
+        for name in ("clip_checkpoint", "captioner_checkpoint", "filter_checkpoint"):
+            if getattr(self, name) is not None:  # a flow parameter arrives as a string
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        for checkpoint, needs, role in (
+            (self.captioner_checkpoint, CAPTIONER_NEEDS, "the captioner"),
+            (self.filter_checkpoint, FILTER_NEEDS, "the filter"),
+        ):
+            if checkpoint is not None:  # a bad or wrong model stops the flow before any work
+                check_checkpoint(checkpoint)
+                require_parts(checkpoint, needs, role)
         at_least = {
             "rounds": 0,
             "itc_warmup_steps": 0,
@@ -118,8 +137,17 @@ class RunSettings:
                 ),
                 (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
                 (self.num_gpus >= 0, f"num_gpus must be ≥ 0, got {self.num_gpus!r}"),
+                (
+                    not self.trains_nothing or self.rounds == 1,
+                    f"with a given captioner and filter the flow runs one round; rounds must be 1, got {self.rounds}",
+                ),
             ],
         )
+
+    @property
+    def trains_nothing(self) -> bool:
+        """Both the captioner and the filter are given: no BLIP model is trained."""
+        return self.captioner_checkpoint is not None and self.filter_checkpoint is not None
 
 
 RUN_PRESETS = {
@@ -172,12 +200,15 @@ def capfilt(
     itm_threshold: float | None = None,
     top_k: int | None = None,
     clip_checkpoint: str | None = None,
+    captioner_checkpoint: str | None = None,
+    filter_checkpoint: str | None = None,
     executor: str | None = None,
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
 ) -> dict[str, Any]:
-    """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served."""
+    """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served. Given a
+    captioner and a filter (released models), it runs one round that trains no BLIP model."""
     settings, inputs, out = run_setup(locals())
     return bootstrap(settings, inputs, out)
 
@@ -214,6 +245,16 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     root = out / "data_manifests"
     web = download_web(inputs, Generation(root, DATASET, 0))
     clip_weights = clip_ranker(settings, inputs, out)
+    if settings.trains_nothing:
+        logger.info("a given captioner and filter: one CapFilt round, no BLIP model trained or evaluated")
+        target = capfilt_round(settings, inputs, out, None, web, Generation(root, DATASET, 1), clip_weights)
+        reports = {
+            generation.number: report_task(generation, world_dir=inputs.world_dir) for generation in (web, target)
+        }
+        for generation in (web, target):
+            publish_generation(generation, {}, reports[generation.number])
+        return {"manifests": str(root), "metrics": {}, "reports": {n: str(path) for n, path in reports.items()}}
+
     pretraining = pretrain_config(settings)
     model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
     metrics = {0: evaluate_task(evaluation_config(settings, inputs, model), web)}
@@ -261,34 +302,55 @@ def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConf
     )
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A BLIP model a stage reads: its folder and the digest that names it in manifests."""
+
+    checkpoint_dir: Path
+    digest: str
+
+
+def round_models(
+    settings: RunSettings, inputs: Inputs, out: Path, model: train.TrainResult | None
+) -> tuple[ModelRef, ModelRef]:
+    """A round's captioner and filter: the given ones, and the others fine-tuned from `model` on the
+    human pairs (side by side under Ray; in one process they take turns, as torch's threads and random
+    state are process-wide)."""
+    given = {"captioner": settings.captioner_checkpoint, "filter": settings.filter_checkpoint}
+    models = {role: ModelRef(path, checkpoint_digest(path)) for role, path in given.items() if path is not None}
+    fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
+    to_train = [role for role in given if role not in models]
+    side_by_side = settings.executor == "ray" and len(to_train) > 1
+    if to_train:
+        finetuning = _training(
+            settings,
+            settings.finetune_steps,
+            init_checkpoint=model.checkpoint_dir,
+            cpus=max(1, settings.train_cpus // 2) if side_by_side else None,
+        )
+        human = (inputs.human_annotations, inputs.human_image_root)
+        runs = {role: training_dir(out, role, finetuning, model.digest) for role in to_train}
+        if side_by_side:
+            futures = {role: fine_tunes[role].submit(finetuning, *human, run_dir) for role, run_dir in runs.items()}
+            models |= {role: future.result() for role, future in futures.items()}
+        else:
+            models |= {role: fine_tunes[role](finetuning, *human, run_dir) for role, run_dir in runs.items()}
+    return models["captioner"], models["filter"]
+
+
 def capfilt_round(
     settings: RunSettings,
     inputs: Inputs,
     out: Path,
-    model: train.TrainResult,
+    model: train.TrainResult | None,
     web: Generation,
     target: Generation,
     clip_weights: Path,
 ) -> Generation:
-    """One CapFilt round from `model`: fine-tune captioner ∥ filter on the human pairs, caption `web` into
+    """One CapFilt round: a captioner and a filter (given, or fine-tuned from `model`), caption `web` into
     `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
     human = (inputs.human_annotations, inputs.human_image_root)
-    side_by_side = settings.executor == "ray"  # in one process they take turns: torch's threads and RNG are global
-    finetuning = _training(
-        settings,
-        settings.finetune_steps,
-        init_checkpoint=model.checkpoint_dir,
-        cpus=max(1, settings.train_cpus // 2) if side_by_side else None,
-    )
-    runs = [
-        (finetune_captioner_task, training_dir(out, "captioner", finetuning, model.digest)),
-        (finetune_filter_task, training_dir(out, "filter", finetuning, model.digest)),
-    ]
-    if side_by_side:
-        futures = [fine_tune.submit(finetuning, *human, run_dir) for fine_tune, run_dir in runs]
-        captioner, filter_model = (future.result() for future in futures)
-    else:
-        captioner, filter_model = (fine_tune(finetuning, *human, run_dir) for fine_tune, run_dir in runs)
+    captioner, filter_model = round_models(settings, inputs, out, model)
 
     pool = {
         "batch_size": settings.inference_batch_size,
@@ -316,7 +378,7 @@ def capfilt_round(
         target,
         target.number - 1,  # the generation its models learnt from
         checkpoints={
-            "pretrained": model.digest,
+            **({"pretrained": model.digest} if model is not None else {}),
             "captioner": captioner.digest,
             "filter": filter_model.digest,
             "clip": file_digest(clip_weights),

@@ -50,7 +50,6 @@ def add_flow_commands(commands: Commands) -> None:
     option("--test-image-root", help="with --url-list: the folder its image paths are under")
     option("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
     option("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)")
-    option("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
     option("--gpus", dest="num_gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
 
     deploy = add_command(
@@ -86,6 +85,17 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+    option("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
+    option(
+        "--captioner-checkpoint",
+        help="a captioner to use, e.g. a released transformers "
+        "BlipForConditionalGeneration folder (default: fine-tune one here)",
+    )
+    option(
+        "--filter-checkpoint",
+        help="a filter to use, e.g. a released transformers BlipForImageTextRetrieval "
+        "folder (default: fine-tune one here); with --captioner-checkpoint too, nothing is trained",
+    )
     add_executor_options(parser)
 
 

@@ -140,7 +140,7 @@ def load_checkpoint(
     header = _read_config(folder)
     if header.get("format") != CHECKPOINT_FORMAT:
         model, tokenizer = import_hf(folder)
-        return model.to(device), tokenizer, file_digest(_hf_weights_file(folder))
+        return model.to(device), tokenizer, checkpoint_digest(folder)
     digest = _checked_digest(folder, header)
     model = BlipModel(BlipConfig.from_dict(header["config"]))
     load_model(model, str(folder / WEIGHTS_FILE), strict=True)
@@ -188,6 +188,16 @@ def check_checkpoint(directory: str | Path) -> None:
         load_tokenizer(folder / TOKENIZER_DIR if header.get("format") == CHECKPOINT_FORMAT else folder)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{folder}: its tokenizer cannot be read ({error})") from error
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """The digest that names a checkpoint in manifests (``model_ref``), without loading the model: a capfilt
+    checkpoint's (checked against its weights), or a transformers folder's weights file's."""
+    folder = Path(directory)
+    header = _read_config(folder)
+    if header.get("format") == CHECKPOINT_FORMAT:
+        return _checked_digest(folder, header)
+    return file_digest(_hf_weights_file(folder))
 
 
 def convert_hf(source: str | Path, destination: str | Path) -> str:
