@@ -46,13 +46,14 @@ DATASET = "web"
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a run reads: web URLs, a human-annotated COCO set, a held-out COCO set."""
+    """What a run reads: web URLs, a human-annotated COCO set, a held-out COCO set (None when nothing is
+    trained, so nothing is evaluated)."""
 
     url_list: Path | None  # None with world_dir: the world's own server
     human_annotations: Path
     human_image_root: Path
-    test_annotations: Path
-    test_image_root: Path
+    test_annotations: Path | None
+    test_image_root: Path | None
     world_dir: Path | None = None  # a synthetic world: its URLs are served, its truth evaluated
 
     @classmethod
@@ -229,14 +230,13 @@ def run_setup(parameters: Mapping[str, Any]) -> tuple[RunSettings, Inputs, Path]
             settings.world, seed=parameters["world_seed"], n_web=parameters["n_web"] or settings.world.n_web
         )
         return settings, Inputs.of_world(make_world(out / "world", world)), out
-    sets = {
-        name: parameters.get(name)
-        for name in ("human_annotations", "human_image_root", "test_annotations", "test_image_root")
-    }
-    missing = [name for name, value in sets.items() if value is None]
+    sets = {name: parameters.get(name) for name in ("human_annotations", "human_image_root")}
+    tests = {name: parameters.get(name) for name in ("test_annotations", "test_image_root")}
+    missing = [name for name, value in (sets | ({} if settings.trains_nothing else tests)).items() if value is None]
     if missing:
         raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
-    return settings, Inputs(Path(parameters["url_list"]), *(Path(value) for value in sets.values())), out
+    paths = [None if value is None else Path(value) for value in (sets | tests).values()]
+    return settings, Inputs(Path(parameters["url_list"]), *paths), out
 
 
 def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any]:

@@ -43,11 +43,6 @@ def add_flow_commands(commands: Commands) -> None:
     option("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
     option("--pretrain-steps", type=int, help="pretraining budget of every model, in steps (default: the preset's)")
     option("--batch-size", type=int, help="training batch size per worker (default: the preset's)")
-    option("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
-    option("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
-    option("--human-image-root", help="with --url-list: the folder its image paths are under")
-    option("--test-annotations", help="with --url-list: COCO Karpathy json of the held-out set")
-    option("--test-image-root", help="with --url-list: the folder its image paths are under")
     option("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
     option("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)")
     option("--gpus", dest="num_gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
@@ -71,8 +66,9 @@ def add_flow_commands(commands: Commands) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
-    """The options `run` and `ablate` share: preset, run folder, CapFilt knobs, world size, executor. Each sets
-    the flow parameter of its name; the flow's signature holds the defaults."""
+    """The options `run` and `ablate` share: preset, run folder, CapFilt knobs, inputs (a world's size or real
+    data), given models, executor. Each sets the flow parameter of its name; the flow's signature holds the
+    defaults."""
     option = functools.partial(config_option, parser, config=flow)
     option("--preset", help="run preset")
     option("--out", dest="out_dir", help="run folder")
@@ -85,6 +81,14 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+    option("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
+    option("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
+    option("--human-image-root", help="with --url-list: the folder its image paths are under")
+    option(
+        "--test-annotations",
+        help="with --url-list: COCO Karpathy json of the held-out set (not needed when nothing is trained)",
+    )
+    option("--test-image-root", help="with --url-list: the folder its image paths are under")
     option("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
     option(
         "--captioner-checkpoint",

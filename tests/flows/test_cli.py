@@ -78,3 +78,27 @@ def test_run_and_ablate_options_set_the_flow_parameters_of_their_names() -> None
     assert config_kwargs(args, capfilt) == {"preset": "smoke", "rounds": 2, "top_k": 3}
     help_text = " ".join(parser._subparsers._group_actions[0].choices["run"].format_help().split())
     assert "--out OUT run folder (default: runs/tiny)" in help_text  # the flow's own default
+
+
+def test_real_data_needs_a_held_out_set_only_when_something_is_trained(tmp_path: Path) -> None:
+    from released_models import released_captioner, released_filter
+
+    parameters = {
+        "out_dir": str(tmp_path / "run"),
+        "preset": "smoke",
+        "world_seed": 0,
+        "n_web": None,
+        "url_list": "urls.parquet",
+        "human_annotations": "human.json",
+        "human_image_root": "images",
+    }
+    with pytest.raises(ValueError, match="also give test_annotations, test_image_root"):
+        run_setup(parameters)
+    models = {
+        "captioner_checkpoint": str(released_captioner(tmp_path / "captioner")),
+        "filter_checkpoint": str(released_filter(tmp_path / "filter")),
+    }
+    settings, inputs, _ = run_setup({**parameters, **models})
+    assert (
+        settings.trains_nothing and inputs.test_annotations is None and inputs.human_annotations == Path("human.json")
+    )
