@@ -200,6 +200,7 @@ def capfilt(
     num_captions: int | None = None,
     itm_threshold: float | None = None,
     top_k: int | None = None,
+    clip_model: str | None = None,
     clip_checkpoint: str | None = None,
     captioner_checkpoint: str | None = None,
     filter_checkpoint: str | None = None,

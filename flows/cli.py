@@ -44,7 +44,6 @@ def add_flow_commands(commands: Commands) -> None:
     option("--pretrain-steps", type=int, help="pretraining budget of every model, in steps (default: the preset's)")
     option("--batch-size", type=int, help="training batch size per worker (default: the preset's)")
     option("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
-    option("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)")
     option("--gpus", dest="num_gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
 
     deploy = add_command(
@@ -89,6 +88,7 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
         help="with --url-list: COCO Karpathy json of the held-out set (not needed when nothing is trained)",
     )
     option("--test-image-root", help="with --url-list: the folder its image paths are under")
+    option("--clip-model", help="open_clip architecture of the ranker, e.g. ViT-B-32 (default: the run preset's)")
     option("--clip-checkpoint", help="open_clip weights of the ranker (default: train one here)")
     option(
         "--captioner-checkpoint",

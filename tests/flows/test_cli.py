@@ -11,6 +11,7 @@ from flows.capfilt import capfilt, run_setup
 from flows.cli import add_flow_commands, main
 from pipelines.cli.main import build_parser
 from pipelines.cli.options import config_kwargs
+from vlp_core.checkpoint import CheckpointError
 
 COMMANDS = sorted(build_parser(add_flow_commands)._subparsers._group_actions[0].choices)
 
@@ -102,3 +103,8 @@ def test_real_data_needs_a_held_out_set_only_when_something_is_trained(tmp_path:
     assert (
         settings.trains_nothing and inputs.test_annotations is None and inputs.human_annotations == Path("human.json")
     )
+
+    swapped = {"captioner_checkpoint": models["filter_checkpoint"], "filter_checkpoint": models["captioner_checkpoint"]}
+    with pytest.raises(CheckpointError, match="filter: its lm_head is initialised at random, and the captioner needs"):
+        run_setup({**parameters, **swapped, "url_list": None, "out_dir": str(tmp_path / "swapped")})
+    assert not (tmp_path / "swapped").exists(), "refused before any work"

@@ -23,6 +23,8 @@ def _run(out: Path, home: Path, captioner: Path, filter_model: Path, clip: Path)
         "run",
         "--preset",
         "smoke",
+        "--n-web",
+        "20",
         "--out",
         str(out),
         "--captioner-checkpoint",
@@ -57,7 +59,3 @@ def test_given_models_train_nothing_and_make_the_next_generation(tmp_path: Path)
     assert all(row["itm_score"] is not None for row in synthetic)
     assert target.is_done("filter", "00000") and target.is_done("rank", "00000")
     assert (target.path / "report" / "index.html").is_file()
-
-    swapped = _run(tmp_path / "swapped", tmp_path / "prefect", filter_model, captioner, clip)
-    assert swapped.returncode != 0 and "its lm_head is initialised at random" in swapped.stdout + swapped.stderr
-    assert not (tmp_path / "swapped" / "world").exists(), "refused before any work"

@@ -104,7 +104,7 @@ def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(we
 def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
     ray_local, web_gen0, tiny_blip_checkpoint, kill_midway, tmp_path
 ):
-    """Killed on Ray, resumed on Ray; the same manifest as an uninterrupted run of the local executor."""
+    """Killed on Ray, resumed with the local executor: the same manifest as an uninterrupted run."""
     slow = CaptionConfig(
         tiny_blip_checkpoint,
         num_captions=10,
@@ -127,14 +127,11 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
     finished = kill_midway(code, killed, "caption", WEB_SHARDS)
     killed.marker_path("caption", finished[0]).unlink()  # as if killed between a part's rename and its marker
 
-    resumed = run_caption(slow, web_gen0, killed)
+    local = dataclasses.replace(slow, executor="local")
+    resumed = run_caption(local, web_gen0, killed)
     other_root = tmp_path / "uninterrupted"
     shutil.copytree(web_gen0.path, Generation(other_root, "world", 0).path)
-    uninterrupted = run_caption(
-        dataclasses.replace(slow, executor="local"),
-        Generation(other_root, "world", 0),
-        Generation(other_root, "world", 1),
-    )
+    uninterrupted = run_caption(local, Generation(other_root, "world", 0), Generation(other_root, "world", 1))
     assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
     assert resumed.to_pylist() == uninterrupted.to_pylist()
 

@@ -270,8 +270,8 @@ KILLED_RUN_STEPS = 40  # the worker outlives its killed driver for a moment; it 
 def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(
     ray_local, generation, micro_checkpoint, tmp_path, kill_midway
 ):
-    """A real SIGKILL of the driver between checkpoints on Ray Train; the re-run resumes and ends with the
-    same model as an uninterrupted run of the local executor."""
+    """A real SIGKILL of the driver between checkpoints on Ray Train; the re-run (with the local executor:
+    a run resumes wherever it executes) ends with the same model as an uninterrupted run."""
     import ray
 
     config = TrainConfig(
@@ -301,6 +301,7 @@ def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_model(
         finished=lambda step: (killed / "checkpoints" / step / STATE_FILE).is_file(),
     )
 
-    resumed = pretrain(config, generation, killed)
-    whole = pretrain(dataclasses.replace(config, executor="local"), generation, tmp_path / "whole")
+    local = dataclasses.replace(config, executor="local")
+    resumed = pretrain(local, generation, killed)
+    whole = pretrain(local, generation, tmp_path / "whole")
     assert resumed.digest == whole.digest and resumed.losses == whole.losses
