@@ -1,10 +1,11 @@
-"""Per-sample inference over a generation's shards with a Ray Data actor pool, resumable shard by shard.
+"""Per-sample inference over a generation's shards, resumable shard by shard.
 
 A stage (caption, filter, rank) turns each pending shard into *requests*, one per image: its image_ref
 and the candidate captions (with their sample_ids) the model should look at. The requests of all
-pending shards flow through one Ray Data `map_batches`, whose actors load the model once each. Every
-batch is one block of one shard's requests, cut the same way on every run, so a shard's results do not
-depend on which other shards a run still had to do.
+pending shards flow through one Ray Data `map_batches`, whose actors load the model once each, or, with
+the local executor, through one such actor in this process. Every batch is one block of one shard's
+requests, cut the same way on every run, so a shard's results do not depend on which other shards a run
+still had to do, nor on the executor.
 
 As soon as every image of a shard has its result, the stage merges the results into the shard's rows and
 `commit_shard` rewrites the part atomically, then writes the stage's marker. A re-run skips marked
@@ -62,7 +63,7 @@ def check_config(name: str, problems: list[tuple[bool, str]]) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ActorPoolConfig:
-    """How a stage runs its model on Ray: shared by the caption, filter and rank configs."""
+    """How a stage runs its model (Ray actors or this process): shared by the caption, filter and rank configs."""
 
     batch_size: int = 16  # images per model call (one Ray Data block)
     concurrency: int = 1  # Ray actors, each holding one copy of the model (local: one)

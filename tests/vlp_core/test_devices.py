@@ -1,19 +1,10 @@
-"""Every tensor lands on the device of the data it meets: a guard that catches misplaced tensors without a GPU.
-
-Inside `tensors_made_without_a_device_are_meta()` the model stays on the CPU, and every tensor created
-without an explicit device (a factory call, a random draw, a tokenizer's output) is a meta tensor: as
-soon as it meets the model's real tensors, the call fails. On a GPU the same code would have made that
-tensor on the CPU and met CUDA tensors with it. The guard is stricter than CUDA: it also flags a tensor
-made on the CPU and then moved, which costs a host-to-device copy on a GPU.
-
-The CUDA tests at the end run the same calls on a real GPU, where there is one.
-"""
-
-from collections.abc import Iterator
-from contextlib import contextmanager
+"""Every tensor lands on the device of the data it meets: generation, scoring, training steps and the CLIP
+ranker under the CPU guard (tests/device_guard.py, the model on the CPU), and the same calls on a real
+GPU where there is one."""
 
 import pytest
 import torch
+from device_guard import tensors_made_without_a_device_are_meta
 
 from vlp_core.clip import load_clip
 from vlp_core.generation import generate
@@ -23,12 +14,6 @@ from vlp_core.tokenizer import special_ids, tokenize
 
 CAPTIONS = [["a red circle", "a blue square to the left of a circle"], ["a green triangle"], []]
 PROMPT = "a picture of "
-
-
-@contextmanager
-def tensors_made_without_a_device_are_meta() -> Iterator[None]:
-    with torch.device("meta"):
-        yield
 
 
 @pytest.fixture(scope="module")

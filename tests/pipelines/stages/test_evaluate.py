@@ -10,12 +10,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from device_guard import tensors_made_without_a_device_are_meta
 
 from pipelines.manifests.manifest import Generation, samples_table
 from pipelines.report.metrics import reranked_scores, retrieval_recalls, top_k_pairs
 from pipelines.stages.evaluate import (
     EVALUATION_FILE,
     EvaluateConfig,
+    _text_features,
     encode_and_caption,
     load_test_set,
     run_evaluate,
@@ -233,3 +235,12 @@ def test_test_set_image_ids_must_be_unique(world: WorldPaths, checkpoint: tuple[
     config = EvaluateConfig(checkpoint[0], duplicated, world.test_root)
     with pytest.raises(ValueError, match=f"image_id '{annotations[0]['image_id']}' names two images"):
         load_test_set(config)
+
+
+def test_retrieval_features_make_no_tensor_off_the_models_device(checkpoint: tuple[Path, str]) -> None:
+    model, tokenizer, _ = load_checkpoint(checkpoint[0])
+    texts = ["a red circle", "a small blue square to the left of a circle", "a triangle"]
+    expected = _text_features(model, tokenizer, texts, batch_size=2)
+    with tensors_made_without_a_device_are_meta():
+        features = _text_features(model, tokenizer, texts, batch_size=2)
+    torch.testing.assert_close(features, expected)
