@@ -1,5 +1,6 @@
 """`capfilt run` with released models (stand-ins: tests/released_models.py): given a captioner, a filter
-and a ranker, the flow trains nothing and writes the next generation, its lineage naming the given models."""
+and a ranker, the flow trains nothing and writes the next generation, its lineage naming the given models.
+It runs on Ray (the executor users get by default), as the one whole flow of the suite that does."""
 
 import os
 import subprocess
@@ -34,7 +35,8 @@ def _run(out: Path, home: Path, captioner: Path, filter_model: Path, clip: Path)
         "--clip-checkpoint",
         str(clip),
     ]
-    env = {**os.environ, "PREFECT_HOME": str(home)}  # an ephemeral Prefect of its own
+    # an ephemeral Prefect of its own; the one whole flow of the suite on Ray (Ray Data actor pools, a local Ray)
+    env = {**os.environ, "PREFECT_HOME": str(home), "CAPFILT_EXECUTOR": "ray"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
 
 

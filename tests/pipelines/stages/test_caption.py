@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import ray
+import torch
 
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
 from pipelines.stages.caption import CaptionConfig, run_caption
@@ -150,3 +151,13 @@ def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpo
         run_caption(config, web_gen0, Generation(tmp_path / "elsewhere", "world", 1))
     with pytest.raises(ManifestError, match="no parts"):
         run_caption(config, Generation(tmp_path, "empty", 0), Generation(tmp_path, "empty", 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_shards_caption_on_cuda(web_gen0, config):
+    """The caption stage's actor on a GPU (the local executor: no Ray on a bare GPU machine)."""
+    on_gpu = dataclasses.replace(config, num_gpus=1, executor="local")
+    rows = run_caption(on_gpu, web_gen0, Generation(web_gen0.root, "world", 1)).to_pylist()
+    synthetic = [row for row in rows if row["caption_source"] == "synthetic"]
+    downloaded = {row["image_id"] for row in web_gen0.read_samples().to_pylist() if row["kept"]}
+    assert {row["image_id"] for row in synthetic} == downloaded and all(row["caption"] for row in synthetic)
