@@ -155,10 +155,15 @@ def checkpoint_parts(directory: str | Path) -> dict[str, str] | None:
     return dict(IMPORTED_PARTS[_hf_architecture(Path(directory), header)])
 
 
+def random_parts(directory: str | Path, needed: tuple[str, ...]) -> list[str]:
+    """The parts of `needed` that the checkpoint holds at random (none when that is not recorded)."""
+    parts = checkpoint_parts(directory) or {}
+    return [part for part in needed if parts.get(part) == "random"]
+
+
 def require_parts(directory: str | Path, needed: tuple[str, ...], role: str) -> None:
     """CheckpointError when a part that `role` (e.g. "the caption stage") needs is random in the checkpoint."""
-    parts = checkpoint_parts(directory) or {}
-    random = [part for part in needed if parts.get(part) == "random"]
+    random = random_parts(directory, needed)
     if random:
         raise CheckpointError(
             f"{directory}: its {' and '.join(random)} {'is' if len(random) == 1 else 'are'} initialised at random, "

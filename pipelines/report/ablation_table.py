@@ -42,7 +42,7 @@ def seed_measures(counts: dict[str, Any], evaluation: dict[str, Any]) -> dict[st
         "training_pairs": counts["kept"],
         "kept_ratio": kept / candidates if candidates else None,
         **{key: evaluation["retrieval"][key] for key in ("tr@1", "tr@5", "ir@1", "ir@5")},
-        **{key: evaluation["captioning"][key] for key in ("bleu_4", "cider")},
+        **{key: (evaluation["captioning"] or {}).get(key) for key in ("bleu_4", "cider")},
         "caption_accuracy": accuracy,
     }
 

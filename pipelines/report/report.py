@@ -343,7 +343,7 @@ def history(ancestors: list[dict[str, Any]], counts: dict[str, Any]) -> list[dic
                 "kept_ratio": kept / rows if rows else None,
                 "evaluated": bool(evaluation),
                 **{key: evaluation.get("retrieval", {}).get(key) for key in HISTORY_METRICS},
-                **{key: evaluation.get("captioning", {}).get(key) for key in CAPTION_METRICS},
+                **{key: (evaluation.get("captioning") or {}).get(key) for key in CAPTION_METRICS},
                 "filter_precision": (world.get("filter") or {}).get("precision"),
                 "filter_recall": (world.get("filter") or {}).get("recall"),
             }

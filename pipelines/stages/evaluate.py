@@ -51,7 +51,14 @@ from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_ke
 from pipelines.world.grammar import Scene
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
-from vlp_core.checkpoint import PARTS, check_checkpoint, load_checkpoint, require_parts
+from vlp_core.checkpoint import (
+    CAPTIONER_NEEDS,
+    FILTER_NEEDS,
+    check_checkpoint,
+    load_checkpoint,
+    random_parts,
+    require_parts,
+)
 from vlp_core.data import CaptionRecord, ImageTransform, image_transform, load_coco_karpathy, load_image
 from vlp_core.generation import generate
 from vlp_core.inference import inference_mode
@@ -109,7 +116,7 @@ class EvaluateConfig:
             if not ok:
                 raise ValueError(f"evaluate config: {message}")
         check_checkpoint(self.checkpoint)  # a bad checkpoint stops here, before any work
-        require_parts(self.checkpoint, PARTS, "the evaluation (retrieval and captioning)")
+        require_parts(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,7 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
             text_image,
         ),
         "retrieval_itc": retrieval_recalls(similarity, similarity.T, text_image),
-        "captioning": caption_scores(references, encoded.captions),
+        "captioning": caption_scores(references, encoded.captions) if encoded.captions else None,
         "caption_examples": [
             {"image_id": image_id, "caption": caption, "reference": references[image_id][0]}
             for image_id, caption in list(encoded.captions.items())[:N_EXAMPLES]
@@ -211,8 +218,10 @@ def _itm_scores(config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int
 
 
 def encode_and_caption(config: EvaluateConfig) -> EncodedTestSet:
-    """ITC similarity of every test image and text, and one caption per image (a Ray task, or in-process)."""
+    """ITC similarity of every test image and text, and one caption per image (a Ray task, or in-process);
+    no captions from a model whose decoder or LM head is random (e.g. a released retrieval model)."""
     model, tokenizer, digest = _load_model(config)
+    captioning = not random_parts(config.checkpoint, CAPTIONER_NEEDS)
     records = load_test_set(config)
     texts = [text for record in records for text in record.captions]
     text_features = _text_features(model, tokenizer, texts, config.batch_size)  # (T, E)
@@ -220,8 +229,9 @@ def encode_and_caption(config: EvaluateConfig) -> EncodedTestSet:
     for batch_records, pixels in _image_batches(records, image_transform(model.config, train=False), config.batch_size):
         with inference_mode(model) as device:
             image_features.append(model.image_features(model.encode_image(pixels.to(device))).float().cpu())
-        for record, caption in zip(batch_records, _caption(model, tokenizer, pixels, config), strict=True):
-            captions[record.image_id] = caption
+        if captioning:
+            for record, caption in zip(batch_records, _caption(model, tokenizer, pixels, config), strict=True):
+                captions[record.image_id] = caption
     similarity = (torch.cat(image_features) @ text_features.T).numpy()  # (N, T)
     return EncodedTestSet(digest=digest, similarity=similarity, captions=captions)
 

@@ -1,6 +1,7 @@
 """The stages take released BLIP folders as they are (stand-ins: tests/released_models.py), through the
 command line as a user runs them; a wrong or broken checkpoint stops a stage before it writes anything."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,28 @@ def test_a_truncated_checkpoint_exits_2_before_writing(web_gen0, released, tmp_p
     error = capsys.readouterr().err.strip()
     assert f"{weights}: not a readable safetensors file" in error and len(error.splitlines()) == 1
     assert not Generation(web_gen0.root, web_gen0.dataset, 1).path.exists()
+
+
+def test_a_released_filter_is_evaluated_on_retrieval_without_caption_metrics(web_gen0, released, stage_world):
+    argv = [
+        "evaluate",
+        "--root",
+        str(web_gen0.root),
+        "--dataset",
+        web_gen0.dataset,
+        "--generation",
+        "0",
+        "--checkpoint",
+        str(released["filter"]),
+        "--test-annotations",
+        str(stage_world.test_annotations),
+        "--test-image-root",
+        str(stage_world.test_root),
+        "--k-test",
+        "4",
+    ]
+    assert main(argv) == 0
+    evaluation = json.loads((web_gen0.path / "evaluation.json").read_text())
+    assert evaluation["checkpoint"]["digest"] == file_digest(released["filter"] / "model.safetensors")
+    assert 0.0 <= evaluation["retrieval"]["tr@1"] <= evaluation["retrieval"]["tr@5"] <= 1.0
+    assert evaluation["captioning"] is None and evaluation["caption_examples"] == []
