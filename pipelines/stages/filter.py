@@ -40,14 +40,7 @@ from pipelines.stages.shards import (
     shards_finished_by,
     undo_from,
 )
-from vlp_core.checkpoint import (
-    FILTER_NEEDS,
-    WEIGHTS_FILE,
-    check_checkpoint,
-    file_digest,
-    load_checkpoint,
-    require_parts,
-)
+from vlp_core.checkpoint import FILTER_NEEDS, check_checkpoint, checkpoint_digest, load_checkpoint, require_parts
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
 
@@ -176,7 +169,7 @@ def run_filter(config: FilterConfig, target: Generation) -> pa.Table:
     shards = captioned_shards(target)
     scored = [shard for shard in shards if target.is_done(STAGE, shard)]
     if scored:
-        checkpoint_digest = file_digest(Path(config.checkpoint) / WEIGHTS_FILE)
+        model_ref = checkpoint_digest(config.checkpoint)
         for shard in scored:
-            _redecide_shard(target, shard, config.threshold, checkpoint_digest)
+            _redecide_shard(target, shard, config.threshold, model_ref)
     return run_sharded_inference(_Filtering(config, target), target, shards, config)

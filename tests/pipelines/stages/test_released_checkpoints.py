@@ -62,6 +62,8 @@ def test_caption_filter_and_rank_a_generation_with_released_models(web_gen0, rel
     scored = [row for row in rows if row["itm_score"] is not None]
     assert len(scored) >= 40 and all(0.0 <= row["itm_score"] <= 1.0 for row in scored)
     assert file_digest(released["filter"] / "model.safetensors") in target.marker_path("filter", "00000").read_text()
+    assert _stage("filter", web_gen0, "--checkpoint", str(released["filter"]), "--threshold", "0.3") == 0
+    assert json.loads(target.marker_path("filter", "00000").read_text())["threshold"] == 0.3  # re-decided, same model
 
     assert main(["import-hf", str(released["captioner"]), str(tmp_path / "captioner")]) == 0
     assert checkpoint_parts(tmp_path / "captioner") == checkpoint_parts(released["captioner"])
