@@ -32,14 +32,7 @@ from pipelines.training import stages as train
 from pipelines.training.config import TrainConfig
 from pipelines.training.tasks import CLIP_WEIGHTS_FILE
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
-from vlp_core.checkpoint import (
-    CAPTIONER_NEEDS,
-    FILTER_NEEDS,
-    check_checkpoint,
-    checkpoint_digest,
-    file_digest,
-    require_parts,
-)
+from vlp_core.checkpoint import CAPTIONER_NEEDS, FILTER_NEEDS, check_checkpoint, checkpoint_digest, file_digest
 
 DATASET = "web"
 
@@ -104,8 +97,7 @@ class RunSettings:
             (self.filter_checkpoint, FILTER_NEEDS, "the filter"),
         ):
             if checkpoint is not None:  # a bad or wrong model stops the flow before any work
-                check_checkpoint(checkpoint)
-                require_parts(checkpoint, needs, role)
+                check_checkpoint(checkpoint, needs, role)
         at_least = {
             "rounds": 0,
             "itc_warmup_steps": 0,

@@ -172,27 +172,29 @@ def require_parts(directory: str | Path, needed: tuple[str, ...], role: str) -> 
         )
 
 
-def check_checkpoint(directory: str | Path) -> None:
+def check_checkpoint(directory: str | Path, needed: tuple[str, ...] = (), role: str = "") -> None:
     """Everything that can be checked without building the model, so that a bad checkpoint stops a stage
     before any work: the folder and its config, the format, the weights file (present, readable, the
-    recorded digest, safe to read, tensor names and shapes the config's model has) and the tokenizer."""
+    recorded digest, safe to read, tensor names and shapes the config's model has), the tokenizer, and
+    that none of the parts `role` needs (:func:`require_parts`) is random."""
     folder = Path(directory)
     header = _read_config(folder)
     if header.get("format") == CHECKPOINT_FORMAT:
-        weights = folder / WEIGHTS_FILE
+        weights, tokenizer_dir = folder / WEIGHTS_FILE, folder / TOKENIZER_DIR
         _checked_digest(folder, header)
         with torch.device("meta"):
             expected = BlipModel(BlipConfig.from_dict(header["config"])).state_dict()
     else:
         architecture = _hf_architecture(folder, header)
-        weights = _hf_weights_file(folder)
+        weights, tokenizer_dir = _hf_weights_file(folder), folder
         with torch.device("meta"):
             expected = HF_CLASSES[architecture](HFBlipConfig.from_pretrained(str(folder))).state_dict()
     _check_shapes(weights, _weights_shapes(weights), {name: tuple(t.shape) for name, t in expected.items()})
     try:
-        load_tokenizer(folder / TOKENIZER_DIR if header.get("format") == CHECKPOINT_FORMAT else folder)
+        load_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{folder}: its tokenizer cannot be read ({error})") from error
+    require_parts(folder, needed, role)
 
 
 def checkpoint_digest(directory: str | Path) -> str:

@@ -33,7 +33,7 @@ from pipelines.stages.shards import (
     rows_table,
     run_sharded_inference,
 )
-from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, load_checkpoint, require_parts
+from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, load_checkpoint
 from vlp_core.data import image_transform
 from vlp_core.generation import generate
 
@@ -70,8 +70,8 @@ class CaptionConfig(ActorPoolConfig):
                 (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             ],
         )
-        check_checkpoint(self.checkpoint)  # a bad checkpoint stops here, before any work
-        require_parts(self.checkpoint, CAPTIONER_NEEDS, "the caption stage")
+        # a bad or wrong model stops here, before any work
+        check_checkpoint(self.checkpoint, CAPTIONER_NEEDS, "the caption stage")
 
 
 class CaptionActor(ImageModelActor):

@@ -51,14 +51,7 @@ from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_ke
 from pipelines.world.grammar import Scene
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
-from vlp_core.checkpoint import (
-    CAPTIONER_NEEDS,
-    FILTER_NEEDS,
-    check_checkpoint,
-    load_checkpoint,
-    random_parts,
-    require_parts,
-)
+from vlp_core.checkpoint import CAPTIONER_NEEDS, FILTER_NEEDS, check_checkpoint, load_checkpoint, random_parts
 from vlp_core.data import CaptionRecord, ImageTransform, image_transform, load_coco_karpathy, load_image
 from vlp_core.generation import generate
 from vlp_core.inference import inference_mode
@@ -115,8 +108,8 @@ class EvaluateConfig:
         for ok, message in problems:
             if not ok:
                 raise ValueError(f"evaluate config: {message}")
-        check_checkpoint(self.checkpoint)  # a bad checkpoint stops here, before any work
-        require_parts(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
+        # a bad or wrong model stops here, before any work
+        check_checkpoint(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
 
 
 @dataclass(frozen=True)

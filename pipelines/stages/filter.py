@@ -40,7 +40,7 @@ from pipelines.stages.shards import (
     shards_finished_by,
     undo_from,
 )
-from vlp_core.checkpoint import FILTER_NEEDS, check_checkpoint, checkpoint_digest, load_checkpoint, require_parts
+from vlp_core.checkpoint import FILTER_NEEDS, check_checkpoint, checkpoint_digest, load_checkpoint
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
 
@@ -69,8 +69,8 @@ class FilterConfig(ActorPoolConfig):
                 (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
             ],
         )
-        check_checkpoint(self.checkpoint)  # a bad checkpoint stops here, before any work
-        require_parts(self.checkpoint, FILTER_NEEDS, "the filter stage")
+        # a bad or wrong model stops here, before any work
+        check_checkpoint(self.checkpoint, FILTER_NEEDS, "the filter stage")
 
 
 class FilterActor(ImageModelActor):
