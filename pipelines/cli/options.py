@@ -46,16 +46,15 @@ def _defaults(target: Any) -> dict[str, Any]:
     """{name: default} of a dataclass's fields or a function's (or Prefect flow's) parameters; None where
     there is none."""
     if dataclasses.is_dataclass(target):
-        return {
-            field.name: field.default_factory()
-            if field.default_factory is not dataclasses.MISSING
-            else None
-            if field.default is dataclasses.MISSING
-            else field.default
-            for field in dataclasses.fields(target)
-        }
+        return {field.name: _field_default(field) for field in dataclasses.fields(target)}
     parameters = inspect.signature(getattr(target, "fn", target)).parameters  # a Prefect flow wraps `fn`
     return {name: None if p.default is inspect.Parameter.empty else p.default for name, p in parameters.items()}
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 class ConfigDefaultsHelpFormatter(argparse.HelpFormatter):

@@ -13,7 +13,8 @@ noise type and a noise type × decision table; the kept captions' attribute accu
 clean the bootstrapped dataset is.
 
 Ray: the model work runs in Ray tasks (each loads the checkpoint once, with `num_gpus` from the config),
-so a driver without a GPU can evaluate on a cluster's GPU nodes. One task encodes every image and text
+so a driver without a GPU can evaluate on a cluster's GPU nodes; the local executor calls the same
+functions in this process. One task encodes every image and text
 (the similarity matrix must be whole to rank) and captions the images; the ITM re-rank, which costs
 about 20x more (k_test pairs per image and per text), is split by image over `concurrency` tasks.
 Results are written atomically to `<generation>/evaluation.json` (or a given file) and returned.
