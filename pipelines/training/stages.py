@@ -138,7 +138,7 @@ def _train_here(spec: TrainSpec) -> None:
     """The local executor: the training loop in this process, on its GPU if `use_gpu`. The caller's torch
     threads and random state are restored afterwards."""
     if spec.config.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("TrainConfig.use_gpu is set but this process sees no CUDA device")
+        raise ValueError("TrainConfig.use_gpu is set, but this process (the local executor) sees no CUDA device")
     device = torch.device("cuda" if spec.config.use_gpu else "cpu")
     threads = torch.get_num_threads()
     try:
