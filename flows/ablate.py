@@ -81,7 +81,7 @@ def capfilt_ablate(
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: need distinct integers, got {seeds}")
-    settings, inputs, out = run_setup(parameters)
+    settings, inputs, out = run_setup(parameters, evaluates=True)  # every arm is evaluated
     return run_ablation(settings, inputs, out, chosen, seeds)
 
 
@@ -93,8 +93,10 @@ def run_ablation(
     root = out / "data_manifests"
     web = download_web(inputs, Generation(root, DATASET, 0))
     clip_weights = clip_ranker(settings, inputs, out)
-    pretraining = pretrain_config(settings)
-    model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
+    model = None  # the fine-tunings' start; none is needed when the captioner and filter are given
+    if not settings.trains_nothing:
+        pretraining = pretrain_config(settings)
+        model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
     candidates = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, 1), clip_weights)
 
     entries = []

@@ -207,11 +207,12 @@ def capfilt(
     return bootstrap(settings, inputs, out)
 
 
-def run_setup(parameters: Mapping[str, Any]) -> tuple[RunSettings, Inputs, Path]:
+def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> tuple[RunSettings, Inputs, Path]:
     """A flow's settings, inputs and resolved run folder, from its parameters (by name): the settings are
     its `preset` with every parameter that names a RunSettings field and is not None; the inputs are the
     URL list and the two COCO sets, or a synthetic world made under `out_dir` (of `world_seed`, `n_web`
-    web pairs) when there is no `url_list`."""
+    web pairs) when there is no `url_list`. The held-out set is needed when the flow `evaluates` (None:
+    when it trains a model)."""
     preset, out = parameters["preset"], Path(parameters["out_dir"]).resolve()
     if preset not in RUN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(RUN_PRESETS)}")
@@ -225,7 +226,8 @@ def run_setup(parameters: Mapping[str, Any]) -> tuple[RunSettings, Inputs, Path]
         return settings, Inputs.of_world(make_world(out / "world", world)), out
     sets = {name: parameters.get(name) for name in ("human_annotations", "human_image_root")}
     tests = {name: parameters.get(name) for name in ("test_annotations", "test_image_root")}
-    missing = [name for name, value in (sets | ({} if settings.trains_nothing else tests)).items() if value is None]
+    evaluates = not settings.trains_nothing if evaluates is None else evaluates
+    missing = [name for name, value in (sets | (tests if evaluates else {})).items() if value is None]
     if missing:
         raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
     paths = [None if value is None else Path(value) for value in (sets | tests).values()]

@@ -104,6 +104,9 @@ def test_real_data_needs_a_held_out_set_only_when_something_is_trained(tmp_path:
         settings.trains_nothing and inputs.test_annotations is None and inputs.human_annotations == Path("human.json")
     )
 
+    with pytest.raises(ValueError, match="also give test_annotations, test_image_root"):
+        run_setup({**parameters, **models}, evaluates=True)  # the ablation evaluates every arm
+
     swapped = {"captioner_checkpoint": models["filter_checkpoint"], "filter_checkpoint": models["captioner_checkpoint"]}
     with pytest.raises(CheckpointError, match="filter: its lm_head is initialised at random, and the captioner needs"):
         run_setup({**parameters, **swapped, "url_list": None, "out_dir": str(tmp_path / "swapped")})
