@@ -309,20 +309,17 @@ def round_models(
     settings: RunSettings, inputs: Inputs, out: Path, model: train.TrainResult | None
 ) -> tuple[ModelRef, ModelRef]:
     """A round's captioner and filter: the given ones, and the others fine-tuned from `model` on the
-    human pairs (side by side under Ray; in one process they take turns, as torch's threads and random
+    human pairs (side by side on Ray Train; in this process they take turns, as torch's threads and random
     state are process-wide)."""
     given = {"captioner": settings.captioner_checkpoint, "filter": settings.filter_checkpoint}
     models = {role: ModelRef(path, checkpoint_digest(path)) for role, path in given.items() if path is not None}
     fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
     to_train = [role for role in given if role not in models]
-    side_by_side = settings.executor == "ray" and len(to_train) > 1
     if to_train:
-        finetuning = _training(
-            settings,
-            settings.finetune_steps,
-            init_checkpoint=model.checkpoint_dir,
-            cpus=max(1, settings.train_cpus // 2) if side_by_side else None,
-        )
+        finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir)
+        side_by_side = not finetuning.trains_in_process and len(to_train) > 1
+        if side_by_side:
+            finetuning = replace(finetuning, cpus_per_worker=max(1, settings.train_cpus // 2))
         human = (inputs.human_annotations, inputs.human_image_root)
         runs = {role: training_dir(out, role, finetuning, model.digest) for role in to_train}
         if side_by_side:
@@ -392,7 +389,6 @@ def _training(
     preset: str | None = None,
     init_checkpoint: Path | None = None,
     itc_warmup_steps: int = 0,
-    cpus: int | None = None,
 ) -> TrainConfig:
     """Training settings: from a preset's random weights, from a checkpoint, or (neither) the CLIP ranker."""
     return TrainConfig(
@@ -404,7 +400,7 @@ def _training(
         seed=settings.seed,
         itc_warmup_steps=itc_warmup_steps,
         easy_negative_steps=settings.easy_negative_steps,
-        cpus_per_worker=cpus or settings.train_cpus,
+        cpus_per_worker=settings.train_cpus,
         use_gpu=settings.num_gpus > 0,
         executor=settings.executor,
         ray_address=settings.ray_address,

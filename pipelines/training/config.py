@@ -4,6 +4,7 @@ the loop each Ray Train worker runs both take it."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,15 @@ class TrainConfig:
                 _require(getattr(self, name).is_dir(), name, f"an existing folder (got {value})")
         if self.init_checkpoint is not None:
             check_checkpoint(self.init_checkpoint)  # a bad checkpoint stops here, before any work
+
+    @property
+    def trains_in_process(self) -> bool:
+        """Whether the run trains in this process: with the local executor, and under Ray when Ray Train
+        would add nothing but its start-up (~25 s): one worker, no restarts, no cluster to join."""
+        if self.executor == "local":
+            return True
+        joins_cluster = self.ray_address is not None or "RAY_ADDRESS" in os.environ
+        return self.num_workers == 1 and self.max_failures == 0 and not joins_cluster
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -2,7 +2,8 @@
 
 Each entry point turns its input into (image, caption) pairs, checks the run folder, and runs the one
 training loop (`pipelines.training.loop.train_loop`): on a Ray Train `TorchTrainer` with `num_workers`
-workers (DDP when more than one), or in this process with the local executor. Results land in `run_dir`:
+workers (DDP when more than one), or in this process (`TrainConfig.trains_in_process`: the local executor,
+or one worker that Ray Train would only start up). Results land in `run_dir`:
 
     run.json            what this run trains (task, config, data digest); a restart must match it
     tokenizer/          BLIP from a preset without a tokenizer: WordPiece trained on the captions
@@ -88,7 +89,7 @@ def _require_blip_source(config: TrainConfig) -> None:
 
 
 def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run_dir: Path) -> TrainResult:
-    """Check and record the run, then train it on Ray Train unless it is already finished."""
+    """Check and record the run, then train it unless it is already finished."""
     run_dir = Path(run_dir).resolve()
     global_batch = config.batch_size * config.num_workers
     steps_per_epoch = len(pairs) // global_batch
@@ -124,7 +125,7 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
         config.executor,
         run_dir,
     )
-    if config.executor == "local":
+    if config.trains_in_process:
         _train_here(spec)
     else:
         _train_on_ray(spec)
@@ -135,10 +136,12 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
 
 
 def _train_here(spec: TrainSpec) -> None:
-    """The local executor: the training loop in this process, on its GPU if `use_gpu`. The caller's torch
+    """One worker in this process (`TrainConfig.trains_in_process`), on its GPU if `use_gpu`. The caller's torch
     threads and random state are restored afterwards."""
     if spec.config.use_gpu and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.use_gpu is set, but this process (the local executor) sees no CUDA device")
+        raise ValueError(
+            "TrainConfig.use_gpu is set, but this process (which trains a single worker) sees no CUDA device"
+        )
     device = torch.device("cuda" if spec.config.use_gpu else "cpu")
     threads = torch.get_num_threads()
     try:

@@ -118,6 +118,34 @@ def test_config_rejects_bad_values_with_a_clear_message(kwargs, message):
         TrainConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, in_process",
+    [
+        (dict(executor="local"), True),
+        (dict(executor="ray"), True),  # one worker: Ray Train would only add its start-up
+        (dict(executor="ray", num_workers=2), False),
+        (dict(executor="ray", max_failures=1), False),
+        (dict(executor="ray", ray_address="127.0.0.1:6379"), False),
+    ],
+)
+def test_a_single_worker_trains_in_this_process_unless_it_joins_a_cluster_or_restarts(kwargs, in_process, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert TrainConfig(max_steps=1, **kwargs).trains_in_process is in_process
+
+
+def test_a_ray_job_s_single_worker_still_goes_to_its_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what `ray job submit` gives its entrypoint
+    assert not TrainConfig(max_steps=1, executor="ray").trains_in_process
+
+
+def test_a_single_worker_under_ray_trains_without_starting_ray_train(world, small_set, tmp_path):
+    result = finetune_captioner(
+        TrainConfig(max_steps=2, preset="tiny", executor="ray", **FAST), small_set, world.human_root, tmp_path
+    )
+    assert result.steps == 2
+    assert not (tmp_path / "ray").exists()  # Ray Train's storage_path: never made
+
+
 def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batch(world, small_set, tmp_path):
     with pytest.raises(ValueError, match="set preset .* or init_checkpoint"):
         finetune_filter(TrainConfig(max_steps=1), small_set, world.human_root, tmp_path)
