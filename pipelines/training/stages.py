@@ -140,7 +140,7 @@ def _train_here(spec: TrainSpec) -> None:
     threads and random state are restored afterwards."""
     if spec.config.use_gpu and not torch.cuda.is_available():
         raise ValueError(
-            "TrainConfig.use_gpu is set, but this process (which trains a single worker) sees no CUDA device"
+            "TrainConfig.use_gpu is set, but this process (where a single worker trains) sees no CUDA device"
         )
     device = torch.device("cuda" if spec.config.use_gpu else "cpu")
     threads = torch.get_num_threads()
