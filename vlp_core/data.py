@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -145,7 +145,9 @@ def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionR
     """Read `[{"image": str, "caption": str | [str], "image_id": ...}, ...]` into one record per image.
 
     Entries that share an image are merged (the Karpathy train split has one entry per caption).
-    `image_id` is optional; without it the image path stands in. Errors name the file and entry.
+    `image_id` is optional; without it the image path stands in. Refused, with the file and entry named:
+    an empty list, an image path that leaves `image_root` (absolute or with `..`), one image under two
+    ids and one id for two images. Empty captions are returned; their users record them as rejected.
     """
     annotation_json = Path(annotation_json)
     try:
@@ -154,14 +156,22 @@ def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionR
         raise CocoFormatError(f"{annotation_json}: not valid JSON ({error})") from error
     if not isinstance(entries, list):
         raise CocoFormatError(f"{annotation_json}: expected a JSON list of entries, got {type(entries).__name__}")
+    if not entries:
+        raise CocoFormatError(f"{annotation_json}: the list of entries is empty")
     captions: dict[str, list[str]] = {}
     image_ids: dict[str, str] = {}
+    images: dict[str, str] = {}  # image_id -> image
     for index, entry in enumerate(entries):
-        image, entry_captions, image_id = _parse_entry(entry, f"{annotation_json}: entry {index}")
+        where = f"{annotation_json}: entry {index}"
+        image, entry_captions, image_id = _parse_entry(entry, where)
         if image_ids.setdefault(image, image_id) != image_id:
             raise CocoFormatError(
-                f"{annotation_json}: entry {index}: image {image!r} has image_id {image_id!r}, "
-                f"but an earlier entry gave it {image_ids[image]!r}"
+                f"{where}: image {image!r} has image_id {image_id!r}, but an earlier entry gave it {image_ids[image]!r}"
+            )
+        if images.setdefault(image_id, image) != image:
+            raise CocoFormatError(
+                f"{where}: image_id {image_id!r} names image {image!r}, but an earlier entry gave it to "
+                f"{images[image_id]!r}; every image needs its own id"
             )
         captions.setdefault(image, []).extend(entry_captions)
     return [
@@ -176,6 +186,8 @@ def _parse_entry(entry: object, where: str) -> tuple[str, list[str], str]:
     image = entry.get("image")
     if not isinstance(image, str) or not image:
         raise CocoFormatError(f"{where}: field 'image' must be a non-empty string (a path under the image root)")
+    if _leaves_root(image):
+        raise CocoFormatError(f"{where}: image {image!r} must be a relative path that stays under the image root")
     caption = entry.get("caption")
     captions = [caption] if isinstance(caption, str) else caption
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
@@ -184,6 +196,12 @@ def _parse_entry(entry: object, where: str) -> tuple[str, list[str], str]:
     if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
         raise CocoFormatError(f"{where}: field 'image_id' must be a string or an integer")
     return image, captions, str(image_id)
+
+
+def _leaves_root(relative: str) -> bool:
+    """Whether a path meant to be relative is absolute or climbs with `..` (POSIX or Windows spelling)."""
+    paths = (PurePosixPath(relative), PureWindowsPath(relative))
+    return any(path.is_absolute() or path.anchor or ".." in path.parts for path in paths)
 
 
 class CocoCaptionSet(Dataset):

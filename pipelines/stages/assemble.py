@@ -5,8 +5,9 @@ This stage writes the human pairs as `samples/part-human.parquet` (one row per c
 absolute image path) and then `generation.json` (parent, stages, checkpoint digests, config digest,
 counts). The human set is small and needs no model, so it is read in-process, without Ray.
 
-A human image that cannot be decoded is kept in the manifest as a rejected row
-(`reject_stage="assemble"`, reason from `vlp_core.data.DECODE_REASONS`), never dropped silently.
+A human image that cannot be decoded, or a blank caption, is kept in the manifest as a rejected row
+(`reject_stage="assemble"`, reason from `vlp_core.data.DECODE_REASONS` or `empty_caption`), never
+dropped silently and never counted as kept.
 Resume: part-human has a completion marker; a re-run rewrites only generation.json (so, after a
 re-threshold and re-rank, it refreshes the counts).
 """
@@ -119,7 +120,8 @@ def _check_stages_finished(target: Generation, stages: list[str]) -> None:
 
 def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa.Table:
     """One manifest row per distinct caption of every record (a sample_id names an (image, source, caption)
-    triple, so a repeated caption is stored once); size and sha256 come from the image file."""
+    triple, so a repeated caption is stored once); size and sha256 come from the image file. A row whose
+    image does not decode, or whose caption is blank, is stored rejected with its reason."""
     columns: dict[str, list] = {
         name: []
         for name in (
@@ -142,7 +144,8 @@ def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa
             columns["image_id"].append(HUMAN_ID_PREFIX + record.image_id)
             columns["image_ref"].append(image_ref)
             columns["caption"].append(caption)
-            for name, value in facts.items():
+            empty = facts["kept"] and not caption.strip()
+            for name, value in (facts | EMPTY_CAPTION if empty else facts).items():
                 columns[name].append(value)
     n_rows = len(columns["image_id"])
     return samples_table(
@@ -153,6 +156,9 @@ def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa
             "parent_generation": [parent] * n_rows,
         }
     )
+
+
+EMPTY_CAPTION = {"kept": False, "reject_stage": STAGE, "reject_reason": "empty_caption", "reject_detail": None}
 
 
 def _image_facts(path: Path) -> dict[str, object]:

@@ -118,6 +118,20 @@ def test_a_bad_manifest_part_stops_caption_and_pretrain_before_anything_is_writt
         ([{"file_name": "a.jpg", "caption": "a cat"}], "entry 0: field 'image' must be a non-empty string"),
         ([{"image": "a.jpg", "caption": []}], "entry 0: field 'caption' must be a string or a non-empty list"),
         ("not json", "not valid JSON"),
+        ([], "the list of entries is empty"),
+        ([{"image": "../test/t1.jpg", "caption": "a cat"}], "must be a relative path that stays under the image root"),
+        (
+            [{"image": "/data/test/t1.jpg", "caption": "a cat"}],
+            "must be a relative path that stays under the image root",
+        ),
+        ([{"image": "..\\test\\t1.jpg", "caption": "a cat"}], "must be a relative path that stays under"),
+        (
+            [
+                {"image": "a.jpg", "caption": "a cat", "image_id": 7},
+                {"image": "b.jpg", "caption": "a dog", "image_id": 7},
+            ],
+            "entry 1: image_id '7' names image 'b.jpg', but an earlier entry gave it to 'a.jpg'",
+        ),
     ],
 )
 def test_an_annotation_file_that_is_not_coco_karpathy_is_refused(payload, message, tmp_path, capsys) -> None:

@@ -151,6 +151,21 @@ def test_unreadable_human_image_is_a_rejected_row(world: WorldPaths, tmp_path: P
     assert generation.read_info()["counts"]["rejected_by_stage_reason"]["assemble/not_an_image"] == CAPTIONS_PER_IMAGE
 
 
+def test_blank_human_captions_are_rejected_rows_not_kept_pairs(world: WorldPaths, tmp_path: Path) -> None:
+    annotations = json.loads(world.human_annotations.read_text())
+    annotations[0]["caption"] = ["", *annotations[0]["caption"]]
+    annotations[1]["caption"][0] = " \t "
+    blank = tmp_path / "blank.json"
+    blank.write_text(json.dumps(annotations))
+    generation = candidate_generation(tmp_path)
+    table = run_assemble(AssembleConfig(blank, world.human_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1")
+    human = [row for row in table.to_pylist() if row["caption_source"] == "human"]
+    rejected = [(row["caption"], row["reject_stage"], row["reject_reason"]) for row in human if not row["kept"]]
+    assert sorted(rejected) == [("", "assemble", "empty_caption"), (" \t ", "assemble", "empty_caption")]
+    assert sum(row["kept"] for row in human) == N_HUMAN * CAPTIONS_PER_IMAGE - 1  # one blank replaced a caption
+    assert generation.read_info()["counts"]["rejected_by_stage_reason"]["assemble/empty_caption"] == 2
+
+
 def test_config_and_arguments_fail_before_any_work(world: WorldPaths, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="human_annotations .* is not a file"):
         AssembleConfig(tmp_path / "missing.json", world.human_root)
