@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -140,11 +141,25 @@ def load_checkpoint(
     header = _read_config(folder)
     if header.get("format") != CHECKPOINT_FORMAT:
         model, tokenizer = import_hf(folder)
+        require_finite(model.state_dict().items(), folder)
         return model.to(device), tokenizer, checkpoint_digest(folder)
     digest = _checked_digest(folder, header)
     model = BlipModel(BlipConfig.from_dict(header["config"]))
     load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+    require_finite(model.state_dict().items(), folder / WEIGHTS_FILE)
     return model.to(device), load_tokenizer(folder / TOKENIZER_DIR), digest
+
+
+def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str | Path) -> None:
+    """CheckpointError naming the first of the (name, tensor) pairs that holds NaN or infinity (a diverged
+    or corrupted model scores every sample NaN, and ranking or thresholding NaN keeps arbitrary rows)."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); the model diverged or "
+                "the file is corrupt: give a checkpoint with finite weights"
+            )
 
 
 def checkpoint_parts(directory: str | Path) -> dict[str, str] | None:
@@ -175,8 +190,8 @@ def require_parts(directory: str | Path, needed: tuple[str, ...], role: str) -> 
 def check_checkpoint(directory: str | Path, needed: tuple[str, ...] = (), role: str = "") -> None:
     """Everything that can be checked without building the model, so that a bad checkpoint stops a stage
     before any work: the folder and its config, the format, the weights file (present, readable, the
-    recorded digest, safe to read, tensor names and shapes the config's model has), the tokenizer, and
-    that none of the parts `role` needs (:func:`require_parts`) is random."""
+    recorded digest, safe to read, tensor names and shapes the config's model has, finite values), the
+    tokenizer, and that none of the parts `role` needs (:func:`require_parts`) is random."""
     folder = Path(directory)
     header = _read_config(folder)
     if header.get("format") == CHECKPOINT_FORMAT:
@@ -190,6 +205,7 @@ def check_checkpoint(directory: str | Path, needed: tuple[str, ...] = (), role: 
         with torch.device("meta"):
             expected = HF_CLASSES[architecture](HFBlipConfig.from_pretrained(str(folder))).state_dict()
     _check_shapes(weights, _weights_shapes(weights), {name: tuple(t.shape) for name, t in expected.items()})
+    require_finite_file(weights)
     try:
         load_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as error:
@@ -277,6 +293,20 @@ def _weights_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
     except Exception as error:  # safetensors raises its own error types for empty and truncated files
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def require_finite_file(path: str | Path) -> None:
+    """`require_finite` over a weights file (read safely), one tensor in memory at a time for safetensors."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        require_finite(load_state_dict_file(path).items(), path)
+        return
+    try:
+        weights = safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own error types for empty and truncated files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    with weights:
+        require_finite(((name, weights.get_tensor(name)) for name in weights.keys()), path)
 
 
 def _check_shapes(path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:

@@ -18,7 +18,7 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
 from vlp_core.atomic import atomic_write_file
-from vlp_core.checkpoint import load_state_dict_file
+from vlp_core.checkpoint import load_state_dict_file, require_finite
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
 
@@ -134,6 +134,7 @@ def load_clip(model_name: str, checkpoint: Path | None = None, device: str | tor
         if not checkpoint.is_file():
             raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist")
         state_dict = load_state_dict_file(checkpoint)
+        require_finite(state_dict.items(), checkpoint)
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:

@@ -32,7 +32,7 @@ from pipelines.stages.shards import (
     scores_by_sample,
     shards_finished_by,
 )
-from vlp_core.checkpoint import file_digest
+from vlp_core.checkpoint import file_digest, require_finite_file
 from vlp_core.clip import load_clip
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class RankConfig(ActorPoolConfig):
                 (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
             ],
         )
+        if self.clip_checkpoint is not None:  # NaN weights would rank every candidate NaN
+            require_finite_file(self.clip_checkpoint)
 
 
 class RankActor(ImageModelActor):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,13 +176,24 @@ def caption_requests(shard: str, rows: list[Row], max_chars: int) -> pa.Table:
 
 
 def scores_by_sample(results: list[Row], output: str) -> dict[str, Any]:
-    """sample_id -> its value in the `output` list of the results (images that failed have none)."""
-    return {
+    """sample_id -> its value in the `output` list of the results (images that failed have none).
+
+    A non-finite score stops the stage before its shard is written: thresholding or ranking NaN would
+    keep arbitrary rows, and a model that scores NaN is broken for every sample.
+    """
+    scores = {
         sample: value
         for result in results
         if not result["error_reason"]
         for sample, value in zip(result["sample_ids"], result[output], strict=True)
     }
+    for sample, value in scores.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"the model gave sample {sample} the {output} score {value}; non-finite scores mean broken weights "
+                f"(model {results[0]['model_ref']}); nothing of this shard was written"
+            )
+    return scores
 
 
 def image_seed(seed: int, image_id: str) -> int:

@@ -7,11 +7,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from flows.cli import main
 from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, samples_table
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import save_checkpoint
+from vlp_core.clip import load_clip, save_clip
 from vlp_core.tokenizer import train_tokenizer
 
 
@@ -156,6 +158,33 @@ def test_an_annotation_file_that_is_not_coco_karpathy_is_refused(payload, messag
         capsys,
     )
     assert code == 2 and str(annotations) in err and message in err, err
+    assert _files(tmp_path) == before
+
+
+def _poison(module: torch.nn.Module) -> None:
+    """One NaN and one inf in the first weight matrix, as a diverged training leaves them."""
+    weight = next(p for p in module.parameters() if p.ndim == 2)
+    with torch.no_grad():
+        weight[0, 0], weight[-1, -1] = float("nan"), float("inf")
+
+
+def test_non_finite_weights_stop_filter_and_rank_before_anything_is_written(web_root, tmp_path, capsys) -> None:
+    model = BlipModel.from_preset("tiny")
+    _poison(model)
+    blip = tmp_path / "diverged"
+    save_checkpoint(model, train_tokenizer(["a red circle", "a blue square"], vocab_size=64), blip)
+    ranker = load_clip("clip_tiny")
+    _poison(ranker.model)
+    clip = tmp_path / "diverged-clip.safetensors"
+    save_clip(ranker, clip)
+    before = _files(tmp_path)
+    for argv, named in (
+        (["filter", "--checkpoint", blip], blip / "model.safetensors"),
+        (["rank", "--clip-checkpoint", clip], clip),
+    ):
+        code, err = _run([*argv, "--root", web_root, "--generation", 1], capsys)
+        assert code == 2, err
+        assert str(named) in err and "2 non-finite value(s) (NaN or inf)" in err, err
     assert _files(tmp_path) == before
 
 

@@ -94,6 +94,13 @@ def test_scores_by_sample_skips_failed_images():
     assert scores_by_sample(results, "itm") == {"a": 0.25, "b": 0.75}
 
 
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_score_stops_the_stage(score):
+    results = [{"sample_ids": ["a", "b"], "clip": [0.25, score], "error_reason": None, "model_ref": "sha256:0f"}]
+    with pytest.raises(ValueError, match=r"sample b the clip score .*non-finite scores mean broken weights"):
+        scores_by_sample(results, "clip")
+
+
 def test_commit_invalidates_later_stages_before_replacing_the_part(tmp_path: Path):
     target = Generation(tmp_path, "world", 1)
     for stage in ("caption", "filter", "rank"):
