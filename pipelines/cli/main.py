@@ -128,6 +128,12 @@ def _add_download_options(parser: argparse.ArgumentParser) -> None:
     option("--processes", type=int, help="img2dataset processes")
     option("--samples-per-shard", type=int, help="URLs per shard (a shard is the unit of resume)")
     option("--image-size", type=int, help="shortest side after resizing; smaller images are kept")
+    option(
+        "--opt-out-directives",
+        type=lambda text: tuple(d for d in text.split(",") if d.strip()),
+        metavar="D1,D2",
+        help="X-Robots-Tag directives that opt an image out (recorded as download/opt_out); '' downloads them anyway",
+    )
     option("--timeout", dest="timeout_s", type=int, help="seconds per connect and per socket read")
 
 

@@ -37,6 +37,9 @@ REFUSED_SHARD = "refused"
 LOOPBACK = "127.0.0.1/32"
 
 
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's default
+
+
 @dataclass(frozen=True)
 class DownloadConfig:
     """How img2dataset fetches. `allowed_networks` lets otherwise refused private ranges through."""
@@ -51,6 +54,8 @@ class DownloadConfig:
     max_image_bytes: int = 32 * 2**20  # a larger response body is refused (too_large)
     max_fetch_seconds: float = 120.0  # a body still arriving after this is cut off (timeout)
     max_pixels: int = DEFAULT_MAX_PIXELS  # an image declaring more pixels is not decoded (too_large)
+    # X-Robots-Tag directives that opt an image out (rejected as `opt_out`); () downloads opted-out images too
+    opt_out_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
 
     def __post_init__(self) -> None:
         for name in (
@@ -68,6 +73,9 @@ class DownloadConfig:
         if self.retries < 0:
             raise ValueError(f"download config: retries must be ≥ 0, got {self.retries}")
         UrlPolicy(self.allowed_networks)  # validates the CIDRs
+        object.__setattr__(self, "opt_out_directives", tuple(d.strip().lower() for d in self.opt_out_directives))
+        if not all(self.opt_out_directives):
+            raise ValueError(f"download config: opt_out_directives holds an empty directive: {self.opt_out_directives}")
 
 
 def read_url_list(path: Path) -> pa.Table:
@@ -233,7 +241,7 @@ def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) 
             incremental_mode="incremental",
             compute_hash="sha256",
             enable_wandb=False,
-            disallowed_header_directives=[],
+            disallowed_header_directives=list(config.opt_out_directives),  # [] respects none
         )
 
 
@@ -267,6 +275,7 @@ def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
 
 _REASONS = [  # first match wins
     (re.compile(rf"{POLICY_REASON}|Redirection to url '[^']*' is not allowed"), lambda m: POLICY_REASON),
+    (re.compile(r"disallowed by X-Robots-Tag"), lambda m: "opt_out"),
     (re.compile(r"infinite loop", re.I), lambda m: "redirect_loop"),
     (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
     (re.compile(r"empty_body"), lambda m: "empty_body"),

@@ -85,6 +85,7 @@ class Reply:
     send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
     hang_s: float = 0.0  # wait this long before answering
     drip_s: float = 0.0  # send the body one byte at a time, this long apart
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers, e.g. X-Robots-Tag
 
 
 class _Server(ThreadingHTTPServer):
@@ -109,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", reply.location)
         if reply.send_length:
             self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
         self.end_headers()
         try:
             if not reply.drip_s:
@@ -161,6 +164,15 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+# images served with an X-Robots-Tag: name, the header's value, expected reject reason (None: downloaded)
+OPT_OUT_CASES = (
+    ("robots_noai", "noai", "opt_out"),
+    ("robots_noimageindex", "nofollow, noimageindex", "opt_out"),
+    ("robots_other_crawler", "somebot: noai", None),  # addressed to another crawler only
+    ("robots_nofollow", "nofollow", None),
+)
+
+
 # name -> (path on the hostile web or a full URL, reply, expected reject reason or None for success)
 def download_cases(internal: str) -> dict[str, tuple[str, Reply | None, str | None]]:
     images = image_payloads()
@@ -184,6 +196,10 @@ def download_cases(internal: str) -> dict[str, tuple[str, Reply | None, str | No
             "hang": ("/hang", Reply(body=images["jpeg"], hang_s=60), "timeout"),
             "drip": ("/drip", Reply(body=bytes(5000), drip_s=0.01), "timeout"),
             "redirect_ok": ("/redirect_ok", Reply(302, "text/plain", location="/jpeg"), None),
+            **{
+                name: (f"/{name}", Reply(body=images["jpeg"], headers=(("X-Robots-Tag", directive),)), reason)
+                for name, directive, reason in OPT_OUT_CASES
+            },
             "redirect_loop": ("/redirect_loop", Reply(302, "text/plain", location="/redirect_loop"), "redirect_loop"),
             "redirect_to_metadata": (
                 "/redirect_to_metadata",

@@ -9,11 +9,21 @@ import urllib.error
 
 import numpy as np
 import pytest
-from hostile_web import BAD_CAPTIONS, BOMB_SIDE, HostileDownload, HostileWeb, Reply, half_red
+from hostile_web import (
+    BAD_CAPTIONS,
+    BOMB_SIDE,
+    OPT_OUT_CASES,
+    HostileDownload,
+    HostileWeb,
+    Reply,
+    half_red,
+    image_payloads,
+)
 from PIL import Image
 
 from pipelines.manifests.images import ImageStore
-from pipelines.stages.download import DownloadConfig
+from pipelines.manifests.manifest import Generation
+from pipelines.stages.download import DownloadConfig, download
 from pipelines.stages.download_worker import FetchGuard, guarded_opener
 from pipelines.stages.shards import model_text
 from pipelines.stages.url_policy import UrlPolicy
@@ -134,3 +144,25 @@ def test_bad_download_limits_fail_fast() -> None:
     for field in ("max_image_bytes", "max_fetch_seconds", "max_pixels", "timeout_s"):
         with pytest.raises(ValueError, match=f"{field} must be"):
             DownloadConfig(**{field: 0})
+
+
+def test_opted_out_images_are_rejected_with_their_directive_unless_the_user_ignores_opt_outs(
+    hostile_download: HostileDownload, tmp_path
+) -> None:
+    for name, _, reason in OPT_OUT_CASES:
+        row = hostile_download.rows[name]
+        assert row["reject_reason"] == reason, name
+        assert (row["reject_detail"] or "") == ("Use of image disallowed by X-Robots-Tag directive" if reason else "")
+    noai = Reply(body=image_payloads()["jpeg"], headers=(("X-Robots-Tag", "noai"),))
+    with HostileWeb("127.0.0.1", {"/noai": noai}) as web:
+        url_list = tmp_path / "urls.csv"
+        url_list.write_text(f"url,caption\n{web.base_url}/noai,a cat\n")
+        config = DownloadConfig(opt_out_directives=(), allowed_networks=("127.0.0.1/32",), timeout_s=2)
+        table = download(config, url_list, Generation(tmp_path / "manifests", "web", 0))
+    assert table["kept"].to_pylist() == [True]
+
+
+def test_opt_out_directives_are_normalised_and_never_empty() -> None:
+    assert DownloadConfig(opt_out_directives=(" NoAI ",)).opt_out_directives == ("noai",)
+    with pytest.raises(ValueError, match="opt_out_directives holds an empty directive"):
+        DownloadConfig(opt_out_directives=("noai", " "))
