@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+PART_NAME = re.compile(r"part-(?P<shard>[A-Za-z0-9]+)\.parquet")  # shards: "00000", "human", "refused"
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"capfilt.schema_version"
@@ -128,7 +133,22 @@ class Generation:
         return self.path / "generation.json"
 
     def part_path(self, shard: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9]+", shard):
+            raise ValueError(f"shard names are letters and digits, got {shard!r}")
         return self.samples_dir / f"part-{shard}.parquet"
+
+    def shards(self) -> list[str]:
+        """The shards of this generation's parts, sorted. Only `part-<letters and digits>.parquet` files
+        are parts: a stray copy (`part-00001.backup.parquet`, `part-00001.parquet.bak`) is never read as
+        data, and is named in the log."""
+        if not self.samples_dir.is_dir():
+            return []
+        names = sorted(path.name for path in self.samples_dir.iterdir())
+        matches = [PART_NAME.fullmatch(name) for name in names]
+        strays = [name for name, match in zip(names, matches) if not match and not name.startswith(".")]
+        if strays:
+            log.warning("%s: ignoring files that are not parts: %s", self.samples_dir, ", ".join(strays))
+        return [match["shard"] for match in matches if match]
 
     def marker_path(self, stage: str, shard: str) -> Path:
         return self.path / "markers" / stage / f"{shard}.json"
@@ -146,7 +166,7 @@ class Generation:
 
     def read_samples(self) -> pa.Table:
         """All rows of this generation, validated, ordered by part name."""
-        parts = sorted(self.samples_dir.glob("part-*.parquet"))
+        parts = [self.part_path(shard) for shard in self.shards()]
         if not parts:
             raise ManifestError(f"{self.samples_dir}: no part-*.parquet files; is this a generation folder?")
         return pa.concat_tables([read_part(p) for p in parts])
@@ -237,7 +257,7 @@ def list_generations(root: Path) -> list[Generation]:
 def manifest_digest(generation: Generation) -> str:
     """A digest of a generation's rows (its part files' names and bytes): `sha256:<16 hex>`."""
     digest = hashlib.sha256()
-    for part in sorted(generation.samples_dir.glob("part-*.parquet")):
+    for part in (generation.part_path(shard) for shard in generation.shards()):
         digest.update(part.name.encode())
         digest.update(part.read_bytes())
     return "sha256:" + digest.hexdigest()[:16]

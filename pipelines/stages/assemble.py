@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, generation_info, samples_table
-from pipelines.stages.shards import part_shards
 from vlp_core.data import CaptionRecord, ImageDecodeError, load_coco_karpathy, load_image
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def run_assemble(
 
 def _check_stages_finished(target: Generation, stages: list[str]) -> None:
     """Every candidate shard of `target` (all but part-human) must carry the marker of every stage."""
-    shards = [shard for shard in part_shards(target) if shard != HUMAN_SHARD]
+    shards = [shard for shard in target.shards() if shard != HUMAN_SHARD]
     if not shards:
         raise ManifestError(
             f"assemble: {target.path} has no candidate parts; run the caption, filter and rank stages into it first"

@@ -28,7 +28,6 @@ from pipelines.stages.shards import (
     check_config,
     image_requests,
     image_seed,
-    part_shards,
     rejected,
     rows_table,
     run_sharded_inference,
@@ -173,7 +172,7 @@ def run_caption(config: CaptionConfig, web: Generation, target: Generation) -> p
             f"caption: the target {target.path} must be a later generation of the same dataset "
             f"folder as the web generation {web.path} (image_refs are relative to it)"
         )
-    shards = part_shards(web)
+    shards = web.shards()
     if not shards:
         raise ManifestError(f"{web.path}: no parts; download the web pairs into it first")
     return run_sharded_inference(_Captioning(config, web, target), target, shards, config)

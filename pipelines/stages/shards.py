@@ -91,16 +91,10 @@ class ActorPoolConfig:
 # --------------------------------------------------------------------------- rows
 
 
-def part_shards(generation: Generation) -> list[str]:
-    """The shard names of a generation's parts, sorted (`part-00000.parquet` -> "00000")."""
-    parts = generation.samples_dir.glob("part-*.parquet")
-    return sorted(part.name.removeprefix("part-").removesuffix(".parquet") for part in parts)
-
-
 def captioned_shards(target: Generation) -> list[str]:
     """The target's candidate shards: those the caption stage finished. Other parts (the human pairs
     that assemble adds, a part whose caption run was cut short) are left alone, and named in the log."""
-    shards = part_shards(target)
+    shards = target.shards()
     captioned = [shard for shard in shards if target.is_done("caption", shard)]
     if not captioned:
         raise ManifestError(f"{target.path}: no captioned shards; run the caption stage into this generation first")
