@@ -158,9 +158,17 @@ def rethreshold(target: Generation, threshold: float) -> pa.Table:
     ok, message = _check_threshold(threshold)
     if not ok:
         raise ValueError(message)
-    for shard in shards_finished_by(target, STAGE):
+    shards = shards_finished_by(target, STAGE)
+    _check_parts(target, shards)
+    for shard in shards:
         _redecide_shard(target, shard, threshold)
     return target.read_samples()
+
+
+def _check_parts(target: Generation, shards: list[str]) -> None:
+    """Read every part that a re-decision may rewrite, so that a bad one stops it before any write."""
+    for shard in shards:
+        read_part(target.part_path(shard))
 
 
 def run_filter(config: FilterConfig, target: Generation) -> pa.Table:
@@ -170,6 +178,7 @@ def run_filter(config: FilterConfig, target: Generation) -> pa.Table:
     scored = [shard for shard in shards if target.is_done(STAGE, shard)]
     if scored:
         model_ref = checkpoint_digest(config.checkpoint)
+        _check_parts(target, scored)
         for shard in scored:
             _redecide_shard(target, shard, config.threshold, model_ref)
     return run_sharded_inference(_Filtering(config, target), target, shards, config)

@@ -118,6 +118,21 @@ def test_rethreshold_redecides_from_stored_scores_without_a_model(
     assert sum(row["kept"] and row["itm_score"] is not None for row in strict.to_pylist()) == 1
 
 
+def test_a_rethreshold_with_a_truncated_part_stops_before_rewriting_any_shard(
+    filtered, tmp_path, dataset_copier, no_inference
+):
+    target = dataset_copier(filtered, tmp_path)
+    for shard in WEB_SHARDS:
+        target.mark_done("rank", shard, {})
+    last = target.part_path(WEB_SHARDS[-1])
+    last.write_bytes(last.read_bytes()[:-100])
+    before = {path: path.read_bytes() for path in target.path.rglob("*") if path.is_file()}
+    with pytest.raises(ManifestError, match=f"{last.name}: unreadable Parquet file"):
+        rethreshold(target, 0.9)
+    assert {path: path.read_bytes() for path in target.path.rglob("*") if path.is_file()} == before
+    assert all(target.is_done("rank", shard) for shard in WEB_SHARDS)
+
+
 def test_scored_shards_refuse_another_filter_checkpoint(filtered, tiny_blip_checkpoint, tmp_path, no_inference):
     model, tokenizer, digest = load_checkpoint(tiny_blip_checkpoint)
     with torch.no_grad():
