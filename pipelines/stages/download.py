@@ -87,9 +87,13 @@ def read_url_list(path: Path) -> pa.Table:
         raise ManifestError(f"{path}: URL list not found")
     try:
         if path.suffix in (".csv", ".tsv"):  # a quoted caption may hold line breaks
-            parsing = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",", newlines_in_values=True)
+            delimiter = "\t" if path.suffix == ".tsv" else ","
+            _check_quotes_close(path)
+            parsing = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
             as_bytes = pacsv.ConvertOptions(column_types={"url": pa.binary(), "caption": pa.binary()})
             table = pacsv.read_csv(path, parse_options=parsing, convert_options=as_bytes)  # no type guessing
+            if "caption" in table.schema.names:
+                _check_no_swallowed_rows(table["caption"], delimiter, path)
         else:
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -104,6 +108,36 @@ def read_url_list(path: Path) -> pa.Table:
             "caption": _as_text(captions),
         }
     )
+
+
+def _check_quotes_close(path: Path) -> None:
+    """ManifestError naming the line where a quoted field opens and never closes: the parser would read
+    every later line into that one caption (an escaped quote is doubled, so it never changes parity)."""
+    open_since, line_number = None, 0
+    with path.open("rb") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if line.count(b'"') % 2:
+                open_since = line_number if open_since is None else None
+    if open_since is not None:
+        raise ManifestError(
+            f"{path}: line {open_since} opens a quoted field that never closes (read to line {line_number}, the end); "
+            'close the quote, or double it ("") to keep it in the caption'
+        )
+
+
+URL_START = re.compile(rb"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def _check_no_swallowed_rows(captions: pa.ChunkedArray, delimiter: str, path: Path) -> None:
+    """ManifestError when a caption spans lines of which one starts like a row (a URL, then the delimiter):
+    quotes that pair up across rows have swallowed the rows between them."""
+    for row, caption in enumerate(captions.to_pylist(), start=1):
+        for line in (caption or b"").splitlines()[1:]:
+            if URL_START.match(line) and delimiter.encode() in line:
+                raise ManifestError(
+                    f"{path}: the caption of row {row} spans lines and holds what looks like another row "
+                    f"({line[:80].decode('utf-8', 'replace')!r}); a quote in it is not closed where it should be"
+                )
 
 
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:

@@ -12,6 +12,7 @@ import torch
 
 from flows.cli import main
 from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, manifest_digest, samples_table
+from pipelines.stages.download import read_url_list
 from pipelines.training.data import generation_pairs
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import save_checkpoint
@@ -239,3 +240,32 @@ def test_stray_copies_in_samples_are_never_read_as_data(web_root, caplog) -> Non
     assert len(generation_pairs(generation)) == pairs
     assert manifest_digest(generation) == digest  # a training run keyed by it is still the same run
     assert "part-00001.backup.parquet" in caplog.text
+
+
+def _url_list(path: Path, captions: dict[int, str], n: int = 100) -> Path:
+    """A CSV of n rows `http://example.org/<i>.jpg,caption <i>`, with the given rows' captions replaced."""
+    lines = ["url,caption"] + [f"http://example.org/{i}.jpg,{captions.get(i, f'caption {i}')}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "captions, message",
+    [
+        ({9: '"Best hotel in town'}, "line 11 opens a quoted field that never closes"),  # the issue's row 10
+        ({99: '"Best hotel in town'}, "line 101 opens a quoted field that never closes"),  # the last row
+        ({9: '"Best hotel', 40: 'Sale" today'}, "the caption of row 10 spans lines and holds what looks like"),
+    ],
+)
+def test_a_url_list_whose_quotes_swallow_rows_is_refused(captions, message, tmp_path, capsys) -> None:
+    urls = _url_list(tmp_path / "urls.csv", captions)
+    before = _files(tmp_path)
+    code, err = _run(["download", "--url-list", urls, "--root", tmp_path / "manifests"], capsys)
+    assert code == 2 and str(urls) in err and message in err, err
+    assert _files(tmp_path) == before
+
+
+def test_a_quoted_caption_may_span_lines(tmp_path) -> None:
+    table = read_url_list(_url_list(tmp_path / "urls.csv", {3: '"two\nlines, and ""quotes"""'}, n=6))
+    assert table.num_rows == 6
+    assert table["caption"].to_pylist()[3] == 'two\nlines, and "quotes"'
