@@ -13,6 +13,7 @@ marker, so a re-run converts only what is missing.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
 from pipelines.stages.url_policy import POLICY_REASON, UrlPolicy
-from vlp_core.atomic import atomic_write_parquet, atomic_write_text
+from vlp_core.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
 from vlp_core.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def download(config: DownloadConfig, url_list: Path, generation: Generation) -> 
     allowed = urls.filter(pa.array([v is None for v in verdicts]))
     log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
 
+    _pin_settings(generation, config)
     pinned_input = _pin_input(generation, allowed)
     if not generation.is_done(STAGE, REFUSED_SHARD):
         _write_refused_part(generation, urls, verdicts)
@@ -237,6 +239,34 @@ def _pin_input(generation: Generation, allowed: pa.Table) -> Path:
     else:
         atomic_write_parquet(allowed, path)
     return path
+
+
+# What shapes a generation's rows besides its URL list: how URLs are split into shards and what is kept.
+ROW_SHAPING_SETTINGS = (
+    "samples_per_shard",
+    "image_size",
+    "max_image_bytes",
+    "max_pixels",
+    "opt_out_directives",
+    "allowed_networks",
+)
+
+
+def _pin_settings(generation: Generation, config: DownloadConfig) -> None:
+    """Record the row-shaping settings once; a re-run or resume with others would mix two layouts."""
+    path = generation.path / "work" / "download_settings.json"
+    settings = json.loads(json.dumps({name: getattr(config, name) for name in ROW_SHAPING_SETTINGS}))
+    if not path.exists():
+        atomic_write_json(path, settings)
+        return
+    pinned = json.loads(path.read_text())
+    changed = {name: (pinned.get(name), value) for name, value in settings.items() if pinned.get(name) != value}
+    if changed:
+        described = ", ".join(f"{name} {old!r} → {new!r}" for name, (old, new) in changed.items())
+        raise ManifestError(
+            f"{generation.path} was downloaded with other settings ({described}); re-run with the first ones, or "
+            "download into a new generation folder"
+        )
 
 
 def _all_shards_done(generation: Generation, n_urls: int, config: DownloadConfig) -> bool:

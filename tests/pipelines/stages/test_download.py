@@ -125,6 +125,21 @@ def test_changed_url_list_is_refused_for_an_existing_generation(tmp_path: Path, 
         download(CONFIG, shorter, generation)
 
 
+def test_a_rerun_with_another_shard_size_is_refused_and_changes_nothing(downloaded) -> None:
+    url_list, generation, table = downloaded
+    files = {path: path.stat().st_mtime_ns for path in generation.path.rglob("*") if path.is_file()}
+    for changed, message in (
+        ({"samples_per_shard": 40}, "samples_per_shard 100 → 40"),
+        ({"image_size": 64}, "image_size 384 → 64"),
+        ({"opt_out_directives": ()}, "opt_out_directives"),
+    ):
+        with pytest.raises(ManifestError, match=f"was downloaded with other settings .*{message}"):
+            download(dataclasses.replace(CONFIG, **changed), url_list, generation)
+    assert {path: path.stat().st_mtime_ns for path in generation.path.rglob("*") if path.is_file()} == files
+    assert generation.read_samples().equals(table)
+    assert download(dataclasses.replace(CONFIG, threads=2), url_list, generation).equals(table)  # speed only
+
+
 def test_bad_url_list_and_config_fail_fast(tmp_path: Path) -> None:
     no_url = tmp_path / "no_url.csv"
     no_url.write_text("link,caption\nhttp://x/a.jpg,a cat\n")
