@@ -18,6 +18,11 @@ class ImageRefError(LookupError):
     """An image_ref points at nothing readable."""
 
 
+class ShardUnavailableError(ImageRefError):
+    """A whole tar shard is missing or unreadable: lost storage, not a bad image. A stage stops on it (and
+    marks nothing done) instead of rejecting every image of the shard."""
+
+
 class ImageStore:
     """Random access to the images of one dataset folder; tar shards are indexed once per store."""
 
@@ -38,8 +43,11 @@ class ImageStore:
         member = members.get(key)
         if member is None:
             raise ImageRefError(f"image_ref {image_ref!r}: no image with key {key!r} in {path}")
-        with tarfile.open(path) as tar:
-            return tar.extractfile(member).read()
+        try:
+            with tarfile.open(path) as tar:
+                return tar.extractfile(member).read()
+        except (OSError, tarfile.TarError) as error:  # truncated after it was indexed
+            raise ShardUnavailableError(f"{path}: shard unreadable at {key!r} ({error})") from None
 
     def _resolve(self, path_part: str) -> Path:
         path = Path(path_part)
@@ -56,4 +64,6 @@ class ImageStore:
                     if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS
                 }
         except (OSError, tarfile.TarError) as error:
-            raise ImageRefError(f"{path}: unreadable shard ({error})") from None
+            raise ShardUnavailableError(
+                f"{path}: shard missing or unreadable ({error}); restore it (or re-run the download) and run again"
+            ) from None

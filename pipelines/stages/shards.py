@@ -27,7 +27,7 @@ import ray
 import torch
 
 from pipelines.executor import init_ray, resolve_executor
-from pipelines.manifests.images import ImageRefError, ImageStore
+from pipelines.manifests.images import ImageRefError, ImageStore, ShardUnavailableError
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
 from pipelines.registry import MODEL_STAGES, stage_named
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
@@ -221,6 +221,8 @@ class ImageModelActor:
                 pixels[index] = self.transform(load_image(self.store.read(request["image_ref"])))
             except ImageDecodeError as error:
                 failures[index] = (error.reason, error.detail)
+            except ShardUnavailableError:
+                raise
             except ImageRefError as error:
                 failures[index] = ("missing_file", str(error))
         outputs = self.infer(torch.stack(list(pixels.values())), [requests[i] for i in pixels]) if pixels else []

@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 
+from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
 from pipelines.stages.caption import CaptionConfig, run_caption
 from vlp_core.checkpoint import WEIGHTS_FILE, file_digest
@@ -135,6 +136,22 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
     uninterrupted = run_caption(local, Generation(other_root, "world", 0), Generation(other_root, "world", 1))
     assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
     assert resumed.to_pylist() == uninterrupted.to_pylist()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_lost_shard_tar_stops_the_stage_and_a_rerun_after_restoring_it_redoes_it(web_gen0, config, damage):
+    """A shard archive gone from storage is not a shard of missing images: nothing of it is marked done."""
+    tar = web_gen0.path / "shards" / "00001.tar"
+    saved = tar.read_bytes()
+    tar.unlink() if damage == "missing" else tar.write_bytes(saved[: len(saved) // 3])
+    target = Generation(web_gen0.root, "world", 1)
+    with pytest.raises(ShardUnavailableError, match="00001.tar: shard"):
+        run_caption(config, web_gen0, target)
+    assert not target.is_done("caption", "00001")
+    tar.write_bytes(saved)
+    table = run_caption(config, web_gen0, target)
+    assert "missing_file" not in table["reject_reason"].to_pylist()
+    assert all(target.is_done("caption", shard) for shard in WEB_SHARDS)
 
 
 def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpoint, tmp_path):
