@@ -15,9 +15,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ import pyarrow.parquet as pq
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
+WRITER_LOCK = "writer.lock"
+_HELD_LOCKS: set[Path] = set()  # writer locks this process holds (Generation.writer is re-entrant)
 PART_NAME = re.compile(r"part-(?P<shard>[A-Za-z0-9]+)\.parquet")  # shards: "00000", "human", "refused"
 
 SCHEMA_VERSION = 1
@@ -171,6 +176,48 @@ class Generation:
             raise ManifestError(f"{self.samples_dir}: no part-*.parquet files; is this a generation folder?")
         return pa.concat_tables([read_part(p) for p in parts])
 
+    @contextmanager
+    def writer(self, stage: str) -> Iterator[None]:
+        """Hold this generation's writer lock while `stage` writes it: a second writer (another stage, or
+        the same one started twice) fails fast naming the holder. Re-entrant within a process. A lock left
+        by a dead process on this host is taken over; one held from another host must be removed by hand
+        once that run is gone."""
+        path = (self.path / WRITER_LOCK).resolve()
+        if path in _HELD_LOCKS:
+            yield
+            return
+        made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        claim = path.with_name(f".{WRITER_LOCK}.{me['host']}.{me['pid']}")
+        claim.write_text(json.dumps(me))
+        try:
+            while True:
+                try:
+                    os.link(claim, path)  # appears whole, and only if no lock exists: one claimant wins
+                    break
+                except FileExistsError:
+                    holder = _read_lock(path)
+                    if holder is not None and _alive(holder):
+                        raise ManifestError(
+                            f"{self.path} is being written by {holder['stage']} (pid {holder['pid']} on "
+                            f"{holder['host']} since {holder['since']}); wait for it to finish, or delete {path} "
+                            "if that run is gone"
+                        ) from None
+                    log.warning("%s: taking over the lock of a run that is gone (%s)", self.path, holder)
+                    path.unlink(missing_ok=True)
+        finally:
+            claim.unlink(missing_ok=True)
+        _HELD_LOCKS.add(path)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(path)
+            path.unlink(missing_ok=True)
+            for folder in made:  # a writer that wrote nothing leaves no empty folders behind
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+
     def write_info(self, info: Mapping[str, Any]) -> None:
         atomic_write_json(self.info_path, dict(info))
 
@@ -181,6 +228,32 @@ class Generation:
             raise ManifestError(f"{self.info_path}: missing; the generation was not finished") from None
         except json.JSONDecodeError as error:
             raise ManifestError(f"{self.info_path}: not valid JSON ({error})") from None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The holder recorded in a lock file; None when it is unreadable (a claimant died mid-write)."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return holder if isinstance(holder, dict) and {"stage", "pid", "host", "since"} <= holder.keys() else None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's holder may still run: any process on another host, a live PID on this one."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def read_part(path: Path) -> pa.Table:
@@ -239,7 +312,7 @@ def generation_info(
         "checkpoints": dict(checkpoints or {}),
         "inputs": dict(inputs or {}),
         "flow_run_id": flow_run_id,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created_at": _now(),
         "counts": generation_counts(table),
     }
 

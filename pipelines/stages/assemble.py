@@ -68,37 +68,40 @@ def run_assemble(
     `checkpoints` maps a role (captioner, filter, clip, pretrained) to its checkpoint digest.
     Returns every row of the generation.
     """
-    bad = {role: digest for role, digest in checkpoints.items() if not isinstance(digest, str) or not digest}
-    if bad:
-        raise ValueError(f"assemble: checkpoints need a non-empty digest string per role, got {bad}")
-    _check_stages_finished(target, stages)
-    if not target.is_done(STAGE, HUMAN_SHARD):
-        records = load_coco_karpathy(config.human_annotations, config.human_image_root)  # validates before writing
-        human = human_rows(records, target.number, parent)
-        target.write_part(HUMAN_SHARD, human)
-        target.mark_done(
-            STAGE, HUMAN_SHARD, {"rows": human.num_rows, "images": len(records), "kept": sum(human["kept"].to_pylist())}
-        )
-        log.info("assemble: %d human captions of %d images into %s", human.num_rows, len(records), target.path)
+    with target.writer(STAGE):
+        bad = {role: digest for role, digest in checkpoints.items() if not isinstance(digest, str) or not digest}
+        if bad:
+            raise ValueError(f"assemble: checkpoints need a non-empty digest string per role, got {bad}")
+        _check_stages_finished(target, stages)
+        if not target.is_done(STAGE, HUMAN_SHARD):
+            records = load_coco_karpathy(config.human_annotations, config.human_image_root)  # validates before writing
+            human = human_rows(records, target.number, parent)
+            target.write_part(HUMAN_SHARD, human)
+            target.mark_done(
+                STAGE,
+                HUMAN_SHARD,
+                {"rows": human.num_rows, "images": len(records), "kept": sum(human["kept"].to_pylist())},
+            )
+            log.info("assemble: %d human captions of %d images into %s", human.num_rows, len(records), target.path)
 
-    table = target.read_samples()
-    target.write_info(
-        generation_info(
-            table,
-            dataset=target.dataset,
-            number=target.number,
-            parent=parent,
-            stages=[*stages, STAGE] if STAGE not in stages else list(stages),
-            config_digest=config_digest,
-            checkpoints=checkpoints,
-            flow_run_id=flow_run_id,
-            inputs={
-                "human_annotations": str(Path(config.human_annotations).resolve()),
-                "human_image_root": str(Path(config.human_image_root).resolve()),
-            },
+        table = target.read_samples()
+        target.write_info(
+            generation_info(
+                table,
+                dataset=target.dataset,
+                number=target.number,
+                parent=parent,
+                stages=[*stages, STAGE] if STAGE not in stages else list(stages),
+                config_digest=config_digest,
+                checkpoints=checkpoints,
+                flow_run_id=flow_run_id,
+                inputs={
+                    "human_annotations": str(Path(config.human_annotations).resolve()),
+                    "human_image_root": str(Path(config.human_image_root).resolve()),
+                },
+            )
         )
-    )
-    return table
+        return table
 
 
 def _check_stages_finished(target: Generation, stages: list[str]) -> None:

@@ -153,43 +153,44 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
 
 def download(config: DownloadConfig, url_list: Path, generation: Generation) -> pa.Table:
     """Download every URL of `url_list` into `generation` (normally gen 0); returns its manifest rows."""
-    urls = read_url_list(url_list)
-    policy = UrlPolicy(config.allowed_networks)
-    verdicts = policy.check_many(urls["url"].to_pylist())
-    allowed = urls.filter(pa.array([v is None for v in verdicts]))
-    log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
+    with generation.writer(STAGE):
+        urls = read_url_list(url_list)
+        policy = UrlPolicy(config.allowed_networks)
+        verdicts = policy.check_many(urls["url"].to_pylist())
+        allowed = urls.filter(pa.array([v is None for v in verdicts]))
+        log.info("download: %d URLs, %d refused by the URL policy", urls.num_rows, urls.num_rows - allowed.num_rows)
 
-    _pin_settings(generation, config)
-    pinned_input = _pin_input(generation, allowed)
-    if not generation.is_done(STAGE, REFUSED_SHARD):
-        _write_refused_part(generation, urls, verdicts)
-    if allowed.num_rows:
-        shard_dir = generation.path / "shards"
-        if not _all_shards_done(generation, allowed.num_rows, config):
-            _run_img2dataset(pinned_input, shard_dir, config)
-        for stats_file in sorted(shard_dir.glob("*_stats.json")):
-            shard = stats_file.name.removesuffix("_stats.json")
-            if not generation.is_done(STAGE, shard):
-                _convert_shard(generation, shard_dir / f"{shard}.parquet")
+        _pin_settings(generation, config)
+        pinned_input = _pin_input(generation, allowed)
+        if not generation.is_done(STAGE, REFUSED_SHARD):
+            _write_refused_part(generation, urls, verdicts)
+        if allowed.num_rows:
+            shard_dir = generation.path / "shards"
+            if not _all_shards_done(generation, allowed.num_rows, config):
+                _run_img2dataset(pinned_input, shard_dir, config)
+            for stats_file in sorted(shard_dir.glob("*_stats.json")):
+                shard = stats_file.name.removesuffix("_stats.json")
+                if not generation.is_done(STAGE, shard):
+                    _convert_shard(generation, shard_dir / f"{shard}.parquet")
 
-    table = generation.read_samples()
-    if table.num_rows != urls.num_rows:
-        raise RuntimeError(
-            f"download: manifest has {table.num_rows} rows for {urls.num_rows} URLs; some shards failed "
-            f"(see {generation.path / 'shards'}); run the download again to retry them"
+        table = generation.read_samples()
+        if table.num_rows != urls.num_rows:
+            raise RuntimeError(
+                f"download: manifest has {table.num_rows} rows for {urls.num_rows} URLs; some shards failed "
+                f"(see {generation.path / 'shards'}); run the download again to retry them"
+            )
+        generation.write_info(
+            generation_info(
+                table,
+                dataset=generation.dataset,
+                number=generation.number,
+                parent=None,
+                stages=[STAGE],
+                config_digest=config_digest(asdict(config)),
+                inputs={"url_list": str(Path(url_list).resolve())},
+            )
         )
-    generation.write_info(
-        generation_info(
-            table,
-            dataset=generation.dataset,
-            number=generation.number,
-            parent=None,
-            stages=[STAGE],
-            config_digest=config_digest(asdict(config)),
-            inputs={"url_list": str(Path(url_list).resolve())},
-        )
-    )
-    return table
+        return table
 
 
 def download_world(config: DownloadConfig, world_dir: Path, generation: Generation) -> pa.Table:

@@ -158,11 +158,12 @@ def rethreshold(target: Generation, threshold: float) -> pa.Table:
     ok, message = _check_threshold(threshold)
     if not ok:
         raise ValueError(message)
-    shards = shards_finished_by(target, STAGE)
-    _check_parts(target, shards)
-    for shard in shards:
-        _redecide_shard(target, shard, threshold)
-    return target.read_samples()
+    with target.writer(STAGE):
+        shards = shards_finished_by(target, STAGE)
+        _check_parts(target, shards)
+        for shard in shards:
+            _redecide_shard(target, shard, threshold)
+        return target.read_samples()
 
 
 def _check_parts(target: Generation, shards: list[str]) -> None:
@@ -174,11 +175,12 @@ def _check_parts(target: Generation, shards: list[str]) -> None:
 def run_filter(config: FilterConfig, target: Generation) -> pa.Table:
     """Score and decide every captioned shard of `target`; already scored shards are only re-decided
     at `config.threshold`. Returns the target's rows."""
-    shards = captioned_shards(target)
-    scored = [shard for shard in shards if target.is_done(STAGE, shard)]
-    if scored:
-        model_ref = checkpoint_digest(config.checkpoint)
-        _check_parts(target, scored)
-        for shard in scored:
-            _redecide_shard(target, shard, config.threshold, model_ref)
-    return run_sharded_inference(_Filtering(config, target), target, shards, config)
+    with target.writer(STAGE):
+        shards = captioned_shards(target)
+        scored = [shard for shard in shards if target.is_done(STAGE, shard)]
+        if scored:
+            model_ref = checkpoint_digest(config.checkpoint)
+            _check_parts(target, scored)
+            for shard in scored:
+                _redecide_shard(target, shard, config.threshold, model_ref)
+        return run_sharded_inference(_Filtering(config, target), target, shards, config)

@@ -293,26 +293,27 @@ def run_sharded_inference(
     stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
 ) -> pa.Table:
     """Run `stage` over every shard of `shards` without its marker in `target`; returns all target rows."""
-    pending = {shard: stage.requests(shard) for shard in shards if not target.is_done(stage.name, shard)}
-    log.info(
-        "%s: %d of %d shards to do, %d images",
-        stage.name,
-        len(pending),
-        len(shards),
-        sum(r.num_rows for r in pending.values()),
-    )
-    waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
-    for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
-        commit_shard(target, stage.name, shard, *stage.merge(shard, []))
-        del waiting[shard]
-    if waiting:
-        for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
-            state = waiting[result["shard"]]
-            state.results[result["image_id"]] = result
-            if len(state.results) == state.expected:
-                shard = result["shard"]
-                commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
-    return target.read_samples()
+    with target.writer(stage.name):
+        pending = {shard: stage.requests(shard) for shard in shards if not target.is_done(stage.name, shard)}
+        log.info(
+            "%s: %d of %d shards to do, %d images",
+            stage.name,
+            len(pending),
+            len(shards),
+            sum(r.num_rows for r in pending.values()),
+        )
+        waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
+        for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
+            commit_shard(target, stage.name, shard, *stage.merge(shard, []))
+            del waiting[shard]
+        if waiting:
+            for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
+                state = waiting[result["shard"]]
+                state.results[result["image_id"]] = result
+                if len(state.results) == state.expected:
+                    shard = result["shard"]
+                    commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
+        return target.read_samples()
 
 
 def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, stats: dict[str, Any]) -> None:

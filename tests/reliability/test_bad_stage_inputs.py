@@ -3,6 +3,9 @@ names the file and what is wrong, exit code 2, and nothing written."""
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,8 +14,8 @@ import pytest
 import torch
 
 from flows.cli import main
-from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, manifest_digest, samples_table
-from pipelines.stages.download import read_url_list
+from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, ManifestError, manifest_digest, samples_table
+from pipelines.stages.download import DownloadConfig, download, read_url_list
 from pipelines.training.data import generation_pairs
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import save_checkpoint
@@ -269,3 +272,37 @@ def test_a_quoted_caption_may_span_lines(tmp_path) -> None:
     table = read_url_list(_url_list(tmp_path / "urls.csv", {3: '"two\nlines, and ""quotes"""'}, n=6))
     assert table.num_rows == 6
     assert table["caption"].to_pylist()[3] == 'two\nlines, and "quotes"'
+
+
+def test_a_second_writer_of_a_generation_fails_fast_naming_the_first(tmp_path) -> None:
+    """Two downloads into one root: the second stops before writing, naming the first; the first's lock
+    goes with it, and a lock left by a process that is gone is taken over."""
+    urls = _url_list(tmp_path / "urls.csv", {}, n=3)  # example.org is refused by the URL policy: no fetching
+    generation = Generation(tmp_path / "manifests", "web", 0)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom pathlib import Path\nfrom pipelines.manifests.manifest import Generation\n"
+            f"with Generation(Path({str(generation.root)!r}), 'web', 0).writer('download'):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ManifestError, match=rf"is being written by download \(pid {holder.pid} on "):
+            download(DownloadConfig(), urls, generation)
+        assert not generation.samples_dir.exists()
+    finally:
+        holder.communicate("")  # closes its stdin: it leaves the `with` and releases the lock
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = generation.path / "writer.lock"
+    assert not generation.path.exists()  # the holder wrote nothing, and left no empty folder
+    generation.path.mkdir(parents=True)
+    left = {"stage": "download", "pid": int(gone.stdout), "host": socket.gethostname(), "since": "earlier"}
+    lock.write_text(json.dumps(left))
+    assert download(DownloadConfig(), urls, generation).num_rows == 3
+    assert not lock.exists()
