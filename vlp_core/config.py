@@ -108,7 +108,13 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """BERT-style text transformer (MED): ``(B, L)`` token ids -> ``(B, L, hidden_size)``."""
+    """BERT-style text transformer (MED): ``(B, L)`` token ids -> ``(B, L, hidden_size)``.
+
+    ``initializer_range`` is the std of the random weights a model built from this config starts with
+    (transformers' ``initializer_range``). With BERT's 0.02 the [CLS] output of a post-LN encoder is almost
+    the same for every caption at first (attention adds ~5 % to the residual), which is one cause of ITC's
+    plateau from scratch; 0.1 shortens it (see docs/architecture.md, "Training recipe from scratch").
+    """
 
     vocab_size: int
     hidden_size: int
@@ -117,6 +123,7 @@ class TextConfig:
     intermediate_size: int
     max_position: int
     dropout: float = 0.0
+    initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
         _require_positive_ints(
@@ -124,6 +131,9 @@ class TextConfig:
         )
         _require_heads_divide_width(self)
         _require(0.0 <= self.dropout < 1.0, "TextConfig", "dropout", self.dropout, "in [0, 1)")
+        std = self.initializer_range
+        ok = isinstance(std, (int, float)) and not isinstance(std, bool) and 0.0 < std <= 1.0
+        _require(ok, "TextConfig", "initializer_range", std, "a number in (0, 1]")
 
     def to_hf(
         self, encoder_hidden_size: int, pad_id: int = 0, bos_id: int | None = None, sep_id: int | None = None
@@ -139,6 +149,7 @@ class TextConfig:
             max_position_embeddings=self.max_position,
             hidden_dropout_prob=self.dropout,
             attention_probs_dropout_prob=self.dropout,
+            initializer_range=self.initializer_range,
             pad_token_id=pad_id,
             bos_token_id=bos_id,
             sep_token_id=sep_id,
@@ -155,6 +166,7 @@ class TextConfig:
             intermediate_size=hf.intermediate_size,
             max_position=hf.max_position_embeddings,
             dropout=float(hf.hidden_dropout_prob),
+            initializer_range=float(hf.initializer_range),
         )
 
 

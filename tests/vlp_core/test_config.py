@@ -1,7 +1,10 @@
+import dataclasses
 import json
 
 import pytest
+import torch
 
+from vlp_core.blip import BlipModel
 from vlp_core.config import BlipConfig, TextConfig, VisionConfig, load_preset, preset_names
 
 
@@ -29,6 +32,15 @@ def test_tiny_is_small():
     assert tiny.vision.num_patches == 64
 
 
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_a_model_starts_from_its_text_initializer_range(std):
+    tiny = load_preset("tiny")
+    config = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, initializer_range=std))
+    torch.manual_seed(0)
+    query = BlipModel(config).text_encoder.encoder.layer[0].attention.self.query.weight
+    assert query.std().item() == pytest.approx(std, rel=0.05)
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ValueError, match=r"available presets: \['base', 'large', 'tiny'"):
         load_preset("huge")
@@ -41,6 +53,8 @@ def test_unknown_preset_lists_the_available_ones():
         ({"vision": {"num_heads": 3}}, r"VisionConfig.num_heads must be a divisor of hidden_size=128"),
         ({"text": {"vocab_size": 0}}, r"TextConfig.vocab_size must be a positive integer"),
         ({"text": {"dropout": 1.5}}, r"TextConfig.dropout must be in \[0, 1\)"),
+        ({"text": {"initializer_range": 0}}, r"TextConfig.initializer_range must be a number in \(0, 1\]"),
+        ({"text": {"initializer_range": "0.1"}}, r"TextConfig.initializer_range must be a number"),
         ({"momentum": 1.0}, r"BlipConfig.momentum must be in \(0, 1\)"),
         ({"temp": 0.0}, r"BlipConfig.temp"),
         ({"max_text_length": 65}, r"max_text_length must be at most text.max_position=64"),

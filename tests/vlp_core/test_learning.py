@@ -1,8 +1,8 @@
 """CPU learning test: a tiny BLIP pretrained from scratch on the synthetic world's human set learns it.
 
-Held-out checks: ITC text->image retrieval far above chance, an ITM head that tells a caption of the
-image from a caption of another image, and greedy captions that parse under the world grammar (their
-attribute accuracy on their own image vs another image is printed).
+Held-out checks: ITC text->image retrieval far above chance; an ITM head that tells a caption of the
+image from a caption of another image and, less surely, from the same caption with a wrong attribute;
+greedy captions that parse under the world grammar and are truer of their own image than of another.
 """
 
 import math
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipelines.world.generate import WorldConfig, load_scenes, make_world
-from pipelines.world.grammar import attribute_accuracy, parse_caption
+from pipelines.world.grammar import attribute_accuracy, parse_caption, wrong_attribute_caption
 from vlp_core.blip import BlipModel
 from vlp_core.config import load_preset
 from vlp_core.data import image_transform, load_coco_karpathy, load_image
@@ -30,6 +30,10 @@ WORLD = WorldConfig(seed=0, n_web=20, n_human=400, n_test=100)
 PHASES = ((("itc",), 300), (("itc", "itm", "lm"), 250))  # (objectives, steps)
 BATCH_SIZE, LR, WARMUP = 32, 5e-4, 20
 MAX_TOKENS = 40
+# Margins below the measured values (0.62 ranked above a wrong-attribute caption; attribute accuracy 0.458 on
+# the own image vs 0.365 on another); the recipe is deterministic on CPU under its seeds.
+RANKED_ABOVE_WRONG_ATTRIBUTE = 0.55
+CAPTION_ACCURACY_OVER_ANOTHER_IMAGE = 0.05
 
 
 def load_split(annotations, root, transform):
@@ -95,17 +99,20 @@ def test_itc_retrieves_held_out_images_far_above_chance(trained):
     assert recall_at_1 >= 5 * chance
 
 
+def match_probability(model, tokenizer, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """(N,) ITM match probability of image i with caption i."""
+    input_ids, attention_mask = tokenize(tokenizer, captions, MAX_TOKENS)
+    input_ids[:, 0] = special_ids(tokenizer).enc
+    with torch.no_grad():
+        return model.itm_logits(model.encode_image(pixels), input_ids, attention_mask).softmax(dim=1)[:, 1]
+
+
 @pytest.mark.slow
 def test_itm_tells_the_image_s_caption_from_another_image_s(trained):
     model, tokenizer, test, test_pixels, _ = trained
     captions = [record.captions[0] for record in test]
-    others = captions[1:] + captions[:1]  # every image paired with the next image's caption
-    input_ids, attention_mask = tokenize(tokenizer, captions + others, MAX_TOKENS)
-    input_ids[:, 0] = special_ids(tokenizer).enc
-    with torch.no_grad():
-        image_embeds = model.encode_image(test_pixels).repeat(2, 1, 1)
-        match = model.itm_logits(image_embeds, input_ids, attention_mask).softmax(dim=1)[:, 1]
-    own, other = match[: len(test)], match[len(test) :]
+    own = match_probability(model, tokenizer, test_pixels, captions)
+    other = match_probability(model, tokenizer, test_pixels, captions[1:] + captions[:1])  # the next image's
     ranked = (own > other).float().mean().item()
     accuracy = ((own > 0.5).float().mean() + (other <= 0.5).float().mean()).item() / 2
     print(
@@ -116,13 +123,29 @@ def test_itm_tells_the_image_s_caption_from_another_image_s(trained):
 
 
 @pytest.mark.slow
-def test_greedy_captions_parse_under_the_world_grammar(trained):
+def test_itm_prefers_the_image_s_caption_to_one_with_a_wrong_attribute(trained):
+    model, tokenizer, test, test_pixels, scenes = trained
+    rng = random.Random(1)
+    captions = [record.captions[0] for record in test]
+    wrong = [wrong_attribute_caption(scenes[record.image_id], rng) for record in test]  # 1-2 attributes changed
+    own = match_probability(model, tokenizer, test_pixels, captions)
+    altered = match_probability(model, tokenizer, test_pixels, wrong)
+    ranked = (own > altered).float().mean().item()
+    print(
+        f"ITM: mean match probability {own.mean():.3f} for the image's caption, {altered.mean():.3f} with a "
+        f"wrong attribute; own above for {ranked:.3f} of images"
+    )
+    assert ranked >= RANKED_ABOVE_WRONG_ATTRIBUTE
+
+
+@pytest.mark.slow
+def test_greedy_captions_parse_and_are_truer_of_their_own_image(trained):
     model, tokenizer, test, test_pixels, scenes = trained
     captions = [c for [c] in generate(model, tokenizer, test_pixels, method="greedy", min_length=3, max_length=25)]
     parsed = sum(parse_caption(c) is not None for c in captions) / len(captions)
-    # Reported, not asserted: 150 joint steps teach the decoder the grammar well before the image.
     own = sum(attribute_accuracy(c, scenes[r.image_id]) for c, r in zip(captions, test)) / len(test)
     shifted = test[1:] + test[:1]  # every caption judged against another image's scene
     other = sum(attribute_accuracy(c, scenes[r.image_id]) for c, r in zip(captions, shifted)) / len(test)
     print(f"parsed {parsed:.2f}, attribute accuracy {own:.3f} on own image vs {other:.3f} on another")
     assert parsed >= 0.9
+    assert own >= other + CAPTION_ACCURACY_OVER_ANOTHER_IMAGE
