@@ -115,15 +115,9 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
     )
+    where = "in this process" if config.trains_in_process else f"on {config.num_workers} Ray Train worker(s)"
     log.info(
-        "%s: %d pairs, %d steps (%d per epoch) on %d %s worker(s) → %s",
-        task,
-        len(pairs),
-        total_steps,
-        steps_per_epoch,
-        config.num_workers,
-        config.executor,
-        run_dir,
+        "%s: %d pairs, %d steps (%d per epoch) %s → %s", task, len(pairs), total_steps, steps_per_epoch, where, run_dir
     )
     if config.trains_in_process:
         _train_here(spec)
