@@ -34,7 +34,8 @@ from vlp_core.atomic import atomic_write_json, atomic_write_parquet
 log = logging.getLogger(__name__)
 WRITER_LOCK = "writer.lock"
 _HELD_LOCKS: set[Path] = set()  # writer locks this process holds (Generation.writer is re-entrant)
-PART_NAME = re.compile(r"part-(?P<shard>[A-Za-z0-9]+)\.parquet")  # shards: "00000", "human", "refused"
+SHARD_NAME = r"[A-Za-z0-9]+"  # "00000", "human", "refused"
+PART_NAME = re.compile(rf"part-(?P<shard>{SHARD_NAME})\.parquet")
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"capfilt.schema_version"
@@ -138,7 +139,7 @@ class Generation:
         return self.path / "generation.json"
 
     def part_path(self, shard: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9]+", shard):
+        if not re.fullmatch(SHARD_NAME, shard):
             raise ValueError(f"shard names are letters and digits, got {shard!r}")
         return self.samples_dir / f"part-{shard}.parquet"
 
@@ -235,7 +236,7 @@ def _now() -> str:
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
-    """The holder recorded in a lock file; None when it is unreadable (a claimant died mid-write)."""
+    """The holder recorded in a lock file; None when it is unreadable (damaged, or not ours)."""
     try:
         holder = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
