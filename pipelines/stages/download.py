@@ -13,6 +13,7 @@ marker, so a re-run converts only what is missing.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -79,16 +80,26 @@ class DownloadConfig:
             raise ValueError(f"download config: opt_out_directives holds an empty directive: {self.opt_out_directives}")
 
 
+URL_LIST_FORMATS = {".parquet": None, ".csv": ",", ".tsv": "\t", ".csv.gz": ",", ".tsv.gz": "\t"}  # -> delimiter
+
+
 def read_url_list(path: Path) -> pa.Table:
-    """Read an img2dataset-style URL list (Parquet or CSV with `url` and optional `caption`).
+    """Read an img2dataset-style URL list (Parquet, or CSV / TSV, gzipped or not, with `url` and optional
+    `caption` string columns). Anything else, or a list without rows, is a ManifestError naming the file.
 
     Returns a table with columns row_index (int64), url, caption (strings)."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: URL list not found")
+    kind = next((suffix for suffix in URL_LIST_FORMATS if path.name.lower().endswith(suffix)), None)
+    if kind is None:
+        raise ManifestError(
+            f"{path}: not a URL list format capfilt reads; give {', '.join(URL_LIST_FORMATS)} "
+            "(img2dataset's url / caption columns)"
+        )
     try:
-        if path.suffix in (".csv", ".tsv"):  # a quoted caption may hold line breaks
-            delimiter = "\t" if path.suffix == ".tsv" else ","
+        if URL_LIST_FORMATS[kind]:  # a quoted caption may hold line breaks
+            delimiter = URL_LIST_FORMATS[kind]
             _check_quotes_close(path)
             parsing = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
             as_bytes = pacsv.ConvertOptions(column_types={"url": pa.binary(), "caption": pa.binary()})
@@ -98,9 +109,16 @@ def read_url_list(path: Path) -> pa.Table:
         else:
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
-        raise ManifestError(f"{path}: cannot read URL list as {path.suffix or 'parquet'} ({error})") from None
+        raise ManifestError(f"{path}: cannot read URL list as {kind} ({error})") from None
     if "url" not in table.schema.names:
         raise ManifestError(f"{path}: URL list needs a 'url' column (found: {table.schema.names})")
+    if table.num_rows == 0:
+        raise ManifestError(f"{path}: the URL list has no rows")
+    for name in ("url", "caption"):
+        column_type = table.schema.field(name).type if name in table.schema.names else pa.string()
+        textual = pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or _is_binary(column_type)
+        if not (textual or pa.types.is_null(column_type)):  # null: a column without a value
+            raise ManifestError(f"{path}: column '{name}' must hold strings, got {column_type}")
     captions = table["caption"] if "caption" in table.schema.names else pa.nulls(table.num_rows)
     return pa.table(
         {
@@ -115,7 +133,7 @@ def _check_quotes_close(path: Path) -> None:
     """ManifestError naming the line where a quoted field opens and never closes: the parser would read
     every later line into that one caption (an escaped quote is doubled, so it never changes parity)."""
     open_since, line_number = None, 0
-    with path.open("rb") as lines:
+    with pa.input_stream(str(path), compression="detect") as stream, io.BufferedReader(stream) as lines:
         for line_number, line in enumerate(lines, start=1):
             if line.count(b'"') % 2:
                 open_since = line_number if open_since is None else None
@@ -141,10 +159,14 @@ def _check_no_swallowed_rows(captions: pa.ChunkedArray, delimiter: str, path: Pa
                 )
 
 
+def _is_binary(column_type: pa.DataType) -> bool:
+    return pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+
+
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
     """A string column. Bytes (how a CSV column is read, so that "007" stays "007" and "NaN" stays
     "NaN") are decoded as UTF-8, with U+FFFD for invalid bytes; caption cleaning drops those later."""
-    if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
+    if not _is_binary(column.type):
         return pc.cast(column, pa.string())
     return pa.array(
         [None if raw is None else raw.decode("utf-8", errors="replace") for raw in column.to_pylist()], pa.string()

@@ -1,6 +1,7 @@
 """Bad manifests, annotation files and config values through the `capfilt` command: a clear error that
 names the file and what is wrong, exit code 2, and nothing written."""
 
+import gzip
 import json
 import shutil
 import socket
@@ -306,3 +307,40 @@ def test_a_second_writer_of_a_generation_fails_fast_naming_the_first(tmp_path) -
     lock.write_text(json.dumps(left))
     assert download(DownloadConfig(), urls, generation).num_rows == 3
     assert not lock.exists()
+
+
+def _parquet(path: Path, columns: dict) -> None:
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("header_only.csv", lambda p: p.write_text("url,caption\n"), "the URL list has no rows"),
+        ("empty.parquet", lambda p: _parquet(p, {"url": pa.array([], pa.string())}), "the URL list has no rows"),
+        ("lists.parquet", lambda p: _parquet(p, {"url": [["http://a.org/1.jpg"]]}), "column 'url' must hold strings"),
+        (
+            "structs.parquet",
+            lambda p: _parquet(p, {"url": ["http://a.org/1.jpg"], "caption": [{"en": "a cat"}]}),
+            "column 'caption' must hold strings, got struct",
+        ),
+        ("urls.json", lambda p: p.write_text('[{"url": "http://a.org/1.jpg"}]'), "not a URL list format capfilt reads"),
+        ("urls.txt", lambda p: p.write_text("http://a.org/1.jpg\n"), "give .parquet, .csv, .tsv, .csv.gz, .tsv.gz"),
+    ],
+)
+def test_an_unreadable_url_list_is_one_line_naming_the_file(name, write, message, tmp_path, capsys) -> None:
+    urls = tmp_path / name
+    write(urls)
+    before = _files(tmp_path)
+    code, err = _run(["download", "--url-list", urls, "--root", tmp_path / "manifests"], capsys)
+    assert code == 2 and f"{urls}: " in err and message in err, err
+    assert "Traceback" not in err
+    assert _files(tmp_path) == before
+
+
+def test_upper_case_and_gzipped_url_lists_are_read(tmp_path) -> None:
+    plain = _url_list(tmp_path / "urls.CSV", {1: '"two\nlines"'}, n=3)
+    zipped = tmp_path / "urls.csv.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_url_list(plain).equals(read_url_list(zipped))
+    assert read_url_list(zipped)["caption"].to_pylist() == ["caption 0", "two\nlines", "caption 2"]
