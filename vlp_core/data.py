@@ -154,6 +154,11 @@ def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionR
         entries = json.loads(annotation_json.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CocoFormatError(f"{annotation_json}: not valid JSON ({error})") from error
+    except UnicodeDecodeError as error:
+        raise CocoFormatError(
+            f"{annotation_json}: not UTF-8 (byte {error.start} is {error.object[error.start : error.start + 1]!r}); "
+            "save it as UTF-8, as JSON requires"
+        ) from error
     if not isinstance(entries, list):
         raise CocoFormatError(f"{annotation_json}: expected a JSON list of entries, got {type(entries).__name__}")
     if not entries:

@@ -223,12 +223,24 @@ class Generation:
         atomic_write_json(self.info_path, dict(info))
 
     def read_info(self) -> dict[str, Any]:
+        """generation.json, checked to hold what its readers use (`generation_info` writes it)."""
         try:
-            return json.loads(self.info_path.read_text())
+            info = json.loads(self.info_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ManifestError(f"{self.info_path}: missing; the generation was not finished") from None
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ManifestError(f"{self.info_path}: not valid JSON ({error})") from None
+        missing = [key for key in INFO_KEYS if not isinstance(info, dict) or key not in info]
+        if missing or not isinstance(info["counts"], dict) or not COUNT_KEYS <= info["counts"].keys():
+            raise ManifestError(
+                f"{self.info_path}: not a generation record (missing {missing or 'counts: ' + str(COUNT_KEYS)}); "
+                "re-run the stage that finishes this generation (download or assemble) to rewrite it"
+            )
+        return info
+
+
+INFO_KEYS = ("generation", "parent_generation", "stages", "counts")
+COUNT_KEYS = frozenset({"rows", "kept", "rows_by_source", "kept_by_source", "rejected_by_stage_reason"})
 
 
 def _now() -> str:

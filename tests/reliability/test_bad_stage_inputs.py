@@ -344,3 +344,21 @@ def test_upper_case_and_gzipped_url_lists_are_read(tmp_path) -> None:
     zipped.write_bytes(gzip.compress(plain.read_bytes()))
     assert read_url_list(plain).equals(read_url_list(zipped))
     assert read_url_list(zipped)["caption"].to_pylist() == ["caption 0", "two\nlines", "caption 2"]
+
+
+def test_a_latin1_annotation_file_is_named_with_the_byte(tmp_path, capsys) -> None:
+    annotations = tmp_path / "human.json"
+    annotations.write_bytes('[{"image": "a.jpg", "caption": "un café"}]'.encode("latin-1"))
+    code, err = _run(
+        ["finetune", "captioner", "--annotations", annotations, "--image-root", tmp_path, "--preset", "tiny"]
+        + ["--run-dir", tmp_path / "run", "--max-steps", 1],
+        capsys,
+    )
+    assert code == 2 and f"{annotations}: not UTF-8 (byte 38 is b'\\xe9')" in err, err
+
+
+def test_a_generation_record_without_counts_is_named(web_root, capsys) -> None:
+    info = Generation(web_root, "web", 0).info_path
+    info.write_text(json.dumps({"generation": 0, "parent_generation": None, "stages": ["download"]}))
+    code, err = _run(["generations", "--root", web_root], capsys)
+    assert code == 2 and f"{info}: not a generation record (missing ['counts'])" in err, err

@@ -13,7 +13,7 @@ import pytest
 from browser import Chromium, find_chromium
 
 from pipelines.cli.main import main
-from pipelines.manifests.manifest import Generation, ManifestError, samples_table
+from pipelines.manifests.manifest import Generation, ManifestError, generation_info, samples_table
 from pipelines.report.report import (
     N_EXAMPLES,
     N_EXTREMES,
@@ -320,13 +320,9 @@ def test_a_broken_image_is_shown_as_missing_and_an_unknown_folder_is_refused(tmp
         ),
     )
     generation.write_info(
-        {
-            "dataset": "web",
-            "generation": 0,
-            "parent_generation": None,
-            "stages": ["download"],
-            "counts": {"rows": 2, "kept": 1},
-        }
+        generation_info(
+            generation.read_samples(), dataset="web", number=0, parent=None, stages=["download"], config_digest="x"
+        )
     )
     page = write_report(generation)
     html = page.read_text()
