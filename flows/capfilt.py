@@ -29,7 +29,7 @@ from pipelines.stages import assemble, caption, download, evaluate, rank
 from pipelines.stages import filter as filtering
 from pipelines.stages.shards import check_config
 from pipelines.training import stages as train
-from pipelines.training.config import TrainConfig
+from pipelines.training.config import TrainConfig, trains_in_process
 from pipelines.training.tasks import CLIP_WEIGHTS_FILE
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
 from vlp_core.checkpoint import CAPTIONER_NEEDS, FILTER_NEEDS, check_checkpoint, checkpoint_digest, file_digest
@@ -316,10 +316,13 @@ def round_models(
     fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
     to_train = [role for role in given if role not in models]
     if to_train:
-        finetuning = _training(settings, settings.finetune_steps, init_checkpoint=model.checkpoint_dir)
-        side_by_side = not finetuning.trains_in_process and len(to_train) > 1
-        if side_by_side:
-            finetuning = replace(finetuning, cpus_per_worker=max(1, settings.train_cpus // 2))
+        side_by_side = len(to_train) > 1 and not trains_in_process(settings.executor, ray_address=settings.ray_address)
+        finetuning = _training(
+            settings,
+            settings.finetune_steps,
+            init_checkpoint=model.checkpoint_dir,
+            cpus=max(1, settings.train_cpus // 2) if side_by_side else None,
+        )
         human = (inputs.human_annotations, inputs.human_image_root)
         runs = {role: training_dir(out, role, finetuning, model.digest) for role in to_train}
         if side_by_side:
@@ -389,6 +392,7 @@ def _training(
     preset: str | None = None,
     init_checkpoint: Path | None = None,
     itc_warmup_steps: int = 0,
+    cpus: int | None = None,
 ) -> TrainConfig:
     """Training settings: from a preset's random weights, from a checkpoint, or (neither) the CLIP ranker."""
     return TrainConfig(
@@ -400,7 +404,7 @@ def _training(
         seed=settings.seed,
         itc_warmup_steps=itc_warmup_steps,
         easy_negative_steps=settings.easy_negative_steps,
-        cpus_per_worker=settings.train_cpus,
+        cpus_per_worker=cpus or settings.train_cpus,
         use_gpu=settings.num_gpus > 0,
         executor=settings.executor,
         ray_address=settings.ray_address,

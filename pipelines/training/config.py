@@ -111,12 +111,8 @@ class TrainConfig:
 
     @property
     def trains_in_process(self) -> bool:
-        """Whether the run trains in this process: with the local executor, and under Ray when Ray Train
-        would add nothing but its start-up (~25 s): one worker, no restarts, no cluster to join."""
-        if self.executor == "local":
-            return True
-        joins_cluster = self.ray_address is not None or "RAY_ADDRESS" in os.environ
-        return self.num_workers == 1 and self.max_failures == 0 and not joins_cluster
+        """Whether the run trains in this process (see `trains_in_process`)."""
+        return trains_in_process(self.executor, self.num_workers, self.max_failures, self.ray_address)
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -124,6 +120,17 @@ class TrainConfig:
     def placement_free_dict(self) -> dict:
         """`to_dict` without where the run executes: the same run on Ray or in this process."""
         return {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+
+
+def trains_in_process(
+    executor: str, num_workers: int = 1, max_failures: int = 0, ray_address: str | None = None
+) -> bool:
+    """Whether a training trains in this process: with the local executor, and under Ray when Ray Train
+    would add nothing but its start-up (~25 s): one worker, no restarts, no cluster to join."""
+    if executor == "local":
+        return True
+    joins_cluster = ray_address is not None or "RAY_ADDRESS" in os.environ
+    return num_workers == 1 and max_failures == 0 and not joins_cluster
 
 
 def _is_int(value: object) -> bool:
