@@ -58,12 +58,20 @@ class ImageStore:
         """key → image member of one tar shard."""
         try:
             with tarfile.open(path) as tar:
-                return {
-                    Path(m.name).stem: m
-                    for m in tar.getmembers()
-                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS
-                }
+                members = tar.getmembers()
+                end_of_members = tar.offset
+            _require_end_of_archive(path, end_of_members)
         except (OSError, tarfile.TarError) as error:
             raise ShardUnavailableError(
                 f"{path}: shard missing or unreadable ({error}); restore it (or re-run the download) and run again"
             ) from None
+        return {Path(m.name).stem: m for m in members if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS}
+
+
+def _require_end_of_archive(path: Path, offset: int) -> None:
+    """A tar cut at a member boundary reads as a shorter archive; a whole one has its zero end block there."""
+    with path.open("rb") as file:
+        file.seek(offset)
+        block = file.read(tarfile.BLOCKSIZE)
+    if block != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"it ends without the end-of-archive block after byte {offset} (truncated)")
