@@ -225,8 +225,8 @@ def _caption(args: argparse.Namespace) -> None:
     from pipelines.stages.caption import CaptionConfig, run_caption
 
     config = CaptionConfig(**config_kwargs(args, CaptionConfig))
-    rows = run_caption(config, _generation(args, 0), _generation(args))
-    print(f"caption: {rows.num_rows} rows in {_generation(args).path}")
+    counts = run_caption(config, _generation(args, 0), _generation(args))
+    print(f"caption: {counts['rows']} rows in {_generation(args).path}")
 
 
 def _filter(args: argparse.Namespace) -> None:
@@ -234,20 +234,20 @@ def _filter(args: argparse.Namespace) -> None:
 
     if args.rethreshold:
         threshold = args.threshold if args.threshold is not None else config_default(FILTER_CONFIG, "threshold")
-        rows = rethreshold(_generation(args), threshold)
+        counts = rethreshold(_generation(args), threshold)
     elif args.checkpoint is None:
         raise ValueError("filter: give --checkpoint (the filter model), or --rethreshold to re-decide stored scores")
     else:
-        rows = run_filter(FilterConfig(**config_kwargs(args, FilterConfig)), _generation(args))
-    print(f"filter: {sum(rows['kept'].to_pylist())} of {rows.num_rows} rows kept")
+        counts = run_filter(FilterConfig(**config_kwargs(args, FilterConfig)), _generation(args))
+    print(f"filter: {counts['kept']} of {counts['rows']} rows kept")
 
 
 def _rank(args: argparse.Namespace) -> None:
     from pipelines.stages.rank import RankConfig, run_rank
 
     config = RankConfig(**config_kwargs(args, RankConfig))
-    rows = run_rank(config, _generation(args))
-    print(f"rank: {sum(rows['kept'].to_pylist())} of {rows.num_rows} rows kept")
+    counts = run_rank(config, _generation(args))
+    print(f"rank: {counts['kept']} of {counts['rows']} rows kept")
 
 
 def _assemble(args: argparse.Namespace) -> None:
@@ -256,7 +256,7 @@ def _assemble(args: argparse.Namespace) -> None:
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     config = AssembleConfig(human_annotations=args.annotations, human_image_root=args.image_root)
-    rows = run_assemble(
+    counts = run_assemble(
         config,
         _generation(args),
         args.generation - 1,
@@ -264,7 +264,7 @@ def _assemble(args: argparse.Namespace) -> None:
         stages=list(MODEL_STAGES),
         config_digest=config_digest(vars(config)),
     )
-    print(f"assemble: generation {args.generation} has {rows.num_rows} rows")
+    print(f"assemble: generation {args.generation} has {counts['rows']} rows")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ import os
 import re
 import socket
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +97,13 @@ def samples_table(columns: Mapping[str, Iterable[Any]]) -> pa.Table:
 
 def validate_table(table: pa.Table, source: str) -> None:
     """Raise ManifestError naming `source` and the column if `table` does not match SAMPLE_SCHEMA."""
-    version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY)
+    validate_schema(table.schema, source)
+    validate_values(table, source)
+
+
+def validate_schema(schema: pa.Schema, source: str) -> None:
+    """The schema half of `validate_table`: version, column names and types."""
+    version = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
     if version is None:
         raise ManifestError(f"{source}: not a capfilt manifest (no '{SCHEMA_VERSION_KEY.decode()}' metadata)")
     if version != str(SCHEMA_VERSION).encode():
@@ -106,16 +112,25 @@ def validate_table(table: pa.Table, source: str) -> None:
             "re-create the generation with this version or use a matching capfilt release"
         )
     for expected in SAMPLE_SCHEMA:
-        if expected.name not in table.schema.names:
-            raise ManifestError(f"{source}: missing column '{expected.name}' (found: {table.schema.names})")
-        actual = table.schema.field(expected.name).type
+        if expected.name not in schema.names:
+            raise ManifestError(f"{source}: missing column '{expected.name}' (found: {schema.names})")
+        actual = schema.field(expected.name).type
         if actual != expected.type:
             raise ManifestError(f"{source}: column '{expected.name}' has type {actual}, expected {expected.type}")
-        if not expected.nullable and table[expected.name].null_count:
+
+
+def validate_values(table: pa.Table, source: str) -> None:
+    """The values half of `validate_table`, on the columns `table` has: no nulls in required columns,
+    only known caption sources."""
+    for expected in SAMPLE_SCHEMA:
+        if not expected.nullable and expected.name in table.column_names and table[expected.name].null_count:
             raise ManifestError(f"{source}: column '{expected.name}' has null values; it is required")
-    bad_sources = set(pc.unique(table["caption_source"]).to_pylist()) - set(CAPTION_SOURCES)
-    if bad_sources:
-        raise ManifestError(f"{source}: column 'caption_source' has {sorted(bad_sources)}; allowed {CAPTION_SOURCES}")
+    if "caption_source" in table.column_names:
+        bad_sources = set(pc.unique(table["caption_source"]).to_pylist()) - set(CAPTION_SOURCES)
+        if bad_sources:
+            raise ManifestError(
+                f"{source}: column 'caption_source' has {sorted(bad_sources)}; allowed {CAPTION_SOURCES}"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,12 +185,23 @@ class Generation:
         validate_table(table, source=f"rows for {self.part_path(shard)}")
         return atomic_write_parquet(table, self.part_path(shard))
 
-    def read_samples(self) -> pa.Table:
-        """All rows of this generation, validated, ordered by part name."""
+    def iter_parts(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """This generation's rows one part at a time, validated, ordered by part name (only `columns` when
+        given). Whole-generation readers stream through this: memory is bounded by the largest part (one
+        download shard's rows), not by the generation."""
         parts = [self.part_path(shard) for shard in self.shards()]
         if not parts:
             raise ManifestError(f"{self.samples_dir}: no part-*.parquet files; is this a generation folder?")
-        return pa.concat_tables([read_part(p) for p in parts])
+        for path in parts:
+            yield read_part(path, columns)
+
+    def counts(self) -> dict[str, Any]:
+        """`generation_counts` of this generation's rows, streamed part by part."""
+        return generation_counts(self.iter_parts(COUNT_COLUMNS))
+
+    def read_samples(self) -> pa.Table:
+        """All rows of this generation in one table: for tests and small generations (see `iter_parts`)."""
+        return pa.concat_tables(self.iter_parts())
 
     @contextmanager
     def writer(self, stage: str) -> Iterator[None]:
@@ -269,38 +295,50 @@ def _alive(holder: dict[str, Any]) -> bool:
     return True
 
 
-def read_part(path: Path) -> pa.Table:
-    """Read and validate one Parquet part file."""
+def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one Parquet part file (only `columns`, when given) after validating its schema."""
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as file:
+            validate_schema(file.schema_arrow, source=str(path))
+            table = file.read(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"{path}: unreadable Parquet file ({error})") from None
-    validate_table(table, source=str(path))
+    validate_values(table, source=str(path))
     return table
 
 
-def generation_counts(table: pa.Table) -> dict[str, Any]:
-    """Counts for generation.json and reports: rows, images and kept rows per source; rejects per stage/reason."""
-    sources = table["caption_source"].to_pylist()
-    kept = table["kept"].to_pylist()
-    images = {(s, i) for s, i in zip(sources, table["image_id"].to_pylist())}
-    rejects = Counter(
-        f"{stage}/{reason}"
-        for stage, reason, k in zip(table["reject_stage"].to_pylist(), table["reject_reason"].to_pylist(), kept)
-        if not k
-    )
+COUNT_COLUMNS = ("image_id", "caption_source", "kept", "reject_stage", "reject_reason")
+
+
+def generation_counts(parts: Iterable[pa.Table]) -> dict[str, Any]:
+    """Counts for generation.json and reports, summed over `parts` (tables with COUNT_COLUMNS): rows, images
+    and kept rows per source; rejects per stage/reason. An image's rows of one source are in one part (a
+    download shard's, or part-human), so distinct images are counted per part."""
+    rows, kept, images = Counter(), Counter(), Counter()
+    rejects: Counter[str] = Counter()
+    for part in parts:
+        grouped = part.group_by("caption_source").aggregate(
+            [("kept", "count"), ("kept", "sum"), ("image_id", "count_distinct")]
+        )
+        for row in grouped.to_pylist():
+            rows[row["caption_source"]] += row["kept_count"]
+            kept[row["caption_source"]] += row["kept_sum"]
+            images[row["caption_source"]] += row["image_id_count_distinct"]
+        rejected = part.filter(pc.invert(part["kept"])).group_by(["reject_stage", "reject_reason"])
+        for row in rejected.aggregate([("kept", "count")]).to_pylist():
+            rejects[f"{row['reject_stage']}/{row['reject_reason']}"] += row["kept_count"]
     return {
-        "rows": table.num_rows,
-        "kept": sum(kept),
-        "rows_by_source": dict(sorted(Counter(sources).items())),
-        "kept_by_source": dict(sorted(Counter(s for s, k in zip(sources, kept) if k).items())),
-        "images_by_source": dict(sorted(Counter(s for s, _ in images).items())),
+        "rows": rows.total(),
+        "kept": kept.total(),
+        "rows_by_source": dict(sorted(rows.items())),
+        "kept_by_source": dict(sorted((source, n) for source, n in kept.items() if n)),
+        "images_by_source": dict(sorted(images.items())),
         "rejected_by_stage_reason": dict(sorted(rejects.items())),
     }
 
 
 def generation_info(
-    table: pa.Table,
+    counts: dict[str, Any],
     *,
     dataset: str,
     number: int,
@@ -326,7 +364,7 @@ def generation_info(
         "inputs": dict(inputs or {}),
         "flow_run_id": flow_run_id,
         "created_at": _now(),
-        "counts": generation_counts(table),
+        "counts": counts,
     }
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from pipelines.world.generate import web_key
 from pipelines.world.grammar import NOISY_TYPES, Scene, attribute_accuracy
 
 RECALL_KS = (1, 5, 10)
@@ -139,14 +142,28 @@ def attribute_accuracy_summary(captions: Mapping[str, str], scenes: Mapping[str,
     missing = sorted(set(captions) - set(scenes))
     if missing:
         raise ValueError(f"no ground-truth scene for {len(missing)} caption(s), e.g. {missing[:3]}")
-    accuracies = [attribute_accuracy(caption, scenes[key]) for key, caption in captions.items()]
-    if not accuracies:
-        return {"n": 0, "mean": None, "fully_correct": None}
-    return {
-        "n": len(accuracies),
-        "mean": float(np.mean(accuracies)),
-        "fully_correct": float(np.mean([a == 1.0 for a in accuracies])),
-    }
+    tally = AccuracyTally()
+    for key, caption in captions.items():
+        tally.add(caption, scenes[key])
+    return tally.summary()
+
+
+class AccuracyTally:
+    """`attribute_accuracy_summary` accumulated one caption at a time."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.fully_correct = 0, 0.0, 0
+
+    def add(self, caption: str, scene: Scene) -> None:
+        accuracy = attribute_accuracy(caption, scene)
+        self.n += 1
+        self.total += accuracy
+        self.fully_correct += accuracy == 1.0
+
+    def summary(self) -> dict[str, float | int | None]:
+        if not self.n:
+            return {"n": 0, "mean": None, "fully_correct": None}
+        return {"n": self.n, "mean": self.total / self.n, "fully_correct": self.fully_correct / self.n}
 
 
 # --------------------------------------------------------------------------- filtering against the truth
@@ -156,54 +173,74 @@ def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def removal_metrics(
-    noise_types: Sequence[str], removed: Sequence[bool], noisy_types: Iterable[str]
-) -> dict[str, object]:
-    """How well a filter removed the pairs it should, one entry per web pair.
+def removal_metrics(removed: Mapping[tuple[str, bool], int], noisy_types: Iterable[str]) -> dict[str, object]:
+    """How well a filter removed the pairs it should, from the number of web pairs per (noise type, removed).
 
     precision = removed ∧ noisy / removed, recall = removed ∧ noisy / noisy (None when the denominator is
     0), and per noise type the number of pairs, of removed pairs and the removal rate.
     """
-    if len(noise_types) != len(removed):
-        raise ValueError(f"noise_types ({len(noise_types)}) and removed ({len(removed)}) must have the same length")
     noisy = set(noisy_types)
-    is_noisy = [t in noisy for t in noise_types]
-    both = sum(n and r for n, r in zip(is_noisy, removed))
-    totals = Counter(noise_types)
-    removed_by_type = Counter(t for t, r in zip(noise_types, removed) if r)
+    totals, removed_by_type = Counter(), Counter()
+    for (noise_type, was_removed), n in removed.items():
+        totals[noise_type] += n
+        removed_by_type[noise_type] += n if was_removed else 0
+    n_removed = removed_by_type.total()
+    both = sum(n for noise_type, n in removed_by_type.items() if noise_type in noisy)
     return {
-        "pairs": len(noise_types),
-        "removed": sum(removed),
-        "precision": _ratio(both, sum(removed)),
-        "recall": _ratio(both, sum(is_noisy)),
+        "pairs": totals.total(),
+        "removed": n_removed,
+        "precision": _ratio(both, n_removed),
+        "recall": _ratio(both, sum(n for noise_type, n in totals.items() if noise_type in noisy)),
         "by_noise_type": {
             t: {"pairs": totals[t], "removed": removed_by_type[t], "removal_rate": removed_by_type[t] / totals[t]}
             for t in sorted(totals)
+            if totals[t]
         },
     }
 
 
+WEB_DECISION_COLUMNS = ("url", "caption_source", "kept", "reject_stage")
+
+
+def web_decisions(rows: pa.Table, noise_by_key: Mapping[str, str]) -> Counter[tuple[str, str]]:
+    """The number of web pairs among `rows` (WEB_DECISION_COLUMNS at least) per (true noise type, decision);
+    a decision is "kept" or the reject stage. Raises when a web URL is not a pair of the world."""
+    web = rows.filter(pc.equal(rows["caption_source"], "web")).select(list(WEB_DECISION_COLUMNS)).to_pylist()
+    unknown = [row["url"] for row in web if web_key(row["url"] or "") not in noise_by_key]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} web row(s) have URLs that are not pairs of the given world "
+            f"(e.g. {unknown[0]}); pass the world the generation was downloaded from"
+        )
+    return Counter((noise_by_key[web_key(row["url"])], "kept" if row["kept"] else row["reject_stage"]) for row in web)
+
+
 def decision_metrics(
-    noise_types: Sequence[str], decisions: Sequence[str], filter_stage: str, unscreened: Iterable[str]
+    decisions: Mapping[tuple[str, str], int], filter_stage: str, unscreened: Iterable[str]
 ) -> dict[str, object]:
-    """The filter's and all stages' removal metrics and the noise type × decision table of the web pairs,
-    one decision per pair ("kept" or its reject stage). Pairs decided at an `unscreened` stage (e.g. a
-    failed download) never met the filter: they count in the decision table only."""
+    """The filter's and all stages' removal metrics and the noise type × decision table, from the number
+    of web pairs per (noise type, decision); a decision is "kept" or the pair's reject stage. Pairs decided
+    at an `unscreened` stage (e.g. a failed download) never met the filter: they count in the decision
+    table only."""
     skip = set(unscreened)
-    screened = [(n, d) for n, d in zip(noise_types, decisions, strict=True) if d not in skip]
-    screened_noise = [n for n, _ in screened]
+    screened = {(n, d): count for (n, d), count in decisions.items() if d not in skip}
+
+    def removed_by(is_removed: Callable[[str], bool]) -> Counter[tuple[str, bool]]:
+        counts: Counter[tuple[str, bool]] = Counter()
+        for (noise_type, decision), count in screened.items():
+            counts[(noise_type, is_removed(decision))] += count
+        return counts
+
     return {
-        "filter": removal_metrics(screened_noise, [d == filter_stage for _, d in screened], NOISY_TYPES),
-        "all_stages": removal_metrics(screened_noise, [d != "kept" for _, d in screened], NOISY_TYPES),
-        "decisions": confusion_table(noise_types, decisions),
+        "filter": removal_metrics(removed_by(lambda d: d == filter_stage), NOISY_TYPES),
+        "all_stages": removal_metrics(removed_by(lambda d: d != "kept"), NOISY_TYPES),
+        "decisions": confusion_table(decisions),
     }
 
 
-def confusion_table(noise_types: Sequence[str], decisions: Sequence[str]) -> dict[str, dict[str, int]]:
-    """{noise type: {decision: count}}; a decision is e.g. "kept", "filter", "rank" or "download"."""
-    if len(noise_types) != len(decisions):
-        raise ValueError(f"noise_types ({len(noise_types)}) and decisions ({len(decisions)}) must have the same length")
+def confusion_table(decisions: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """{noise type: {decision: count}} from counts per (noise type, decision)."""
     table: dict[str, Counter] = {}
-    for noise_type, decision in zip(noise_types, decisions):
-        table.setdefault(noise_type, Counter())[decision] += 1
+    for (noise_type, decision), count in decisions.items():
+        table.setdefault(noise_type, Counter())[decision] += count
     return {t: dict(sorted(table[t].items())) for t in sorted(table)}

@@ -17,9 +17,9 @@ The folder is written aside and swapped in, so a reader sees the old report or t
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -27,13 +27,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.manifests.manifest import CAPTION_SOURCES, Generation, ManifestError, generation_counts, manifest_digest
+from pipelines.manifests.manifest import CAPTION_SOURCES, Generation, ManifestError, manifest_digest
 from pipelines.registry import FILTER, UNSCREENED_STAGES, in_stage_order
 from pipelines.report.ablation_table import MEASURES, read_ablation, table_rows
-from pipelines.report.metrics import decision_metrics, simple_tokenize
-from pipelines.world.generate import WorldPaths, web_key
+from pipelines.report.metrics import WEB_DECISION_COLUMNS, decision_metrics, web_decisions
+from pipelines.report.tallies import TextTally, Vocabulary
+from pipelines.world.generate import WorldPaths
 from vlp_core.atomic import atomic_directory, atomic_write_json
 
 REPORT_DIR = "report"
@@ -41,7 +43,6 @@ REPORT_JSON = "report.json"
 EVALUATION_FILE = "evaluation.json"  # written by pipelines.stages.evaluate (not imported: it pulls in torch and Ray)
 SCORE_COLUMNS = {"itm": "itm_score", "clip": "clip_score"}
 SCORE_BINS = 20
-NGRAM_ORDERS = (1, 2, 3, 4)
 N_EXAMPLES = 12
 N_EXTREMES = 2  # highest- and lowest-scoring images shown first among the examples
 HISTORY_METRICS = ("tr@1", "tr@5", "ir@1", "ir@5")
@@ -54,7 +55,7 @@ Figures = dict[str, Any]
 class ReportInputs:
     """Everything a report is computed from."""
 
-    samples: pa.Table
+    generation: Generation  # its rows are read part by part
     info: dict[str, Any]  # generation.json, with the manifest digest added
     markers: dict[str, list[dict]]  # stage -> the stats each finished shard recorded
     ancestors: list[dict[str, Any]]  # {"info", "evaluation"} per generation, the root first, this one last
@@ -84,7 +85,7 @@ def read_report_inputs(generation: Generation, world_dir: Path | None = None) ->
     if world_dir is None:
         world_dir = _evaluated_world(ancestors)
     return ReportInputs(
-        samples=generation.read_samples(),
+        generation=generation,
         info=info,
         markers={
             stage.name: [_read_json(path) for path in sorted(stage.glob("*.json"))]
@@ -130,31 +131,27 @@ def _noise_labels(world_dir: Path) -> dict[str, str]:
 
 
 def report_figures(inputs: ReportInputs) -> Figures:
-    """Every figure of the report, JSON-serialisable (see the module docstring)."""
-    rows = inputs.samples.to_pylist()
-    thresholds = stage_settings(inputs.markers)
-    counts = generation_counts(inputs.samples)
+    """Every figure of the report, JSON-serialisable (see the module docstring). The rows are read part by
+    part, a few columns per figure, so memory does not grow with the generation's size."""
+    generation = inputs.generation
+    counts = generation.counts()
+    rejected = rejected_rows(generation)
+    sources = [source for source in CAPTION_SOURCES if source in counts["rows_by_source"]]
     figures: Figures = {
         "lineage": lineage(inputs.info),
-        "thresholds": thresholds,
+        "thresholds": stage_settings(inputs.markers),
         "counts": counts,
-        "funnel": funnel(rows, inputs.info.get("stages", [])),
-        "rejections": rejections(rows),
-        "scores": {name: score_histograms(rows, column) for name, column in SCORE_COLUMNS.items()},
-        "text": {
-            source: {
-                "all": text_stats(r["caption"] for r in rows if r["caption_source"] == source),
-                "kept": text_stats(r["caption"] for r in rows if r["caption_source"] == source and r["kept"]),
-            }
-            for source in _sources(rows)
-        },
-        "examples": examples(rows),
+        "funnel": funnel(counts["rows_by_source"], rejected, inputs.info.get("stages", [])),
+        "rejections": rejections(rejected),
+        "scores": score_histograms(generation, sources),
+        "text": text_figures(generation, sources),
+        "examples": examples(generation),
         "history": history(inputs.ancestors, counts),
         "world": None,
         "ablation": ablation(inputs.ablation) if inputs.ablation is not None else None,
     }
     if inputs.noise_by_key is not None:
-        figures["world"] = {"world_dir": inputs.world_dir, **world_truth(rows, inputs.noise_by_key)}
+        figures["world"] = {"world_dir": inputs.world_dir, **world_truth(generation, inputs.noise_by_key)}
     return figures
 
 
@@ -186,115 +183,150 @@ def stage_settings(markers: dict[str, list[dict]]) -> dict[str, list]:
     return {"itm_threshold": recorded("filter", "threshold"), "clip_top_k": recorded("rank", "top_k")}
 
 
-def _sources(rows: list[dict]) -> list[str]:
-    present = {row["caption_source"] for row in rows}
-    return [source for source in CAPTION_SOURCES if source in present]
+def rejected_rows(generation: Generation) -> Counter[tuple[str, str | None, str | None]]:
+    """The number of rejected rows per (source, reject stage, reject reason)."""
+    counted: Counter[tuple[str, str | None, str | None]] = Counter()
+    for part in generation.iter_parts(["caption_source", "kept", "reject_stage", "reject_reason"]):
+        groups = part.filter(pc.invert(part["kept"])).group_by(["caption_source", "reject_stage", "reject_reason"])
+        for row in groups.aggregate([("kept", "count")]).to_pylist():
+            counted[(row["caption_source"], row["reject_stage"], row["reject_reason"])] += row["kept_count"]
+    return counted
 
 
-def funnel(rows: list[dict], stages: list[str]) -> dict[str, list[dict]]:
+def funnel(
+    rows_by_source: dict[str, int], rejected: Counter[tuple[str, str | None, str | None]], stages: list[str]
+) -> dict[str, list[dict]]:
     """Per source, the rows still kept after each stage, in pipeline order, starting from all rows."""
-    rejected = Counter((row["caption_source"], row["reject_stage"]) for row in rows if not row["kept"])
-    order = in_stage_order({*stages, *(stage for _, stage in rejected if stage is not None)})
+    by_stage: Counter[tuple[str, str | None]] = Counter()
+    for (source, stage, _), n in rejected.items():
+        by_stage[(source, stage)] += n
+    order = in_stage_order({*stages, *(stage for _, stage in by_stage if stage is not None)})
     result = {}
-    for source in _sources(rows):
-        left = sum(row["caption_source"] == source for row in rows)
+    for source in (source for source in CAPTION_SOURCES if source in rows_by_source):
+        left = rows_by_source[source]
         steps = [{"step": "candidates", "rows": left}]
         for stage in order:
-            left -= rejected[(source, stage)]
+            left -= by_stage[(source, stage)]
             steps.append({"step": stage, "rows": left})
         result[source] = steps
     return result
 
 
-def rejections(rows: list[dict]) -> list[dict[str, Any]]:
+def rejections(rejected: Counter[tuple[str, str | None, str | None]]) -> list[dict[str, Any]]:
     """Rejected rows per (stage, reason, source), in pipeline order."""
-    counted = Counter(
-        (row["reject_stage"], row["reject_reason"], row["caption_source"]) for row in rows if not row["kept"]
-    )
-    order = {stage: i for i, stage in enumerate(in_stage_order({s or "" for s, _, _ in counted}))}
+    order = {stage: i for i, stage in enumerate(in_stage_order({stage or "" for _, stage, _ in rejected}))}
     return [
         {"stage": stage, "reason": reason, "source": source, "rows": n}
-        for (stage, reason, source), n in sorted(
-            counted.items(), key=lambda item: (order[item[0][0] or ""], str(item[0][1]), item[0][2])
+        for (source, stage, reason), n in sorted(
+            rejected.items(), key=lambda item: (order[item[0][1] or ""], str(item[0][2]), item[0][0])
         )
     ]
 
 
-def score_histograms(rows: list[dict], column: str) -> dict[str, Any]:
-    """Histogram (SCORE_BINS equal bins over the scores' range, [0, 1] for ITM) and summary per source."""
-    by_source = {
-        source: [float(row[column]) for row in rows if row["caption_source"] == source and row[column] is not None]
-        for source in _sources(rows)
+def score_histograms(generation: Generation, sources: list[str]) -> dict[str, dict[str, Any]]:
+    """Per score (ITM, CLIP): a histogram (SCORE_BINS equal bins over the scores' range, [0, 1] for ITM) and
+    a summary per source. Two passes: the range, then the bins."""
+    columns = list(SCORE_COLUMNS.values())
+    ranges: dict[str, tuple[float, float]] = {}
+    for part in generation.iter_parts(columns):
+        for column in columns:
+            low, high = pc.min_max(part[column]).values()
+            if low.is_valid:
+                seen = ranges.get(column, (low.as_py(), high.as_py()))
+                ranges[column] = (min(seen[0], low.as_py()), max(seen[1], high.as_py()))
+    edges = {column: _score_edges(column, *ranges[column]) for column in ranges}
+    tallies = {column: {source: _ScoreTally(len(edges[column]) - 1) for source in sources} for column in edges}
+    if tallies:
+        for part in generation.iter_parts(["caption_source", *edges]):
+            for source in sources:
+                rows = part.filter(pc.equal(part["caption_source"], source))
+                for column, by_source in tallies.items():
+                    values = rows[column].drop_null().to_numpy().astype(np.float64)
+                    by_source[source].add(values, edges[column])
+    return {
+        name: {
+            "edges": edges[column].tolist() if column in edges else [],
+            "by_source": {source: tally.figures() for source, tally in tallies.get(column, {}).items() if tally.n},
+        }
+        for name, column in SCORE_COLUMNS.items()
     }
-    by_source = {source: values for source, values in by_source.items() if values}
-    everything = [value for values in by_source.values() for value in values]
-    if not everything:
-        return {"edges": [], "by_source": {}}
-    low, high = (0.0, 1.0) if column == "itm_score" else (min(everything), max(everything))
+
+
+def _score_edges(column: str, low: float, high: float) -> np.ndarray:
+    low, high = (0.0, 1.0) if column == "itm_score" else (low, high)
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    edges = np.linspace(low, high, SCORE_BINS + 1)
-    return {
-        "edges": edges.tolist(),
-        "by_source": {
-            source: {
-                "n": len(values),
-                "mean": float(np.mean(values)),
-                "min": min(values),
-                "max": max(values),
-                "counts": np.histogram(values, bins=edges)[0].tolist(),
-            }
-            for source, values in by_source.items()
-        },
-    }
+    return np.linspace(low, high, SCORE_BINS + 1)
 
 
-def text_stats(captions: Iterable[str | None]) -> dict[str, Any]:
-    """Length (words) histogram, vocabulary, distinct n-grams and duplicate rate of captions. Words are
-    `metrics.simple_tokenize`'s (lower case, no punctuation); a missing caption reads as empty, and a
-    duplicate is a caption whose words equal an earlier one's."""
-    tokenized = [simple_tokenize(caption or "").split() for caption in captions]
-    lengths = [len(words) for words in tokenized]
-    ngrams = {
-        n: [tuple(words[i : i + n]) for words in tokenized for i in range(len(words) - n + 1)] for n in NGRAM_ORDERS
-    }
-    n_captions = len(tokenized)
-    return {
-        "captions": n_captions,
-        "empty": lengths.count(0),
-        "mean_length": float(np.mean(lengths)) if lengths else None,
-        "length_histogram": np.bincount(lengths).tolist() if lengths else [],
-        "vocabulary": len({word for words in tokenized for word in words}),
-        "distinct_ngrams": {str(n): len(set(grams)) for n, grams in ngrams.items()},
-        "distinct_ngram_ratio": {
-            str(n): len(set(grams)) / len(grams) if grams else None for n, grams in ngrams.items()
-        },
-        "duplicate_rate": 1 - len({tuple(words) for words in tokenized}) / n_captions if n_captions else None,
-    }
+class _ScoreTally:
+    """Count, sum, range and bin counts of one source's scores."""
+
+    def __init__(self, bins: int) -> None:
+        self.n, self.total, self.low, self.high = 0, 0.0, np.inf, -np.inf
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def add(self, values: np.ndarray, edges: np.ndarray) -> None:
+        if len(values):
+            self.n += len(values)
+            self.total += float(values.sum())
+            self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+            self.counts += np.histogram(values, bins=edges)[0]
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "mean": self.total / self.n,
+            "min": self.low,
+            "max": self.high,
+            "counts": self.counts.tolist(),
+        }
 
 
-def examples(rows: list[dict], n: int = N_EXAMPLES) -> list[dict[str, Any]]:
+def text_figures(generation: Generation, sources: list[str]) -> dict[str, dict[str, Any]]:
+    """`tallies.TextTally` figures of every source's captions, all and kept."""
+    vocabulary = Vocabulary()
+    tallies = {source: {"all": TextTally(), "kept": TextTally()} for source in sources}
+    for part in generation.iter_parts(["caption", "caption_source", "kept"]):
+        for source in sources:
+            rows = part.filter(pc.equal(part["caption_source"], source))
+            tokens = vocabulary.tokenize(rows["caption"].to_pylist())
+            tallies[source]["all"].add(tokens)
+            tallies[source]["kept"].add(tokens.select(rows["kept"].to_numpy(zero_copy_only=False)))
+    return {source: {key: tally.figures() for key, tally in by_kept.items()} for source, by_kept in tallies.items()}
+
+
+EXAMPLE_SOURCES = ("web", "synthetic")
+
+
+def examples(generation: Generation, n: int = N_EXAMPLES) -> list[dict[str, Any]]:
     """Up to `n` web images with all their captions: the N_EXTREMES highest and lowest by best ITM
-    score, then the others in the order of a hash of their image id (deterministic, unbiased)."""
-    by_image: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        if row["caption_source"] in ("web", "synthetic") and row["image_ref"]:
-            by_image[row["image_id"]].append(row)
-    best = {
-        image: max((r["itm_score"] for r in image_rows if r["itm_score"] is not None), default=None)
-        for image, image_rows in by_image.items()
-    }
-    scored = sorted((image for image, score in best.items() if score is not None), key=lambda i: (-best[i], i))
-    roles = {image: "highest" for image in scored[:N_EXTREMES]}
-    roles.update({image: "lowest" for image in scored[-N_EXTREMES:] if image not in roles})
-    hashed = sorted(set(by_image) - set(roles), key=lambda image: hashlib.sha256(image.encode()).hexdigest())
-    picked = [*roles, *hashed][:n]
+    score, then the others in the order of a hash of their image id (deterministic, unbiased). Two passes:
+    the choice (bounded candidate lists), then the chosen images' rows."""
+    highest: list[tuple[float, str]] = []  # (-best score, image): the smallest N_EXTREMES
+    lowest: list[tuple[float, str]] = []  # the largest N_EXTREMES
+    by_hash: list[tuple[str, str]] = []  # (sha256 of the image id, image): the smallest n + 2 N_EXTREMES
+    for part in generation.iter_parts(["image_id", "image_ref", "caption_source", "itm_score"]):
+        candidates = part.filter(pc.is_in(part["caption_source"], pa.array(EXAMPLE_SOURCES)))
+        candidates = candidates.filter(pc.invert(pc.is_null(candidates["image_ref"])))
+        images = candidates.group_by("image_id").aggregate([("itm_score", "max")]).to_pylist()
+        scored = [(-row["itm_score_max"], row["image_id"]) for row in images if row["itm_score_max"] is not None]
+        highest = heapq.nsmallest(N_EXTREMES, [*highest, *scored])
+        lowest = heapq.nlargest(N_EXTREMES, [*lowest, *scored])
+        hashed = [(hashlib.sha256(row["image_id"].encode()).hexdigest(), row["image_id"]) for row in images]
+        by_hash = heapq.nsmallest(n + 2 * N_EXTREMES, [*by_hash, *hashed])
+    roles = {image: "highest" for _, image in highest}
+    roles.update({image: "lowest" for _, image in sorted(lowest) if image not in roles})
+    picked = [*roles, *(image for _, image in by_hash if image not in roles)][:n]
+    by_image = _example_rows(generation, picked)
     return [
         {
             "image_id": image,
             "image_ref": by_image[image][0]["image_ref"],
             "role": roles.get(image, "sampled"),
-            "best_itm_score": best[image],
+            "best_itm_score": max(
+                (r["itm_score"] for r in by_image[image] if r["itm_score"] is not None), default=None
+            ),
             "captions": [
                 _caption_entry(row)
                 for row in sorted(
@@ -310,6 +342,18 @@ def examples(rows: list[dict], n: int = N_EXAMPLES) -> list[dict[str, Any]]:
         }
         for image in picked
     ]
+
+
+def _example_rows(generation: Generation, images: list[str]) -> dict[str, list[dict]]:
+    """The web and synthetic rows (with an image) of `images`, in part order."""
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    wanted = pa.array(images, pa.string())
+    for part in generation.iter_parts():
+        rows = part.filter(pc.is_in(part["image_id"], wanted))
+        rows = rows.filter(pc.is_in(rows["caption_source"], pa.array(EXAMPLE_SOURCES)))
+        for row in rows.filter(pc.invert(pc.is_null(rows["image_ref"]))).to_pylist():
+            by_image[row["image_id"]].append(row)
+    return by_image
 
 
 def _caption_entry(row: dict) -> dict[str, Any]:
@@ -375,19 +419,13 @@ def ablation(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def world_truth(rows: list[dict], noise_by_key: dict[str, str]) -> dict[str, Any]:
+def world_truth(generation: Generation, noise_by_key: dict[str, str]) -> dict[str, Any]:
     """The web pairs' decisions against their true noise type: removal precision/recall of the filter
     and of all stages per noise type, and the noise type × decision table (`metrics.decision_metrics`)."""
-    web = [row for row in rows if row["caption_source"] == "web"]
-    unknown = [row["url"] for row in web if web_key(row["url"] or "") not in noise_by_key]
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} web row(s) have URLs that are not pairs of the given world "
-            f"(e.g. {unknown[0]}); pass the world the generation was downloaded from"
-        )
-    noise = [noise_by_key[web_key(row["url"])] for row in web]
-    decisions = ["kept" if row["kept"] else row["reject_stage"] for row in web]
-    return decision_metrics(noise, decisions, FILTER.name, unscreened=UNSCREENED_STAGES)
+    decisions: Counter[tuple[str, str]] = Counter()
+    for part in generation.iter_parts(WEB_DECISION_COLUMNS):
+        decisions += web_decisions(part, noise_by_key)
+    return decision_metrics(decisions, FILTER.name, unscreened=UNSCREENED_STAGES)
 
 
 # --------------------------------------------------------------------------- writing

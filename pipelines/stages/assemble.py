@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -61,12 +62,12 @@ def run_assemble(
     stages: list[str],
     config_digest: str,
     flow_run_id: str | None = None,
-) -> pa.Table:
+) -> dict[str, Any]:
     """Add part-human to `target` (built from generation `parent`) and write its generation.json.
 
     `stages` are the stages that built `target` before this one ("assemble" is appended);
     `checkpoints` maps a role (captioner, filter, clip, pretrained) to its checkpoint digest.
-    Returns every row of the generation.
+    Returns the generation's `generation_counts`.
     """
     with target.writer(STAGE):
         bad = {role: digest for role, digest in checkpoints.items() if not isinstance(digest, str) or not digest}
@@ -84,10 +85,10 @@ def run_assemble(
             )
             log.info("assemble: %d human captions of %d images into %s", human.num_rows, len(records), target.path)
 
-        table = target.read_samples()
+        counts = target.counts()
         target.write_info(
             generation_info(
-                table,
+                counts,
                 dataset=target.dataset,
                 number=target.number,
                 parent=parent,
@@ -101,7 +102,7 @@ def run_assemble(
                 },
             )
         )
-        return table
+        return counts
 
 
 def _check_stages_finished(target: Generation, stages: list[str]) -> None:

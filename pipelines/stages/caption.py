@@ -165,7 +165,7 @@ def _synthetic_rows(web_row: Row, captions: list[str], model_ref: str) -> list[R
     ]
 
 
-def run_caption(config: CaptionConfig, web: Generation, target: Generation) -> pa.Table:
+def run_caption(config: CaptionConfig, web: Generation, target: Generation) -> dict[str, Any]:
     """Caption every downloaded image of `web` (generation 0) into `target`; returns the target's rows."""
     if (Path(web.root), web.dataset) != (Path(target.root), target.dataset) or target.number <= web.number:
         raise ManifestError(

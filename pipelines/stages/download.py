@@ -19,6 +19,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -173,8 +174,8 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
     )
 
 
-def download(config: DownloadConfig, url_list: Path, generation: Generation) -> pa.Table:
-    """Download every URL of `url_list` into `generation` (normally gen 0); returns its manifest rows."""
+def download(config: DownloadConfig, url_list: Path, generation: Generation) -> dict[str, Any]:
+    """Download every URL of `url_list` into `generation` (normally gen 0); returns its `generation_counts`."""
     with generation.writer(STAGE):
         urls = read_url_list(url_list)
         policy = UrlPolicy(config.allowed_networks)
@@ -195,15 +196,15 @@ def download(config: DownloadConfig, url_list: Path, generation: Generation) -> 
                 if not generation.is_done(STAGE, shard):
                     _convert_shard(generation, shard_dir / f"{shard}.parquet")
 
-        table = generation.read_samples()
-        if table.num_rows != urls.num_rows:
+        counts = generation.counts()
+        if counts["rows"] != urls.num_rows:
             raise RuntimeError(
-                f"download: manifest has {table.num_rows} rows for {urls.num_rows} URLs; some shards failed "
+                f"download: manifest has {counts['rows']} rows for {urls.num_rows} URLs; some shards failed "
                 f"(see {generation.path / 'shards'}); run the download again to retry them"
             )
         generation.write_info(
             generation_info(
-                table,
+                counts,
                 dataset=generation.dataset,
                 number=generation.number,
                 parent=None,
@@ -212,10 +213,10 @@ def download(config: DownloadConfig, url_list: Path, generation: Generation) -> 
                 inputs={"url_list": str(Path(url_list).resolve())},
             )
         )
-        return table
+        return counts
 
 
-def download_world(config: DownloadConfig, world_dir: Path, generation: Generation) -> pa.Table:
+def download_world(config: DownloadConfig, world_dir: Path, generation: Generation) -> dict[str, Any]:
     """Serve a synthetic world on loopback for the duration of its download (loopback allowed).
 
     A re-run serves on the port of the first run, so the URL list stays the same and finished shards

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -40,16 +41,18 @@ from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.manifest import Generation
 from pipelines.registry import UNSCREENED_STAGES
 from pipelines.report.metrics import (
+    WEB_DECISION_COLUMNS,
+    AccuracyTally,
     attribute_accuracy_summary,
     caption_scores,
     decision_metrics,
     reranked_scores,
     retrieval_recalls,
     top_k_pairs,
+    web_decisions,
 )
 from pipelines.stages.filter import STAGE as FILTER_STAGE
 from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_key
-from pipelines.world.grammar import Scene
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import CAPTIONER_NEEDS, FILTER_NEEDS, check_checkpoint, load_checkpoint, random_parts
@@ -129,7 +132,7 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
     with other seeds, each need their own) and returns the same dict.
     """
     world = load_world(config.world_dir)[1] if config.world_dir is not None else None
-    samples = generation.read_samples()  # a bad generation or test set fails before any model work
+    generation.counts()  # a bad generation or test set fails before any model work
     records = load_test_set(config)
     references = {record.image_id: list(record.captions) for record in records}
     text_image = [index for index, record in enumerate(records) for _ in record.captions]
@@ -157,7 +160,7 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
         ],
     }
     if world is not None:
-        results["world"] = world_metrics(samples, world, encoded.captions)
+        results["world"] = world_metrics(generation, world, encoded.captions)
     atomic_write_json(output or generation.path / EVALUATION_FILE, results)
     log.info(
         "evaluate: %s on %s gen %d: %s, %s",
@@ -286,43 +289,29 @@ def _caption(
 # --------------------------------------------------------------------------- the world's truth
 
 
-def world_metrics(samples: pa.Table, world: WorldPaths, test_captions: dict[str, str]) -> dict[str, Any]:
+def world_metrics(generation: Generation, world: WorldPaths, test_captions: dict[str, str]) -> dict[str, Any]:
     """Metrics that need the world's ground truth: caption attribute accuracy on the test set, and the
-    generation's filter decisions and kept captions against the web pairs' noise labels and scenes."""
+    generation's filter decisions and kept captions against the web pairs' noise labels and scenes. The
+    generation is read part by part (an image's web and synthetic rows share a part)."""
     scenes = load_scenes(world)
     truth = pq.read_table(world.web_noise, columns=["key", "noise_type"]).to_pydict()
     noise_by_key = dict(zip(truth["key"], truth["noise_type"]))
-    columns = ["sample_id", "image_id", "url", "caption", "caption_source", "kept", "reject_stage"]
-    rows = samples.select(columns).to_pylist()
-    web = [row for row in rows if row["caption_source"] == "web"]
-    key_of_image = {row["image_id"]: web_key(row["url"]) for row in web}
-    unknown = [row["url"] for row in web if key_of_image[row["image_id"]] not in noise_by_key]
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} web row(s) of the generation have URLs that are not pairs of the world "
-            f"{world.root} (e.g. {unknown[0]}); pass the world the generation was downloaded from"
-        )
-
-    noise = [noise_by_key[key_of_image[row["image_id"]]] for row in web]
-    decisions = ["kept" if row["kept"] else row["reject_stage"] for row in web]
+    decisions: Counter[tuple[str, str]] = Counter()
+    kept_accuracy = {source: AccuracyTally() for source in ("web", "synthetic")}
+    for part in generation.iter_parts(["image_id", *WEB_DECISION_COLUMNS, "caption"]):
+        decisions += web_decisions(part, noise_by_key)
+        rows = part.filter(part["kept"]).to_pylist()
+        web_rows = part.filter(pc.equal(part["caption_source"], "web"))
+        scene_of_image = {
+            image: scenes[web_key(url)]
+            for image, url in zip(web_rows["image_id"].to_pylist(), web_rows["url"].to_pylist())
+        }
+        for row in rows:
+            if row["caption_source"] in kept_accuracy:
+                kept_accuracy[row["caption_source"]].add(row["caption"] or "", scene_of_image[row["image_id"]])
     return {
         "test_caption_accuracy": attribute_accuracy_summary(test_captions, scenes),
         # Images that failed to download or decode never met the filter: they count in the decision table only.
-        **decision_metrics(noise, decisions, FILTER_STAGE, unscreened=UNSCREENED_STAGES),
-        "kept_caption_accuracy": {
-            source: _kept_caption_accuracy(
-                [row for row in rows if row["caption_source"] == source],
-                {image: scenes[key] for image, key in key_of_image.items()},
-            )
-            for source in ("web", "synthetic")
-        },
+        **decision_metrics(decisions, FILTER_STAGE, unscreened=UNSCREENED_STAGES),
+        "kept_caption_accuracy": {source: tally.summary() for source, tally in kept_accuracy.items()},
     }
-
-
-def _kept_caption_accuracy(rows: list[dict[str, Any]], scene_of_image: dict[str, Scene]) -> dict[str, Any]:
-    """Attribute accuracy of the kept rows' captions against their images' true scenes."""
-    kept = [row for row in rows if row["kept"]]
-    return attribute_accuracy_summary(
-        {row["sample_id"]: row["caption"] or "" for row in kept},
-        {row["sample_id"]: scene_of_image[row["image_id"]] for row in kept},
-    )

@@ -152,9 +152,9 @@ def _redecide_shard(target: Generation, shard: str, threshold: float, model_ref:
     commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, threshold, marker["model_ref"]))
 
 
-def rethreshold(target: Generation, threshold: float) -> pa.Table:
+def rethreshold(target: Generation, threshold: float) -> dict[str, Any]:
     """Re-decide every shard of a filtered generation at `threshold` from the stored scores (no model is
-    loaded); returns the target's rows. Shards whose decision changed must be ranked again."""
+    loaded); returns the target's `generation_counts`. Shards whose decision changed must be ranked again."""
     ok, message = _check_threshold(threshold)
     if not ok:
         raise ValueError(message)
@@ -163,7 +163,7 @@ def rethreshold(target: Generation, threshold: float) -> pa.Table:
         _check_parts(target, shards)
         for shard in shards:
             _redecide_shard(target, shard, threshold)
-        return target.read_samples()
+        return target.counts()
 
 
 def _check_parts(target: Generation, shards: list[str]) -> None:
@@ -172,9 +172,9 @@ def _check_parts(target: Generation, shards: list[str]) -> None:
         read_part(target.part_path(shard))
 
 
-def run_filter(config: FilterConfig, target: Generation) -> pa.Table:
+def run_filter(config: FilterConfig, target: Generation) -> dict[str, Any]:
     """Score and decide every captioned shard of `target`; already scored shards are only re-decided
-    at `config.threshold`. Returns the target's rows."""
+    at `config.threshold`. Returns the target's `generation_counts`."""
     with target.writer(STAGE):
         shards = captioned_shards(target)
         scored = [shard for shard in shards if target.is_done(STAGE, shard)]

@@ -140,7 +140,7 @@ class _Ranking(CaptionScoringStage):
         return rows_table(ranked), stats
 
 
-def run_rank(config: RankConfig, target: Generation) -> pa.Table:
+def run_rank(config: RankConfig, target: Generation) -> dict[str, Any]:
     """CLIP-rank the filtered candidates of every shard of `target`; returns the target's rows."""
     shards = shards_finished_by(target, "filter")
     return run_sharded_inference(_Ranking(config, target), target, shards, config)

@@ -291,8 +291,9 @@ class _PendingShard:
 
 def run_sharded_inference(
     stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
-) -> pa.Table:
-    """Run `stage` over every shard of `shards` without its marker in `target`; returns all target rows."""
+) -> dict[str, Any]:
+    """Run `stage` over every shard of `shards` without its marker in `target`; returns the target's
+    `generation_counts`."""
     with target.writer(stage.name):
         pending = {shard: stage.requests(shard) for shard in shards if not target.is_done(stage.name, shard)}
         log.info(
@@ -313,7 +314,7 @@ def run_sharded_inference(
                 if len(state.results) == state.expected:
                     shard = result["shard"]
                     commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
-        return target.read_samples()
+        return target.counts()
 
 
 def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, stats: dict[str, Any]) -> None:

@@ -42,7 +42,8 @@ def hostile_download(tmp_path_factory: pytest.TempPathFactory) -> HostileDownloa
                 max_image_bytes=2 * 2**20,
                 allowed_networks=("127.0.0.1/32",),
             )
-            table = download(config, url_list, generation)
+            download(config, url_list, generation)
+            table = generation.read_samples()
         internal_hits = list(internal.hits)
     rows = {names[int(row["image_id"].removeprefix("web-"))]: row for row in table.to_pylist()}
     expected = {name: reason for name, (_, _, reason) in cases.items()} | dict.fromkeys(BAD_CAPTIONS)

@@ -59,7 +59,7 @@ def test_sample_id_is_stable_and_distinguishes_sources() -> None:
 
 def test_counts_and_lineage(tmp_path: Path) -> None:
     table = _rows(6)
-    counts = generation_counts(table)
+    counts = generation_counts([table])
     assert counts["rows"] == 6 and counts["kept"] == 4
     assert counts["rows_by_source"] == {"synthetic": 3, "web": 3}
     assert counts["images_by_source"] == {"synthetic": 3, "web": 3}
@@ -69,7 +69,7 @@ def test_counts_and_lineage(tmp_path: Path) -> None:
     generation.write_part("00000", table)
     generation.write_info(
         generation_info(
-            table,
+            generation_counts([table]),
             dataset="web",
             number=1,
             parent=0,

@@ -1,5 +1,7 @@
 """pipelines.report.metrics against values computed by hand."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -126,7 +128,7 @@ def test_attribute_accuracy_summary() -> None:
 def test_removal_metrics_per_noise_type() -> None:
     noise = ["clean", "clean", "partial", "wrong_attribute", "other_image", "boilerplate", "empty", "empty"]
     removed = [False, True, True, True, False, True, True, True]
-    metrics = removal_metrics(noise, removed, NOISY_TYPES)
+    metrics = removal_metrics(Counter(zip(noise, removed)), NOISY_TYPES)
     # removed: 6, of which noisy: wrong_attribute, boilerplate, empty, empty = 4; noisy in all: 5
     assert metrics["removed"] == 6 and metrics["pairs"] == 8
     assert metrics["precision"] == pytest.approx(4 / 6)
@@ -134,10 +136,10 @@ def test_removal_metrics_per_noise_type() -> None:
     assert metrics["by_noise_type"]["clean"] == {"pairs": 2, "removed": 1, "removal_rate": 0.5}
     assert metrics["by_noise_type"]["other_image"]["removal_rate"] == 0.0
     assert metrics["by_noise_type"]["empty"]["removal_rate"] == 1.0
-    nothing_removed = removal_metrics(["clean", "empty"], [False, False], NOISY_TYPES)
+    nothing_removed = removal_metrics(Counter({("clean", False): 1, ("empty", False): 1}), NOISY_TYPES)
     assert nothing_removed["precision"] is None and nothing_removed["recall"] == 0.0
 
 
 def test_confusion_table() -> None:
-    table = confusion_table(["clean", "clean", "empty", "clean"], ["kept", "rank", "filter", "kept"])
+    table = confusion_table(Counter(zip(["clean", "clean", "empty", "clean"], ["kept", "rank", "filter", "kept"])))
     assert table == {"clean": {"kept": 2, "rank": 1}, "empty": {"filter": 1}}

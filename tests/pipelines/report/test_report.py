@@ -20,9 +20,9 @@ from pipelines.report.report import (
     REPORT_JSON,
     read_report_inputs,
     report_figures,
-    text_stats,
     write_report,
 )
+from pipelines.report.tallies import text_stats
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.caption import CaptionConfig, run_caption
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
@@ -50,7 +50,8 @@ def lineage(
     web = dataset_copier(downloaded_gen0, tmp_path_factory.mktemp("report"))
     target = Generation(web.root, web.dataset, 1)
     run_caption(CaptionConfig(tiny_blip_checkpoint, num_captions=4, min_length=2, max_length=8), web, target)
-    scores = run_filter(FilterConfig(tiny_blip_checkpoint, threshold=0.0, batch_size=8), target)["itm_score"]
+    run_filter(FilterConfig(tiny_blip_checkpoint, threshold=0.0, batch_size=8), target)
+    scores = target.read_samples()["itm_score"]
     threshold = statistics.median(s for s in scores.to_pylist() if s is not None)
     rethreshold(target, threshold)
     run_rank(RankConfig("clip_tiny", tiny_clip_checkpoint, top_k=TOP_K, batch_size=8), target)
@@ -321,7 +322,7 @@ def test_a_broken_image_is_shown_as_missing_and_an_unknown_folder_is_refused(tmp
     )
     generation.write_info(
         generation_info(
-            generation.read_samples(), dataset="web", number=0, parent=None, stages=["download"], config_digest="x"
+            generation.counts(), dataset="web", number=0, parent=None, stages=["download"], config_digest="x"
         )
     )
     page = write_report(generation)

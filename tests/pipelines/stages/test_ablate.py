@@ -266,7 +266,7 @@ def _evaluation(tr1: float, cider: float, accuracy: float | None = 0.5) -> dict:
 
 
 def test_measures_spread_and_table() -> None:
-    counts = generation_counts(rows_table(candidate_rows() + [_row("H", "human", "a human caption")]))
+    counts = generation_counts([rows_table(candidate_rows() + [_row("H", "human", "a human caption")])])
     measures = seed_measures(counts, _evaluation(0.3, 1.2))
     assert measures["training_pairs"] == counts["kept"] == 4  # A's syn one and two, B's syn, H's caption
     assert measures["kept_ratio"] == pytest.approx(3 / 9)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.manifests.manifest import Generation, ManifestError, samples_table
+from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, samples_table
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
 from vlp_core.data import CocoFormatError
@@ -51,7 +51,7 @@ def candidate_generation(root: Path, finished: list[str] = STAGES) -> Generation
 def test_human_rows_and_lineage(world: WorldPaths, tmp_path: Path) -> None:
     generation = candidate_generation(tmp_path)
     config = AssembleConfig(world.human_annotations, world.human_root)
-    table = run_assemble(
+    counts = run_assemble(
         config,
         generation,
         parent=0,
@@ -60,6 +60,8 @@ def test_human_rows_and_lineage(world: WorldPaths, tmp_path: Path) -> None:
         config_digest="sha256:1234",
         flow_run_id="run-7",
     )
+    table = generation.read_samples()
+    assert counts == generation.read_info()["counts"] == generation_counts([table])
 
     human = [row for row in table.to_pylist() if row["caption_source"] == "human"]
     annotations = json.loads(world.human_annotations.read_text())
@@ -93,9 +95,9 @@ def test_repeated_human_caption_is_stored_once(world: WorldPaths, tmp_path: Path
     annotations[0]["caption"].append(annotations[0]["caption"][0])
     repeated = tmp_path / "repeated.json"
     repeated.write_text(json.dumps(annotations))
-    table = run_assemble(
-        AssembleConfig(repeated, world.human_root), candidate_generation(tmp_path), 0, CHECKPOINTS, STAGES, "sha256:1"
-    )
+    generation = candidate_generation(tmp_path)
+    run_assemble(AssembleConfig(repeated, world.human_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1")
+    table = generation.read_samples()
     human_ids = [
         sid
         for sid, source in zip(table["sample_id"].to_pylist(), table["caption_source"].to_pylist())
@@ -112,8 +114,8 @@ def test_rerun_keeps_the_human_part(world: WorldPaths, tmp_path: Path) -> None:
     written = part.stat().st_mtime_ns
     second = run_assemble(config, generation, 0, CHECKPOINTS, STAGES, "sha256:1234")
     assert part.stat().st_mtime_ns == written, "a finished part is not rewritten"
-    assert second.equals(first)
-    assert generation.read_info()["counts"]["rows"] == first.num_rows
+    assert second == first == generation.read_info()["counts"]
+    assert first["rows"] == generation.read_samples().num_rows
 
 
 def test_bad_annotation_names_the_entry_and_writes_nothing(world: WorldPaths, tmp_path: Path) -> None:
@@ -136,9 +138,8 @@ def test_unreadable_human_image_is_a_rejected_row(world: WorldPaths, tmp_path: P
     (image_root / annotations[0]["image"]).write_bytes(b"<html>not an image</html>")
     (image_root / annotations[1]["image"]).unlink()
     generation = candidate_generation(tmp_path)
-    table = run_assemble(
-        AssembleConfig(world.human_annotations, image_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1"
-    )
+    run_assemble(AssembleConfig(world.human_annotations, image_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1")
+    table = generation.read_samples()
     rejected = {
         (row["image_id"], row["reject_reason"])
         for row in table.to_pylist()
@@ -158,7 +159,8 @@ def test_blank_human_captions_are_rejected_rows_not_kept_pairs(world: WorldPaths
     blank = tmp_path / "blank.json"
     blank.write_text(json.dumps(annotations))
     generation = candidate_generation(tmp_path)
-    table = run_assemble(AssembleConfig(blank, world.human_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1")
+    run_assemble(AssembleConfig(blank, world.human_root), generation, 0, CHECKPOINTS, STAGES, "sha256:1")
+    table = generation.read_samples()
     human = [row for row in table.to_pylist() if row["caption_source"] == "human"]
     rejected = [(row["caption"], row["reject_stage"], row["reject_reason"]) for row in human if not row["kept"]]
     assert sorted(rejected) == [("", "assemble", "empty_caption"), (" \t ", "assemble", "empty_caption")]

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from pipelines.manifests.images import ShardUnavailableError
-from pipelines.manifests.manifest import Generation, ManifestError, read_part
+from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, read_part
 from pipelines.stages.caption import CaptionConfig, run_caption
 from vlp_core.checkpoint import WEIGHTS_FILE, file_digest
 
@@ -48,7 +48,9 @@ def _synthetic_by_image(table) -> dict[str, list[str]]:
 def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0, config, tiny_blip_checkpoint):
     broken = _corrupt_one_image(web_gen0)
     target = Generation(web_gen0.root, "world", 1)
-    table = run_caption(config, web_gen0, target)
+    counts = run_caption(config, web_gen0, target)
+    table = target.read_samples()
+    assert counts == generation_counts([table])
 
     web_rows = {row["image_id"]: row for row in web_gen0.read_samples().to_pylist()}
     rows = table.to_pylist()
@@ -90,15 +92,15 @@ def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0
 
 
 def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(web_gen0, config):
-    first = run_caption(config, web_gen0, Generation(web_gen0.root, "world", 1))
-    rebatched = dataclasses.replace(config, batch_size=1, concurrency=2)
-    second = run_caption(rebatched, web_gen0, Generation(web_gen0.root, "world", 2))
-    assert _synthetic_by_image(first) == _synthetic_by_image(second)
+    target, other = Generation(web_gen0.root, "world", 1), Generation(web_gen0.root, "world", 2)
+    run_caption(config, web_gen0, target)
+    run_caption(dataclasses.replace(config, batch_size=1, concurrency=2), web_gen0, other)
+    first = target.read_samples()
+    assert _synthetic_by_image(first) == _synthetic_by_image(other.read_samples())
 
-    target = Generation(web_gen0.root, "world", 1)
     parts = {shard: target.part_path(shard).stat().st_mtime_ns for shard in SHARDS}
-    again = run_caption(dataclasses.replace(config, seed=1), web_gen0, target)
-    assert again.equals(first), "marked shards are not captioned again, whatever the config"
+    run_caption(dataclasses.replace(config, seed=1), web_gen0, target)
+    assert target.read_samples().equals(first), "marked shards are not captioned again, whatever the config"
     assert {shard: target.part_path(shard).stat().st_mtime_ns for shard in SHARDS} == parts
 
 
@@ -130,10 +132,11 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
     killed.marker_path("caption", finished[0]).unlink()  # as if killed between a part's rename and its marker
 
     local = dataclasses.replace(slow, executor="local")
-    resumed = run_caption(local, web_gen0, killed)
+    run_caption(local, web_gen0, killed)
     other_root = tmp_path / "uninterrupted"
     shutil.copytree(web_gen0.path, Generation(other_root, "world", 0).path)
-    uninterrupted = run_caption(local, Generation(other_root, "world", 0), Generation(other_root, "world", 1))
+    run_caption(local, Generation(other_root, "world", 0), Generation(other_root, "world", 1))
+    resumed, uninterrupted = killed.read_samples(), Generation(other_root, "world", 1).read_samples()
     assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
     assert resumed.to_pylist() == uninterrupted.to_pylist()
 
@@ -149,8 +152,8 @@ def test_a_lost_shard_tar_stops_the_stage_and_a_rerun_after_restoring_it_redoes_
         run_caption(config, web_gen0, target)
     assert not target.is_done("caption", "00001")
     tar.write_bytes(saved)
-    table = run_caption(config, web_gen0, target)
-    assert "missing_file" not in table["reject_reason"].to_pylist()
+    run_caption(config, web_gen0, target)
+    assert "missing_file" not in target.read_samples()["reject_reason"].to_pylist()
     assert all(target.is_done("caption", shard) for shard in WEB_SHARDS)
 
 
@@ -174,7 +177,9 @@ def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpo
 def test_the_shards_caption_on_cuda(web_gen0, config):
     """The caption stage's actor on a GPU (the local executor: no Ray on a bare GPU machine)."""
     on_gpu = dataclasses.replace(config, num_gpus=1, executor="local")
-    rows = run_caption(on_gpu, web_gen0, Generation(web_gen0.root, "world", 1)).to_pylist()
+    target = Generation(web_gen0.root, "world", 1)
+    run_caption(on_gpu, web_gen0, target)
+    rows = target.read_samples().to_pylist()
     synthetic = [row for row in rows if row["caption_source"] == "synthetic"]
     downloaded = {row["image_id"] for row in web_gen0.read_samples().to_pylist() if row["kept"]}
     assert {row["image_id"] for row in synthetic} == downloaded and all(row["caption"] for row in synthetic)

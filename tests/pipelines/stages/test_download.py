@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.manifests.images import ImageRefError, ImageStore
-from pipelines.manifests.manifest import Generation, ManifestError
+from pipelines.manifests.manifest import Generation, ManifestError, generation_counts
 from pipelines.stages.download import DownloadConfig, download, download_world, failure_reason, read_url_list
 from pipelines.world.generate import WorldConfig, make_world
 from pipelines.world.server import WorldServer
@@ -37,7 +37,8 @@ def server(world: Path):
 def downloaded(tmp_path_factory: pytest.TempPathFactory, server: WorldServer):
     url_list = server.write_url_list(tmp_path_factory.mktemp("urls") / "urls.parquet")
     generation = Generation(tmp_path_factory.mktemp("manifests"), "world", 0)
-    return url_list, generation, download(CONFIG, url_list, generation)
+    download(CONFIG, url_list, generation)
+    return url_list, generation, generation.read_samples()
 
 
 def _truth(world: Path) -> dict[str, dict]:
@@ -93,8 +94,8 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
     assert len(shards) == 3
     before = {p: p.stat().st_mtime_ns for p in shards}
 
-    again = download(CONFIG, url_list, generation)
-    assert again.equals(table)
+    assert download(CONFIG, url_list, generation) == generation_counts([table])
+    assert generation.read_samples().equals(table)
     assert {p: p.stat().st_mtime_ns for p in shards} == before, "finished shards were not touched"
 
     torn = shards[1]
@@ -102,8 +103,8 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
     (torn.parent / f"{torn.stem}_stats.json").unlink()
     generation.marker_path("download", torn.stem).unlink()
     generation.part_path(torn.stem).unlink()
-    redone = download(CONFIG, url_list, generation)
-    assert redone.to_pylist() == table.to_pylist()
+    download(CONFIG, url_list, generation)
+    assert generation.read_samples().to_pylist() == table.to_pylist()
     assert torn.stat().st_size > 1000
     assert shards[0].stat().st_mtime_ns == before[shards[0]]
 
@@ -111,7 +112,8 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
 def test_url_policy_refuses_loopback_unless_allowed(tmp_path: Path, downloaded) -> None:
     url_list, _, _ = downloaded
     generation = Generation(tmp_path, "world", 0)
-    table = download(DownloadConfig(), url_list, generation)
+    download(DownloadConfig(), url_list, generation)
+    table = generation.read_samples()
     assert table.num_rows == N_WEB
     assert set(table["reject_reason"].to_pylist()) == {"url_policy"}
     assert not (generation.path / "shards").exists(), "nothing was fetched"
@@ -198,6 +200,7 @@ def test_a_sigkilled_download_resumes_to_the_uninterrupted_manifest(tmp_path: Pa
         finished=lambda shard: (stats / f"{shard}_stats.json").exists(),
     )
 
-    resumed = download(CONFIG, url_list, killed)
+    download(CONFIG, url_list, killed)
+    resumed = killed.read_samples()
     assert len(set(resumed["image_id"].to_pylist())) == resumed.num_rows == N_WEB
     assert resumed.to_pylist() == uninterrupted.to_pylist()

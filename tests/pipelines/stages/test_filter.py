@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.manifests.images import ImageStore
-from pipelines.manifests.manifest import Generation, ManifestError, read_part, sample_id
+from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, read_part, sample_id
 from pipelines.stages.caption import CaptionConfig, run_caption
 from pipelines.stages.filter import FilterConfig, rethreshold, run_filter
 from vlp_core.checkpoint import load_checkpoint, save_checkpoint
@@ -99,7 +99,8 @@ def test_rethreshold_redecides_from_stored_scores_without_a_model(
     median = statistics.median(s for s in scores.values() if s is not None)
     target.mark_done("rank", "00001", {})  # pretend rank ran: its view goes stale with a new threshold
 
-    table = rethreshold(target, median)
+    rethreshold(target, median)
+    table = target.read_samples()
     _assert_decided_at(table, median)
     assert 0 < sum(table["kept"].to_pylist()) < table.num_rows
     assert {row["sample_id"]: row["itm_score"] for row in table.to_pylist()} == scores
@@ -108,12 +109,14 @@ def test_rethreshold_redecides_from_stored_scores_without_a_model(
 
     target.mark_done("rank", "00001", {})
     parts = {shard: target.part_path(shard).stat().st_mtime_ns for shard in WEB_SHARDS}
-    assert rethreshold(target, median).equals(table)
+    assert rethreshold(target, median) == generation_counts([table])
+    assert target.read_samples().equals(table)
     assert {shard: target.part_path(shard).stat().st_mtime_ns for shard in parts} == parts, "same threshold: untouched"
     assert target.is_done("rank", "00001")
 
     top = max(score for score in scores.values() if score is not None)
-    strict = run_filter(dataclasses.replace(config, threshold=top), target)
+    run_filter(dataclasses.replace(config, threshold=top), target)
+    strict = target.read_samples()
     _assert_decided_at(strict, top)
     assert sum(row["kept"] and row["itm_score"] is not None for row in strict.to_pylist()) == 1
 

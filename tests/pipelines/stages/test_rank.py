@@ -25,7 +25,8 @@ def filtered(tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_co
     web = dataset_copier(downloaded_gen0, tmp_path_factory.mktemp("ranked"))
     target = Generation(web.root, web.dataset, 1)
     run_caption(CaptionConfig(tiny_blip_checkpoint, num_captions=4, min_length=2, max_length=8), web, target)
-    scores = run_filter(FilterConfig(tiny_blip_checkpoint, threshold=0.0, batch_size=8), target)["itm_score"]
+    run_filter(FilterConfig(tiny_blip_checkpoint, threshold=0.0, batch_size=8), target)
+    scores = target.read_samples()["itm_score"]
     rethreshold(target, statistics.median(s for s in scores.to_pylist() if s is not None))
     return target
 
