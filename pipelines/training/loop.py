@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipelines.training.config import TrainConfig
-from pipelines.training.data import Pair, PairDataset, derive_seed, epoch_order
+from pipelines.training.data import EpochOrder, PairDataset, PairFile, derive_seed
 from pipelines.training.tasks import Schedule, build_task
 from vlp_core.atomic import atomic_write_bytes, atomic_write_json
 from vlp_core.pretrain import configure_optimizer
@@ -43,7 +43,7 @@ class TrainSpec:
     task: str  # one of training.tasks.TASKS
     config: TrainConfig
     run_dir: Path
-    pairs: tuple[Pair, ...]
+    pairs: PairFile  # memory-mapped by each worker
     image_dir: Path  # what relative image_refs are relative to
     tokenizer_dir: Path | None  # BLIP from a preset: the tokenizer to use
     steps_per_epoch: int
@@ -87,16 +87,24 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
         step, history = load_training_state(resume_from, trainee, optimizer, device)
         log.info("%s: resuming from %s (step %d)", spec.task, resume_from, step)
     model = placement.prepare_model(trainee, task.find_unused_parameters)
-    dataset = PairDataset(list(spec.pairs), spec.image_dir, task.transform, task.caption_prefix)
+    dataset = PairDataset(spec.pairs, spec.image_dir, task.transform, task.caption_prefix)
 
     while step < spec.total_steps:
         epoch, batches_done = divmod(step, spec.steps_per_epoch)
-        order = epoch_order(len(dataset), config.batch_size, rank, world_size, config.seed, epoch)
+        order = EpochOrder(
+            len(dataset),
+            config.batch_size,
+            rank,
+            world_size,
+            config.seed,
+            epoch,
+            start=batches_done * config.batch_size,
+        )
         loader = placement.prepare_loader(
             DataLoader(
                 dataset,
                 batch_size=config.batch_size,
-                sampler=order[batches_done * config.batch_size :],
+                sampler=order,
                 collate_fn=task.collate,
                 num_workers=config.loader_workers,
             )

@@ -6,6 +6,7 @@ workers (DDP when more than one), or in this process (`TrainConfig.trains_in_pro
 or one worker that Ray Train would only start up). Results land in `run_dir`:
 
     run.json            what this run trains (task, config, data digest); a restart must match it
+    pairs.arrow         the pairs it trains on, streamed from its input once per start (`data.write_pairs`)
     tokenizer/          BLIP from a preset without a tokenizer: WordPiece trained on the captions
     checkpoints/step-N/ resumable checkpoints;  final/  the exported model + training.json
 
@@ -15,10 +16,11 @@ interrupted one continues from its latest checkpoint. On CPU a run is determinis
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import itertools
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,12 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.executor import init_ray
-from pipelines.manifests.manifest import Generation, config_digest
+from pipelines.manifests.manifest import Generation
 from pipelines.training.config import RESTARTABLE_FIELDS, TrainConfig
-from pipelines.training.data import Pair, coco_pairs, generation_pairs
+from pipelines.training.data import PAIR_FILE, PairFile, coco_triples, generation_triples, write_pairs
 from pipelines.training.loop import SUMMARY_FILE, Placement, TrainSpec, train_loop
 from vlp_core.atomic import atomic_directory, atomic_write_json
+from vlp_core.checkpoint import file_digest
 from vlp_core.config import load_preset
 from vlp_core.tokenizer import load_tokenizer, train_tokenizer
 
@@ -53,19 +56,21 @@ class TrainResult:
 def pretrain(config: TrainConfig, generation: Generation, run_dir: Path) -> TrainResult:
     """Pretrain BLIP (ITC + ITM + LM) on the kept pairs of `generation`."""
     _require_blip_source(config)
-    return _fit("pretrain", config, generation_pairs(generation), generation.path.parent, run_dir)
+    return _fit(
+        "pretrain", config, generation_triples(generation), str(generation.path), generation.path.parent, run_dir
+    )
 
 
 def finetune_captioner(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
     """Fine-tune the captioner (LM on prompt + caption) on a COCO Karpathy set."""
     _require_blip_source(config)
-    return _fit("captioner", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
+    return _fit("captioner", config, coco_triples(annotations, image_root), str(annotations), Path(image_root), run_dir)
 
 
 def finetune_filter(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
     """Fine-tune the filter (ITC + ITM) on a COCO Karpathy set."""
     _require_blip_source(config)
-    return _fit("filter", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
+    return _fit("filter", config, coco_triples(annotations, image_root), str(annotations), Path(image_root), run_dir)
 
 
 def train_clip(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
@@ -77,7 +82,7 @@ def train_clip(config: TrainConfig, annotations: Path, image_root: Path, run_dir
             "train_clip trains config.clip_model from scratch: leave preset and init_checkpoint "
             "unset (to use a trained open_clip model, give its weights to the rank stage instead)"
         )
-    return _fit("clip", config, coco_pairs(annotations, image_root), Path(image_root), run_dir)
+    return _fit("clip", config, coco_triples(annotations, image_root), str(annotations), Path(image_root), run_dir)
 
 
 def _require_blip_source(config: TrainConfig) -> None:
@@ -88,9 +93,18 @@ def _require_blip_source(config: TrainConfig) -> None:
         )
 
 
-def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run_dir: Path) -> TrainResult:
-    """Check and record the run, then train it unless it is already finished."""
+def _fit(
+    task: str,
+    config: TrainConfig,
+    triples: Iterable[tuple[str, str, str | None]],
+    source: str,
+    image_dir: Path,
+    run_dir: Path,
+) -> TrainResult:
+    """Write the pairs (image_id, image_ref, caption `triples` read from `source`), check and record the
+    run, then train it unless it is already finished."""
     run_dir = Path(run_dir).resolve()
+    pairs = write_pairs(triples, run_dir / PAIR_FILE, source)
     global_batch = config.batch_size * config.num_workers
     steps_per_epoch = len(pairs) // global_batch
     if steps_per_epoch == 0:
@@ -109,7 +123,7 @@ def _fit(task: str, config: TrainConfig, pairs: list[Pair], image_dir: Path, run
         task=task,
         config=config,
         run_dir=run_dir,
-        pairs=tuple(pairs),
+        pairs=pairs,
         image_dir=Path(image_dir).resolve(),
         tokenizer_dir=_tokenizer_dir(task, config, pairs, run_dir),
         steps_per_epoch=steps_per_epoch,
@@ -180,15 +194,10 @@ def _ray_train_worker(spec: TrainSpec) -> None:
     )
 
 
-def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: list[Pair]) -> None:
+def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: PairFile) -> None:
     """Write run.json on the first start; refuse a restart that would train something else."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESTARTABLE_FIELDS}
-    record = {
-        "task": task,
-        "config": settings,
-        "pairs": len(pairs),
-        "data_digest": config_digest({"pairs": [dataclasses.astuple(p) for p in pairs]}),
-    }
+    record = {"task": task, "config": settings, "pairs": len(pairs), "data_digest": file_digest(pairs.path)}
     path = run_dir / "run.json"
     if not path.exists():
         atomic_write_json(path, record)
@@ -214,7 +223,7 @@ def _finished_result(run_dir: Path, total_steps: int) -> TrainResult | None:
     return TrainResult(run_dir / "final", summary["digest"], summary["steps"], summary["history"])
 
 
-def _tokenizer_dir(task: str, config: TrainConfig, pairs: list[Pair], run_dir: Path) -> Path | None:
+def _tokenizer_dir(task: str, config: TrainConfig, pairs: PairFile, run_dir: Path) -> Path | None:
     """The tokenizer of a BLIP model built from a preset: the given one, or one trained on the captions
     (with the model's prompt) and kept in run_dir/tokenizer, so a restart uses the same vocabulary."""
     if task == "clip" or config.preset is None:
@@ -223,7 +232,7 @@ def _tokenizer_dir(task: str, config: TrainConfig, pairs: list[Pair], run_dir: P
     folder = config.tokenizer or run_dir / "tokenizer"
     if not folder.is_dir():
         tokenizer = train_tokenizer(
-            [model_config.prompt, *(p.caption for p in pairs)], vocab_size=model_config.text.vocab_size
+            itertools.chain([model_config.prompt], pairs.captions()), vocab_size=model_config.text.vocab_size
         )
         with atomic_directory(folder) as staging:
             tokenizer.save_pretrained(str(staging))

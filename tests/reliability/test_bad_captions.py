@@ -2,14 +2,14 @@
 
 from hostile_web import BAD_CAPTIONS, HostileDownload
 
-from pipelines.training.data import MAX_CAPTION_CHARS, generation_pairs
+from pipelines.training.data import MAX_CAPTION_CHARS, generation_triples, write_pairs
 from vlp_core.tokenizer import tokenize, train_tokenizer
 
 
-def test_training_pairs_clean_drop_and_cap_bad_captions(hostile_download: HostileDownload) -> None:
+def test_training_pairs_clean_drop_and_cap_bad_captions(hostile_download: HostileDownload, tmp_path) -> None:
     """Of the kept rows, the empty / whitespace captions are dropped; every other caption is clean and
     capped; the tokenizer truncates the longest to the model's max_length."""
-    pairs = generation_pairs(hostile_download.generation)
+    pairs = list(write_pairs(generation_triples(hostile_download.generation), tmp_path / "pairs.arrow", "hostile"))
     kept = [row for row in hostile_download.rows.values() if row["kept"]]
     assert len(pairs) == len(kept) - 2  # caption_empty and caption_whitespace
     captions = [pair.caption for pair in pairs]

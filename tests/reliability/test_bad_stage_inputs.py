@@ -17,7 +17,7 @@ import torch
 from flows.cli import main
 from pipelines.manifests.manifest import SCHEMA_VERSION_KEY, Generation, ManifestError, manifest_digest, samples_table
 from pipelines.stages.download import DownloadConfig, download, read_url_list
-from pipelines.training.data import generation_pairs
+from pipelines.training.data import generation_triples
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import save_checkpoint
 from vlp_core.clip import load_clip, save_clip
@@ -235,13 +235,13 @@ def test_bad_config_values_fail_before_any_work(argv, message, web_root, tmp_pat
 
 def test_stray_copies_in_samples_are_never_read_as_data(web_root, caplog) -> None:
     generation = Generation(web_root, "web", 0)
-    pairs, digest = len(generation_pairs(generation)), manifest_digest(generation)
+    pairs, digest = len(list(generation_triples(generation))), manifest_digest(generation)
     part = generation.part_path("00001")
     for stray in ("part-00001.backup.parquet", "part-00001.parquet.bak", "part-00001 (copy).parquet"):
         shutil.copy(part, generation.samples_dir / stray)
     assert generation.shards() == ["00000", "00001"]
     assert generation.read_samples().num_rows == 4
-    assert len(generation_pairs(generation)) == pairs
+    assert len(list(generation_triples(generation))) == pairs
     assert manifest_digest(generation) == digest  # a training run keyed by it is still the same run
     assert "part-00001.backup.parquet" in caplog.text
 

@@ -18,7 +18,7 @@ import torch
 
 from pipelines.manifests.manifest import Generation, samples_table
 from pipelines.training.config import TrainConfig
-from pipelines.training.data import coco_pairs, derive_seed, epoch_order
+from pipelines.training.data import EpochOrder, coco_triples, derive_seed, write_pairs
 from pipelines.training.loop import STATE_FILE, learning_rate
 from pipelines.training.stages import finetune_captioner, finetune_filter, pretrain, train_clip
 from pipelines.training.tasks import load_clip_checkpoint
@@ -161,12 +161,13 @@ def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batc
 
 
 def test_epoch_order_deals_one_shuffle_to_ranks_in_whole_batches():
-    ranks = [epoch_order(23, 4, rank, 2, seed=1, epoch=0) for rank in range(2)]
+    ranks = [list(EpochOrder(23, 4, rank, 2, seed=1, epoch=0)) for rank in range(2)]
     assert [len(r) for r in ranks] == [8, 8]  # 23 // 2 // 4 = 2 batches each
     indices = [i for r in ranks for i, _ in r]
     assert len(set(indices)) == 16 and all(0 <= i < 23 for i in indices)
-    assert epoch_order(23, 4, 0, 2, seed=1, epoch=0) == ranks[0]  # reproducible
-    assert [i for i, _ in epoch_order(23, 4, 0, 2, seed=1, epoch=1)] != [i for i, _ in ranks[0]]
+    assert list(EpochOrder(23, 4, 0, 2, seed=1, epoch=0)) == ranks[0]  # reproducible
+    assert list(EpochOrder(23, 4, 0, 2, seed=1, epoch=0, start=4)) == ranks[0][4:]  # a resume mid-epoch
+    assert [i for i, _ in EpochOrder(23, 4, 0, 2, seed=1, epoch=1)] != [i for i, _ in ranks[0]]
     assert derive_seed(1, 0) != derive_seed(0, 1)
 
 
@@ -177,9 +178,9 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(10, 10, 2, 1.0) == pytest.approx(0.0)
 
 
-def test_coco_pairs_number_images_and_keep_every_caption(world, small_set):
-    pairs = coco_pairs(small_set, world.human_root)
-    assert len(pairs) == 8 and sorted({p.image_index for p in pairs}) == [0, 1, 2, 3]
+def test_coco_pairs_key_images_and_keep_every_caption(world, small_set, tmp_path):
+    pairs = list(write_pairs(coco_triples(small_set, world.human_root), tmp_path / "pairs.arrow", "small set"))
+    assert len(pairs) == 8 and len({p.image_key for p in pairs}) == 4 and all(p.image_key >= 0 for p in pairs)
     assert all(Path(p.image_ref).is_absolute() and Path(p.image_ref).is_file() for p in pairs)
 
 
