@@ -24,8 +24,10 @@ import pyarrow.parquet as pq
 
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)`, fsync what it wrote, and rename it to `path` (creating parent
-    folders). For writers that take a path, such as safetensors' `save_file`. Returns `path`."""
+    folders). For writers that take a path, such as safetensors' `save_file`. Returns `path`. A write that
+    fails leaves nothing behind: neither the temporary file nor the folders it created."""
     path = Path(path)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -37,6 +39,9 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
+        for folder in made:
+            if not any(folder.iterdir()):
+                folder.rmdir()
         raise
     return path
 

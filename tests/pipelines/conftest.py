@@ -160,8 +160,10 @@ def resumes_like_uninterrupted(tmp_path: Path, kill_midway) -> Callable:
         finished = kill_midway(code, killed, stage, WEB_SHARDS)
         killed.marker_path(stage, finished[0]).unlink()
 
-        resumed = run(config, killed)
-        uninterrupted = run(config, copy_dataset(scored, tmp_path / "uninterrupted"))
+        other = copy_dataset(scored, tmp_path / "uninterrupted")
+        run(config, killed)
+        run(config, other)
+        resumed, uninterrupted = killed.read_samples(), other.read_samples()
         assert len(set(resumed["sample_id"].to_pylist())) == resumed.num_rows
         assert resumed.to_pylist() == uninterrupted.to_pylist()
 

@@ -305,7 +305,7 @@ def test_a_second_writer_of_a_generation_fails_fast_naming_the_first(tmp_path) -
     generation.path.mkdir(parents=True)
     left = {"stage": "download", "pid": int(gone.stdout), "host": socket.gethostname(), "since": "earlier"}
     lock.write_text(json.dumps(left))
-    assert download(DownloadConfig(), urls, generation).num_rows == 3
+    assert download(DownloadConfig(), urls, generation)["rows"] == 3
     assert not lock.exists()
 
 
