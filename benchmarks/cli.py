@@ -16,6 +16,7 @@ BENCHMARKS = {
     "training": "benchmarks.training",
     "download": "benchmarks.download",
     "end-to-end": "benchmarks.end_to_end",
+    "scale": "benchmarks.scale",
 }
 
 
@@ -35,6 +36,9 @@ def add_bench_command(commands: Commands) -> None:
         help="caption: a trained captioner checkpoint (default: the tiny preset, random weights)",
     )
     bench.add_argument("--preset", help="end-to-end: run preset (default: tiny, quick: smoke)")
+    bench.add_argument(
+        "--rows", type=int, nargs="+", help="scale: generation sizes in rows (default: 1000000 10000000)"
+    )
     bench.add_argument("--json", type=Path, help="also write the reports to this JSON file")
 
 
@@ -42,6 +46,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> Report:
     options = {"checkpoint": args.checkpoint} if name == "caption" else {}
     if name == "end-to-end" and args.preset:
         options["preset"] = args.preset
+    if name == "scale" and args.rows:
+        options["sizes"] = tuple(args.rows)
     module = importlib.import_module(BENCHMARKS[name])
     return module.run(quick=args.quick, repeats=args.repeats, **options)
 

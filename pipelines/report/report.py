@@ -43,6 +43,7 @@ REPORT_JSON = "report.json"
 EVALUATION_FILE = "evaluation.json"  # written by pipelines.stages.evaluate (not imported: it pulls in torch and Ray)
 SCORE_COLUMNS = {"itm": "itm_score", "clip": "clip_score"}
 SCORE_BINS = 20
+TEXT_BATCH_ROWS = 16_384
 N_EXAMPLES = 12
 N_EXTREMES = 2  # highest- and lowest-scoring images shown first among the examples
 HISTORY_METRICS = ("tr@1", "tr@5", "ir@1", "ir@5")
@@ -288,11 +289,12 @@ def text_figures(generation: Generation, sources: list[str]) -> dict[str, dict[s
     vocabulary = Vocabulary()
     tallies = {source: {"all": TextTally(), "kept": TextTally()} for source in sources}
     for part in generation.iter_parts(["caption", "caption_source", "kept"]):
-        for source in sources:
-            rows = part.filter(pc.equal(part["caption_source"], source))
-            tokens = vocabulary.tokenize(rows["caption"].to_pylist())
-            tallies[source]["all"].add(tokens)
-            tallies[source]["kept"].add(tokens.select(rows["kept"].to_numpy(zero_copy_only=False)))
+        for batch in part.to_batches(max_chunksize=TEXT_BATCH_ROWS):  # bounds the tokens held at once
+            for source in sources:
+                rows = batch.filter(pc.equal(batch["caption_source"], source))
+                tokens = vocabulary.tokenize(rows["caption"].to_pylist())
+                tallies[source]["all"].add(tokens)
+                tallies[source]["kept"].add(tokens.select(rows["kept"].to_numpy(zero_copy_only=False)))
     return {source: {key: tally.figures() for key, tally in by_kept.items()} for source, by_kept in tallies.items()}
 
 
@@ -348,7 +350,7 @@ def _example_rows(generation: Generation, images: list[str]) -> dict[str, list[d
     """The web and synthetic rows (with an image) of `images`, in part order."""
     by_image: dict[str, list[dict]] = defaultdict(list)
     wanted = pa.array(images, pa.string())
-    for part in generation.iter_parts():
+    for part in generation.iter_parts(["image_id", "image_ref", "sample_id", *CAPTION_ENTRY_KEYS]):
         rows = part.filter(pc.is_in(part["image_id"], wanted))
         rows = rows.filter(pc.is_in(rows["caption_source"], pa.array(EXAMPLE_SOURCES)))
         for row in rows.filter(pc.invert(pc.is_null(rows["image_ref"]))).to_pylist():
@@ -356,18 +358,20 @@ def _example_rows(generation: Generation, images: list[str]) -> dict[str, list[d
     return by_image
 
 
+CAPTION_ENTRY_KEYS = (
+    "caption_source",
+    "caption",
+    "kept",
+    "reject_stage",
+    "reject_reason",
+    "itm_score",
+    "clip_score",
+    "clip_rank",
+)
+
+
 def _caption_entry(row: dict) -> dict[str, Any]:
-    keys = (
-        "caption_source",
-        "caption",
-        "kept",
-        "reject_stage",
-        "reject_reason",
-        "itm_score",
-        "clip_score",
-        "clip_rank",
-    )
-    return {key: row[key] for key in keys}
+    return {key: row[key] for key in CAPTION_ENTRY_KEYS}
 
 
 def history(ancestors: list[dict[str, Any]], counts: dict[str, Any]) -> list[dict[str, Any]]:

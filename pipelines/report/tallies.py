@@ -23,7 +23,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 class DistinctCount:
     """How many distinct uint64 keys were added: a sorted array of the keys seen, merged in batches."""
 
-    MERGE_AT = 1 << 22  # pending keys (32 MB) before they are merged into the sorted array
+    MERGE_AT = 1 << 20  # pending keys (8 MB) before they are merged into the sorted array
 
     def __init__(self) -> None:
         self._seen = np.empty(0, dtype=np.uint64)
