@@ -383,7 +383,9 @@ def manifest_digest(generation: Generation) -> str:
     digest = hashlib.sha256()
     for part in (generation.part_path(shard) for shard in generation.shards()):
         digest.update(part.name.encode())
-        digest.update(part.read_bytes())
+        with part.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
     return "sha256:" + digest.hexdigest()[:16]
 
 

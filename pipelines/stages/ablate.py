@@ -139,39 +139,42 @@ def arm_generation(candidates: Generation, arm: Arm) -> Generation:
 def derive_arm(candidates: Generation, arm: Arm, human: AssembleConfig, threshold: float, top_k: int) -> Generation:
     """Write `arm`'s generation from the ranked `candidates` (see the module docstring); returns it."""
     target = arm_generation(candidates, arm)
-    rules = {"arm": asdict(arm), "threshold": threshold, "top_k": top_k}
-    for shard in shards_finished_by(candidates, RANK_STAGE):
-        source = candidates.part_path(shard)
-        key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
-        if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
-            continue
-        rows = rebased(
-            arm_rows(read_part(source).to_pylist(), arm, threshold, top_k), candidates.path.parent, target.path.parent
+    with target.writer(STAGE):
+        rules = {"arm": asdict(arm), "threshold": threshold, "top_k": top_k}
+        for shard in shards_finished_by(candidates, RANK_STAGE):
+            source = candidates.part_path(shard)
+            key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
+            if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
+                continue
+            rows = rebased(
+                arm_rows(read_part(source).to_pylist(), arm, threshold, top_k),
+                candidates.path.parent,
+                target.path.parent,
+            )
+            target.marker_path(STAGE, shard).unlink(missing_ok=True)
+            target.write_part(shard, rows_table(rows))
+            target.mark_done(
+                STAGE,
+                shard,
+                {
+                    "key": key,
+                    **rules,
+                    "rows": len(rows),
+                    "kept": sum(row["kept"] for row in rows),
+                    "rejected": dict(
+                        Counter(f"{row['reject_stage']}/{row['reject_reason']}" for row in rows if not row["kept"])
+                    ),
+                },
+            )
+        info = candidates.read_info()
+        run_assemble(
+            human,
+            target,
+            info["parent_generation"],
+            checkpoints=info["checkpoints"],
+            stages=[STAGE],
+            config_digest=config_digest({**rules, "candidates": manifest_digest(candidates)}),
         )
-        target.marker_path(STAGE, shard).unlink(missing_ok=True)
-        target.write_part(shard, rows_table(rows))
-        target.mark_done(
-            STAGE,
-            shard,
-            {
-                "key": key,
-                **rules,
-                "rows": len(rows),
-                "kept": sum(row["kept"] for row in rows),
-                "rejected": dict(
-                    Counter(f"{row['reject_stage']}/{row['reject_reason']}" for row in rows if not row["kept"])
-                ),
-            },
-        )
-    info = candidates.read_info()
-    run_assemble(
-        human,
-        target,
-        info["parent_generation"],
-        checkpoints=info["checkpoints"],
-        stages=[STAGE],
-        config_digest=config_digest({**rules, "candidates": manifest_digest(candidates)}),
-    )
     return target
 
 

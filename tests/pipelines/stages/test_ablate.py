@@ -2,12 +2,21 @@
 (written, resumable, with the human pairs) and the table built from evaluations."""
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pipelines.manifests.manifest import Generation, generation_counts, manifest_digest, samples_table
+from pipelines.manifests.manifest import (
+    WRITER_LOCK,
+    Generation,
+    ManifestError,
+    generation_counts,
+    manifest_digest,
+    samples_table,
+)
 from pipelines.report.ablation_table import (
     ABLATION_JSON,
     ablation_markdown,
@@ -242,6 +251,16 @@ def test_a_torn_shard_is_redone_to_the_same_rows(candidates: Generation, human: 
     arm.marker_path(STAGE, "00001").unlink()  # killed between the part and its marker
     derive_arm(candidates, ARMS["filter_only"], human, THRESHOLD, TOP_K)
     assert arm.is_done(STAGE, "00001") and arm.read_samples().equals(whole)
+
+
+def test_an_arm_being_written_by_another_run_is_not_touched(candidates: Generation, human: AssembleConfig) -> None:
+    target = arm_generation(candidates, ARMS["capfilt"])
+    target.path.mkdir(parents=True)
+    alive = {"stage": STAGE, "pid": os.getppid(), "host": socket.gethostname(), "since": "now"}  # a live process
+    (target.path / WRITER_LOCK).write_text(json.dumps(alive))
+    with pytest.raises(ManifestError, match=rf"is being written by {STAGE} \(pid {os.getppid()} "):
+        derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
+    assert sorted(path.name for path in target.path.iterdir()) == [WRITER_LOCK]
 
 
 # --------------------------------------------------------------------------- the table
