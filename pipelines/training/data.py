@@ -1,11 +1,12 @@
 """Training data: (image, caption) pairs from a generation or a COCO set, and a reproducible batch order.
 
 The pairs of a run are written once, streamed from their source, into an Arrow IPC file in the run folder
-(`PAIR_FILE`); every worker memory-maps it, so none holds the pairs in memory and a generation of any size
-trains with the same footprint. A pair's image is read through `ImageStore` (a webdataset shard member or a
-file). Batches are a pure function of (seed, epoch, position): the shuffle is a keyed permutation computed
-one position at a time (`Permutation`), and every item's random crop comes from its own seed, so neither
-the number of loader workers nor a resume in the middle of an epoch changes what the model sees.
+(`PAIR_FILE`); workers read it one small record batch per pair, so none holds (or maps) the pairs and a
+generation of any size trains with the same footprint. A pair's image is read through `ImageStore` (a
+webdataset shard member or a file). Batches are a pure function of (seed, epoch, position): the shuffle
+is a keyed permutation computed one position at a time (`Permutation`), and every item's random crop
+comes from its own seed, so neither the number of loader workers nor a resume in the middle of an epoch
+changes what the model sees.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 MAX_CAPTION_CHARS = 512  # longer captions are cut at a word boundary; the tokenizer truncates further
 PAIR_FILE = "pairs.arrow"
 PAIR_SCHEMA = pa.schema([("image_ref", pa.string()), ("caption", pa.string()), ("image_key", pa.int64())])
-PAIR_BATCH_ROWS = 1 << 16  # rows per record batch of a pair file (the last one may be shorter)
+PAIR_BATCH_ROWS = 1024  # rows per record batch of a pair file (the last one may be shorter): one read per pair
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ def _write_batch(writer: pa.ipc.RecordBatchFileWriter, batch: dict[str, list]) -
 
 
 class PairFile:
-    """The pairs in a file `write_pairs` wrote, memory-mapped: random access without loading them. Opened
-    lazily, so a copy sent to another process (a loader or Ray worker) opens its own map."""
+    """The pairs in a file `write_pairs` wrote, read one record batch (PAIR_BATCH_ROWS pairs) per access
+    with plain reads: no process holds or maps the whole file. Opened lazily, so a copy sent to another
+    process (a loader or Ray worker) opens its own."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -127,25 +129,28 @@ class PairFile:
         self.path = state["path"]
 
     @cached_property
-    def _batches(self) -> list[pa.RecordBatch]:
-        """The file's record batches: views of the memory map, not copies."""
-        reader = pa.ipc.open_file(pa.memory_map(str(self.path)))
-        return [reader.get_batch(index) for index in range(reader.num_record_batches)]
+    def _reader(self) -> pa.ipc.RecordBatchFileReader:
+        return pa.ipc.open_file(pa.OSFile(str(self.path)))
+
+    @cached_property
+    def _length(self) -> int:
+        last = self._reader.num_record_batches - 1
+        return last * PAIR_BATCH_ROWS + self._reader.get_batch(last).num_rows if last >= 0 else 0
 
     def __len__(self) -> int:
-        return (len(self._batches) - 1) * PAIR_BATCH_ROWS + self._batches[-1].num_rows if self._batches else 0
+        return self._length
 
     def __getitem__(self, index: int) -> Pair:
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} of {len(self)}")
         batch, row = divmod(index, PAIR_BATCH_ROWS)
-        image_ref, caption, key = (column[row].as_py() for column in self._batches[batch].columns)
+        image_ref, caption, key = (column[row].as_py() for column in self._reader.get_batch(batch).columns)
         return Pair(image_ref, caption, key)
 
     def captions(self) -> Iterator[str]:
         """Every caption, in file order, one batch at a time."""
-        for batch in self._batches:
-            yield from batch.column("caption").to_pylist()
+        for index in range(self._reader.num_record_batches):
+            yield from self._reader.get_batch(index).column("caption").to_pylist()
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -43,7 +43,7 @@ class TrainSpec:
     task: str  # one of training.tasks.TASKS
     config: TrainConfig
     run_dir: Path
-    pairs: PairFile  # memory-mapped by each worker
+    pairs: PairFile  # each worker reads it a batch at a time
     image_dir: Path  # what relative image_refs are relative to
     tokenizer_dir: Path | None  # BLIP from a preset: the tokenizer to use
     steps_per_epoch: int
