@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.harness import Report, machine, time_once
+from benchmarks.harness import Measurement, Report, load_1min, machine, time_once
 from pipelines.manifests.manifest import Generation, generation_info, samples_table
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
 
@@ -180,13 +180,19 @@ def run(quick: bool = False, repeats: int | None = None, sizes: tuple[int, ...] 
             parquet_mb = sum(p.stat().st_size for p in root.rglob("*.parquet")) / 1e6
             report.figures[f"{n_rows:,} rows: built in"] = f"{time.perf_counter() - start:.1f} s, {parquet_mb:.0f} MB"
             for name in OPERATIONS:
-                results[name][n_rows] = _in_fresh_process(name, root, world_dir, batches)
-                result = results[name][n_rows]
-                report.figures[f"{name} at {n_rows:,} rows"] = (
-                    f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-                    f"({result['imports_mb']:.0f} MB after imports)"
+                load_before = load_1min()
+                result = results[name][n_rows] = _in_fresh_process(name, root, world_dir, batches)
+                measurement = Measurement(
+                    f"{name} at {n_rows:,} rows",
+                    "rows/s",
+                    n_rows,
+                    [result["seconds"]],
+                    load_before,
+                    load_1min(),
+                    {"peak RSS MB": round(result["peak_rss_mb"]), "RSS after imports MB": round(result["imports_mb"])},
                 )
-                print(f"{name} at {n_rows:,} rows: {report.figures[f'{name} at {n_rows:,} rows']}", flush=True)
+                report.measurements.append(measurement)
+                print(*measurement.lines(), sep="\n", flush=True)
     small, large = min(sizes), max(sizes)
     for name in OPERATIONS:
         a, b = results[name][small], results[name][large]

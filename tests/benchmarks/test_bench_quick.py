@@ -9,7 +9,7 @@ import pytest
 from benchmarks.cli import BENCHMARKS
 from flows.cli import main
 
-SLOW = {"download", "end-to-end"}  # img2dataset's start-up; whole flow runs
+SLOW = {"download", "end-to-end", "scale"}  # img2dataset's start-up; whole flow runs; ten fresh processes
 
 
 def _positive(values: list[float]) -> bool:
@@ -36,6 +36,9 @@ def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.Captu
     for measurement in report["measurements"]:
         assert _positive(measurement["seconds"]) and measurement["rate"] > 0
         assert measurement["label"] in printed
+    if name == "scale":  # every reader at both sizes, with its memory
+        assert len(report["measurements"]) == 2 * 5
+        assert all(0 < m["extra"]["RSS after imports MB"] <= m["extra"]["peak RSS MB"] for m in report["measurements"])
     if name == "caption":  # the output-distribution check is printed side by side
         figures = report["figures"]
         for side in ("ours", "transformers"):
