@@ -2,7 +2,8 @@
 
 Every input URL becomes exactly one manifest row: downloaded ones are kept with their sha256 and size,
 failed ones are marked `kept=False, reject_stage="download"` with a short reason (`http_404`,
-`decode_error`, `timeout`, `url_policy`, `too_large`, ...) and img2dataset's message in `reject_detail`.
+`decode_error`, `timeout`, `url_policy`, `invalid_url`, `dns_error`, `too_large`, `truncated_body`, ...)
+and img2dataset's message (or the URL check's) in `reject_detail`.
 The URL policy is checked here before anything is fetched, and again on every connection img2dataset's
 workers open, redirects included (pipelines.stages.download_worker).
 
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
-from pipelines.stages.url_policy import POLICY_REASON, UrlPolicy
+from pipelines.stages.url_policy import POLICY_REASON, Refusal, UrlPolicy
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
 from vlp_core.decode import DEFAULT_MAX_PIXELS
 
@@ -234,7 +235,7 @@ def download_world(config: DownloadConfig, world_dir: Path, generation: Generati
         return download(config, url_list, generation)
 
 
-def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[str | None]) -> None:
+def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[Refusal | None]) -> None:
     refused = [(row, verdict) for row, verdict in zip(urls.to_pylist(), verdicts) if verdict is not None]
     rows = {
         "image_id": [_image_id(r["row_index"]) for r, _ in refused],
@@ -244,8 +245,8 @@ def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[s
         "generation": [generation.number] * len(refused),
         "kept": [False] * len(refused),
         "reject_stage": [STAGE] * len(refused),
-        "reject_reason": ["url_policy"] * len(refused),
-        "reject_detail": [verdict for _, verdict in refused],
+        "reject_reason": [verdict.reason for _, verdict in refused],
+        "reject_detail": [verdict.detail for _, verdict in refused],
     }
     generation.write_part(REFUSED_SHARD, samples_table(rows))
     generation.mark_done(STAGE, REFUSED_SHARD, {"rows": len(refused)})
@@ -367,6 +368,7 @@ _REASONS = [  # first match wins
     (re.compile(r"infinite loop", re.I), lambda m: "redirect_loop"),
     (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
     (re.compile(r"empty_body"), lambda m: "empty_body"),
+    (re.compile(r"truncated_body|IncompleteRead"), lambda m: "truncated_body"),
     (re.compile(r"too_large|CV_IO_MAX_IMAGE_PIXELS"), lambda m: "too_large"),
     (re.compile(r"timed out", re.I), lambda m: "timeout"),
     (re.compile(r"Connection refused", re.I), lambda m: "connection_refused"),

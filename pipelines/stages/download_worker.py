@@ -77,7 +77,10 @@ class _BoundedResponse(http.client.HTTPResponse):
                 self.close()
                 raise TimeoutError(f"timed out: body still arriving after {self.guard.max_seconds} s")
             chunks.append(chunk)
+        missing = self.length  # http.client counts down the declared length; it is 0 when all came
         self.close()
+        if missing:
+            raise OSError(f"truncated_body: the connection closed after {size} bytes, {missing} more were declared")
         return b"".join(chunks)
 
 

@@ -1,9 +1,10 @@
 """Per-sample inference over a generation's shards, resumable shard by shard.
 
 A stage (caption, filter, rank) turns each pending shard into *requests*, one per image: its image_ref
-and the candidate captions (with their sample_ids) the model should look at. The requests of all
-pending shards flow through one Ray Data `map_batches`, whose actors load the model once each, or, with
-the local executor, through one such actor in this process. Every batch is one block of one shard's
+and the candidate captions (with their sample_ids) the model should look at. The requests of a wave of
+pending shards (about WAVE_IMAGES images, so the driver's memory does not grow with the generation) flow
+through one Ray Data `map_batches`, whose actors load the model once each per wave, or, with the local
+executor, through one such actor in this process. Every batch is one block of one shard's
 requests, cut the same way on every run, so a shard's results do not depend on which other shards a run
 still had to do, nor on the executor.
 
@@ -289,32 +290,44 @@ class _PendingShard:
     results: dict[str, Row] = field(default_factory=dict)  # image_id -> result (a retried block counts once)
 
 
+WAVE_IMAGES = 100_000  # images whose requests are handed to the actors at once: bounds the driver's memory
+
+
 def run_sharded_inference(
     stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
 ) -> dict[str, Any]:
-    """Run `stage` over every shard of `shards` without its marker in `target`; returns the target's
-    `generation_counts`."""
+    """Run `stage` over every shard of `shards` without its marker in `target`, in waves of about
+    WAVE_IMAGES images (whole shards); returns the target's `generation_counts`."""
     with target.writer(stage.name):
-        pending = {shard: stage.requests(shard) for shard in shards if not target.is_done(stage.name, shard)}
-        log.info(
-            "%s: %d of %d shards to do, %d images",
-            stage.name,
-            len(pending),
-            len(shards),
-            sum(r.num_rows for r in pending.values()),
-        )
-        waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
-        for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
-            commit_shard(target, stage.name, shard, *stage.merge(shard, []))
-            del waiting[shard]
-        if waiting:
-            for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
-                state = waiting[result["shard"]]
-                state.results[result["image_id"]] = result
-                if len(state.results) == state.expected:
-                    shard = result["shard"]
-                    commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
+        todo = [shard for shard in shards if not target.is_done(stage.name, shard)]
+        log.info("%s: %d of %d shards to do", stage.name, len(todo), len(shards))
+        for pending in _waves(stage, todo):
+            log.info("%s: a wave of %d shards, %d images", stage.name, len(pending), sum(map(len, pending.values())))
+            waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
+            for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
+                commit_shard(target, stage.name, shard, *stage.merge(shard, []))
+                del waiting[shard]
+            if waiting:
+                for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
+                    state = waiting[result["shard"]]
+                    state.results[result["image_id"]] = result
+                    if len(state.results) == state.expected:
+                        shard = result["shard"]
+                        commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
         return target.counts()
+
+
+def _waves(stage: ShardedStage, shards: list[str]) -> Iterator[dict[str, pa.Table]]:
+    """The shards' requests, built lazily and grouped into waves of whole shards of about WAVE_IMAGES
+    images (the actor pool is started once per wave)."""
+    wave: dict[str, pa.Table] = {}
+    for shard in shards:
+        wave[shard] = stage.requests(shard)
+        if sum(map(len, wave.values())) >= WAVE_IMAGES:
+            yield wave
+            wave = {}
+    if wave:
+        yield wave
 
 
 def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, stats: dict[str, Any]) -> None:

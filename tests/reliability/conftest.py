@@ -25,7 +25,7 @@ def hostile_download(tmp_path_factory: pytest.TempPathFactory) -> HostileDownloa
         with HostileWeb("127.0.0.1", routes) as web:
             names, lines = [], [b"url,caption"]
             for name, (path, _, _) in cases.items():
-                url = web.base_url + path if path.startswith("/") else path
+                url = web.base_url + path if path.startswith("/") else path.format(web=web.base_url.split("//")[1])
                 names.append(name)
                 lines.append(url.encode() + b"," + csv_field(name.encode()))
             for name, caption in BAD_CAPTIONS.items():

@@ -83,6 +83,7 @@ class Reply:
     body: bytes = b""
     location: str | None = None  # a redirect target
     send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
+    declared_extra: int = 0  # Content-Length declares this many bytes more than the body (which is then cut)
     hang_s: float = 0.0  # wait this long before answering
     drip_s: float = 0.0  # send the body one byte at a time, this long apart
     headers: tuple[tuple[str, str], ...] = ()  # more response headers, e.g. X-Robots-Tag
@@ -109,7 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.location:
             self.send_header("Location", reply.location)
         if reply.send_length:
-            self.send_header("Content-Length", str(len(reply.body)))
+            self.send_header("Content-Length", str(len(reply.body) + reply.declared_extra))
         for name, value in reply.headers:
             self.send_header(name, value)
         self.end_headers()
@@ -173,7 +174,8 @@ OPT_OUT_CASES = (
 )
 
 
-# name -> (path on the hostile web or a full URL, reply, expected reject reason or None for success)
+# name -> (path on the hostile web, or a full URL where "{web}" is the hostile web's host:port; reply;
+# expected reject reason or None for success)
 def download_cases(internal: str) -> dict[str, tuple[str, Reply | None, str | None]]:
     images = image_payloads()
     bad_image = {"truncated_jpeg": "decode_error", "empty": "empty_body", "bomb": "too_large"}
@@ -190,6 +192,19 @@ def download_cases(internal: str) -> dict[str, tuple[str, Reply | None, str | No
             "html_page": ("/html_page", Reply(content_type="text/html", body=HTML_PAGE), "decode_error"),
             "json_body": ("/json_body", Reply(content_type="application/json", body=b'{"a": 1}'), "decode_error"),
             "oversized_body": ("/oversized_body", Reply(body=bytes(3 * 2**20), send_length=False), "too_large"),
+            "short_jpeg": (
+                "/short_jpeg",
+                Reply(body=images["jpeg"][:-200], declared_extra=200),
+                "truncated_body",
+            ),
+            "png_without_trailer": (  # decodes, but the server sent less than it declared
+                "/png_without_trailer",
+                Reply(content_type="image/png", body=images["rgba_png"][:-12], declared_extra=12),
+                "truncated_body",
+            ),
+            "userinfo": ("http://user:secret@{web}/jpeg", None, "invalid_url"),
+            "port_out_of_range": ("http://127.0.0.1:99999/jpeg", None, "invalid_url"),
+            "space_in_path": ("/a jpeg.jpg", None, "invalid_url"),
             "http_404": ("/http_404", None, "http_404"),
             "http_500": ("/http_500", Reply(500, "text/plain", b"oops"), "http_500"),
             "connection_refused": (f"http://127.0.0.1:{closed_port()}/a.jpg", None, "connection_refused"),

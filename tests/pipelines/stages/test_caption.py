@@ -13,6 +13,7 @@ import torch
 
 from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, read_part
+from pipelines.stages import caption, shards
 from pipelines.stages.caption import CaptionConfig, run_caption
 from vlp_core.checkpoint import WEIGHTS_FILE, file_digest
 
@@ -102,6 +103,32 @@ def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(we
     run_caption(dataclasses.replace(config, seed=1), web_gen0, target)
     assert target.read_samples().equals(first), "marked shards are not captioned again, whatever the config"
     assert {shard: target.part_path(shard).stat().st_mtime_ns for shard in SHARDS} == parts
+
+
+def test_waves_of_shards_give_the_same_rows_and_build_requests_only_for_the_wave(web_gen0, config, monkeypatch):
+    """One shard per wave: a shard's requests are built only after the shards before it are committed,
+    so the driver never holds a whole generation's requests; the rows equal a one-wave run's."""
+    whole = Generation(web_gen0.root, "world", 1)
+    run_caption(config, web_gen0, whole)
+    events = []
+    requests, commit = caption._Captioning.requests, shards.commit_shard
+
+    def recorded_requests(self, shard):
+        events.append(("requests", shard))
+        return requests(self, shard)
+
+    def recorded_commit(target, stage, shard, *rest):
+        events.append(("commit", shard))
+        return commit(target, stage, shard, *rest)
+
+    monkeypatch.setattr(caption._Captioning, "requests", recorded_requests)
+    monkeypatch.setattr(shards, "commit_shard", recorded_commit)
+    monkeypatch.setattr(shards, "WAVE_IMAGES", 1)
+    waves = Generation(web_gen0.root, "world", 2)
+    run_caption(config, web_gen0, waves)
+    assert events == [(event, shard) for shard in sorted(SHARDS) for event in ("requests", "commit")]
+    numbers = ["generation", "parent_generation"]
+    assert waves.read_samples().drop_columns(numbers).equals(whole.read_samples().drop_columns(numbers))
 
 
 @pytest.mark.slow
