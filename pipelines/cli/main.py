@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipelines.cli.options import ConfigDefaultsHelpFormatter, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_stage_commands
+from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, list_generations
 from pipelines.registry import DOWNLOAD
 
@@ -49,10 +50,33 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.handler(args)
-    except (ManifestError, ValueError, FileNotFoundError) as error:
-        print(f"capfilt {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        found = input_error(error)
+        if found is None:
+            raise
+        print(f"capfilt {args.command}: error: {found}", file=sys.stderr)
         return 2
     return 0
+
+
+INPUT_ERRORS = (ManifestError, ValueError, FileNotFoundError, ShardUnavailableError)
+
+
+def input_error(error: BaseException) -> BaseException | None:
+    """The error a user can act on (bad input, settings or a missing file) that `error` is or wraps: a Ray
+    task or Ray Data actor re-raises the original inside its own error, with the remote traceback in its
+    message. None for anything else (a bug: the traceback is wanted then)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        original = getattr(error, "cause", None)  # where Ray keeps the exception the task raised
+        if isinstance(original, BaseException):
+            error = original
+        elif isinstance(error, INPUT_ERRORS):
+            return error
+        else:
+            error = error.__cause__
+    return None
 
 
 def add_command(
@@ -87,6 +111,18 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
 
     generations = command("generations", _generations, "List generations with counts by source and reject reason.")
     generations.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+    generations.add_argument(
+        "--reasons", action="store_true", help="also the funnel: rows of each source left after each stage"
+    )
+
+    explain = command(
+        "explain",
+        _explain,
+        "What happened to one sample: its candidate captions in every generation, with each decision and reason.",
+    )
+    explain.add_argument("sample", help="the sample's URL, image id, or the sample id of one of its rows")
+    explain.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+    explain.add_argument("--dataset", default="web", help="dataset folder under the root (default: %(default)s)")
 
     add_stage_commands(commands, add_command)
     for extend in extensions:
@@ -191,8 +227,32 @@ def _download(args: argparse.Namespace) -> None:
     print(format_generations(args.root))
 
 
+def _explain(args: argparse.Namespace) -> None:
+    from pipelines.report.explain import format_journey, sample_journey
+
+    print(format_journey(sample_journey(args.root, args.dataset, args.sample)))
+
+
 def _generations(args: argparse.Namespace) -> None:
     print(format_generations(args.root))
+    if args.reasons:
+        print(format_funnels(args.root))
+
+
+def format_funnels(root: Path) -> str:
+    """Per generation, the rows of each source left after each of its stages (reads the parts)."""
+    from pipelines.report.report import funnel, rejected_rows
+
+    blocks = []
+    for generation in list_generations(root):
+        info = generation.read_info()
+        steps = funnel(info["counts"]["rows_by_source"], rejected_rows(generation), info.get("stages", []))
+        header = ("source", *(step["step"] for step in next(iter(steps.values()), [])))
+        rows = [header, *((source, *(str(step["rows"]) for step in left)) for source, left in steps.items())]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        table = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        blocks.append("\n".join([f"{generation.dataset} gen {generation.number}: rows left after each stage", *table]))
+    return "\n\n".join(["", *blocks])
 
 
 def format_generations(root: Path) -> str:

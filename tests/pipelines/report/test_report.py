@@ -284,6 +284,55 @@ def test_report_files_are_a_function_of_the_inputs(lineage, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_explain_follows_a_dropped_and_a_kept_sample_through_the_generations(lineage, capsys) -> None:
+    generation, _ = lineage
+    [(dropped_url, dropped_caption, dropped_image)] = query(
+        generation,
+        "SELECT url, caption, image_id FROM samples WHERE caption_source = 'web' AND reject_stage = 'filter' "
+        "ORDER BY sample_id LIMIT 1",
+    )
+    [(synthetic,)] = query(
+        generation, f"SELECT count(*) FROM samples WHERE caption_source = 'synthetic' AND image_id = '{dropped_image}'"
+    )
+    [(kept_id, kept_image, kept_caption)] = query(
+        generation,
+        "SELECT sample_id, image_id, caption FROM samples WHERE caption_source = 'synthetic' AND kept "
+        "ORDER BY sample_id LIMIT 1",
+    )
+    where = ["--root", str(generation.root), "--dataset", generation.dataset]
+
+    assert main(["explain", dropped_url, *where]) == 0
+    out = capsys.readouterr().out.splitlines()
+    name = generation.dataset
+    assert out[0] == f"{name} gen 0: download"
+    gen1 = out[next(i for i, line in enumerate(out) if line.startswith(f"{name} gen 1 (from gen 0): caption")) :]
+    dropped = [line for line in gen1 if line.startswith("  web       dropped by filter: itm_below_threshold")]
+    assert len(dropped) == 1 and dropped_caption[:40] in dropped[0]
+    assert sum(line.startswith("  synthetic") for line in gen1) == synthetic > 0
+
+    assert main(["explain", kept_id, *where]) == 0  # a synthetic row's sample id names its image
+    out = capsys.readouterr().out
+    assert f"image {kept_image}" in out and any(
+        line.startswith("  synthetic kept") and kept_caption[:40] in line for line in out.splitlines()
+    )
+    assert main(["explain", "http://nowhere.example/a.jpg", *where]) == 2
+    assert "no row of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generations_reasons_prints_the_funnel_of_the_report(lineage, figures, capsys) -> None:
+    generation, _ = lineage
+    assert main(["generations", "--root", str(generation.root), "--reasons"]) == 0
+    out = capsys.readouterr().out
+    block = out.split(f"{generation.dataset} gen 1: rows left after each stage\n")[1].split("\n\n")[0].splitlines()
+    assert block[0].split() == ["source", *(step["step"] for step in figures["funnel"]["web"])]
+    assert {line.split()[0] for line in block[1:]} == set(figures["funnel"]) == {"web", "synthetic", "human"}
+    for line in block[1:]:
+        source, *numbers = line.split()
+        assert [int(n) for n in numbers] == [step["rows"] for step in figures["funnel"][source]]
+
+
+@pytest.mark.slow
 def test_cli_writes_into_the_generation_and_replaces_an_old_report(lineage, capsys) -> None:
     generation, _ = lineage
     stale = generation.path / "report" / "plots" / "stale.svg"

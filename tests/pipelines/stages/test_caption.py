@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 
+from pipelines.cli.main import main as cli_main
 from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, read_part
 from pipelines.stages import caption, shards
@@ -182,6 +183,19 @@ def test_a_lost_shard_tar_stops_the_stage_and_a_rerun_after_restoring_it_redoes_
     run_caption(config, web_gen0, target)
     assert "missing_file" not in target.read_samples()["reject_reason"].to_pylist()
     assert all(target.is_done("caption", shard) for shard in WEB_SHARDS)
+
+
+@pytest.mark.slow
+def test_a_lost_shard_tar_under_ray_is_one_line_and_exit_2(ray_local, web_gen0, tiny_blip_checkpoint, capsys):
+    """The error is raised in a Ray Data actor; the command prints the original message, not Ray's traceback."""
+    (web_gen0.path / "shards" / "00001.tar").unlink()
+    argv = ["caption", "--root", str(web_gen0.root), "--dataset", "world", "--generation", "1"]
+    argv += ["--checkpoint", str(tiny_blip_checkpoint), "--num-captions", "2", "--max-length", "6"]
+    argv += ["--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address]
+    assert cli_main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("capfilt caption: error: ") and "00001.tar: shard missing or unreadable" in last
+    assert "Traceback" not in last and "RayTaskError" not in last and "UserCodeException" not in last
 
 
 def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpoint, tmp_path):
