@@ -6,7 +6,9 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from benchmarks.cli import add_bench_command
 from pipelines.cli.main import Commands, add_command, format_generations
@@ -124,14 +126,37 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 
 def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
+    from pipelines.report.report import REPORT_JSON
 
     result = capfilt(**config_kwargs(args, capfilt))
     root = Path(result["manifests"])
     print(format_generations(root))
-    print(json.dumps(result["metrics"], indent=2, default=str))
+    if result["metrics"]:
+        print(f"\nheld-out metrics (change from the generation before):\n{format_metrics(result['metrics'])}")
     print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json")
     for number, page in result["reports"].items():
-        print(f"report of generation {number}: {page}")
+        verdict = json.loads((Path(page).parent / REPORT_JSON).read_text()).get("verdict") or {}
+        print(f"report of generation {number}: {page}\n  {verdict.get('summary', '')}")
+
+
+METRIC_KEYS = (("retrieval", "tr@1"), ("retrieval", "ir@1"), ("captioning", "bleu_4"), ("captioning", "cider"))
+
+
+def format_metrics(metrics: Mapping[int, Mapping[str, Any]]) -> str:
+    """A short table of each generation's held-out metrics (its evaluation.json), with the change from the
+    generation before."""
+    rows, previous = [("generation", *(key for _, key in METRIC_KEYS))], None
+    for number in sorted(metrics):
+        values = {key: (metrics[number].get(group) or {}).get(key) for group, key in METRIC_KEYS}
+        cells = [str(number)]
+        for key, value in values.items():
+            before = (previous or {}).get(key)
+            change = f" ({value - before:+.3f})" if value is not None and before is not None else ""
+            cells.append("-" if value is None else f"{value:.3f}{change}")
+        rows.append(tuple(cells))
+        previous = values
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _names(text: str) -> list[str]:

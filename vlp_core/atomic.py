@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write_file(path: Path, write: Callable[[Path], None], keep_if_same: bool = False) -> Path:
     """Call `write(temporary_path)`, fsync what it wrote, and rename it to `path` (creating parent
     folders). For writers that take a path, such as safetensors' `save_file`. Returns `path`. A write that
-    fails leaves nothing behind: neither the temporary file nor the folders it created."""
+    fails leaves nothing behind: neither the temporary file nor the folders it created. With `keep_if_same`,
+    an existing `path` with the same bytes is left as it is (a re-run does not touch it)."""
     path = Path(path)
     made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,10 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
         write(temporary)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
-        os.replace(temporary, path)
+        if keep_if_same and path.is_file() and _same_bytes(temporary, path):
+            temporary.unlink()
+        else:
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         for folder in made:
@@ -44,6 +48,16 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
                 folder.rmdir()
         raise
     return path
+
+
+def _same_bytes(first: Path, second: Path, block: int = 1 << 20) -> bool:
+    if first.stat().st_size != second.stat().st_size:
+        return False
+    with open(first, "rb") as one, open(second, "rb") as other:
+        while chunk := one.read(block):
+            if chunk != other.read(block):
+                return False
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

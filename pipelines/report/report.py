@@ -153,7 +153,40 @@ def report_figures(inputs: ReportInputs) -> Figures:
     }
     if inputs.noise_by_key is not None:
         figures["world"] = {"world_dir": inputs.world_dir, **world_truth(generation, inputs.noise_by_key)}
+    figures["verdict"] = verdict(figures["history"], figures["funnel"])
     return figures
+
+
+def verdict(history_table: list[dict[str, Any]], funnels: dict[str, list[dict]]) -> dict[str, Any]:
+    """The page's first line: is the model trained on this generation better than its parent's on the
+    held-out metrics both were evaluated on, and how many rows of each source each stage removed."""
+    removed = [
+        {"stage": after["step"], "source": source, "rows": before["rows"] - after["rows"]}
+        for source, steps in funnels.items()
+        for before, after in zip(steps, steps[1:])
+        if before["rows"] > after["rows"]
+    ]
+    this = history_table[-1]
+    parent = history_table[-2] if len(history_table) > 1 else None
+    changes = {
+        key: {"parent": parent[key], "this": this[key], "change": this[key] - parent[key]}
+        for key in (*HISTORY_METRICS, *CAPTION_METRICS)
+        if parent is not None and parent[key] is not None and this[key] is not None
+    }
+    better = [key for key, change in changes.items() if change["change"] > 0]
+    worse = [key for key, change in changes.items() if change["change"] < 0]
+    if not changes:
+        summary = "not compared: this generation and its parent were not both evaluated"
+    elif worse and not better:
+        summary = f"worse than generation {parent['generation']} on every held-out metric ({', '.join(worse)})"
+    elif better and not worse:
+        summary = f"better than generation {parent['generation']} on every held-out metric ({', '.join(better)})"
+    else:
+        summary = (
+            f"mixed against generation {parent['generation']}: better on {', '.join(better) or 'none'}, "
+            f"worse on {', '.join(worse) or 'none'}"
+        )
+    return {"summary": summary, "better": better, "worse": worse, "changes": changes, "removed": removed}
 
 
 def lineage(info: dict[str, Any]) -> dict[str, Any]:

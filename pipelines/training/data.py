@@ -74,7 +74,8 @@ def coco_triples(annotations: Path, image_root: Path) -> Iterator[tuple[str, str
 
 def write_pairs(triples: Iterable[tuple[str, str, str | None]], path: Path, source: str) -> PairFile:
     """Clean the captions of (image_id, image_ref, caption) triples and write the pairs to `path`
-    (atomically, in batches: memory is one batch); captions that clean to nothing are dropped."""
+    (atomically, in batches: memory is one batch; an existing file with the same pairs is kept); captions
+    that clean to nothing are dropped."""
     counts = {"read": 0, "written": 0}
 
     def write(temporary: Path) -> None:
@@ -91,7 +92,7 @@ def write_pairs(triples: Iterable[tuple[str, str, str | None]], path: Path, sour
                     counts["written"] += _write_batch(writer, batch)
             counts["written"] += _write_batch(writer, batch)
 
-    atomic_write_file(path, write)
+    atomic_write_file(path, write, keep_if_same=True)  # a re-run of the same data leaves the file untouched
     if counts["written"] < counts["read"]:
         log.info(
             "%s: %d of %d captions are empty after cleaning and are not trained on",

@@ -8,7 +8,7 @@ import pytest
 
 from flows.ablate import capfilt_ablate
 from flows.capfilt import capfilt, run_setup
-from flows.cli import add_flow_commands, main
+from flows.cli import add_flow_commands, format_metrics, main
 from pipelines.cli.main import build_parser
 from pipelines.cli.options import config_kwargs
 from vlp_core.checkpoint import CheckpointError
@@ -111,3 +111,14 @@ def test_real_data_needs_a_held_out_set_only_when_something_is_trained(tmp_path:
     with pytest.raises(CheckpointError, match="filter: its lm_head is initialised at random, and the captioner needs"):
         run_setup({**parameters, **swapped, "url_list": None, "out_dir": str(tmp_path / "swapped")})
     assert not (tmp_path / "swapped").exists(), "refused before any work"
+
+
+def test_the_metrics_table_shows_each_generation_and_its_change() -> None:
+    metrics = {
+        1: {"retrieval": {"tr@1": 0.2, "ir@1": 0.25}, "captioning": {"bleu_4": 0.1, "cider": 0.5}},
+        0: {"retrieval": {"tr@1": 0.3, "ir@1": 0.2}, "captioning": None},
+    }
+    lines = format_metrics(metrics).splitlines()
+    assert lines[0].split() == ["generation", "tr@1", "ir@1", "bleu_4", "cider"]
+    assert lines[1].split() == ["0", "0.300", "0.200", "-", "-"]
+    assert lines[2].split() == ["1", "0.200", "(-0.100)", "0.250", "(+0.050)", "0.100", "0.500"]

@@ -320,6 +320,26 @@ def test_explain_follows_a_dropped_and_a_kept_sample_through_the_generations(lin
 
 
 @pytest.mark.slow
+def test_the_verdict_compares_with_the_parent_and_says_what_each_stage_removed(lineage, figures, tmp_path) -> None:
+    generation, _ = lineage
+    verdict = figures["verdict"]
+    parent, this = figures["history"]
+    assert verdict["changes"] and all(
+        change == {"parent": parent[key], "this": this[key], "change": this[key] - parent[key]}
+        for key, change in verdict["changes"].items()
+    )
+    assert verdict["better"] == [key for key, change in verdict["changes"].items() if change["change"] > 0]
+    assert verdict["worse"] == [key for key, change in verdict["changes"].items() if change["change"] < 0]
+    removed = {(entry["stage"], entry["source"]): entry["rows"] for entry in verdict["removed"]}
+    [(filtered,)] = query(
+        generation, "SELECT count(*) FROM samples WHERE reject_stage = 'filter' AND caption_source = 'synthetic'"
+    )
+    assert removed[("filter", "synthetic")] == filtered > 0
+    page = write_report(generation, tmp_path / "report").read_text()
+    assert f"Verdict: {verdict['summary']}." in page
+
+
+@pytest.mark.slow
 def test_generations_reasons_prints_the_funnel_of_the_report(lineage, figures, capsys) -> None:
     generation, _ = lineage
     assert main(["generations", "--root", str(generation.root), "--reasons"]) == 0
