@@ -114,7 +114,7 @@ def generation(world: WorldPaths, tmp_path_factory: pytest.TempPathFactory) -> G
 
 
 def test_world_metrics_match_the_known_decisions(world: WorldPaths, generation: Generation) -> None:
-    metrics = world_metrics(generation.read_samples(), world, {})
+    metrics = world_metrics(generation, world, {})
     noise = pq.read_table(world.web_noise)["noise_type"].to_pylist()
     fates = [decision(i) for i in range(N_WEB)]
     screened = [(n, f) for n, f in zip(noise, fates) if f not in ("download", "caption")]
@@ -146,8 +146,8 @@ def test_world_metrics_refuse_a_generation_of_another_world(world: WorldPaths, t
             }
         ),
     )
-    with pytest.raises(ValueError, match="not pairs of the world"):
-        world_metrics(generation.read_samples(), world, {})
+    with pytest.raises(ValueError, match="not pairs of the given world"):
+        world_metrics(generation, world, {})
 
 
 def test_score_pairs_in_slices_equals_full_scoring(world: WorldPaths, checkpoint: tuple[Path, str]) -> None:
