@@ -73,6 +73,7 @@ def capfilt_ablate(
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
+    download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every arm (default: all of `pipelines.stages.ablate.ARMS`) with every seed (default 0, 1, 2)
     on the same inputs and budget. Without `url_list`, a synthetic world is made and served."""

@@ -13,7 +13,7 @@ skip the shards their completion markers cover.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,13 @@ class Inputs:
     test_annotations: Path | None
     test_image_root: Path | None
     world_dir: Path | None = None  # a synthetic world: its URLs are served, its truth evaluated
+    download_config: download.DownloadConfig = field(default_factory=download.DownloadConfig)
 
     @classmethod
-    def of_world(cls, paths: WorldPaths) -> Inputs:
-        return cls(None, paths.human_annotations, paths.human_root, paths.test_annotations, paths.test_root, paths.root)
+    def of_world(cls, paths: WorldPaths, fetch: download.DownloadConfig) -> Inputs:
+        return cls(
+            None, paths.human_annotations, paths.human_root, paths.test_annotations, paths.test_root, paths.root, fetch
+        )
 
 
 @dataclass(frozen=True)
@@ -200,9 +203,12 @@ def capfilt(
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
+    download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served. Given a
-    captioner and a filter (released models), it runs one round that trains no BLIP model."""
+    captioner and a filter (released models), it runs one round that trains no BLIP model. `download_options` sets
+    the download's options by name (`DownloadConfig`: threads, processes, image_size, samples_per_shard,
+    allowed_networks, ...)."""
     settings, inputs, out = run_setup(locals())
     return bootstrap(settings, inputs, out)
 
@@ -219,11 +225,12 @@ def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> t
     setting_names = {field.name for field in fields(RunSettings)}
     overrides = {name: value for name, value in parameters.items() if name in setting_names and value is not None}
     settings = replace(RUN_PRESETS[preset], **overrides)
+    fetch = download_config(parameters.get("download_options"))
     if parameters.get("url_list") is None:
         world = replace(
             settings.world, seed=parameters["world_seed"], n_web=parameters["n_web"] or settings.world.n_web
         )
-        return settings, Inputs.of_world(make_world(out / "world", world)), out
+        return settings, Inputs.of_world(make_world(out / "world", world), fetch), out
     sets = {name: parameters.get(name) for name in ("human_annotations", "human_image_root")}
     tests = {name: parameters.get(name) for name in ("test_annotations", "test_image_root")}
     evaluates = not settings.trains_nothing if evaluates is None else evaluates
@@ -231,7 +238,7 @@ def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> t
     if missing:
         raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
     paths = [None if value is None else Path(value) for value in (sets | tests).values()]
-    return settings, Inputs(Path(parameters["url_list"]), *paths), out
+    return settings, Inputs(Path(parameters["url_list"]), *paths, download_config=fetch), out
 
 
 def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any]:
@@ -268,12 +275,21 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     return {"manifests": str(root), "metrics": metrics, "reports": {n: str(path) for n, path in reports.items()}}
 
 
+def download_config(options: Mapping[str, Any] | None) -> download.DownloadConfig:
+    """The download settings a flow was given by name (`DownloadConfig`'s fields), checked before any work."""
+    known = {item.name for item in fields(download.DownloadConfig)}
+    unknown = sorted(set(options or {}) - known)
+    if unknown:
+        raise ValueError(f"download_options: unknown setting(s) {unknown}; known: {sorted(known)}")
+    return download.DownloadConfig(**(options or {}))
+
+
 def download_web(inputs: Inputs, web: Generation) -> Generation:
     """Generation 0: the web pairs (the world's own server when no URL list is given)."""
     if inputs.world_dir is not None:
-        download_world_task(download.DownloadConfig(), inputs.world_dir, web)
+        download_world_task(inputs.download_config, inputs.world_dir, web)
     else:
-        download_task(download.DownloadConfig(), inputs.url_list, web)
+        download_task(inputs.download_config, inputs.url_list, web)
     return web
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cli import add_bench_command
-from pipelines.cli.main import Commands, add_command, format_generations
+from pipelines.cli.main import Commands, add_command, add_download_options, download_options, format_generations
 from pipelines.cli.main import main as pipelines_main
 from pipelines.cli.options import config_kwargs, config_option
 from pipelines.cli.stage_commands import add_executor_options
@@ -102,6 +102,7 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
         help="a filter to use, e.g. a released transformers BlipForImageTextRetrieval "
         "folder (default: fine-tune one here); with --captioner-checkpoint too, nothing is trained",
     )
+    add_download_options(parser)
     add_executor_options(parser)
 
 
@@ -128,7 +129,7 @@ def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
     from pipelines.report.report import REPORT_JSON
 
-    result = capfilt(**config_kwargs(args, capfilt))
+    result = capfilt(**config_kwargs(args, capfilt), download_options=download_options(args) or None)
     root = Path(result["manifests"])
     print(format_generations(root))
     if result["metrics"]:
@@ -173,7 +174,7 @@ def _integers(text: str) -> list[int]:
 def _ablate(args: argparse.Namespace) -> None:
     from flows.ablate import capfilt_ablate
 
-    result = capfilt_ablate(**config_kwargs(args, capfilt_ablate))
+    result = capfilt_ablate(**config_kwargs(args, capfilt_ablate), download_options=download_options(args) or None)
     print(Path(result["table"]).read_text())
     print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}")
 

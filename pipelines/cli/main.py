@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipelines.cli.options import ConfigDefaultsHelpFormatter, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_stage_commands
@@ -107,7 +108,7 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
     source.add_argument("--url-list", type=Path, help="Parquet or CSV with columns url[, caption]")
     source.add_argument("--world", type=Path, help="a world folder: serve it on 127.0.0.1 and download it")
     _add_manifest_options(download)
-    _add_download_options(download)
+    add_download_options(download)
 
     generations = command("generations", _generations, "List generations with counts by source and reject reason.")
     generations.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
@@ -151,7 +152,8 @@ def _add_manifest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="web", help="dataset name under the root (default: %(default)s)")
 
 
-def _add_download_options(parser: argparse.ArgumentParser) -> None:
+def add_download_options(parser: argparse.ArgumentParser) -> None:
+    """The download's settings, for `download` and the flows (`download_options` reads them back)."""
     parser.add_argument(
         "--allow-network",
         action="append",
@@ -171,6 +173,14 @@ def _add_download_options(parser: argparse.ArgumentParser) -> None:
         help="X-Robots-Tag directives that opt an image out (recorded as download/opt_out); '' downloads them anyway",
     )
     option("--timeout", dest="timeout_s", type=int, help="seconds per connect and per socket read")
+
+
+def download_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `DownloadConfig` fields the command line gave, by name (allowed networks as a list)."""
+    from pipelines.stages.download import DownloadConfig
+
+    given = config_kwargs(args, DownloadConfig)
+    return given | ({"allowed_networks": list(args.allow_network)} if args.allow_network else {})
 
 
 def world_config(args: argparse.Namespace):
@@ -219,7 +229,7 @@ def _download(args: argparse.Namespace) -> None:
     from pipelines.stages.download import DownloadConfig, download, download_world
 
     generation = Generation(args.root, args.dataset, 0)
-    config = DownloadConfig(**config_kwargs(args, DownloadConfig), allowed_networks=tuple(args.allow_network))
+    config = DownloadConfig(**download_options(args))
     if args.world:
         download_world(config, args.world, generation)
     else:

@@ -76,6 +76,7 @@ class DownloadConfig:
                 raise ValueError(f"download config: {name} must be ≥ 1, got {getattr(self, name)}")
         if self.retries < 0:
             raise ValueError(f"download config: retries must be ≥ 0, got {self.retries}")
+        object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))  # a list from JSON too
         UrlPolicy(self.allowed_networks)  # validates the CIDRs
         object.__setattr__(self, "opt_out_directives", tuple(d.strip().lower() for d in self.opt_out_directives))
         if not all(self.opt_out_directives):

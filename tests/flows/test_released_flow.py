@@ -2,6 +2,7 @@
 and a ranker, the flow trains nothing and writes the next generation, its lineage naming the given models.
 It runs on Ray (the executor users get by default), as the one whole flow of the suite that does."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 from released_models import released_captioner, released_filter
 
 from pipelines.manifests.manifest import Generation
+from pipelines.world.generate import WorldConfig, make_world
+from pipelines.world.server import WorldServer
 from vlp_core.checkpoint import file_digest
 from vlp_core.clip import load_clip, save_clip
 
@@ -18,7 +21,9 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _run(out: Path, home: Path, captioner: Path, filter_model: Path, clip: Path) -> subprocess.CompletedProcess:
+def _run(
+    out: Path, home: Path, captioner: Path, filter_model: Path, clip: Path, *extra: str
+) -> subprocess.CompletedProcess:
     command = [
         str(BIN / "capfilt"),
         "run",
@@ -34,6 +39,7 @@ def _run(out: Path, home: Path, captioner: Path, filter_model: Path, clip: Path)
         str(filter_model),
         "--clip-checkpoint",
         str(clip),
+        *extra,
     ]
     # an ephemeral Prefect of its own; the one whole flow of the suite on Ray (Ray Data actor pools, a local Ray)
     env = {**os.environ, "PREFECT_HOME": str(home), "CAPFILT_EXECUTOR": "ray"}
@@ -61,3 +67,26 @@ def test_given_models_train_nothing_and_make_the_next_generation(tmp_path: Path)
     assert all(row["itm_score"] is not None for row in synthetic)
     assert target.is_done("filter", "00000") and target.is_done("rank", "00000")
     assert (target.path / "report" / "index.html").is_file()
+
+
+def test_a_url_list_served_on_loopback_runs_with_the_download_options_given(tmp_path: Path) -> None:
+    """Real data through `capfilt run`: a URL list of a world served on 127.0.0.1, let through by
+    --allow-network (the URL policy refuses loopback otherwise), with the download's shard size."""
+    world = make_world(tmp_path / "world", WorldConfig(n_web=20, n_human=5, n_test=0))
+    captioner, filter_model = released_captioner(tmp_path / "captioner"), released_filter(tmp_path / "filter")
+    clip = tmp_path / "clip.safetensors"
+    save_clip(load_clip("clip_tiny"), clip)
+    with WorldServer(world.root) as server:
+        urls = server.write_url_list(tmp_path / "urls.parquet")
+        real_data = ["--url-list", str(urls), "--human-annotations", str(world.human_annotations)]
+        real_data += ["--human-image-root", str(world.human_root), "--executor", "local"]
+        options = ["--allow-network", "127.0.0.1/32", "--samples-per-shard", "10", "--threads", "4"]
+        result = _run(tmp_path / "run", tmp_path / "prefect", captioner, filter_model, clip, *real_data, *options)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    web = Generation(tmp_path / "run" / "data_manifests", "web", 0)
+    counts = web.read_info()["counts"]
+    assert counts["rows"] == 20 and counts["kept"] > 10, counts  # refused as url_policy without --allow-network
+    assert web.shards() == ["00000", "00001"]  # 10 URLs per shard
+    assert json.loads((web.path / "work" / "download_settings.json").read_text())["samples_per_shard"] == 10
+    distinct = sum(len(set(entry["caption"])) for entry in json.loads(world.human_annotations.read_text()))
+    assert Generation(web.root, "web", 1).read_info()["counts"]["rows_by_source"]["human"] == distinct
