@@ -86,7 +86,8 @@ def test_a_url_list_served_on_loopback_runs_with_the_download_options_given(tmp_
     web = Generation(tmp_path / "run" / "data_manifests", "web", 0)
     counts = web.read_info()["counts"]
     assert counts["rows"] == 20 and counts["kept"] > 10, counts  # refused as url_policy without --allow-network
-    assert web.shards() == ["00000", "00001"]  # 10 URLs per shard
+    assert "download/url_policy" not in counts["rejected_by_stage_reason"]
+    assert web.shards() == ["00000", "00001", "refused"]  # 10 URLs per shard, and the (empty) refused part
     assert json.loads((web.path / "work" / "download_settings.json").read_text())["samples_per_shard"] == 10
     distinct = sum(len(set(entry["caption"])) for entry in json.loads(world.human_annotations.read_text()))
     assert Generation(web.root, "web", 1).read_info()["counts"]["rows_by_source"]["human"] == distinct
