@@ -70,8 +70,8 @@ def _images_named(generations: list[Generation], query: str) -> set[str]:
     for generation in generations:
         found: set[str] = set()
         for part in generation.iter_parts(["sample_id", "image_id", "url"]):
-            match = pc.or_(
-                pc.or_(pc.equal(part["url"], query), pc.equal(part["image_id"], query)),
+            match = pc.or_kleene(  # a null URL (synthetic and human rows) must not hide a match
+                pc.or_kleene(pc.equal(part["url"], query), pc.equal(part["image_id"], query)),
                 pc.equal(part["sample_id"], query),
             )
             found.update(part.filter(pc.fill_null(match, False))["image_id"].to_pylist())

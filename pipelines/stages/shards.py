@@ -36,6 +36,7 @@ from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CAPTION_CHARS = 300
+SHARD_UNAVAILABLE = "shard_unavailable"  # an actor's result for an image of a lost tar: the stage stops
 
 Row = dict[str, Any]
 
@@ -222,8 +223,8 @@ class ImageModelActor:
                 pixels[index] = self.transform(load_image(self.store.read(request["image_ref"])))
             except ImageDecodeError as error:
                 failures[index] = (error.reason, error.detail)
-            except ShardUnavailableError:
-                raise
+            except ShardUnavailableError as error:  # the driver stops the stage on it (Ray would lose its type)
+                failures[index] = (SHARD_UNAVAILABLE, str(error))
             except ImageRefError as error:
                 failures[index] = ("missing_file", str(error))
         outputs = self.infer(torch.stack(list(pixels.values())), [requests[i] for i in pixels]) if pixels else []
@@ -241,7 +242,8 @@ class ImageModelActor:
                 }
             )
         for reason, detail in failures.values():
-            log.warning("cannot use an image (%s): %s", reason, detail)
+            if reason != SHARD_UNAVAILABLE:
+                log.warning("cannot use an image (%s): %s", reason, detail)
         return pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS + self.output_fields))
 
 
@@ -309,6 +311,8 @@ def run_sharded_inference(
                 del waiting[shard]
             if waiting:
                 for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
+                    if result["error_reason"] == SHARD_UNAVAILABLE:
+                        raise ShardUnavailableError(result["error_detail"])
                     state = waiting[result["shard"]]
                     state.results[result["image_id"]] = result
                     if len(state.results) == state.expected:
