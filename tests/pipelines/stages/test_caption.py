@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -196,6 +197,17 @@ def test_a_lost_shard_tar_under_ray_is_one_line_and_exit_2(ray_local, web_gen0, 
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("capfilt caption: error: ") and "00001.tar: shard missing or unreadable" in last
     assert "Traceback" not in last and "RayTaskError" not in last and "UserCodeException" not in last
+    assert _cpus_freed(), "the stopped stage's actors still hold CPUs (later Ray work would wait for them)"
+
+
+def _cpus_freed(seconds: float = 30.0) -> bool:
+    """Whether every CPU of the Ray cluster is free again within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpoint, tmp_path):
