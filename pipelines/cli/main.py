@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     parser = build_parser(*extensions)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         args.handler(args)
     except Exception as error:
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     return 0
 
 
+QUIET_LOGGERS = ("httpx", "httpcore")  # one INFO line per request Prefect's client makes to its server
 INPUT_ERRORS = (ManifestError, ValueError, FileNotFoundError, ShardUnavailableError)
 
 
