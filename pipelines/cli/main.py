@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in QUIET_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_library_info_on_root)
     try:
         args.handler(args)
     except Exception as error:
@@ -63,6 +65,15 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
 
 
 QUIET_LOGGERS = ("httpx", "httpcore")  # one INFO line per request Prefect's client makes to its server
+ROOT_LOGGING_LIBRARIES = ("open_clip",)  # they log their INFO chatter on the root logger (10 lines per model)
+
+
+def _library_info_on_root(record: logging.LogRecord) -> bool:
+    """Keep a record unless it is INFO (or below) that a library logged on the root logger."""
+    from_library = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ROOT_LOGGING_LIBRARIES)
+    return not (record.name == "root" and record.levelno < logging.WARNING and from_library)
+
+
 INPUT_ERRORS = (ManifestError, ValueError, FileNotFoundError, ShardUnavailableError)
 
 

@@ -54,6 +54,7 @@ def test_given_models_train_nothing_and_make_the_next_generation(tmp_path: Path)
     result = _run(tmp_path / "run", tmp_path / "prefect", captioner, filter_model, clip)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "HTTP Request:" not in result.stderr, "Prefect's client requests are not logged to the console"
+    assert "Parsing model identifier" not in result.stderr, "nor open_clip's INFO lines on the root logger"
     assert not (tmp_path / "run" / "train").exists(), "nothing is trained"
     target = Generation(tmp_path / "run" / "data_manifests", "web", 1)
     info = target.read_info()
