@@ -51,6 +51,18 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+def process_status_kib(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status, in kB (e.g. VmRSS now, VmHWM the peak); None
+    where there is no /proc (not Linux)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return None
+
+
 def load_1min() -> float:
     return round(os.getloadavg()[0], 2)
 

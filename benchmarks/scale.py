@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.harness import Measurement, Report, load_1min, machine, time_once
+from benchmarks.harness import Measurement, Report, load_1min, machine, process_status_kib, time_once
 from pipelines.manifests.manifest import Generation, generation_info, samples_table
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
 
@@ -136,12 +136,12 @@ def run_operation(name: str, root: Path, world_dir: Path, batches: int) -> dict[
 
 
 def _memory_mb(field: str) -> float:
-    """A memory figure of this process from /proc (Linux), in MB: VmRSS (now) or VmHWM (peak). Unlike
-    getrusage's ru_maxrss, VmHWM does not inherit the peak of the process that started this one."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    """A memory figure of this process in MB: VmRSS (now) or VmHWM (peak). Unlike getrusage's ru_maxrss,
+    VmHWM does not inherit the peak of the process that started this one."""
+    kib = process_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"bench scale reads {field} from /proc/self/status (Linux)")
+    return kib / 1024
 
 
 def _read_batches(generation: Generation, pair_file: Path, batches: int) -> None:

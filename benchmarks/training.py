@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Report, machine, measure
+from benchmarks.harness import Report, machine, measure, process_status_kib
 from benchmarks.workload import random_blip, train_step, training_batch, world_pairs
 from vlp_core.pretrain import CAPTIONER, PRETRAIN, BlipPretrainer, configure_optimizer, prompt_length
 from vlp_core.tokenizer import special_ids
 
 BATCH_SIZES = {"tiny": 32, "base": 4}
 QUICK_BATCH_SIZES = {"tiny": 8}
-STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -39,10 +38,9 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    if STATUS.exists():
-        for line in STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
+    peak_kib = process_status_kib("VmHWM")
+    if peak_kib is not None:
+        return peak_kib / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cli import add_bench_command
-from pipelines.cli.main import Commands, add_command, add_download_options, download_options, format_generations
+from pipelines.cli.main import (
+    Commands,
+    add_command,
+    add_download_options,
+    download_options,
+    format_generations,
+    text_table,
+)
 from pipelines.cli.main import main as pipelines_main
 from pipelines.cli.options import config_kwargs, config_option
 from pipelines.cli.stage_commands import add_executor_options
@@ -156,8 +163,7 @@ def format_metrics(metrics: Mapping[int, Mapping[str, Any]]) -> str:
             cells.append("-" if value is None else f"{value:.3f}{change}")
         rows.append(tuple(cells))
         previous = values
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(text_table(rows, indent="  "))
 
 
 def _names(text: str) -> list[str]:

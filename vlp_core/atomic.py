@@ -7,6 +7,7 @@ Files are fsynced before the rename. Every module that writes something another 
 
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import os
@@ -37,7 +38,7 @@ def atomic_write_file(path: Path, write: Callable[[Path], None], keep_if_same: b
         write(temporary)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
-        if keep_if_same and path.is_file() and _same_bytes(temporary, path):
+        if keep_if_same and path.is_file() and filecmp.cmp(temporary, path, shallow=False):
             temporary.unlink()
         else:
             os.replace(temporary, path)
@@ -48,16 +49,6 @@ def atomic_write_file(path: Path, write: Callable[[Path], None], keep_if_same: b
                 folder.rmdir()
         raise
     return path
-
-
-def _same_bytes(first: Path, second: Path, block: int = 1 << 20) -> bool:
-    if first.stat().st_size != second.stat().st_size:
-        return False
-    with open(first, "rb") as one, open(second, "rb") as other:
-        while chunk := one.read(block):
-            if chunk != other.read(block):
-                return False
-    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

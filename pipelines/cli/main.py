@@ -273,9 +273,8 @@ def format_funnels(root: Path) -> str:
         steps = funnel(info["counts"]["rows_by_source"], rejected_rows(generation), info.get("stages", []))
         header = ("source", *(step["step"] for step in next(iter(steps.values()), [])))
         rows = [header, *((source, *(str(step["rows"]) for step in left)) for source, left in steps.items())]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        table = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        blocks.append("\n".join([f"{generation.dataset} gen {generation.number}: rows left after each stage", *table]))
+        title = f"{generation.dataset} gen {generation.number}: rows left after each stage"
+        blocks.append("\n".join([title, *text_table(rows, indent="  ")]))
     return "\n\n".join(["", *blocks])
 
 
@@ -304,9 +303,13 @@ def format_generations(root: Path) -> str:
         )
         for reason, n in counts["rejected_by_stage_reason"].items():
             rejects.append(f"  {generation.dataset} gen {generation.number}: {reason:<32} {n}")
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
-    return "\n".join(table + (["", "rejected (stage/reason):", *rejects] if rejects else []))
+    return "\n".join(text_table(lines) + (["", "rejected (stage/reason):", *rejects] if rejects else []))
+
+
+def text_table(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    """The lines of a plain-text table: every column as wide as its widest cell, two spaces between."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def _dash(value: object) -> str:

@@ -325,11 +325,13 @@ def _waves(stage: ShardedStage, shards: list[str]) -> Iterator[dict[str, pa.Tabl
     """The shards' requests, built lazily and grouped into waves of whole shards of about WAVE_IMAGES
     images (the actor pool is started once per wave)."""
     wave: dict[str, pa.Table] = {}
+    images = 0
     for shard in shards:
         wave[shard] = stage.requests(shard)
-        if sum(map(len, wave.values())) >= WAVE_IMAGES:
+        images += wave[shard].num_rows
+        if images >= WAVE_IMAGES:
             yield wave
-            wave = {}
+            wave, images = {}, 0
     if wave:
         yield wave
 
