@@ -32,9 +32,9 @@ from flows.capfilt import (
     pretrain_task,
     report_task,
     run_setup,
-    stage_task,
     training_dir,
 )
+from flows.tasks import stage_task
 from pipelines.manifests.manifest import Generation, manifest_digest
 from pipelines.report.ablation_table import ablation_summary, arm_summary, write_ablation
 from pipelines.stages import ablate as ablation

@@ -21,8 +21,10 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows.tasks import stage_task
 from pipelines.executor import resolve_executor
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest
+from pipelines.progress import announce
 from pipelines.registry import MODEL_STAGES
 from pipelines.report import report
 from pipelines.stages import assemble, caption, download, evaluate, rank
@@ -163,11 +165,6 @@ RUN_PRESETS = {
 }
 
 
-def stage_task(function: Any, **options: Any) -> Any:
-    """A Prefect task around a stage function; results are not cached by Prefect (stages resume)."""
-    return task(function, cache_policy=NONE, **options)
-
-
 download_task = stage_task(download.download, name="download", retries=2, retry_delay_seconds=5)
 download_world_task = stage_task(download.download_world, name="download", retries=2, retry_delay_seconds=5)
 pretrain_task = stage_task(train.pretrain, name="pretrain")
@@ -248,7 +245,7 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     web = download_web(inputs, Generation(root, DATASET, 0))
     clip_weights = clip_ranker(settings, inputs, out)
     if settings.trains_nothing:
-        logger.info("a given captioner and filter: one CapFilt round, no BLIP model trained or evaluated")
+        announce(logger, "a given captioner and filter: one CapFilt round, no BLIP model trained or evaluated")
         target = capfilt_round(settings, inputs, out, None, web, Generation(root, DATASET, 1), clip_weights)
         reports = {
             generation.number: report_task(generation, world_dir=inputs.world_dir) for generation in (web, target)
@@ -264,7 +261,7 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any
     publish_generation(web, metrics[0], reports[0])
 
     for round_number in range(1, settings.rounds + 1):
-        logger.info("round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
+        announce(logger, "round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
         target = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, round_number), clip_weights)
         model = pretrain_task(pretraining, target, training_dir(out, "pretrain", pretraining, manifest_digest(target)))
         metrics[round_number] = evaluate_task(evaluation_config(settings, inputs, model), target)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cli import add_bench_command
+from pipelines.cli.console import LOG_FILE, command_console
 from pipelines.cli.main import (
     Commands,
     add_command,
@@ -20,7 +21,7 @@ from pipelines.cli.main import (
     text_table,
 )
 from pipelines.cli.main import main as pipelines_main
-from pipelines.cli.options import config_kwargs, config_option
+from pipelines.cli.options import config_default, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_executor_options
 
 RUN_FLOW = "flows.capfilt:capfilt"
@@ -111,6 +112,12 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     )
     add_download_options(parser)
     add_executor_options(parser)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every log line (Ray, Prefect, img2dataset, ...) on the terminal too; "
+        f"otherwise they go only to RUN_FOLDER/{LOG_FILE}",
+    )
 
 
 def _deploy(args: argparse.Namespace) -> None:
@@ -136,12 +143,13 @@ def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
     from pipelines.report.report import REPORT_JSON
 
-    result = capfilt(**config_kwargs(args, capfilt), download_options=download_options(args) or None)
+    with command_console(_run_folder(args, RUN_FLOW), verbose=args.verbose) as log_file:
+        result = capfilt(**config_kwargs(args, capfilt), download_options=download_options(args) or None)
     root = Path(result["manifests"])
     print(format_generations(root))
     if result["metrics"]:
         print(f"\nheld-out metrics (change from the generation before):\n{format_metrics(result['metrics'])}")
-    print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json")
+    print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json\nlog: {log_file}")
     for number, page in result["reports"].items():
         verdict = json.loads((Path(page).parent / REPORT_JSON).read_text()).get("verdict") or {}
         print(f"report of generation {number}: {page}\n  {verdict.get('summary', '')}")
@@ -180,9 +188,14 @@ def _integers(text: str) -> list[int]:
 def _ablate(args: argparse.Namespace) -> None:
     from flows.ablate import capfilt_ablate
 
-    result = capfilt_ablate(**config_kwargs(args, capfilt_ablate), download_options=download_options(args) or None)
+    with command_console(_run_folder(args, ABLATE_FLOW), verbose=args.verbose) as log_file:
+        result = capfilt_ablate(**config_kwargs(args, capfilt_ablate), download_options=download_options(args) or None)
     print(Path(result["table"]).read_text())
-    print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}")
+    print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}\nlog: {log_file}")
+
+
+def _run_folder(args: argparse.Namespace, flow: str) -> Path:
+    return Path(args.out_dir or config_default(flow, "out_dir"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ OFFLINE_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",  # Prefect's client: no telemetry, and no notice about it on an interactive terminal
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine is slow to start it
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,vlp_core",  # stage logs show in Prefect's flow-run logs
 }
@@ -279,25 +280,25 @@ def format_funnels(root: Path) -> str:
 
 
 def format_generations(root: Path) -> str:
-    """A plain-text table of every generation under `root`, then its rejects by stage/reason."""
+    """A plain-text table of every generation under `root` (kept / rows, in all and per source), then its
+    rejects by stage/reason."""
     generations = list_generations(root)
     if not generations:
         return f"no generations under {root}"
-    header = ("dataset", "gen", "parent", "rows", "kept", "web", "synthetic", "human", "created")
-    lines = [header]
+    sources = ("web", "synthetic", "human")
+    lines = [("dataset", "gen", "parent", "kept/rows", *(f"{source} kept/rows" for source in sources), "created")]
     rejects = []
     for generation in generations:
         info = generation.read_info()
         counts = info["counts"]
-        by_source = counts["rows_by_source"]
+        rows, kept = counts["rows_by_source"], counts["kept_by_source"]
         lines.append(
             (
                 generation.dataset,
                 str(generation.number),
                 _dash(info.get("parent_generation")),
-                str(counts["rows"]),
-                str(counts["kept"]),
-                *(str(by_source.get(s, 0)) for s in ("web", "synthetic", "human")),
+                f"{counts['kept']}/{counts['rows']}",
+                *(f"{kept.get(source, 0)}/{rows.get(source, 0)}" for source in sources),
                 info["created_at"],
             )
         )

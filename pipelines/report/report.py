@@ -48,6 +48,7 @@ N_EXAMPLES = 12
 N_EXTREMES = 2  # highest- and lowest-scoring images shown first among the examples
 HISTORY_METRICS = ("tr@1", "tr@5", "ir@1", "ir@5")
 CAPTION_METRICS = ("bleu_4", "cider")
+UNCHANGED_WITHIN = 5e-4  # a change the page shows as ±0.000 is no change
 
 Figures = dict[str, Any]
 
@@ -173,14 +174,17 @@ def verdict(history_table: list[dict[str, Any]], funnels: dict[str, list[dict]])
         for key in (*HISTORY_METRICS, *CAPTION_METRICS)
         if parent is not None and parent[key] is not None and this[key] is not None
     }
-    better = [key for key, change in changes.items() if change["change"] > 0]
-    worse = [key for key, change in changes.items() if change["change"] < 0]
+    better = [key for key, change in changes.items() if change["change"] >= UNCHANGED_WITHIN]
+    worse = [key for key, change in changes.items() if change["change"] <= -UNCHANGED_WITHIN]
     if not changes:
         summary = "not compared: this generation and its parent were not both evaluated"
-    elif worse and not better:
-        summary = f"worse than generation {parent['generation']} on every held-out metric ({', '.join(worse)})"
-    elif better and not worse:
-        summary = f"better than generation {parent['generation']} on every held-out metric ({', '.join(better)})"
+    elif not better and not worse:
+        summary = f"no change against generation {parent['generation']} on the held-out metrics"
+    elif not (better and worse):
+        direction, keys = ("better", better) if better else ("worse", worse)
+        which = f"every held-out metric ({', '.join(keys)})" if len(keys) == len(changes) else ", ".join(keys)
+        rest = "" if len(keys) == len(changes) else "; the others did not change"
+        summary = f"{direction} than generation {parent['generation']} on {which}{rest}"
     else:
         summary = (
             f"mixed against generation {parent['generation']}: better on {', '.join(better) or 'none'}, "

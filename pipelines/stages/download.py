@@ -18,6 +18,9 @@ import io
 import json
 import logging
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import pyarrow.parquet as pq
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
+from pipelines.progress import progress
 from pipelines.stages.url_policy import POLICY_REASON, Refusal, UrlPolicy
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
 from vlp_core.decode import DEFAULT_MAX_PIXELS
@@ -192,7 +196,8 @@ def download(config: DownloadConfig, url_list: Path, generation: Generation) -> 
         if allowed.num_rows:
             shard_dir = generation.path / "shards"
             if not _all_shards_done(generation, allowed.num_rows, config):
-                _run_img2dataset(pinned_input, shard_dir, config)
+                with _shards_progress(shard_dir, allowed.num_rows):
+                    _run_img2dataset(pinned_input, shard_dir, config)
             for stats_file in sorted(shard_dir.glob("*_stats.json")):
                 shard = stats_file.name.removesuffix("_stats.json")
                 if not generation.is_done(STAGE, shard):
@@ -298,6 +303,41 @@ def _pin_settings(generation: Generation, config: DownloadConfig) -> None:
 def _all_shards_done(generation: Generation, n_urls: int, config: DownloadConfig) -> bool:
     n_shards = -(-n_urls // config.samples_per_shard)
     return all(generation.is_done(STAGE, f"{i:05d}") for i in range(n_shards))
+
+
+SHARD_POLL_SECONDS = 1.0
+
+
+@contextmanager
+def _shards_progress(shard_dir: Path, n_urls: int) -> Iterator[None]:
+    """A progress bar of the URLs img2dataset has finished, shard by shard (its workers are other
+    processes: a finished shard is one whose `_stats.json` has appeared)."""
+    with progress("download", total=n_urls, unit="URLs") as advance:
+        stop, counted = threading.Event(), set()
+
+        def count_finished_shards() -> None:
+            for stats_file in shard_dir.glob("*_stats.json"):
+                if stats_file.name in counted:
+                    continue
+                try:
+                    count = json.loads(stats_file.read_text())["count"]
+                except (OSError, ValueError, KeyError):
+                    continue  # still being written: counted at the next look
+                counted.add(stats_file.name)
+                advance(count)
+
+        def watch() -> None:
+            while not stop.wait(SHARD_POLL_SECONDS):
+                count_finished_shards()
+
+        count_finished_shards()  # a resumed download
+        watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) -> None:

@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.manifest import Generation
+from pipelines.progress import progress
 from pipelines.registry import UNSCREENED_STAGES
 from pipelines.report.metrics import (
     WEB_DECISION_COLUMNS,
@@ -136,9 +137,12 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
     records = load_test_set(config)
     references = {record.image_id: list(record.captions) for record in records}
     text_image = [index for index, record in enumerate(records) for _ in record.captions]
-    encoded: EncodedTestSet = _run_tasks(config, encode_and_caption, [(config,)])[0]
-    similarity = encoded.similarity
-    itm = _itm_scores(config, top_k_pairs(similarity, config.k_test), similarity.shape)
+    with progress("evaluate", total=2, unit="passes") as advance:  # encode and caption; ITM re-rank
+        encoded: EncodedTestSet = _run_tasks(config, encode_and_caption, [(config,)])[0]
+        similarity = encoded.similarity
+        advance()
+        itm = _itm_scores(config, top_k_pairs(similarity, config.k_test), similarity.shape)
+        advance()
 
     results: dict[str, Any] = {
         "dataset": generation.dataset,

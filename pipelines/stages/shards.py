@@ -30,6 +30,7 @@ import torch
 from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.images import ImageRefError, ImageStore, ShardUnavailableError
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
+from pipelines.progress import progress
 from pipelines.registry import MODEL_STAGES, stage_named
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 
@@ -304,16 +305,21 @@ def run_sharded_inference(
         todo = [shard for shard in shards if not target.is_done(stage.name, shard)]
         log.info("%s: %d of %d shards to do", stage.name, len(todo), len(shards))
         for pending in _waves(stage, todo):
-            log.info("%s: a wave of %d shards, %d images", stage.name, len(pending), sum(map(len, pending.values())))
+            images = sum(map(len, pending.values()))
+            log.info("%s: a wave of %d shards, %d images", stage.name, len(pending), images)
             waiting = {shard: _PendingShard(requests.num_rows) for shard, requests in pending.items()}
             for shard in [shard for shard, state in waiting.items() if state.expected == 0]:
                 commit_shard(target, stage.name, shard, *stage.merge(shard, []))
                 del waiting[shard]
-            if waiting:
+            if not waiting:
+                continue
+            with progress(stage.name, total=images, unit="images") as advance:
                 for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
                     if result["error_reason"] == SHARD_UNAVAILABLE:
                         raise ShardUnavailableError(result["error_detail"])
                     state = waiting[result["shard"]]
+                    if result["image_id"] not in state.results:  # a retried block counts once
+                        advance()
                     state.results[result["image_id"]] = result
                     if len(state.results) == state.expected:
                         shard = result["shard"]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pipelines.progress import progress
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import EpochOrder, PairDataset, PairFile, derive_seed
 from pipelines.training.tasks import Schedule, build_task
@@ -89,48 +90,52 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
     model = placement.prepare_model(trainee, task.find_unused_parameters)
     dataset = PairDataset(spec.pairs, spec.image_dir, task.transform, task.caption_prefix)
 
-    while step < spec.total_steps:
-        epoch, batches_done = divmod(step, spec.steps_per_epoch)
-        order = EpochOrder(
-            len(dataset),
-            config.batch_size,
-            rank,
-            world_size,
-            config.seed,
-            epoch,
-            start=batches_done * config.batch_size,
-        )
-        loader = placement.prepare_loader(
-            DataLoader(
-                dataset,
-                batch_size=config.batch_size,
-                sampler=order,
-                collate_fn=task.collate,
-                num_workers=config.loader_workers,
+    with progress(spec.task, total=spec.total_steps, unit="steps", done=step) as advance:
+        while step < spec.total_steps:
+            epoch, batches_done = divmod(step, spec.steps_per_epoch)
+            order = EpochOrder(
+                len(dataset),
+                config.batch_size,
+                rank,
+                world_size,
+                config.seed,
+                epoch,
+                start=batches_done * config.batch_size,
             )
-        )
-        for batch in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, spec.total_steps, config.warmup_steps, config.lr)
-            losses = model(batch, step)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            step += 1
-
-            history.append({"step": step, **{name: value.item() for name, value in losses.items()}})
-            if rank == 0 and (step % config.log_every == 0 or step == spec.total_steps):
-                log.info(
-                    "%s step %d/%d  %s",
-                    spec.task,
-                    step,
-                    spec.total_steps,
-                    "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step"),
+            loader = placement.prepare_loader(
+                DataLoader(
+                    dataset,
+                    batch_size=config.batch_size,
+                    sampler=order,
+                    collate_fn=task.collate,
+                    num_workers=config.loader_workers,
                 )
-            if rank == 0 and (step % config.checkpoint_every == 0 or step == spec.total_steps):
-                save_training_state(spec.run_dir / "checkpoints" / f"step-{step}", trainee, optimizer, step, history)
-            if step == spec.total_steps:
-                break
+            )
+            for batch in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, spec.total_steps, config.warmup_steps, config.lr)
+                losses = model(batch, step)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+                step += 1
+                advance()
+
+                history.append({"step": step, **{name: value.item() for name, value in losses.items()}})
+                if rank == 0 and (step % config.log_every == 0 or step == spec.total_steps):
+                    log.info(
+                        "%s step %d/%d  %s",
+                        spec.task,
+                        step,
+                        spec.total_steps,
+                        "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step"),
+                    )
+                if rank == 0 and (step % config.checkpoint_every == 0 or step == spec.total_steps):
+                    save_training_state(
+                        spec.run_dir / "checkpoints" / f"step-{step}", trainee, optimizer, step, history
+                    )
+                if step == spec.total_steps:
+                    break
 
     if rank == 0:
         final = spec.run_dir / "final"

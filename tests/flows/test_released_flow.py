@@ -55,6 +55,13 @@ def test_given_models_train_nothing_and_make_the_next_generation(tmp_path: Path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "HTTP Request:" not in result.stderr, "Prefect's client requests are not logged to the console"
     assert "Parsing model identifier" not in result.stderr, "nor open_clip's INFO lines on the root logger"
+    terminal = (result.stdout + result.stderr).splitlines()
+    assert len(terminal) < 60, terminal
+    for stage in ("download", "caption", "filter", "rank", "assemble", "report"):
+        assert f"▸ {stage}" in result.stderr and f"✓ {stage}" in result.stderr, f"a line as {stage} starts and ends"
+    log = (tmp_path / "run" / "capfilt.log").read_text()
+    for library_line in ("Started a local Ray instance", "Starting execution of Dataset", "Sharding file number"):
+        assert library_line in log and library_line not in result.stderr, "Ray and img2dataset write to the log"
     assert not (tmp_path / "run" / "train").exists(), "nothing is trained"
     target = Generation(tmp_path / "run" / "data_manifests", "web", 1)
     info = target.read_info()

@@ -22,6 +22,7 @@ from pipelines.report.report import (
     REPORT_JSON,
     read_report_inputs,
     report_figures,
+    verdict,
     write_report,
 )
 from pipelines.report.tallies import text_stats
@@ -328,8 +329,8 @@ def test_the_verdict_compares_with_the_parent_and_says_what_each_stage_removed(l
         change == {"parent": parent[key], "this": this[key], "change": this[key] - parent[key]}
         for key, change in verdict["changes"].items()
     )
-    assert verdict["better"] == [key for key, change in verdict["changes"].items() if change["change"] > 0]
-    assert verdict["worse"] == [key for key, change in verdict["changes"].items() if change["change"] < 0]
+    assert verdict["better"] == [key for key, change in verdict["changes"].items() if change["change"] >= 5e-4]
+    assert verdict["worse"] == [key for key, change in verdict["changes"].items() if change["change"] <= -5e-4]
     removed = {(entry["stage"], entry["source"]): entry["rows"] for entry in verdict["removed"]}
     [(filtered,)] = query(
         generation, "SELECT count(*) FROM samples WHERE reject_stage = 'filter' AND caption_source = 'synthetic'"
@@ -337,6 +338,23 @@ def test_the_verdict_compares_with_the_parent_and_says_what_each_stage_removed(l
     assert removed[("filter", "synthetic")] == filtered > 0
     page = write_report(generation, tmp_path / "report").read_text()
     assert f"Verdict: {verdict['summary']}." in page
+
+
+def test_a_change_the_page_shows_as_zero_is_no_change() -> None:
+    def history(*values: float) -> list[dict]:
+        keys = ("tr@1", "tr@5", "ir@1", "ir@5", "bleu_4", "cider")
+        return [{"generation": number, **dict(zip(keys, row))} for number, row in enumerate(values)]
+
+    same = verdict(history((0.5,) * 6, (0.5001, 0.5, 0.4999, 0.5, 0.5, 0.5)), {})
+    assert same["summary"] == "no change against generation 0 on the held-out metrics"
+    assert same["better"] == same["worse"] == []
+    mixed = verdict(history((0.5,) * 6, (0.6, 0.5, 0.4, 0.5, 0.5, 0.5)), {})
+    assert (mixed["better"], mixed["worse"]) == (["tr@1"], ["ir@1"])
+    assert mixed["summary"] == "mixed against generation 0: better on tr@1, worse on ir@1"
+    worse = verdict(history((0.5,) * 6, (0.4,) * 6), {})
+    assert worse["summary"].startswith("worse than generation 0 on every held-out metric")
+    one = verdict(history((0.5,) * 6, (0.5, 0.5, 0.5, 0.5, 0.5, 0.6)), {})
+    assert one["summary"] == "better than generation 0 on cider; the others did not change"
 
 
 @pytest.mark.slow
