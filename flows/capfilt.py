@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flows.tasks import stage_task
+from flows.tasks import retry_unless_input_error, stage_task
 from pipelines.executor import resolve_executor
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest
 from pipelines.progress import announce
@@ -165,8 +165,9 @@ RUN_PRESETS = {
 }
 
 
-download_task = stage_task(download.download, name="download", retries=2, retry_delay_seconds=5)
-download_world_task = stage_task(download.download_world, name="download", retries=2, retry_delay_seconds=5)
+RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_input_error}
+download_task = stage_task(download.download, name="download", **RETRIES)
+download_world_task = stage_task(download.download_world, name="download", **RETRIES)
 pretrain_task = stage_task(train.pretrain, name="pretrain")
 finetune_captioner_task = stage_task(train.finetune_captioner, name="finetune-captioner")
 finetune_filter_task = stage_task(train.finetune_filter, name="finetune-filter")

@@ -146,7 +146,8 @@ def _run(args: argparse.Namespace) -> None:
     with command_console(_run_folder(args, RUN_FLOW), verbose=args.verbose) as log_file:
         result = capfilt(**config_kwargs(args, capfilt), download_options=download_options(args) or None)
     root = Path(result["manifests"])
-    print(format_generations(root))
+    print(format_generations(root, rejects=False))
+    print(f"why rows were dropped: capfilt generations --root {root} --reasons; capfilt explain URL --root {root}")
     if result["metrics"]:
         print(f"\nheld-out metrics (change from the generation before):\n{format_metrics(result['metrics'])}")
     print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json\nlog: {log_file}")

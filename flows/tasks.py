@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from flows.cli import METRIC_KEYS
+from pipelines.cli.main import input_error
 from pipelines.manifests.manifest import Generation
 from pipelines.progress import announce
 from pipelines.training.stages import TrainResult
@@ -31,11 +32,21 @@ def stage_task(function: Any, **options: Any) -> Any:
         reads = describe_inputs([*args, *kwargs.values()])
         announce(log, "▸ %s%s", name, f"  {reads}" if reads else "")
         started = time.monotonic()
-        result = function(*args, **kwargs)
+        try:
+            result = function(*args, **kwargs)
+        except Exception as error:
+            announce(log, "✗ %s  %s  (%s)", name, error, format_duration(time.monotonic() - started))
+            raise
         announce(log, "✓ %s  %s  (%s)", name, describe_result(result), format_duration(time.monotonic() - started))
         return result
 
     return task(announced, cache_policy=NONE, **options)
+
+
+def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for a task with retries: retry after a failure of the network or a server,
+    not after bad input or settings (it would fail the same way again)."""
+    return not isinstance(state.data, BaseException) or input_error(state.data) is None
 
 
 def describe_inputs(values: Iterable[Any]) -> str:

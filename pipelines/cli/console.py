@@ -45,9 +45,9 @@ class RateColumn(ProgressColumn):
         rate, unit = done / task.elapsed, task.fields["unit"]
         speed = f"{rate:.1f} {unit}/s" if rate >= 1 else f"{rate * 60:.1f} {unit}/min"
         if task.total is None:
-            return Text(speed)
+            return Text(speed, no_wrap=True)
         left = round(max(task.total - task.completed, 0) / rate)
-        return Text(f"{speed}  ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+        return Text(f"{speed} ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}", no_wrap=True)
 
 
 class TerminalConsole:
@@ -57,7 +57,7 @@ class TerminalConsole:
         self.rich = Console(file=terminal, highlight=False, soft_wrap=True)
         self.bars = Progress(
             TextColumn("  {task.description}"),
-            BarColumn(bar_width=30),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"),
             TimeElapsedColumn(),

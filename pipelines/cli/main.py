@@ -279,15 +279,15 @@ def format_funnels(root: Path) -> str:
     return "\n\n".join(["", *blocks])
 
 
-def format_generations(root: Path) -> str:
-    """A plain-text table of every generation under `root` (kept / rows, in all and per source), then its
-    rejects by stage/reason."""
+def format_generations(root: Path, rejects: bool = True) -> str:
+    """A plain-text table of every generation under `root` (kept / rows, in all and per source), then (with
+    `rejects`) its rejected rows by stage/reason."""
     generations = list_generations(root)
     if not generations:
         return f"no generations under {root}"
     sources = ("web", "synthetic", "human")
     lines = [("dataset", "gen", "parent", "kept/rows", *(f"{source} kept/rows" for source in sources), "created")]
-    rejects = []
+    reasons = []
     for generation in generations:
         info = generation.read_info()
         counts = info["counts"]
@@ -303,8 +303,8 @@ def format_generations(root: Path) -> str:
             )
         )
         for reason, n in counts["rejected_by_stage_reason"].items():
-            rejects.append(f"  {generation.dataset} gen {generation.number}: {reason:<32} {n}")
-    return "\n".join(text_table(lines) + (["", "rejected (stage/reason):", *rejects] if rejects else []))
+            reasons.append(f"  {generation.dataset} gen {generation.number}: {reason:<32} {n}")
+    return "\n".join(text_table(lines) + (["", "rejected (stage/reason):", *reasons] if rejects and reasons else []))
 
 
 def text_table(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 WRITER_LOCK = "writer.lock"
 _HELD_LOCKS: set[Path] = set()  # writer locks this process holds (Generation.writer is re-entrant)
 SHARD_NAME = r"[A-Za-z0-9]+"  # "00000", "human", "refused"
-PART_NAME = re.compile(rf"part-(?P<shard>{SHARD_NAME})\.parquet")
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"capfilt.schema_version"
@@ -159,17 +158,27 @@ class Generation:
         return self.samples_dir / f"part-{shard}.parquet"
 
     def shards(self) -> list[str]:
-        """The shards of this generation's parts, sorted. Only `part-<letters and digits>.parquet` files
-        are parts: a stray copy (`part-00001.backup.parquet`, `part-00001.parquet.bak`) is never read as
-        data, and is named in the log."""
-        if not self.samples_dir.is_dir():
-            return []
-        names = sorted(path.name for path in self.samples_dir.iterdir())
-        matches = [PART_NAME.fullmatch(name) for name in names]
-        strays = [name for name, match in zip(names, matches) if not match and not name.startswith(".")]
+        """The shards of this generation's parts, sorted: those a stage's completion marker lists
+        (`markers/<stage>/<shard>.json`, written right after its part by `write_part`). Nothing else in
+        `samples/` is read as data (a stray copy such as `part-00001.backup.parquet`, a part whose stage was
+        cut off before its marker); such files are named in the log. A marked part that is gone is an error."""
+        marked = sorted(
+            {path.stem for path in (self.path / "markers").glob("*/*.json") if re.fullmatch(SHARD_NAME, path.stem)}
+        )
+        missing = [shard for shard in marked if not self.part_path(shard).is_file()]
+        if missing:
+            raise ManifestError(
+                f"{self.samples_dir}: the parts of shard(s) {missing} are missing, though a stage marked them done "
+                f"(see {self.path / 'markers'}); data was lost: delete those markers and re-run the stage"
+            )
+        listed = {self.part_path(shard).name for shard in marked}
+        names = sorted(path.name for path in self.samples_dir.iterdir()) if self.samples_dir.is_dir() else []
+        strays = [name for name in names if name not in listed and not name.startswith(".")]
         if strays:
-            log.warning("%s: ignoring files that are not parts: %s", self.samples_dir, ", ".join(strays))
-        return [match["shard"] for match in matches if match]
+            log.warning(
+                "%s: ignoring files that no stage marker lists as parts: %s", self.samples_dir, ", ".join(strays)
+            )
+        return marked
 
     def marker_path(self, stage: str, shard: str) -> Path:
         return self.path / "markers" / stage / f"{shard}.json"
@@ -180,10 +189,13 @@ class Generation:
     def mark_done(self, stage: str, shard: str, stats: Mapping[str, Any]) -> None:
         atomic_write_json(self.marker_path(stage, shard), dict(stats))
 
-    def write_part(self, shard: str, table: pa.Table) -> Path:
-        """Validate and atomically write one shard's rows."""
+    def write_part(self, stage: str, shard: str, table: pa.Table, stats: Mapping[str, Any]) -> Path:
+        """Validate and atomically write one shard's rows, then `stage`'s marker for it (with `stats`): the
+        marker is what makes the part this generation's data (`shards`)."""
         validate_table(table, source=f"rows for {self.part_path(shard)}")
-        return atomic_write_parquet(table, self.part_path(shard))
+        path = atomic_write_parquet(table, self.part_path(shard))
+        self.mark_done(stage, shard, stats)
+        return path
 
     def iter_parts(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """This generation's rows one part at a time, validated, ordered by part name (only `columns` when
@@ -191,7 +203,7 @@ class Generation:
         download shard's rows), not by the generation."""
         parts = [self.part_path(shard) for shard in self.shards()]
         if not parts:
-            raise ManifestError(f"{self.samples_dir}: no part-*.parquet files; is this a generation folder?")
+            raise ManifestError(f"{self.path}: no parts that a stage marked done; is this a generation folder?")
         for path in parts:
             yield read_part(path, columns)
 

@@ -152,10 +152,10 @@ def derive_arm(candidates: Generation, arm: Arm, human: AssembleConfig, threshol
                 target.path.parent,
             )
             target.marker_path(STAGE, shard).unlink(missing_ok=True)
-            target.write_part(shard, rows_table(rows))
-            target.mark_done(
+            target.write_part(
                 STAGE,
                 shard,
+                rows_table(rows),
                 {
                     "key": key,
                     **rules,

@@ -77,10 +77,10 @@ def run_assemble(
         if not target.is_done(STAGE, HUMAN_SHARD):
             records = load_coco_karpathy(config.human_annotations, config.human_image_root)  # validates before writing
             human = human_rows(records, target.number, parent)
-            target.write_part(HUMAN_SHARD, human)
-            target.mark_done(
+            target.write_part(
                 STAGE,
                 HUMAN_SHARD,
+                human,
                 {"rows": human.num_rows, "images": len(records), "kept": sum(human["kept"].to_pylist())},
             )
             log.info("assemble: %d human captions of %d images into %s", human.num_rows, len(records), target.path)

@@ -254,8 +254,7 @@ def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[R
         "reject_reason": [verdict.reason for _, verdict in refused],
         "reject_detail": [verdict.detail for _, verdict in refused],
     }
-    generation.write_part(REFUSED_SHARD, samples_table(rows))
-    generation.mark_done(STAGE, REFUSED_SHARD, {"rows": len(refused)})
+    generation.write_part(STAGE, REFUSED_SHARD, samples_table(rows), {"rows": len(refused)})
 
 
 def _pin_input(generation: Generation, allowed: pa.Table) -> Path:
@@ -398,8 +397,7 @@ def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
             "reject_detail": [None if k else r["error_message"] for r, k in zip(rows, ok)],
         }
     )
-    generation.write_part(shard, table)
-    generation.mark_done(STAGE, shard, {"rows": len(rows), "succeeded": sum(ok)})
+    generation.write_part(STAGE, shard, table, {"rows": len(rows), "succeeded": sum(ok)})
     log.info("download: shard %s → %d rows, %d images", shard, len(rows), sum(ok))
 
 

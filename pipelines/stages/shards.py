@@ -347,8 +347,7 @@ def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, st
     is stale now), then the part is replaced, then the stage's marker is written."""
     for later in MODEL_STAGES[MODEL_STAGES.index(stage) + 1 :]:
         target.marker_path(later, shard).unlink(missing_ok=True)
-    target.write_part(shard, table)
-    target.mark_done(stage, shard, stats)
+    target.write_part(stage, shard, table, stats)
     log.info("%s: shard %s done %s", stage, shard, stats)
 
 

@@ -60,6 +60,7 @@ def web_root(tmp_path: Path) -> Path:
     generation = Generation(tmp_path / "manifests", "web", 0)
     for shard in ("00000", "00001"):
         generation.write_part(
+            "download",
             shard,
             samples_table(
                 {
@@ -72,6 +73,7 @@ def web_root(tmp_path: Path) -> Path:
                     "height": [64] * 2,
                 }
             ),
+            {},
         )
     save_checkpoint(
         BlipModel.from_preset("tiny"),
@@ -237,13 +239,23 @@ def test_stray_copies_in_samples_are_never_read_as_data(web_root, caplog) -> Non
     generation = Generation(web_root, "web", 0)
     pairs, digest = len(list(generation_triples(generation))), manifest_digest(generation)
     part = generation.part_path("00001")
-    for stray in ("part-00001.backup.parquet", "part-00001.parquet.bak", "part-00001 (copy).parquet"):
+    # stray copies, and a well-named part that no stage marked (a crash between the part and its marker)
+    strays = ("part-00001.backup.parquet", "part-00001.parquet.bak", "part-00001 (copy).parquet", "part-00002.parquet")
+    for stray in strays:
         shutil.copy(part, generation.samples_dir / stray)
     assert generation.shards() == ["00000", "00001"]
     assert generation.read_samples().num_rows == 4
     assert len(list(generation_triples(generation))) == pairs
     assert manifest_digest(generation) == digest  # a training run keyed by it is still the same run
-    assert "part-00001.backup.parquet" in caplog.text
+    assert "part-00001.backup.parquet" in caplog.text and "part-00002.parquet" in caplog.text
+
+
+def test_a_marked_part_that_is_gone_stops_every_reader(web_root) -> None:
+    generation = Generation(web_root, "web", 0)
+    generation.part_path("00001").unlink()
+    for read in (generation.shards, generation.counts, lambda: list(generation_triples(generation))):
+        with pytest.raises(ManifestError, match=r"the parts of shard\(s\) \['00001'\] are missing"):
+            read()
 
 
 def _url_list(path: Path, captions: dict[int, str], n: int = 100) -> Path:

@@ -34,10 +34,12 @@ def test_every_column_survives_a_write_and_read_in_any_number_of_parts(rows, sha
         generation = Generation(Path(tmp), "web", 0)
         for shard in range(shards):
             generation.write_part(
+                "download",
                 f"{shard:05d}",
                 table.slice(
                     shard * len(rows) // shards, (shard + 1) * len(rows) // shards - shard * len(rows) // shards
                 ),
+                {},
             )
         read = generation.read_samples()
     assert read.schema.equals(SAMPLE_SCHEMA, check_metadata=True)

@@ -41,7 +41,7 @@ def _rows(n: int = 4) -> pa.Table:
 def test_round_trip_and_plain_readers(tmp_path: Path) -> None:
     generation = Generation(tmp_path, "web", 1)
     table = _rows()
-    generation.write_part("00000", table)
+    generation.write_part("download", "00000", table, {})
     assert generation.read_samples().equals(table)
     part = generation.part_path("00000")
     # Plain pyarrow, DuckDB and Polars read the same rows.
@@ -66,7 +66,7 @@ def test_counts_and_lineage(tmp_path: Path) -> None:
     assert counts["rejected_by_stage_reason"] == {"filter/itm_below_threshold": 2}
 
     generation = Generation(tmp_path, "web", 1)
-    generation.write_part("00000", table)
+    generation.write_part("download", "00000", table, {})
     generation.write_info(
         generation_info(
             generation_counts([table]),
@@ -122,6 +122,7 @@ def test_schema_errors_name_file_and_column(tmp_path: Path, case: str) -> None:
     table, message = _bad_tables()[case]
     generation = Generation(tmp_path, "web", 0)
     part = _write_raw(generation.part_path("00000"), table)
+    generation.mark_done("download", "00000", {})  # written by another tool, marked as its data
     with pytest.raises(ManifestError, match=message) as error:
         generation.read_samples()
     assert str(part) in str(error.value)
@@ -129,7 +130,7 @@ def test_schema_errors_name_file_and_column(tmp_path: Path, case: str) -> None:
 
 def test_truncated_parquet_is_a_clear_error(tmp_path: Path) -> None:
     generation = Generation(tmp_path, "web", 0)
-    generation.write_part("00000", _rows())
+    generation.write_part("download", "00000", _rows(), {})
     part = generation.part_path("00000")
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     with pytest.raises(ManifestError, match="unreadable Parquet file"):
@@ -139,7 +140,7 @@ def test_truncated_parquet_is_a_clear_error(tmp_path: Path) -> None:
 def test_invalid_rows_are_not_written(tmp_path: Path) -> None:
     generation = Generation(tmp_path, "web", 0)
     with pytest.raises(ManifestError, match="unknown manifest column"):
-        generation.write_part("00000", samples_table({"image_id": ["a"], "colour": ["red"]}))
+        generation.write_part("download", "00000", samples_table({"image_id": ["a"], "colour": ["red"]}), {})
     with pytest.raises(ManifestError, match="no part"):
         generation.read_samples()
 
@@ -179,5 +180,5 @@ def test_round_trip_property(rows) -> None:
     assert table.schema.equals(SAMPLE_SCHEMA, check_metadata=True)
     with tempfile.TemporaryDirectory() as tmp:
         generation = Generation(Path(tmp), "web", 0)
-        generation.write_part("00000", table)
+        generation.write_part("download", "00000", table, {})
         assert generation.read_samples().to_pylist() == table.to_pylist()

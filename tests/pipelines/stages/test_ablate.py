@@ -172,7 +172,7 @@ def candidates(tmp_path: Path, human: AssembleConfig) -> Generation:
     generation = Generation(tmp_path / "manifests", "web", 1)
     rows = candidate_rows()
     for shard, images in (("00000", "AB"), ("00001", "CDE")):
-        generation.write_part(shard, rows_table([row for row in rows if row["image_id"] in images]))
+        generation.write_part("caption", shard, rows_table([row for row in rows if row["image_id"] in images]), {})
         for stage in ("caption", "filter", "rank"):
             generation.mark_done(stage, shard, {"threshold": THRESHOLD, "top_k": TOP_K})
     run_assemble(
@@ -237,7 +237,7 @@ def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(
         for row in candidates.read_samples().to_pylist()
         if row["image_id"] in "AB"
     ]
-    candidates.write_part("00000", rows_table(rows))
+    candidates.write_part("rank", "00000", rows_table(rows), {})
     derive_arm(candidates, ARMS["capfilt"], human, 0.65, TOP_K)
     after = _mtimes(arm)
     assert after["samples/part-00000.parquet"] != before["samples/part-00000.parquet"]

@@ -29,6 +29,7 @@ def candidate_generation(root: Path, finished: list[str] = STAGES) -> Generation
     """Generation 1 after the `finished` stages: one web and two synthetic candidates of two images."""
     generation = Generation(root, "world", 1)
     generation.write_part(
+        "caption",
         "00000",
         samples_table(
             {
@@ -42,6 +43,7 @@ def candidate_generation(root: Path, finished: list[str] = STAGES) -> Generation
                 "reject_reason": ["itm_below_threshold", None, None, None, None, "clip_rank"],
             }
         ),
+        {},
     )
     for stage in finished:
         generation.mark_done(stage, "00000", {})

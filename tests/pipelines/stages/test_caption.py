@@ -36,7 +36,7 @@ def _corrupt_one_image(web: Generation) -> str:
     rows = part.to_pylist()
     victim = next(row for row in rows if row["kept"])
     victim["image_ref"] = str(garbage)
-    web.write_part("00000", pa.Table.from_pylist(rows, schema=part.schema))
+    web.write_part("download", "00000", pa.Table.from_pylist(rows, schema=part.schema), {})
     return victim["image_id"]
 
 

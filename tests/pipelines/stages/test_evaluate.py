@@ -109,7 +109,7 @@ def generation(world: WorldPaths, tmp_path_factory: pytest.TempPathFactory) -> G
             )
     generation = Generation(tmp_path_factory.mktemp("manifests"), "world", 1)
     columns = {name: [row.get(name) for row in rows] for name in rows[0]}
-    generation.write_part("00000", samples_table({**columns, "generation": [1] * len(rows)}))
+    generation.write_part("assemble", "00000", samples_table({**columns, "generation": [1] * len(rows)}), {})
     return generation
 
 
@@ -135,6 +135,7 @@ def test_world_metrics_match_the_known_decisions(world: WorldPaths, generation: 
 def test_world_metrics_refuse_a_generation_of_another_world(world: WorldPaths, tmp_path: Path) -> None:
     generation = Generation(tmp_path, "other", 0)
     generation.write_part(
+        "download",
         "00000",
         samples_table(
             {
@@ -145,6 +146,7 @@ def test_world_metrics_refuse_a_generation_of_another_world(world: WorldPaths, t
                 "generation": [0],
             }
         ),
+        {},
     )
     with pytest.raises(ValueError, match="not pairs of the given world"):
         world_metrics(generation, world, {})

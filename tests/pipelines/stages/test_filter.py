@@ -32,7 +32,7 @@ def captioned(tmp_path_factory, downloaded_gen0, tiny_blip_checkpoint, dataset_c
     rows = part.to_pylist()
     victim = next(row for row in rows if row["kept"] and row["caption_source"] == "web")
     victim.update(caption=EMPTY_CAPTION, sample_id=sample_id(victim["image_id"], "web", EMPTY_CAPTION))
-    target.write_part("00000", pa.Table.from_pylist(rows, schema=part.schema))
+    target.write_part("caption", "00000", pa.Table.from_pylist(rows, schema=part.schema), {})
     return target
 
 

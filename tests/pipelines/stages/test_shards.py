@@ -113,7 +113,7 @@ def test_commit_invalidates_later_stages_before_replacing_the_part(tmp_path: Pat
     assert shards_finished_by(target, "filter") == ["00000"]
     with pytest.raises(ManifestError, match="the rank stage has not finished shard"):
         shards_finished_by(target, "rank")
-    target.write_part("human", rows)  # assemble's part: no stage markers, not a candidate shard
+    target.write_part("assemble", "human", rows, {})  # assemble's part: no caption marker, not a candidate
     assert shards_finished_by(target, "filter") == ["00000"]
     with pytest.raises(ManifestError, match="no captioned shards; run the caption stage"):
         shards_finished_by(Generation(tmp_path, "world", 2), "filter")

@@ -71,6 +71,7 @@ def generation(world, tmp_path_factory: pytest.TempPathFactory) -> Generation:
     captions = [entry["caption"][0] for entry in entries]
     generation = Generation(tmp_path_factory.mktemp("manifests"), "world", 1)
     generation.write_part(
+        "assemble",
         "00000",
         samples_table(
             {
@@ -83,6 +84,7 @@ def generation(world, tmp_path_factory: pytest.TempPathFactory) -> Generation:
                 "reject_stage": [None] * 8 + ["filter", None],
             }
         ),
+        {},
     )
     return generation
 
