@@ -54,8 +54,8 @@ def build_generation(root: Path, world_dir: Path, n_rows: int, seed: int = 0) ->
     for first in range(0, n_images, IMAGES_PER_PART):
         shard = f"{first // IMAGES_PER_PART:05d}"
         count = min(IMAGES_PER_PART, n_images - first)
-        generation.write_part(shard, _part(first, count, images, captions, rng))
-        for stage in MODEL_STAGES:
+        generation.write_part(MODEL_STAGES[0], shard, _part(first, count, images, captions, rng), {})
+        for stage in MODEL_STAGES[1:]:
             generation.mark_done(stage, shard, {"threshold": 0.5} if stage == "filter" else {"top_k": 5})
     generation.write_info(
         generation_info(
