@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli.console import LOG_FORMAT
 from pipelines.cli.options import ConfigDefaultsHelpFormatter, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_stage_commands
 from pipelines.manifests.images import ShardUnavailableError
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     set_offline_environment()
     parser = build_parser(*extensions)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for chatty in QUIET_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
