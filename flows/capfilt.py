@@ -307,7 +307,11 @@ def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConf
     """BLIP pretraining from the preset's random weights (ITC warm-up first)."""
     return replace(
         _training(
-            settings, settings.pretrain_steps, preset=settings.model_preset, itc_warmup_steps=settings.itc_warmup_steps
+            settings,
+            settings.pretrain_steps,
+            preset=settings.model_preset,
+            itc_warmup_steps=settings.itc_warmup_steps,
+            easy_negative_steps=settings.easy_negative_steps,
         ),
         seed=settings.seed if seed is None else seed,
     )
@@ -410,10 +414,11 @@ def _training(
     init_checkpoint: Path | None = None,
     lr: float | None = None,
     itc_warmup_steps: int = 0,
+    easy_negative_steps: int = 0,
     cpus: int | None = None,
 ) -> TrainConfig:
-    """Training settings: from a preset's random weights, or (fine-tuning) from a checkpoint with hard ITM
-    negatives from the first step, or (neither) the CLIP ranker."""
+    """Training settings: from a preset's random weights, from a checkpoint (fine-tuning: hard ITM negatives
+    from the first step), or (neither) the CLIP ranker."""
     return TrainConfig(
         preset=preset,
         init_checkpoint=init_checkpoint,
@@ -422,7 +427,7 @@ def _training(
         lr=lr or settings.lr,
         seed=settings.seed,
         itc_warmup_steps=itc_warmup_steps,
-        easy_negative_steps=0 if init_checkpoint is not None else settings.easy_negative_steps,
+        easy_negative_steps=easy_negative_steps,
         cpus_per_worker=cpus or settings.train_cpus,
         use_gpu=settings.num_gpus > 0,
         executor=settings.executor,

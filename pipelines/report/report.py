@@ -182,9 +182,12 @@ def verdict(history_table: list[dict[str, Any]], funnels: dict[str, list[dict]])
         summary = f"no change against generation {parent['generation']} on the held-out metrics"
     elif not (better and worse):
         direction, keys = ("better", better) if better else ("worse", worse)
-        which = f"every held-out metric ({', '.join(keys)})" if len(keys) == len(changes) else ", ".join(keys)
-        rest = "" if len(keys) == len(changes) else "; the others did not change"
-        summary = f"{direction} than generation {parent['generation']} on {which}{rest}"
+        which = (
+            f"every held-out metric ({', '.join(keys)})"
+            if len(keys) == len(changes)
+            else f"{', '.join(keys)}; the others did not change"
+        )
+        summary = f"{direction} than generation {parent['generation']} on {which}"
     else:
         summary = (
             f"mixed against generation {parent['generation']}: better on {', '.join(better) or 'none'}, "
