@@ -84,12 +84,14 @@ class UnsafeCheckpointError(CheckpointError):
     """A weights file that could only be read by unpickling arbitrary Python objects."""
 
 
-def file_digest(path: str | Path) -> str:
-    """``sha256:<first 16 hex digits>`` of the file's bytes."""
+def file_digest(*paths: str | Path) -> str:
+    """``sha256:<first 16 hex digits>`` of the files' bytes, one after the other (a sharded model's files
+    in their sorted order)."""
     sha = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            sha.update(block)
+    for path in paths:
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                sha.update(block)
     return f"sha256:{sha.hexdigest()[:16]}"
 
 
