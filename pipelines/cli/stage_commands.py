@@ -56,16 +56,21 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     caption = command(
         "caption",
         _caption,
-        "Write K nucleus-sampled captions per web image of generation 0 into a new generation (Ray Data actor pool).",
+        "Write K nucleus-sampled captions per web image of generation 0 into a new generation (Ray Data actor "
+        "pool), with capfilt's BLIP or a released BLIP-2, InstructBLIP, LLaVA or CoCa.",
     )
     _generation_options(caption)
     caption.add_argument(
         "--checkpoint",
         type=Path,
         required=True,
-        help="captioner: a capfilt checkpoint or a transformers BlipForConditionalGeneration folder",
+        help="the captioner's folder: for blip a capfilt checkpoint or a transformers BlipForConditionalGeneration "
+        "folder; for blip2 / instructblip / llava a transformers folder (model and processor, as save_pretrained "
+        "writes them); for coca an open_clip folder (open_clip_config.json and weights)",
     )
     option = functools.partial(config_option, caption, config=CAPTION_CONFIG)
+    option("--backend", help="the captioner: blip (capfilt's own), blip2, instructblip, llava or coca")
+    option("--prompt", help="the text the captioner is given before the caption (LLaVA: the user's turn)")
     option("--num-captions", type=int, help="K, synthetic captions per image")
     option("--top-p", type=float, help="nucleus sampling mass")
     option("--max-length", type=int, help="caption tokens after the prompt, [SEP] included")

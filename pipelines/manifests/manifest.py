@@ -36,7 +36,7 @@ WRITER_LOCK = "writer.lock"
 _HELD_LOCKS: set[Path] = set()  # writer locks this process holds (Generation.writer is re-entrant)
 SHARD_NAME = r"[A-Za-z0-9]+"  # "00000", "human", "refused"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = b"capfilt.schema_version"
 CAPTION_SOURCES = ("web", "synthetic", "human")
 
@@ -61,7 +61,11 @@ _FIELDS = [
     pa.field("reject_reason", pa.string()),  # short machine-usable reason, e.g. http_404
     pa.field("reject_detail", pa.string()),  # the original error message, for humans
     pa.field("model_ref", pa.string()),  # checkpoint digest that made the caption/score
+    pa.field("caption_backend", pa.string()),  # synthetic captions: the captioner backend that wrote it
+    pa.field("caption_prompt", pa.string()),  # synthetic captions: the prompt it was given (null: none)
+    pa.field("filter_clip_score", pa.float32()),  # the filter's CLIP-score scorer: its cosine similarity
 ]
+COLUMNS_ADDED = {2: ("caption_backend", "caption_prompt", "filter_clip_score")}  # by the version that added them
 SAMPLE_SCHEMA = pa.schema(_FIELDS, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
@@ -100,22 +104,31 @@ def validate_table(table: pa.Table, source: str) -> None:
     validate_values(table, source)
 
 
-def validate_schema(schema: pa.Schema, source: str) -> None:
-    """The schema half of `validate_table`: version, column names and types."""
+def validate_schema(schema: pa.Schema, source: str) -> int:
+    """The schema half of `validate_table`: version, column names and types. Returns the version; a part
+    of an older version may lack the columns added since (`COLUMNS_ADDED`)."""
     version = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
     if version is None:
         raise ManifestError(f"{source}: not a capfilt manifest (no '{SCHEMA_VERSION_KEY.decode()}' metadata)")
-    if version != str(SCHEMA_VERSION).encode():
+    if version not in {str(number).encode() for number in range(1, SCHEMA_VERSION + 1)}:
         raise ManifestError(
-            f"{source}: schema version {version.decode()}, this capfilt reads version {SCHEMA_VERSION}; "
+            f"{source}: schema version {version.decode()}, this capfilt reads versions 1 to {SCHEMA_VERSION}; "
             "re-create the generation with this version or use a matching capfilt release"
         )
+    number = int(version)
     for expected in SAMPLE_SCHEMA:
+        if expected.name in _added_after(number):
+            continue
         if expected.name not in schema.names:
             raise ManifestError(f"{source}: missing column '{expected.name}' (found: {schema.names})")
         actual = schema.field(expected.name).type
         if actual != expected.type:
             raise ManifestError(f"{source}: column '{expected.name}' has type {actual}, expected {expected.type}")
+    return number
+
+
+def _added_after(version: int) -> set[str]:
+    return {name for added, names in COLUMNS_ADDED.items() if added > version for name in names}
 
 
 def validate_values(table: pa.Table, source: str) -> None:
@@ -311,12 +324,21 @@ def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one Parquet part file (only `columns`, when given) after validating its schema."""
     try:
         with pq.ParquetFile(path) as file:
-            validate_schema(file.schema_arrow, source=str(path))
-            table = file.read(columns=columns)
+            missing = _added_after(validate_schema(file.schema_arrow, source=str(path)))
+            table = file.read(columns=None if columns is None else [name for name in columns if name not in missing])
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"{path}: unreadable Parquet file ({error})") from None
     validate_values(table, source=str(path))
-    return table
+    if not missing:
+        return table
+    return _upgraded(table, SAMPLE_SCHEMA.names if columns is None else list(columns))
+
+
+def _upgraded(table: pa.Table, names: list[str]) -> pa.Table:
+    """A part of an older schema version as this version reads it: the `names` columns, those added since null."""
+    fields = [SAMPLE_SCHEMA.field(name) for name in names]
+    arrays = [table[f.name] if f.name in table.column_names else pa.nulls(len(table), f.type) for f in fields]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=SAMPLE_SCHEMA.metadata))
 
 
 COUNT_COLUMNS = ("image_id", "caption_source", "kept", "reject_stage", "reject_reason")

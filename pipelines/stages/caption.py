@@ -2,9 +2,13 @@
 
 For each shard of the web generation, the target part holds every web row (copied, re-numbered into the
 target generation) and, for every image whose download succeeded, up to K synthetic rows (same image
-fields, `caption_source="synthetic"`, `model_ref` = the captioner's digest). Identical samples of one
-image are stored once, since a sample_id names an (image, source, caption) triple. An image that cannot
-be decoded gets no synthetic rows and its web row is rejected with `reject_stage="caption"`.
+fields, `caption_source="synthetic"`, `model_ref` = the captioner's digest, `caption_backend` and
+`caption_prompt` = the backend that wrote it and its prompt). Identical samples of one image are stored
+once, since a sample_id names an (image, source, caption) triple. An image that cannot be decoded gets no
+synthetic rows and its web row is rejected with `reject_stage="caption"`.
+
+The captioner is any backend of `vlp_core.captioners` (capfilt's BLIP by default; BLIP-2, InstructBLIP,
+LLaVA, CoCa), loaded from a local folder; the sampling settings mean the same in each.
 
 Captions are drawn per image from a generator seeded with (seed, image_id), so they do not depend on the
 batch an image lands in, and a resumed run writes the same captions as an uninterrupted one.
@@ -32,18 +36,19 @@ from pipelines.stages.shards import (
     rows_table,
     run_sharded_inference,
 )
-from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, load_checkpoint
-from vlp_core.data import image_transform
-from vlp_core.generation import generate
+from vlp_core.captioners import BACKENDS, Sampling, check_captioner, load_captioner
 
 STAGE = registry.CAPTION.name
 
 
 @dataclass(frozen=True)
 class CaptionConfig(ActorPoolConfig):
-    """The captioner checkpoint and BLIP's CapFilt sampling settings (nucleus sampling, top_p 0.9)."""
+    """The captioner (a backend and its model folder) and BLIP's CapFilt sampling settings (nucleus
+    sampling, top_p 0.9)."""
 
     checkpoint: Path
+    backend: str = "blip"  # one of vlp_core.captioners.BACKENDS
+    prompt: str | None = None  # None: the backend's default (BLIP: the checkpoint's own, "a picture of ")
     num_captions: int = 10  # K synthetic captions sampled per image
     top_p: float = 0.9
     temperature: float = 1.0
@@ -57,51 +62,41 @@ class CaptionConfig(ActorPoolConfig):
         check_config(
             type(self).__name__,
             [
-                (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
-                (self.num_captions >= 1, f"num_captions must be >= 1, got {self.num_captions}"),
-                (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-                (self.temperature > 0.0, f"temperature must be > 0, got {self.temperature}"),
-                (self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}"),
-                (
-                    0 <= self.min_length <= self.max_length,
-                    f"min_length must be in [0, max_length={self.max_length}], got {self.min_length}",
-                ),
-                (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+                (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+                (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a model folder"),
+                *self.sampling.problems(),
             ],
         )
         # a bad or wrong model stops here, before any work
-        check_checkpoint(self.checkpoint, CAPTIONER_NEEDS, "the caption stage")
+        check_captioner(self.backend, self.checkpoint)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(
+            self.num_captions, self.top_p, self.temperature, self.min_length, self.max_length, self.repetition_penalty
+        )
 
 
 class CaptionActor(ImageModelActor):
-    """Holds one captioner; samples K captions per image, each image with its own seeded generator."""
+    """Holds one captioner; samples K captions per image, each image with its own seeded draws."""
 
-    output_fields: ClassVar[list[pa.Field]] = [pa.field("captions", pa.list_(pa.string()))]
+    output_fields: ClassVar[list[pa.Field]] = [
+        pa.field("captions", pa.list_(pa.string())),
+        pa.field("prompt", pa.string()),
+    ]
 
     def __init__(self, config: CaptionConfig, dataset_dir: Path) -> None:
         super().__init__(dataset_dir)
         self.config = config
-        self.model, self.tokenizer, self.model_ref = load_checkpoint(config.checkpoint, config.device)
-        self.transform = image_transform(self.model.config, train=False)
+        self.captioner = load_captioner(config.backend, config.checkpoint, config.device, config.prompt)
+        self.transform, self.model_ref = self.captioner.transform, self.captioner.model_ref
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
-        """(B, 3, S, S) -> K captions per image in one batched call; each image samples from its own
-        generator seeded from (seed, image_id), so its captions do not depend on its batch."""
-        c = self.config
-        captions = generate(
-            self.model,
-            self.tokenizer,
-            pixels,
-            num_captions=c.num_captions,
-            method="nucleus",
-            top_p=c.top_p,
-            temperature=c.temperature,
-            min_length=c.min_length,
-            max_length=c.max_length,
-            repetition_penalty=c.repetition_penalty,
-            seeds=[image_seed(c.seed, r["image_id"]) for r in requests],
-        )
-        return [{"captions": image_captions} for image_captions in captions]
+        """(B, 3, S, S) -> K captions per image in one batched call; each image draws from a seed made of
+        (seed, image_id), so its captions do not depend on its batch."""
+        seeds = [image_seed(self.config.seed, request["image_id"]) for request in requests]
+        captions = self.captioner.caption(pixels, seeds, self.config.sampling)
+        return [{"captions": image_captions, "prompt": self.captioner.prompt} for image_captions in captions]
 
 
 @dataclass(frozen=True)
@@ -136,7 +131,7 @@ class _Captioning:
                 rows.append(rejected(web_row, STAGE, result["error_reason"], result["error_detail"]))
             else:
                 rows.append(web_row)
-                rows += _synthetic_rows(web_row, result["captions"], result["model_ref"])
+                rows += _synthetic_rows(web_row, result, self.config.backend)
         synthetic = sum(row["caption_source"] == "synthetic" for row in rows)
         stats = {
             "rows": len(rows),
@@ -145,12 +140,13 @@ class _Captioning:
             "duplicates_dropped": sum(len(r["captions"] or []) for r in results) - synthetic,
             "decode_failures": sum(bool(r["error_reason"]) for r in results),
             "model_ref": results[0]["model_ref"] if results else None,
+            "backend": self.config.backend,
         }
         return rows_table(rows), stats
 
 
-def _synthetic_rows(web_row: Row, captions: list[str], model_ref: str) -> list[Row]:
-    """One row per distinct caption, with the web row's image fields."""
+def _synthetic_rows(web_row: Row, result: Row, backend: str) -> list[Row]:
+    """One row per distinct caption of the captioner's `result`, with the web row's image fields."""
     image_fields = ("image_id", "image_ref", "image_sha256", "width", "height", "generation", "parent_generation")
     return [
         {
@@ -158,10 +154,12 @@ def _synthetic_rows(web_row: Row, captions: list[str], model_ref: str) -> list[R
             "caption": caption,
             "caption_source": "synthetic",
             "kept": True,
-            "model_ref": model_ref,
+            "model_ref": result["model_ref"],
+            "caption_backend": backend,
+            "caption_prompt": result["prompt"],
             "sample_id": sample_id(web_row["image_id"], "synthetic", caption),
         }
-        for caption in dict.fromkeys(captions)
+        for caption in dict.fromkeys(result["captions"])
     ]
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.manifests.manifest import (
+    COLUMNS_ADDED,
     SAMPLE_SCHEMA,
     SCHEMA_VERSION_KEY,
     Generation,
@@ -17,6 +18,7 @@ from pipelines.manifests.manifest import (
     generation_counts,
     generation_info,
     list_generations,
+    read_part,
     sample_id,
     samples_table,
 )
@@ -182,3 +184,24 @@ def test_round_trip_property(rows) -> None:
         generation = Generation(Path(tmp), "web", 0)
         generation.write_part("download", "00000", table, {})
         assert generation.read_samples().to_pylist() == table.to_pylist()
+
+
+def test_a_version_1_part_reads_with_the_columns_added_since_as_null(tmp_path):
+    current = _rows()
+    added = [name for names in COLUMNS_ADDED.values() for name in names]
+    version_1 = current.drop_columns(added).replace_schema_metadata({SCHEMA_VERSION_KEY: b"1"})
+    path = _write_raw(tmp_path / "part-00000.parquet", version_1)
+
+    table = read_part(path)
+    assert table.schema == SAMPLE_SCHEMA
+    assert table.drop_columns(added).equals(current.drop_columns(added))
+    assert all(table[name].null_count == len(table) for name in added)
+    subset = read_part(path, ["caption_backend", "sample_id"])
+    assert subset.column_names == ["caption_backend", "sample_id"]
+    assert subset["sample_id"].to_pylist() == current["sample_id"].to_pylist()
+    assert subset["caption_backend"].null_count == len(subset)
+
+    with pytest.raises(ManifestError, match="missing column 'kept'"):
+        read_part(_write_raw(tmp_path / "part-00001.parquet", version_1.drop_columns(["kept"])))
+    with pytest.raises(ManifestError, match="missing column 'caption_prompt'"):  # version 2 must have them
+        read_part(_write_raw(tmp_path / "part-00002.parquet", current.drop_columns(["caption_prompt"])))

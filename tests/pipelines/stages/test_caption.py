@@ -215,7 +215,7 @@ def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpo
         CaptionConfig(tiny_blip_checkpoint, top_p=0)
     with pytest.raises(ValueError, match="min_length must be in"):
         CaptionConfig(tiny_blip_checkpoint, min_length=9, max_length=8)
-    with pytest.raises(ValueError, match="not a checkpoint folder"):
+    with pytest.raises(ValueError, match="is not a model folder"):
         CaptionConfig(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         CaptionConfig(tiny_blip_checkpoint, concurrency=0)
