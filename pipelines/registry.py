@@ -34,7 +34,7 @@ CAPTION = Stage("caption", "pipelines.stages.caption:CaptionConfig", model_stage
 FILTER = Stage(
     "filter",
     "pipelines.stages.filter:FilterConfig",
-    scores=("itm_score", "itc_score"),
+    scores=("itm_score", "itc_score", "filter_clip_score"),
     model_stage=True,
     screens_captions=True,
 )

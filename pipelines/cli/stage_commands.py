@@ -81,24 +81,31 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     filtering = command(
         "filter",
         _filter,
-        "Score every web and synthetic caption with the filter's ITM head and "
-        "keep those above the threshold; --rethreshold re-decides from stored scores.",
+        "Score every web and synthetic caption with the filter's ITM head (or, with --scorer clip, a CLIP's cosine "
+        "similarity) and keep those that reach the threshold; --rethreshold re-decides from stored scores.",
     )
     _generation_options(filtering)
+    config_option(filtering, "--scorer", FILTER_CONFIG, choices=["itm", "clip"], help="what scores a caption")
     filtering.add_argument(
         "--checkpoint",
         type=Path,
-        help="filter: a capfilt checkpoint or a transformers BlipForImageTextRetrieval folder (its ITM head reads "
-        "[ENC] in column 0, as BLIP's; not needed with --rethreshold)",
+        help="the itm scorer's filter: a capfilt checkpoint or a transformers BlipForImageTextRetrieval folder (its "
+        "ITM head reads [ENC] in column 0, as BLIP's; not needed with --rethreshold)",
     )
-    config_option(filtering, "--threshold", FILTER_CONFIG, type=float, help="ITM match probability to keep a caption")
+    _clip_options(filtering, "the clip scorer's", required=False)
+    config_option(
+        filtering,
+        "--threshold",
+        FILTER_CONFIG,
+        type=float,
+        help="the score a caption needs: an ITM match probability in [0, 1], or a CLIP cosine similarity in [-1, 1]",
+    )
     filtering.add_argument("--rethreshold", action="store_true", help="re-decide from stored scores, no model")
     _pool_options(filtering, FILTER_CONFIG)
 
     ranking = command("rank", _rank, "CLIP-score the surviving candidates of each image and keep the top-k.")
     _generation_options(ranking)
-    ranking.add_argument("--clip-model", default="clip_tiny", help="open_clip architecture (default: %(default)s)")
-    ranking.add_argument("--clip-checkpoint", type=Path, required=True, help="local CLIP weights (.safetensors)")
+    _clip_options(ranking, "the ranker's", required=True)
     config_option(ranking, "--top-k", RANK_CONFIG, type=int, help="captions kept per image")
     _pool_options(ranking, RANK_CONFIG)
 
@@ -172,6 +179,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add_executor_options(parser)
 
 
+def _clip_options(parser: argparse.ArgumentParser, whose: str, required: bool) -> None:
+    parser.add_argument(
+        "--clip-model", default="clip_tiny", help=f"{whose} open_clip architecture (default: %(default)s)"
+    )
+    parser.add_argument("--clip-checkpoint", type=Path, required=required, help=f"{whose} CLIP weights (.safetensors)")
+
+
 def _pool_options(parser: argparse.ArgumentParser, config: str) -> None:
     option = functools.partial(config_option, parser, config=config)
     option("--batch-size", type=int, help="images per model call")
@@ -240,8 +254,11 @@ def _filter(args: argparse.Namespace) -> None:
     if args.rethreshold:
         threshold = args.threshold if args.threshold is not None else config_default(FILTER_CONFIG, "threshold")
         counts = rethreshold(_generation(args), threshold)
-    elif args.checkpoint is None:
-        raise ValueError("filter: give --checkpoint (the filter model), or --rethreshold to re-decide stored scores")
+    elif args.checkpoint is None and args.clip_checkpoint is None:
+        raise ValueError(
+            "filter: give --checkpoint (the filter model), --scorer clip --clip-checkpoint (a CLIP's weights), or "
+            "--rethreshold to re-decide stored scores"
+        )
     else:
         counts = run_filter(FilterConfig(**config_kwargs(args, FilterConfig)), _generation(args))
     print(f"filter: {counts['kept']} of {counts['rows']} rows kept")

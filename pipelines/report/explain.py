@@ -23,7 +23,9 @@ JOURNEY_COLUMNS = (
     "url",
     "caption",
     "caption_source",
+    "caption_backend",
     "itm_score",
+    "filter_clip_score",
     "clip_score",
     "clip_rank",
     "kept",
@@ -32,6 +34,7 @@ JOURNEY_COLUMNS = (
     "reject_detail",
 )
 CAPTION_WIDTH = 70
+SCORES = (("itm", "itm_score"), ("filter clip", "filter_clip_score"), ("clip", "clip_score"), ("rank", "clip_rank"))
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,13 @@ def format_journey(journey: list[GenerationRows]) -> str:
             decision = "kept" if row["kept"] else f"dropped by {row['reject_stage']}: {row['reject_reason']}"
             scores = "  ".join(
                 f"{name} {row[column]:.3f}" if isinstance(row[column], float) else f"{name} {row[column]}"
-                for name, column in (("itm", "itm_score"), ("clip", "clip_score"), ("rank", "clip_rank"))
+                for name, column in SCORES
                 if row[column] is not None
             )
             caption = row["caption"] or ""
             caption = caption if len(caption) <= CAPTION_WIDTH else caption[: CAPTION_WIDTH - 1] + "…"
-            lines.append(f"  {row['caption_source']:<9} {decision:<40} {scores:<34} {caption!r}")
+            source = row["caption_source"] + (f" ({row['caption_backend']})" if row["caption_backend"] else "")
+            lines.append(f"  {source:<18} {decision:<40} {scores:<34} {caption!r}")
             if not row["kept"] and row["reject_detail"]:
-                lines.append(f"  {'':<9} {row['reject_detail'][:100]}")
+                lines.append(f"  {'':<18} {row['reject_detail'][:100]}")
     return "\n".join(lines)

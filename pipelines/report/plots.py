@@ -86,14 +86,15 @@ def score_plot(name: str, setting: str) -> Callable[[Figures], Figure | None]:
                 color=SOURCE_COLOURS.get(source),
                 linewidth=1.8,
             )
-        if name == "itm":
-            for threshold in figures["thresholds"]["itm_threshold"]:
+        if setting.endswith("_threshold"):
+            for threshold in figures["thresholds"][setting]:
                 ax.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:.4g}")
-        ax.set_xlabel(f"{name.upper()} score")
+        label = name.replace("_", " ").upper()
+        ax.set_xlabel(f"{label} score")
         ax.set_ylabel("captions")
         values = ", ".join(f"{value:.4g}" for value in figures["thresholds"][setting])
         ax.set_title(
-            f"{name.upper()} scores per caption source" + (f" ({setting.replace('_', ' ')} {values})" if values else "")
+            f"{label} scores per caption source" + (f" ({setting.replace('_', ' ')} {values})" if values else "")
         )
         ax.legend()
         return figure
@@ -204,6 +205,7 @@ PLOTS: dict[str, Callable[[Figures], Figure | None]] = {
     "funnel": funnel_plot,
     "rejections": rejections_plot,
     "itm_scores": score_plot("itm", "itm_threshold"),
+    "filter_clip_scores": score_plot("filter_clip", "clip_threshold"),
     "clip_scores": score_plot("clip", "clip_top_k"),
     "caption_lengths": caption_length_plot,
     "diversity": diversity_plot,

@@ -41,7 +41,7 @@ from vlp_core.atomic import atomic_directory, atomic_write_json
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
 EVALUATION_FILE = "evaluation.json"  # written by pipelines.stages.evaluate (not imported: it pulls in torch and Ray)
-SCORE_COLUMNS = {"itm": "itm_score", "clip": "clip_score"}
+SCORE_COLUMNS = {"itm": "itm_score", "filter_clip": "filter_clip_score", "clip": "clip_score"}
 SCORE_BINS = 20
 TEXT_BATCH_ROWS = 16_384
 N_EXAMPLES = 12
@@ -215,13 +215,19 @@ def lineage(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_settings(markers: dict[str, list[dict]]) -> dict[str, list]:
-    """The decision settings the stages recorded per shard: ITM thresholds and CLIP top-k (several values
-    when shards were decided differently)."""
+    """The decision settings the stages recorded per shard: the filter's scorers and thresholds (ITM
+    probability, CLIP cosine) and the ranker's top-k (several values when shards were decided differently)."""
 
-    def recorded(stage: str, key: str) -> list:
-        return sorted({m[key] for m in markers.get(stage, []) if m and m.get(key) is not None})
+    def recorded(stage: str, key: str, scorer: str | None = None) -> list:
+        shards = [m for m in markers.get(stage, []) if m and (scorer is None or m.get("scorer", "itm") == scorer)]
+        return sorted({m[key] for m in shards if m.get(key) is not None})
 
-    return {"itm_threshold": recorded("filter", "threshold"), "clip_top_k": recorded("rank", "top_k")}
+    return {
+        "filter_scorer": sorted({m.get("scorer", "itm") for m in markers.get("filter", []) if m}),
+        "itm_threshold": recorded("filter", "threshold", "itm"),
+        "clip_threshold": recorded("filter", "threshold", "clip"),
+        "clip_top_k": recorded("rank", "top_k"),
+    }
 
 
 def rejected_rows(generation: Generation) -> Counter[tuple[str, str | None, str | None]]:
@@ -265,8 +271,8 @@ def rejections(rejected: Counter[tuple[str, str | None, str | None]]) -> list[di
 
 
 def score_histograms(generation: Generation, sources: list[str]) -> dict[str, dict[str, Any]]:
-    """Per score (ITM, CLIP): a histogram (SCORE_BINS equal bins over the scores' range, [0, 1] for ITM) and
-    a summary per source. Two passes: the range, then the bins."""
+    """Per score (ITM, the filter's CLIP, the ranker's CLIP): a histogram (SCORE_BINS equal bins over the
+    scores' range, [0, 1] for ITM) and a summary per source. Two passes: the range, then the bins."""
     columns = list(SCORE_COLUMNS.values())
     ranges: dict[str, tuple[float, float]] = {}
     for part in generation.iter_parts(columns):

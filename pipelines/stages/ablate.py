@@ -7,9 +7,9 @@ scores, and differs only in what it keeps:
 
     arm             captioner  filter  CLIP rank   keeps (plus the human pairs)
     no_capfilt          -         -        -       every web caption
-    filter_only         -         ✓        -       web captions with ITM ≥ threshold
+    filter_only         -         ✓        -       web captions whose filter score ≥ threshold
     captioner_only      ✓         -        -       every web and synthetic caption
-    capfilt             ✓         ✓        -       web and synthetic captions with ITM ≥ threshold
+    capfilt             ✓         ✓        -       web and synthetic captions whose score ≥ threshold
     capfilt_rank        ✓         ✓        ✓       those, then the CLIP top-k per image
 
 `arm_rows` lifts the decisions the filter and the ranker took from a stored score, then decides again by
@@ -39,15 +39,13 @@ from pipelines.manifests.manifest import Generation, config_digest, manifest_dig
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
 from pipelines.stages.filter import STAGE as FILTER_STAGE
-from pipelines.stages.filter import decide
+from pipelines.stages.filter import decide, scorer_of
 from pipelines.stages.rank import STAGE as RANK_STAGE
 from pipelines.stages.rank import keep_top_k
 from pipelines.stages.shards import Row, rejected, rows_table, shards_finished_by
 
 STAGE = registry.ABLATE.name
 DATASET_PREFIX = "ablate-"
-# the stages that decide from a stored score, and that score
-SCORE_OF_STAGE = {FILTER_STAGE: registry.FILTER.scores[0], RANK_STAGE: registry.RANK.scores[0]}
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class Arm:
 
     name: str
     captioner: bool  # the synthetic captions are candidates
-    filter: bool  # candidates need ITM ≥ threshold
+    filter: bool  # candidates need a filter score ≥ threshold (ITM, or CLIP with the clip scorer)
     rank: bool  # then only the CLIP top-k per image stay
 
     def __post_init__(self) -> None:
@@ -88,11 +86,12 @@ def lift_score_decisions(rows: list[Row]) -> list[Row]:
     """The rows with the filter's and the ranker's score-based rejections lifted, scores kept. A row they
     rejected without a score (its image failed to decode, its caption was empty) stays rejected."""
     lifted = {"kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
+    scored = {
+        FILTER_STAGE: lambda row: scorer_of(row) is not None,
+        RANK_STAGE: lambda row: row["clip_score"] is not None,
+    }
     return [
-        {**row, **lifted}
-        if row["reject_stage"] in SCORE_OF_STAGE and row[SCORE_OF_STAGE[row["reject_stage"]]] is not None
-        else row
-        for row in rows
+        {**row, **lifted} if row["reject_stage"] in scored and scored[row["reject_stage"]](row) else row for row in rows
     ]
 
 
@@ -102,16 +101,16 @@ def arm_rows(rows: list[Row], arm: Arm, threshold: float, top_k: int) -> list[Ro
     for row in lift_score_decisions(rows):
         if row["kept"] and row["caption_source"] == "synthetic" and not arm.captioner:
             row = rejected(row, STAGE, "synthetic_not_in_arm")
-        elif row["kept"] and arm.filter and row["itm_score"] is not None:
+        elif row["kept"] and arm.filter and scorer_of(row) is not None:
             row = decide(row, threshold)
         decided.append(row)
     if not arm.rank:
         return decided
-    survivors = [row for row in decided if row["kept"] and row["itm_score"] is not None]
+    survivors = [row for row in decided if row["kept"] and scorer_of(row) is not None]
     unranked = [row["sample_id"] for row in survivors if row["clip_score"] is None]
     if unranked:
         raise ValueError(
-            f"arm {arm.name}: {len(unranked)} row(s) kept at ITM threshold {threshold} have no "
+            f"arm {arm.name}: {len(unranked)} row(s) kept at filter threshold {threshold} have no "
             f"clip_score (e.g. sample {unranked[0]}); the candidates were ranked after a stricter "
             "filter: rank them again at this threshold, or use the candidates' threshold"
         )

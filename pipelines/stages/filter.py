@@ -1,10 +1,16 @@
-"""Filter stage: BLIP's ITM head keeps the web and synthetic captions that match their image.
+"""Filter stage: a scorer keeps the web and synthetic captions that match their image.
 
-Scoring and deciding are separate. Scoring stores, for every candidate (a kept row with an image and a
-caption that is not empty once cleaned), the ITM match probability (`itm_score`) and the ITC
-similarity (`itc_score`) from the filter checkpoint; each image is encoded once for all its candidates.
-Deciding keeps a row when `itm_score >= threshold`, else rejects it (`filter/itm_below_threshold`); a
-caption that cleans to nothing is rejected as `filter/empty_caption` without scoring.
+Two scorers, chosen per run (`SCORERS`):
+- `itm` (BLIP's CapFilt, the default): the filter checkpoint's ITM match probability (`itm_score`, with the
+  ITC similarity in `itc_score`);
+- `clip` (DataComp / Nguyen et al. 2023): an open_clip model's image-caption cosine similarity
+  (`filter_clip_score`), one cut for web and synthetic captions alike.
+
+Scoring and deciding are separate. Scoring stores the scores of every candidate (a kept row with an image
+and a caption that is not empty once cleaned); each image is encoded once for all its candidates.
+Deciding keeps a row when its scorer's score reaches the threshold, else rejects it
+(`filter/itm_below_threshold` or `filter/clip_below_threshold`: the reason names the scorer); a caption
+that cleans to nothing is rejected as `filter/empty_caption` without scoring.
 
 `rethreshold` re-decides from the stored scores without loading a model, and `run_filter` on shards
 that are already scored does the same. A changed decision invalidates the shard's rank marker.
@@ -23,6 +29,7 @@ import torch
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
+from pipelines.stages.rank import ClipActor
 from pipelines.stages.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
     ActorPoolConfig,
@@ -40,37 +47,104 @@ from pipelines.stages.shards import (
     shards_finished_by,
     undo_from,
 )
-from vlp_core.checkpoint import FILTER_NEEDS, check_checkpoint, checkpoint_digest, load_checkpoint
+from vlp_core.checkpoint import (
+    FILTER_NEEDS,
+    check_checkpoint,
+    checkpoint_digest,
+    file_digest,
+    load_checkpoint,
+    require_finite_file,
+)
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
 
 STAGE = registry.FILTER.name
 
 
-def _check_threshold(threshold: float) -> tuple[bool, str]:
-    return 0.0 <= threshold <= 1.0, f"threshold is an ITM probability and must be in [0, 1], got {threshold}"
+@dataclass(frozen=True)
+class Scorer:
+    """How the filter scores a caption: the manifest columns it fills (from its actor's outputs), the one
+    it decides on, and what its threshold is."""
+
+    name: str
+    outputs: dict[str, str]  # manifest column -> the actor's output that fills it
+    column: str  # the column the threshold applies to
+    low: float  # the threshold's range
+    high: float
+    meaning: str
+
+    @property
+    def reject_reason(self) -> str:
+        return f"{self.name}_below_threshold"
+
+    def check_threshold(self, threshold: float) -> tuple[bool, str]:
+        return (
+            self.low <= threshold <= self.high,
+            f"the {self.name} scorer's threshold is {self.meaning} and must be in [{self.low:g}, {self.high:g}], "
+            f"got {threshold}",
+        )
+
+
+SCORERS = {
+    scorer.name: scorer
+    for scorer in (
+        Scorer("itm", {"itm_score": "itm", "itc_score": "itc"}, "itm_score", 0.0, 1.0, "an ITM match probability"),
+        Scorer("clip", {"filter_clip_score": "clip"}, "filter_clip_score", -1.0, 1.0, "a CLIP cosine similarity"),
+    )
+}
+
+
+def scorer_of(row: Row) -> Scorer | None:
+    """The scorer that scored `row` (None: it was not scored)."""
+    return next((scorer for scorer in SCORERS.values() if row[scorer.column] is not None), None)
 
 
 @dataclass(frozen=True)
 class FilterConfig(ActorPoolConfig):
-    """The filter checkpoint and the ITM probability a caption needs to be kept."""
+    """The scorer, its model and the score a caption needs to be kept: the `itm` scorer reads a BLIP
+    filter `checkpoint`; the `clip` scorer an open_clip `clip_model` with `clip_checkpoint` weights."""
 
-    checkpoint: Path
+    checkpoint: Path | None = None
     threshold: float = 0.5
+    scorer: str = "itm"
+    clip_model: str | None = None
+    clip_checkpoint: Path | None = None
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS  # captions are cleaned and cut to this before scoring
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        name = type(self).__name__
         check_config(
-            type(self).__name__,
+            name, [(self.scorer in SCORERS, f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")]
+        )
+        if self.scorer == "itm":
+            model = [(self.checkpoint is not None and Path(self.checkpoint).is_dir(),
+                      f"the itm scorer needs checkpoint, a filter folder; {self.checkpoint} is not one")]  # fmt: skip
+        else:
+            model = [
+                (self.clip_model is not None, "the clip scorer needs clip_model, an open_clip architecture"),
+                (
+                    self.clip_checkpoint is not None and Path(self.clip_checkpoint).is_file(),
+                    f"the clip scorer needs clip_checkpoint, a weights file; {self.clip_checkpoint} is not one",
+                ),
+            ]
+        check_config(
+            name,
             [
-                (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
-                _check_threshold(self.threshold),
+                *model,
+                SCORERS[self.scorer].check_threshold(self.threshold),
                 (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
             ],
         )
         # a bad or wrong model stops here, before any work
-        check_checkpoint(self.checkpoint, FILTER_NEEDS, "the filter stage")
+        if self.scorer == "itm":
+            check_checkpoint(self.checkpoint, FILTER_NEEDS, "the filter stage")
+        else:
+            require_finite_file(self.clip_checkpoint)
+
+    def model_ref(self) -> str:
+        """The digest of the scorer's model, as its actors record it."""
+        return checkpoint_digest(self.checkpoint) if self.scorer == "itm" else file_digest(self.clip_checkpoint)
 
 
 class FilterActor(ImageModelActor):
@@ -92,18 +166,20 @@ class FilterActor(ImageModelActor):
 
 
 def decide(row: Row, threshold: float) -> Row:
-    """The verdict on a scored row: kept when its ITM probability reaches the threshold."""
-    if row["itm_score"] >= threshold:
+    """The verdict on a scored row: kept when its scorer's score reaches the threshold."""
+    scorer = scorer_of(row)
+    if row[scorer.column] >= threshold:
         return {**row, "kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
-    return rejected(row, STAGE, "itm_below_threshold")
+    return rejected(row, STAGE, scorer.reject_reason)
 
 
-def _stats(rows: list[Row], threshold: float, model_ref: str | None) -> dict[str, Any]:
+def _stats(rows: list[Row], scorer: str, threshold: float, model_ref: str | None) -> dict[str, Any]:
     return {
         "rows": len(rows),
-        "scored": sum(row["itm_score"] is not None for row in rows),
+        "scored": sum(scorer_of(row) is not None for row in rows),
         "kept": sum(row["kept"] for row in rows),
         "rejected": dict(Counter(row["reject_reason"] for row in rows if row["reject_stage"] == STAGE)),
+        "scorer": scorer,
         "threshold": threshold,
         "model_ref": model_ref,
     }
@@ -113,17 +189,21 @@ def _stats(rows: list[Row], threshold: float, model_ref: str | None) -> dict[str
 class _Filtering(CaptionScoringStage):
     config: FilterConfig
     name: ClassVar[str] = STAGE
-    actor_class: ClassVar[type[ImageModelActor]] = FilterActor
+
+    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
+        actor = FilterActor if self.config.scorer == "itm" else ClipActor
+        return actor, {"config": self.config, "dataset_dir": self.target.path.parent}
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
-        itm, itc = scores_by_sample(results, "itm"), scores_by_sample(results, "itc")
+        scorer = SCORERS[self.config.scorer]
+        scores = {column: scores_by_sample(results, output) for column, output in scorer.outputs.items()}
         failed = {result["image_id"]: result for result in results if result["error_reason"]}
         rows = []
         for row in self.rows(shard):
             if not row["kept"]:
                 rows.append(row)
-            elif row["sample_id"] in itm:
-                scored = {**row, "itm_score": itm[row["sample_id"]], "itc_score": itc[row["sample_id"]]}
+            elif row["sample_id"] in scores[scorer.column]:
+                scored = {**row, **{column: values[row["sample_id"]] for column, values in scores.items()}}
                 rows.append(decide(scored, self.config.threshold))
             elif row["image_id"] in failed:
                 failure = failed[row["image_id"]]
@@ -133,33 +213,42 @@ class _Filtering(CaptionScoringStage):
             else:  # no image to score it against
                 rows.append(row)
         model_ref = results[0]["model_ref"] if results else None
-        return rows_table(rows), _stats(rows, self.config.threshold, model_ref)
+        return rows_table(rows), _stats(rows, scorer.name, self.config.threshold, model_ref)
 
 
-def _redecide_shard(target: Generation, shard: str, threshold: float, model_ref: str | None = None) -> None:
-    """Re-decide a scored shard from its stored scores; rewrites it only when the threshold changed.
-    With `model_ref`, refuses scores that another filter checkpoint produced."""
+def _scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
+    """The scorer that scored a filtered shard (markers before the scorers were named: itm), and its marker."""
     marker = json.loads(target.marker_path(STAGE, shard).read_text())
-    if model_ref is not None and marker["model_ref"] not in (None, model_ref):
+    return marker.get("scorer", "itm"), marker
+
+
+def _redecide_shard(target: Generation, shard: str, threshold: float, expected: tuple[str, str] | None = None) -> None:
+    """Re-decide a scored shard from its stored scores; rewrites it only when the threshold changed.
+    With `expected` (scorer, model_ref), refuses scores that another scorer or model produced."""
+    scorer, marker = _scored_by(target, shard)
+    if expected is not None and (scorer != expected[0] or marker["model_ref"] not in (None, expected[1])):
         raise ManifestError(
-            f"{target.path}: shard {shard} was scored by filter {marker['model_ref']}, not by the given checkpoint "
-            f"({model_ref}); filter into a new generation, or delete {target.marker_path(STAGE, '*')} to re-score"
+            f"{target.path}: shard {shard} was scored by the {scorer} scorer with model {marker['model_ref']}, not "
+            f"by the given {expected[0]} scorer and model ({expected[1]}); filter into a new generation, "
+            f"or delete {target.marker_path(STAGE, '*')} to re-score"
         )
     if marker["threshold"] == threshold:
         return
     rows = undo_from(read_part(target.part_path(shard)).to_pylist(), "rank")  # rank's view will be stale
-    rows = [decide(row, threshold) if row["itm_score"] is not None else row for row in rows]
-    commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, threshold, marker["model_ref"]))
+    rows = [decide(row, threshold) if scorer_of(row) is not None else row for row in rows]
+    commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, scorer, threshold, marker["model_ref"]))
 
 
 def rethreshold(target: Generation, threshold: float) -> dict[str, Any]:
-    """Re-decide every shard of a filtered generation at `threshold` from the stored scores (no model is
-    loaded); returns the target's `generation_counts`. Shards whose decision changed must be ranked again."""
-    ok, message = _check_threshold(threshold)
-    if not ok:
-        raise ValueError(message)
+    """Re-decide every shard of a filtered generation at `threshold` (a threshold of the scorer that scored
+    it) from the stored scores, without loading a model; returns the target's `generation_counts`. Shards
+    whose decision changed must be ranked again."""
     with target.writer(STAGE):
         shards = shards_finished_by(target, STAGE)
+        for scorer in sorted({_scored_by(target, shard)[0] for shard in shards}):
+            ok, message = SCORERS[scorer].check_threshold(threshold)
+            if not ok:
+                raise ValueError(message)
         _check_parts(target, shards)
         for shard in shards:
             _redecide_shard(target, shard, threshold)
@@ -179,8 +268,8 @@ def run_filter(config: FilterConfig, target: Generation) -> dict[str, Any]:
         shards = captioned_shards(target)
         scored = [shard for shard in shards if target.is_done(STAGE, shard)]
         if scored:
-            model_ref = checkpoint_digest(config.checkpoint)
+            expected = (config.scorer, config.model_ref())
             _check_parts(target, scored)
             for shard in scored:
-                _redecide_shard(target, shard, config.threshold, model_ref)
+                _redecide_shard(target, shard, config.threshold, expected)
         return run_sharded_inference(_Filtering(config, target), target, shards, config)

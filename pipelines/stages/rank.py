@@ -66,15 +66,16 @@ class RankConfig(ActorPoolConfig):
             require_finite_file(self.clip_checkpoint)
 
 
-class RankActor(ImageModelActor):
-    """Holds one CLIP; scores each image's candidates, the image encoded once."""
+class ClipActor(ImageModelActor):
+    """Holds one CLIP (`config.clip_model`, `config.clip_checkpoint`); scores each image's candidates by
+    cosine similarity, the image encoded once. The ranker's, and the filter's CLIP-score scorer."""
 
     output_fields: ClassVar[list[pa.Field]] = [pa.field("clip", pa.list_(pa.float32()))]
 
     def __init__(self, config: RankConfig, dataset_dir: Path) -> None:
         super().__init__(dataset_dir)
         if config.clip_checkpoint is None:
-            log.warning("rank: no clip_checkpoint, ranking with an untrained %s", config.clip_model)
+            log.warning("no clip_checkpoint: scoring with an untrained %s", config.clip_model)
             torch.manual_seed(0)
             self.model_ref = f"untrained:{config.clip_model}"
         else:
@@ -118,7 +119,7 @@ def keep_top_k(rows: list[Row], clip_score: dict[str, float], top_k: int) -> lis
 class _Ranking(CaptionScoringStage):
     config: RankConfig
     name: ClassVar[str] = STAGE
-    actor_class: ClassVar[type[ImageModelActor]] = RankActor
+    actor_class: ClassVar[type[ImageModelActor]] = ClipActor
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         clip_score = scores_by_sample(results, "clip")

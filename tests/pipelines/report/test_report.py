@@ -137,7 +137,12 @@ def _stages_up_to(stage: str) -> tuple[str, ...]:
 @pytest.mark.slow
 def test_score_histograms_and_thresholds_equal_duckdb(lineage, figures) -> None:
     generation, threshold = lineage
-    assert figures["thresholds"] == {"itm_threshold": [threshold], "clip_top_k": [TOP_K]}
+    assert figures["thresholds"] == {
+        "filter_scorer": ["itm"],
+        "itm_threshold": [threshold],
+        "clip_threshold": [],
+        "clip_top_k": [TOP_K],
+    }
     for name, column in (("itm", "itm_score"), ("clip", "clip_score")):
         histograms = figures["scores"][name]
         edges = np.array(histograms["edges"])
@@ -312,14 +317,14 @@ def test_explain_follows_a_dropped_and_a_kept_sample_through_the_generations(lin
     name = generation.dataset
     assert out[0] == f"{name} gen 0: download"
     gen1 = out[next(i for i, line in enumerate(out) if line.startswith(f"{name} gen 1 (from gen 0): caption")) :]
-    dropped = [line for line in gen1 if line.startswith("  web       dropped by filter: itm_below_threshold")]
+    dropped = [line for line in gen1 if line.startswith(f"  {'web':<18} dropped by filter: itm_below_threshold")]
     assert len(dropped) == 1 and dropped_caption[:40] in dropped[0]
     assert sum(line.startswith("  synthetic") for line in gen1) == synthetic > 0
 
     assert main(["explain", kept_id, *where]) == 0  # a synthetic row's sample id names its image
     out = capsys.readouterr().out
     assert f"image {kept_image}" in out and any(
-        line.startswith("  synthetic kept") and kept_caption[:40] in line for line in out.splitlines()
+        line.startswith(f"  {'synthetic (blip)':<18} kept") and kept_caption[:40] in line for line in out.splitlines()
     )
     assert main(["explain", "http://nowhere.example/a.jpg", *where]) == 2
     assert "no row of" in capsys.readouterr().err

@@ -10,11 +10,13 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipelines.cli.main import main as cli_main
 from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, read_part, sample_id
 from pipelines.stages.caption import CaptionConfig, run_caption
 from pipelines.stages.filter import FilterConfig, rethreshold, run_filter
 from vlp_core.checkpoint import load_checkpoint, save_checkpoint
+from vlp_core.clip import load_clip
 from vlp_core.data import image_transform, load_image, normalize_caption
 from vlp_core.scoring import score_captions
 
@@ -142,17 +144,31 @@ def test_scored_shards_refuse_another_filter_checkpoint(filtered, tiny_blip_chec
         model.itm_head.bias.add_(1.0)
     other = tmp_path / "other_filter"
     assert save_checkpoint(model, tokenizer, other) != digest
-    with pytest.raises(ManifestError, match="was scored by filter"):
+    with pytest.raises(ManifestError, match="was scored by the itm scorer with model sha256:"):
         run_filter(FilterConfig(other), filtered)
 
 
-def test_bad_inputs_fail_before_any_work(captioned, tiny_blip_checkpoint, tmp_path, no_inference):
-    with pytest.raises(ValueError, match="FilterConfig: threshold is an ITM probability"):
+def test_bad_inputs_fail_before_any_work(
+    captioned, filtered, tiny_blip_checkpoint, tiny_clip_checkpoint, tmp_path, no_inference
+):
+    with pytest.raises(ValueError, match="FilterConfig: the itm scorer's threshold is an ITM match probability"):
         FilterConfig(tiny_blip_checkpoint, threshold=1.5)
     with pytest.raises(ValueError, match="max_caption_chars must be >= 1"):
         FilterConfig(tiny_blip_checkpoint, max_caption_chars=0)
-    with pytest.raises(ValueError, match="threshold is an ITM probability"):
-        rethreshold(captioned, -0.1)
+    with pytest.raises(ValueError, match="scorer must be one of itm, clip, got 'clap'"):
+        FilterConfig(tiny_blip_checkpoint, scorer="clap")
+    with pytest.raises(ValueError, match="the clip scorer needs clip_model"):
+        FilterConfig(scorer="clip", clip_checkpoint=tiny_clip_checkpoint)
+    with pytest.raises(ValueError, match="the clip scorer needs clip_checkpoint, a weights file; None"):
+        FilterConfig(tiny_blip_checkpoint, scorer="clip", clip_model="clip_tiny")
+    with pytest.raises(
+        ValueError, match=r"the clip scorer's threshold is a CLIP cosine similarity and must be in \[-1, 1\]"
+    ):
+        FilterConfig(scorer="clip", clip_model="clip_tiny", clip_checkpoint=tiny_clip_checkpoint, threshold=1.2)
+    with pytest.raises(ValueError, match="the itm scorer needs checkpoint"):
+        FilterConfig(threshold=0.5)
+    with pytest.raises(ValueError, match="threshold is an ITM match probability"):
+        rethreshold(filtered, -0.1)  # stored ITM scores: the threshold is a probability
     with pytest.raises(ManifestError, match="the filter stage has not finished"):
         rethreshold(captioned, 0.5)
     with pytest.raises(ManifestError, match="no captioned shards; run the caption stage"):
@@ -164,3 +180,60 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_manifest(
     captioned, tiny_blip_checkpoint, resumes_like_uninterrupted
 ):
     resumes_like_uninterrupted(run_filter, FilterConfig(tiny_blip_checkpoint, batch_size=1), captioned)
+
+
+def test_the_clip_scorer_keeps_captions_whose_cosine_reaches_the_threshold(
+    captioned, tiny_blip_checkpoint, tiny_clip_checkpoint, tmp_path, dataset_copier
+):
+    """DataComp / Nguyen et al.: one CLIP-score cut for web and synthetic captions; the score is open_clip's
+    cosine similarity of the pair, and the reason names the scorer."""
+    target = dataset_copier(captioned, tmp_path)
+    config = FilterConfig(scorer="clip", clip_model="clip_tiny", clip_checkpoint=tiny_clip_checkpoint, batch_size=4)
+    run_filter(config, target)
+    rows = target.read_samples().to_pylist()
+    scored = [row for row in rows if row["filter_clip_score"] is not None]
+    assert len(scored) > 100 and all(row["itm_score"] is None and row["itc_score"] is None for row in rows)
+    threshold = statistics.median(row["filter_clip_score"] for row in scored)
+    target_at_median = dataset_copier(captioned, tmp_path / "median")
+    run_filter(dataclasses.replace(config, threshold=threshold), target_at_median)
+    decided = target_at_median.read_samples().to_pylist()
+    for row in decided:
+        if row["filter_clip_score"] is not None:
+            assert row["kept"] == (row["filter_clip_score"] >= threshold)
+            assert row["kept"] or row["reject_reason"] == "clip_below_threshold"
+    assert 0.3 < sum(row["kept"] for row in decided if row["filter_clip_score"] is not None) / len(scored) < 0.7
+
+    ranker = load_clip("clip_tiny", tiny_clip_checkpoint)
+    store = ImageStore(target.path.parent)
+    for row in [row for row in scored if row["caption_source"] == "synthetic"][:3] + [
+        row for row in scored if row["caption_source"] == "web"
+    ][:3]:
+        pixels = ranker.preprocess(load_image(store.read(row["image_ref"]))).unsqueeze(0)
+        text = normalize_caption(row["caption"], max_chars=300)[0]
+        with torch.no_grad():
+            cosine = torch.nn.functional.cosine_similarity(
+                ranker.model.encode_image(pixels), ranker.model.encode_text(ranker.tokenizer([text])), dim=-1
+            )
+        assert row["filter_clip_score"] == pytest.approx(float(cosine), abs=1e-4)
+
+    marker = json.loads(target_at_median.marker_path("filter", "00000").read_text())
+    assert (marker["scorer"], marker["threshold"]) == ("clip", threshold)
+    rethreshold(target_at_median, -1.0)  # a cosine threshold: every scored row kept
+    assert all(
+        row["kept"] for row in target_at_median.read_samples().to_pylist() if row["filter_clip_score"] is not None
+    )
+    with pytest.raises(ManifestError, match="was scored by the clip scorer"):
+        run_filter(FilterConfig(tiny_blip_checkpoint, threshold=0.5), target_at_median)
+
+
+def test_capfilt_filter_with_the_clip_scorer(captioned, tiny_clip_checkpoint, tmp_path, dataset_copier, capsys):
+    target = dataset_copier(captioned, tmp_path)
+    where = ["--root", str(target.root), "--dataset", target.dataset, "--generation", "1"]
+    clip = ["--scorer", "clip", "--clip-model", "clip_tiny", "--clip-checkpoint", str(tiny_clip_checkpoint)]
+    assert cli_main(["filter", *where, *clip, "--threshold", "0.05"]) == 0
+    rows = target.read_samples().to_pylist()
+    scored = [row for row in rows if row["filter_clip_score"] is not None]
+    assert scored and all(row["kept"] == (row["filter_clip_score"] >= 0.05) for row in scored)
+    assert f"filter: {sum(row['kept'] for row in rows)} of {len(rows)} rows kept" in capsys.readouterr().out
+    assert cli_main(["filter", *where, *clip, "--threshold", "1.5"]) == 2
+    assert "the clip scorer's threshold is a CLIP cosine similarity" in capsys.readouterr().err
