@@ -59,7 +59,9 @@ def capfilt_ablate(
     arms: list[str] | None = None,
     seeds: list[int] | None = None,
     num_captions: int | None = None,
+    filter_scorer: str | None = None,
     itm_threshold: float | None = None,
+    clip_threshold: float | None = None,
     top_k: int | None = None,
     pretrain_steps: int | None = None,
     batch_size: int | None = None,
@@ -67,6 +69,8 @@ def capfilt_ablate(
     clip_model: str | None = None,
     clip_checkpoint: str | None = None,
     captioner_checkpoint: str | None = None,
+    captioner_backend: str | None = None,
+    caption_prompt: str | None = None,
     filter_checkpoint: str | None = None,
     num_gpus: float | None = None,
     executor: str | None = None,
@@ -127,7 +131,7 @@ def train_arm(
 ) -> dict[str, Any]:
     """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
     human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
-    generation = derive_arm_task(candidates, arm, human, settings.itm_threshold, settings.top_k)
+    generation = derive_arm_task(candidates, arm, human, settings.filter_threshold, settings.top_k)
     digest = manifest_digest(generation)
     runs = []
     for seed in seeds:

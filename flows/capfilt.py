@@ -34,7 +34,8 @@ from pipelines.training import stages as train
 from pipelines.training.config import TrainConfig, trains_in_process
 from pipelines.training.tasks import CLIP_WEIGHTS_FILE
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
-from vlp_core.checkpoint import CAPTIONER_NEEDS, FILTER_NEEDS, check_checkpoint, checkpoint_digest, file_digest
+from vlp_core.captioners import BACKENDS, captioner_digest, check_captioner
+from vlp_core.checkpoint import FILTER_NEEDS, check_checkpoint, checkpoint_digest, file_digest
 
 DATASET = "web"
 
@@ -75,14 +76,19 @@ class RunSettings:
     lr: float = 3e-4
     train_cpus: int = 2  # cores of a training that runs alone; side-by-side ones share them
     num_captions: int = 5
-    itm_threshold: float = 0.5
+    filter_scorer: str = "itm"  # itm: the BLIP filter's ITM head; clip: the CLIP ranker's cosine similarity
+    itm_threshold: float = 0.5  # the itm scorer's: an ITM match probability
+    clip_threshold: float = 0.28  # the clip scorer's: a cosine similarity (DataComp's CLIP-score cut for ViT-L/14)
     top_k: int = 2
     k_test: int = 8  # evaluation: ITC candidates re-ranked by ITM per query
     clip_model: str = "clip_tiny"
     clip_checkpoint: Path | None = None  # a trained open_clip state dict; None trains clip_model here
     # released models (a capfilt checkpoint or a transformers BLIP folder); None fine-tunes one each round.
-    # Both given: one round that trains nothing (caption, filter, rank, assemble generation 1).
+    # Both given (or a captioner and the clip scorer): one round that trains nothing (caption, filter, rank,
+    # assemble generation 1).
     captioner_checkpoint: Path | None = None
+    captioner_backend: str = "blip"  # the captioner_checkpoint's backend (vlp_core.captioners); blip is fine-tuned
+    caption_prompt: str | None = None  # None: the captioner backend's default
     filter_checkpoint: Path | None = None
     inference_batch_size: int = 32
     concurrency: int = 1
@@ -98,12 +104,31 @@ class RunSettings:
         for name in ("clip_checkpoint", "captioner_checkpoint", "filter_checkpoint"):
             if getattr(self, name) is not None:  # a flow parameter arrives as a string
                 object.__setattr__(self, name, Path(getattr(self, name)))
-        for checkpoint, needs, role in (
-            (self.captioner_checkpoint, CAPTIONER_NEEDS, "the captioner"),
-            (self.filter_checkpoint, FILTER_NEEDS, "the filter"),
-        ):
-            if checkpoint is not None:  # a bad or wrong model stops the flow before any work
-                check_checkpoint(checkpoint, needs, role)
+        check_config(
+            type(self).__name__,
+            [
+                (
+                    self.captioner_backend in BACKENDS,
+                    f"captioner_backend must be one of {', '.join(BACKENDS)}, got {self.captioner_backend!r}",
+                ),
+                (
+                    self.captioner_backend == "blip" or self.captioner_checkpoint is not None,
+                    f"a {self.captioner_backend} captioner is not fine-tuned here; give captioner_checkpoint",
+                ),
+                (
+                    self.filter_scorer in ("itm", "clip"),
+                    f"filter_scorer must be itm or clip, got {self.filter_scorer!r}",
+                ),
+                (
+                    self.filter_scorer == "itm" or self.filter_checkpoint is None,
+                    "filter_checkpoint is the itm scorer's model; the clip scorer uses the CLIP ranker",
+                ),
+            ],
+        )
+        if self.captioner_checkpoint is not None:  # a bad or wrong model stops the flow before any work
+            check_captioner(self.captioner_backend, self.captioner_checkpoint)
+        if self.filter_checkpoint is not None:
+            check_checkpoint(self.filter_checkpoint, FILTER_NEEDS, "the filter")
         at_least = {
             "rounds": 0,
             "itc_warmup_steps": 0,
@@ -134,6 +159,10 @@ class RunSettings:
                     0.0 <= self.itm_threshold <= 1.0,
                     f"itm_threshold must be a probability in [0, 1], got {self.itm_threshold!r}",
                 ),
+                (
+                    -1.0 <= self.clip_threshold <= 1.0,
+                    f"clip_threshold must be a cosine similarity in [-1, 1], got {self.clip_threshold!r}",
+                ),
                 (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
                 (self.finetune_lr > 0, f"finetune_lr must be > 0, got {self.finetune_lr!r}"),
                 (self.num_gpus >= 0, f"num_gpus must be ≥ 0, got {self.num_gpus!r}"),
@@ -146,8 +175,15 @@ class RunSettings:
 
     @property
     def trains_nothing(self) -> bool:
-        """Both the captioner and the filter are given: no BLIP model is trained."""
-        return self.captioner_checkpoint is not None and self.filter_checkpoint is not None
+        """The captioner is given and so is the filter (or the clip scorer needs none): no BLIP model is trained."""
+        return self.captioner_checkpoint is not None and (
+            self.filter_checkpoint is not None or self.filter_scorer == "clip"
+        )
+
+    @property
+    def filter_threshold(self) -> float:
+        """The threshold of the filter's scorer."""
+        return self.itm_threshold if self.filter_scorer == "itm" else self.clip_threshold
 
 
 RUN_PRESETS = {
@@ -193,11 +229,15 @@ def capfilt(
     test_image_root: str | None = None,
     rounds: int | None = None,
     num_captions: int | None = None,
+    filter_scorer: str | None = None,
     itm_threshold: float | None = None,
+    clip_threshold: float | None = None,
     top_k: int | None = None,
     clip_model: str | None = None,
     clip_checkpoint: str | None = None,
     captioner_checkpoint: str | None = None,
+    captioner_backend: str | None = None,
+    caption_prompt: str | None = None,
     filter_checkpoint: str | None = None,
     executor: str | None = None,
     ray_address: str | None = None,
@@ -206,7 +246,8 @@ def capfilt(
     download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served. Given a
-    captioner and a filter (released models), it runs one round that trains no BLIP model. `download_options` sets
+    captioner (of `captioner_backend`: blip, blip2, instructblip, llava or coca) and a filter (or the clip
+    `filter_scorer`), it runs one round that trains no BLIP model. `download_options` sets
     the download's options by name (`DownloadConfig`: threads, processes, image_size, samples_per_shard,
     allowed_networks, ...)."""
     settings, inputs, out = run_setup(locals())
@@ -327,12 +368,18 @@ class ModelRef:
 
 def round_models(
     settings: RunSettings, inputs: Inputs, out: Path, model: train.TrainResult | None
-) -> tuple[ModelRef, ModelRef]:
-    """A round's captioner and filter: the given ones, and the others fine-tuned from `model` on the
-    human pairs (side by side on Ray Train; in this process they take turns, as torch's threads and random
-    state are process-wide)."""
-    given = {"captioner": settings.captioner_checkpoint, "filter": settings.filter_checkpoint}
-    models = {role: ModelRef(path, checkpoint_digest(path)) for role, path in given.items() if path is not None}
+) -> tuple[ModelRef, ModelRef | None]:
+    """A round's captioner and filter (None for the clip scorer): the given ones, and the others fine-tuned
+    from `model` on the human pairs (side by side on Ray Train; in this process they take turns, as torch's
+    threads and random state are process-wide)."""
+    given = {"captioner": settings.captioner_checkpoint}
+    if settings.filter_scorer == "itm":
+        given["filter"] = settings.filter_checkpoint
+    digests = {
+        "captioner": lambda path: captioner_digest(settings.captioner_backend, path),
+        "filter": checkpoint_digest,
+    }
+    models = {role: ModelRef(path, digests[role](path)) for role, path in given.items() if path is not None}
     fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
     to_train = [role for role in given if role not in models]
     if to_train:
@@ -351,7 +398,7 @@ def round_models(
             models |= {role: future.result() for role, future in futures.items()}
         else:
             models |= {role: fine_tunes[role](finetuning, *human, run_dir) for role, run_dir in runs.items()}
-    return models["captioner"], models["filter"]
+    return models["captioner"], models.get("filter")
 
 
 def capfilt_round(
@@ -377,13 +424,26 @@ def capfilt_round(
     }
     caption_task(
         caption.CaptionConfig(
-            checkpoint=captioner.checkpoint_dir, num_captions=settings.num_captions, seed=settings.seed, **pool
+            checkpoint=captioner.checkpoint_dir,
+            backend=settings.captioner_backend,
+            prompt=settings.caption_prompt,
+            num_captions=settings.num_captions,
+            seed=settings.seed,
+            **pool,
         ),
         web,
         target,
     )
+    scorer_model = (
+        {"checkpoint": filter_model.checkpoint_dir}
+        if filter_model is not None
+        else {"clip_model": settings.clip_model, "clip_checkpoint": clip_weights}
+    )
     filter_task(
-        filtering.FilterConfig(checkpoint=filter_model.checkpoint_dir, threshold=settings.itm_threshold, **pool), target
+        filtering.FilterConfig(
+            scorer=settings.filter_scorer, threshold=settings.filter_threshold, **scorer_model, **pool
+        ),
+        target,
     )
     rank_task(
         rank.RankConfig(clip_model=settings.clip_model, clip_checkpoint=clip_weights, top_k=settings.top_k, **pool),
@@ -396,7 +456,7 @@ def capfilt_round(
         checkpoints={
             **({"pretrained": model.digest} if model is not None else {}),
             "captioner": captioner.digest,
-            "filter": filter_model.digest,
+            **({"filter": filter_model.digest} if filter_model is not None else {}),
             "clip": file_digest(clip_weights),
         },
         stages=list(MODEL_STAGES),

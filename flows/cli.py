@@ -82,11 +82,17 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     option("--preset", help="run preset")
     option("--out", dest="out_dir", help="run folder")
     option("--num-captions", type=int, help="synthetic captions per image, K (default: the preset's)")
+    option("--scorer", dest="filter_scorer", choices=["itm", "clip"], help="the filter's scorer (default: itm)")
     option(
         "--threshold",
         dest="itm_threshold",
         type=float,
-        help="ITM match probability a caption needs to be kept (default: the preset's)",
+        help="the itm scorer's: ITM match probability a caption needs to be kept (default: the preset's)",
+    )
+    option(
+        "--clip-threshold",
+        type=float,
+        help="the clip scorer's: CLIP cosine similarity a caption needs to be kept (default: 0.28)",
     )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
@@ -105,6 +111,12 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
         help="a captioner to use, e.g. a released transformers "
         "BlipForConditionalGeneration folder (default: fine-tune one here)",
     )
+    option(
+        "--captioner-backend",
+        help="the given captioner's kind: blip (default), blip2, instructblip, llava or coca (a transformers "
+        "folder; for coca an open_clip one)",
+    )
+    option("--caption-prompt", help="the text the captioner is given (default: the backend's)")
     option(
         "--filter-checkpoint",
         help="a filter to use, e.g. a released transformers BlipForImageTextRetrieval "

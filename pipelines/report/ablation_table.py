@@ -172,8 +172,9 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
         "",
         f"- pretraining budget per model: {settings.get('pretrain_steps')} steps × batch "
         f"{settings.get('batch_size')} (model preset {settings.get('model_preset')})",
-        f"- ITM threshold {settings.get('itm_threshold')}, CLIP top-k {settings.get('top_k')}, "
-        f"{settings.get('num_captions')} synthetic captions per image",
+        f"- filter: {filter_rule(settings)}, CLIP top-k {settings.get('top_k')}, "
+        f"{settings.get('num_captions')} synthetic captions per image "
+        f"(captioner: {settings.get('captioner_backend', 'blip')})",
         f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})",
     ]
     if world is not None:
@@ -201,3 +202,10 @@ def read_ablation(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / ABLATION_JSON).read_text())
     except FileNotFoundError:
         return None
+
+
+def filter_rule(settings: dict[str, Any]) -> str:
+    """The filter's scorer and threshold, as a run's settings record them."""
+    if settings.get("filter_scorer", "itm") == "clip":
+        return f"CLIP score ≥ {settings.get('clip_threshold')}"
+    return f"ITM ≥ {settings.get('itm_threshold')}"

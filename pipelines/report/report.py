@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipelines.manifests.manifest import CAPTION_SOURCES, Generation, ManifestError, manifest_digest
 from pipelines.registry import FILTER, UNSCREENED_STAGES, in_stage_order
-from pipelines.report.ablation_table import MEASURES, read_ablation, table_rows
+from pipelines.report.ablation_table import MEASURES, filter_rule, read_ablation, table_rows
 from pipelines.report.metrics import WEB_DECISION_COLUMNS, decision_metrics, web_decisions
 from pipelines.report.tallies import TextTally, Vocabulary
 from pipelines.world.generate import WorldPaths
@@ -462,8 +462,11 @@ def ablation(summary: dict[str, Any]) -> dict[str, Any]:
             for arm in summary["arms"]
         ],
         "settings": {
-            key: settings.get(key)
-            for key in ("pretrain_steps", "batch_size", "model_preset", "itm_threshold", "top_k", "num_captions")
+            **{
+                key: settings.get(key)
+                for key in ("pretrain_steps", "batch_size", "model_preset", "top_k", "num_captions")
+            },
+            "filter_rule": filter_rule(settings),
         },
         "noise_rates": (summary["world"] or {}).get("noise_rates"),
     }

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from released_captioners import blip2_folder
 from released_models import released_captioner, released_filter
 
 from pipelines.manifests.manifest import Generation
@@ -100,3 +101,33 @@ def test_a_url_list_served_on_loopback_runs_with_the_download_options_given(tmp_
     assert json.loads((web.path / "work" / "download_settings.json").read_text())["samples_per_shard"] == 10
     distinct = sum(len(set(entry["caption"])) for entry in json.loads(world.human_annotations.read_text()))
     assert Generation(web.root, "web", 1).read_info()["counts"]["rows_by_source"]["human"] == distinct
+
+
+def test_a_released_blip2_captioner_with_the_clip_scorer_trains_nothing(tmp_path: Path) -> None:
+    """Nguyen et al. 2023's recipe: BLIP-2 captions, one CLIP-score cut for web and synthetic captions."""
+    captioner = blip2_folder(tmp_path / "blip2")
+    clip = tmp_path / "clip.safetensors"
+    save_clip(load_clip("clip_tiny"), clip)
+    command = [
+        str(BIN / "capfilt"), "run", "--preset", "smoke", "--n-web", "20", "--out", str(tmp_path / "run"),
+        "--captioner-checkpoint", str(captioner), "--captioner-backend", "blip2", "--caption-prompt", "a photo of",
+        "--scorer", "clip", "--clip-threshold", "0.0", "--clip-checkpoint", str(clip),
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CAPFILT_EXECUTOR": "local"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert not (tmp_path / "run" / "train").exists(), "nothing is trained"
+    target = Generation(tmp_path / "run" / "data_manifests", "web", 1)
+    info = target.read_info()
+    assert info["checkpoints"] == {"captioner": file_digest(captioner / "model.safetensors"), "clip": file_digest(clip)}
+    rows = target.read_samples().to_pylist()
+    synthetic = [row for row in rows if row["caption_source"] == "synthetic"]
+    assert synthetic and {(row["caption_backend"], row["caption_prompt"]) for row in synthetic} == {
+        ("blip2", "a photo of")
+    }
+    scored = [row for row in rows if row["filter_clip_score"] is not None]
+    assert scored and all(row["itm_score"] is None for row in rows)
+    assert all(row["kept"] or row["reject_stage"] != "filter" or row["reject_reason"] == "clip_below_threshold"
+               for row in scored)  # fmt: skip
+    assert all(row["filter_clip_score"] >= 0.0 for row in scored if row["kept"])
+    assert json.loads(target.marker_path("filter", "00000").read_text())["scorer"] == "clip"

@@ -10,7 +10,7 @@ from PIL import Image
 from released_captioners import RELEASED_CAPTIONERS
 from transformers import AutoProcessor
 
-from vlp_core.captioners import BACKENDS, Sampling, check_captioner, load_captioner
+from vlp_core.captioners import BACKENDS, Sampling, captioner_digest, check_captioner, load_captioner
 from vlp_core.captioners.vlm import KINDS
 from vlp_core.checkpoint import CheckpointError, save_checkpoint
 from vlp_core.generation import generate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,38 +15,53 @@ from vlp_core.captioners.blip import BlipCaptioner
 from vlp_core.captioners.coca import CocaCaptioner
 from vlp_core.captioners.vlm import KINDS, VlmCaptioner
 
-__all__ = ["BACKENDS", "Captioner", "Sampling", "check_captioner", "load_captioner"]
+__all__ = ["BACKENDS", "Captioner", "Sampling", "captioner_digest", "check_captioner", "load_captioner"]
 
-_LOADERS: dict[str, Callable[..., Captioner]] = {
-    "blip": BlipCaptioner,
-    **{name: functools.partial(VlmCaptioner, kind) for name, kind in KINDS.items()},
-    "coca": CocaCaptioner,
+
+@dataclass(frozen=True)
+class Backend:
+    load: Callable[..., Captioner]  # (folder, device=, prompt=) -> a loaded captioner
+    check: Callable[[Path], None]  # folder -> None, or CheckpointError saying what is wrong
+    digest: Callable[[Path], str]  # folder -> the digest of its weights, without loading them
+
+
+_BACKENDS = {
+    "blip": Backend(BlipCaptioner, BlipCaptioner.check, BlipCaptioner.digest),
+    **{
+        name: Backend(
+            functools.partial(VlmCaptioner, kind),
+            functools.partial(VlmCaptioner.check_folder, kind),
+            VlmCaptioner.digest,
+        )
+        for name, kind in KINDS.items()
+    },
+    "coca": Backend(CocaCaptioner, CocaCaptioner.check, CocaCaptioner.digest),
 }
-_CHECKS: dict[str, Callable[[Path], None]] = {
-    "blip": BlipCaptioner.check,
-    **{name: functools.partial(VlmCaptioner.check_folder, kind) for name, kind in KINDS.items()},
-    "coca": CocaCaptioner.check,
-}
-BACKENDS = tuple(_LOADERS)
+BACKENDS = tuple(_BACKENDS)
 
 
-def _known(backend: str) -> None:
-    if backend not in _LOADERS:
-        raise ValueError(f"unknown captioner backend {backend!r}; known: {', '.join(BACKENDS)}")
+def _backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown captioner backend {name!r}; known: {', '.join(BACKENDS)}")
+    return _BACKENDS[name]
 
 
 def check_captioner(backend: str, checkpoint: str | Path) -> None:
     """Everything that can be checked before loading: the backend's name and its folder's layout
     (ValueError / CheckpointError saying what to fix)."""
-    _known(backend)
+    checks = _backend(backend).check
     if not Path(checkpoint).is_dir():
         raise ValueError(f"checkpoint {checkpoint} is not a model folder")
-    _CHECKS[backend](Path(checkpoint))
+    checks(Path(checkpoint))
+
+
+def captioner_digest(backend: str, checkpoint: str | Path) -> str:
+    """The digest a captioner records with its captions (`model_ref`), without loading it."""
+    return _backend(backend).digest(Path(checkpoint))
 
 
 def load_captioner(
     backend: str, checkpoint: str | Path, device: str | torch.device = "cpu", prompt: str | None = None
 ) -> Captioner:
     """The `backend` model in `checkpoint` on `device`; `prompt` None takes the backend's default."""
-    _known(backend)
-    return _LOADERS[backend](Path(checkpoint), device=device, prompt=prompt)
+    return _backend(backend).load(Path(checkpoint), device=device, prompt=prompt)

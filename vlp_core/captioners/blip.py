@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vlp_core.captioners.base import Sampling
-from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, load_checkpoint
+from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, checkpoint_digest, load_checkpoint
 from vlp_core.data import image_transform
 from vlp_core.generation import generate
 
@@ -25,6 +25,10 @@ class BlipCaptioner:
     @staticmethod
     def check(checkpoint: Path) -> None:
         check_checkpoint(checkpoint, CAPTIONER_NEEDS, "the caption stage")
+
+    @staticmethod
+    def digest(checkpoint: Path) -> str:
+        return checkpoint_digest(checkpoint)
 
     def caption(self, pixels: torch.Tensor, seeds: Sequence[int], sampling: Sampling) -> list[list[str]]:
         return generate(

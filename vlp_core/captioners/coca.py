@@ -70,7 +70,7 @@ class CocaCaptioner:
     def __init__(self, checkpoint: Path, device: str | torch.device = "cpu", prompt: str | None = None) -> None:
         self.check(checkpoint)
         folder = Path(checkpoint)
-        self.model_ref = file_digest(_weights_file(folder))
+        self.model_ref = self.digest(folder)
         self.model, _, self.transform = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
         self.model.eval()
         require_finite(self.model.state_dict().items(), folder)
@@ -78,6 +78,10 @@ class CocaCaptioner:
         self.prompt = prompt
         start = [self.tokenizer.sot_token_id, *(self.tokenizer.encode(prompt) if prompt else [])]
         self.prompt_ids = torch.tensor(start)
+
+    @staticmethod
+    def digest(checkpoint: Path) -> str:
+        return file_digest(_weights_file(Path(checkpoint)))
 
     @staticmethod
     def check(checkpoint: Path) -> None:

@@ -87,7 +87,7 @@ class VlmCaptioner:
     def __init__(self, kind: VlmKind, checkpoint: Path, device: str | torch.device = "cpu", prompt: str | None = None):
         self.check_folder(kind, checkpoint)
         self.backend = kind.backend
-        self.model_ref = file_digest(*weights_files(Path(checkpoint)))
+        self.model_ref = self.digest(checkpoint)
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
         self.tokenizer = self.processor.tokenizer
         device = torch.device(device)
@@ -96,6 +96,10 @@ class VlmCaptioner:
         require_finite(self.model.state_dict().items(), checkpoint)
         self.prompt = kind.default_prompt if prompt is None else prompt
         self.prompt_inputs = self._prompt_inputs(kind)
+
+    @staticmethod
+    def digest(checkpoint: Path) -> str:
+        return file_digest(*weights_files(Path(checkpoint)))
 
     @staticmethod
     def check_folder(kind: VlmKind, checkpoint: Path) -> None:
