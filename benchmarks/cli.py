@@ -33,7 +33,13 @@ def add_bench_command(commands: Commands) -> None:
     bench.add_argument(
         "--checkpoint",
         type=Path,
-        help="caption: a trained captioner checkpoint (default: the tiny preset, random weights)",
+        help="caption: the captioner's folder (blip default: the tiny preset, briefly trained here)",
+    )
+    bench.add_argument(
+        "--backend",
+        default="blip",
+        help="caption: the captioner backend, blip (against transformers' BLIP), blip2, instructblip, llava or coca "
+        "(against the model's own sampler; these need --checkpoint) (default: %(default)s)",
     )
     bench.add_argument("--preset", help="end-to-end: run preset (default: tiny, quick: smoke)")
     bench.add_argument(
@@ -43,13 +49,15 @@ def add_bench_command(commands: Commands) -> None:
 
 
 def run_benchmark(name: str, args: argparse.Namespace) -> Report:
+    module = BENCHMARKS[name]
     options = {"checkpoint": args.checkpoint} if name == "caption" else {}
+    if name == "caption" and args.backend != "blip":  # another backend against the model's own sampler
+        module, options["backend"] = "benchmarks.caption_backends", args.backend
     if name == "end-to-end" and args.preset:
         options["preset"] = args.preset
     if name == "scale" and args.rows:
         options["sizes"] = tuple(args.rows)
-    module = importlib.import_module(BENCHMARKS[name])
-    return module.run(quick=args.quick, repeats=args.repeats, **options)
+    return importlib.import_module(module).run(quick=args.quick, repeats=args.repeats, **options)
 
 
 def _bench(args: argparse.Namespace) -> None:

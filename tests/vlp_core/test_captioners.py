@@ -56,6 +56,7 @@ def test_k_seeded_captions_per_image_independent_of_the_batch(backend, captioner
     assert captioner.caption(pixels[:1], [99], SAMPLING) != captions[:1]  # another seed draws others
     assert len({caption for per_image in captions for caption in per_image}) > 4  # sampled, not one sentence
     assert captioner.model_ref.startswith("sha256:")
+    assert captioner_digest(backend, folders[backend]) == captioner.model_ref
 
 
 def test_the_backends_defaults_and_prompts(captioners, folders):

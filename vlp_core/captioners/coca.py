@@ -57,11 +57,14 @@ class CocaRows:
         )
 
     def _next_logits(self) -> torch.Tensor:
-        """-> (B, V) float logits of the token after each row's last."""
-        output = self.model(
-            None, self.tokens, image_latent=self.image_latent, image_embs=self.image_embeds, output_labels=False
-        )
-        return output["logits"][:, -1].float()
+        """-> (B, V) float logits of the token after each row's last: CoCa's forward, with the vocabulary
+        projection applied to the last position only (its own forward projects every position)."""
+        _, text = self.model._encode_text(self.tokens)  # (B, T, D) token embeddings of the text tower
+        decoder, length = self.model.text_decoder, text.shape[1]
+        for block, cross_attention in zip(decoder.resblocks, decoder.cross_attn, strict=True):
+            text = block(text, attn_mask=decoder.attn_mask[:length, :length])
+            text = cross_attention(text, k_x=self.image_embeds, v_x=self.image_embeds)
+        return (decoder.ln_final(text[:, -1]) @ decoder.text_projection).float()
 
 
 class CocaCaptioner:
