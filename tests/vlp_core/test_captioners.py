@@ -45,7 +45,7 @@ def pixels_of(captioner, images: list[Image.Image]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_k_seeded_captions_per_image_independent_of_the_batch(backend, captioners, images):
+def test_k_seeded_captions_per_image_independent_of_the_batch(backend, captioners, folders, images):
     captioner = captioners[backend]
     pixels = pixels_of(captioner, images)
     captions = captioner.caption(pixels, [11, 12, 13, 14], SAMPLING)
