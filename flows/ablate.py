@@ -28,6 +28,7 @@ from flows.capfilt import (
     clip_ranker,
     download_web,
     evaluation_config,
+    filter_config,
     pretrain_config,
     pretrain_task,
     report_task,
@@ -39,12 +40,14 @@ from pipelines.manifests.manifest import Generation, manifest_digest
 from pipelines.report.ablation_table import ablation_summary, arm_summary, write_ablation
 from pipelines.stages import ablate as ablation
 from pipelines.stages.assemble import AssembleConfig
+from pipelines.stages.score import run_score
 from pipelines.world.generate import load_world
 
 DEFAULT_SEEDS = (0, 1, 2)
 
 derive_arm_task = stage_task(ablation.derive_arm, name="ablate-arm")
 evaluate_once_task = stage_task(ablation.evaluate_once, name="evaluate")
+score_task = stage_task(run_score, name="score")
 
 
 @flow(name="capfilt-ablate")
@@ -79,14 +82,17 @@ def capfilt_ablate(
     n_web: int | None = None,
     download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate every arm (default: all of `pipelines.stages.ablate.ARMS`) with every seed (default 0, 1, 2)
-    on the same inputs and budget. Without `url_list`, a synthetic world is made and served."""
+    """Train and evaluate every arm (default: BLIP's Table 1, `pipelines.stages.ablate.TABLE_1`; all:
+    `ARMS`) with every seed (default 0, 1, 2) on the same inputs and budget. Without `url_list`, a synthetic
+    world is made and served."""
     parameters = locals()
-    chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.ARMS))
+    chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.TABLE_1))
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: need distinct integers, got {seeds}")
     settings, inputs, out = run_setup(parameters, evaluates=True)  # every arm is evaluated
+    if settings.filter_scorer != "itm" and any(arm.scorer == "itm" for arm in chosen):
+        raise ValueError("arms that decide by the itm scorer need the run's filter: use --scorer itm (the default)")
     return run_ablation(settings, inputs, out, chosen, seeds)
 
 
@@ -103,6 +109,8 @@ def run_ablation(
         pretraining = pretrain_config(settings)
         model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
     candidates = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, 1), clip_weights)
+    for scorer in sorted({arm.scorer for arm in arms} - {None, settings.filter_scorer}):  # compared scorers
+        score_task(filter_config(settings, None, clip_weights, scorer), candidates)
 
     entries = []
     for arm in arms:
@@ -131,7 +139,8 @@ def train_arm(
 ) -> dict[str, Any]:
     """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
     human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
-    generation = derive_arm_task(candidates, arm, human, settings.filter_threshold, settings.top_k)
+    thresholds = {"itm": settings.itm_threshold, "clip": settings.clip_threshold}
+    generation = derive_arm_task(candidates, arm, human, thresholds, settings.top_k)
     digest = manifest_digest(generation)
     runs = []
     for seed in seeds:

@@ -25,7 +25,7 @@ from flows.tasks import retry_unless_input_error, stage_task
 from pipelines.executor import resolve_executor
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest
 from pipelines.progress import announce
-from pipelines.registry import MODEL_STAGES
+from pipelines.registry import CAPTION, FILTER, RANK
 from pipelines.report import report
 from pipelines.stages import assemble, caption, download, evaluate, rank
 from pipelines.stages import filter as filtering
@@ -414,14 +414,7 @@ def capfilt_round(
     `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
     human = (inputs.human_annotations, inputs.human_image_root)
     captioner, filter_model = round_models(settings, inputs, out, model)
-
-    pool = {
-        "batch_size": settings.inference_batch_size,
-        "concurrency": settings.concurrency,
-        "num_gpus": settings.num_gpus,
-        "executor": settings.executor,
-        "ray_address": settings.ray_address,
-    }
+    pool = inference_pool(settings)
     caption_task(
         caption.CaptionConfig(
             checkpoint=captioner.checkpoint_dir,
@@ -434,17 +427,7 @@ def capfilt_round(
         web,
         target,
     )
-    scorer_model = (
-        {"checkpoint": filter_model.checkpoint_dir}
-        if filter_model is not None
-        else {"clip_model": settings.clip_model, "clip_checkpoint": clip_weights}
-    )
-    filter_task(
-        filtering.FilterConfig(
-            scorer=settings.filter_scorer, threshold=settings.filter_threshold, **scorer_model, **pool
-        ),
-        target,
-    )
+    filter_task(filter_config(settings, filter_model, clip_weights), target)
     rank_task(
         rank.RankConfig(clip_model=settings.clip_model, clip_checkpoint=clip_weights, top_k=settings.top_k, **pool),
         target,
@@ -459,11 +442,37 @@ def capfilt_round(
             **({"filter": filter_model.digest} if filter_model is not None else {}),
             "clip": file_digest(clip_weights),
         },
-        stages=list(MODEL_STAGES),
+        stages=[CAPTION.name, FILTER.name, RANK.name],
         config_digest=config_digest(asdict(settings)),
         flow_run_id=_flow_run_id(),
     )
     return target
+
+
+def inference_pool(settings: RunSettings) -> dict[str, Any]:
+    """How the caption, filter and rank stages run their models (`ActorPoolConfig`'s fields)."""
+    return {
+        "batch_size": settings.inference_batch_size,
+        "concurrency": settings.concurrency,
+        "num_gpus": settings.num_gpus,
+        "executor": settings.executor,
+        "ray_address": settings.ray_address,
+    }
+
+
+def filter_config(
+    settings: RunSettings, filter_model: ModelRef | None, clip_weights: Path, scorer: str | None = None
+) -> filtering.FilterConfig:
+    """The filter with `scorer` (default: the run's): the itm scorer reads `filter_model`, the clip scorer
+    the run's CLIP ranker."""
+    scorer = scorer or settings.filter_scorer
+    model = (
+        {"checkpoint": filter_model.checkpoint_dir}
+        if scorer == "itm"
+        else {"clip_model": settings.clip_model, "clip_checkpoint": clip_weights}
+    )
+    threshold = settings.itm_threshold if scorer == "itm" else settings.clip_threshold
+    return filtering.FilterConfig(scorer=scorer, threshold=threshold, **model, **inference_pool(settings))
 
 
 def _training(

@@ -48,7 +48,9 @@ def add_flow_commands(commands: Commands) -> None:
     option(
         "--arms",
         type=_names,
-        help="comma-separated arms (default: all of no_capfilt,filter_only,captioner_only,capfilt,capfilt_rank)",
+        help="comma-separated arms (default: BLIP's Table 1, no_capfilt,filter_only,captioner_only,capfilt,"
+        "capfilt_rank; also filter_only_clip and capfilt_clip: those filters decided by a CLIP-score cut at "
+        "--clip-threshold on the same candidates)",
     )
     option("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
     option("--pretrain-steps", type=int, help="pretraining budget of every model, in steps (default: the preset's)")

@@ -45,10 +45,12 @@ RANK = Stage(
     model_stage=True,
     screens_captions=True,
 )
+# a second filter scorer's scores for the ablation, deciding nothing (its config and columns are the filter's)
+SCORE = Stage("score", model_stage=True)
 ABLATE = Stage("ablate", screens_captions=True)  # re-decides a candidate generation's rows by an arm's rules
 ASSEMBLE = Stage("assemble", "pipelines.stages.assemble:AssembleConfig")
 
-STAGES = (DOWNLOAD, CAPTION, FILTER, RANK, ABLATE, ASSEMBLE)  # the order in which they touch a generation
+STAGES = (DOWNLOAD, CAPTION, FILTER, RANK, SCORE, ABLATE, ASSEMBLE)  # the order in which they touch a generation
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 MODEL_STAGES = tuple(stage.name for stage in STAGES if stage.model_stage)  # the shard loop's stages, in order
 UNSCREENED_STAGES = tuple(stage.name for stage in STAGES if not stage.screens_captions)

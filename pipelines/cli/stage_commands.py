@@ -283,7 +283,7 @@ def _assemble(args: argparse.Namespace) -> None:
         _generation(args),
         args.generation - 1,
         checkpoints,
-        stages=list(MODEL_STAGES),
+        stages=[stage for stage in MODEL_STAGES if (_generation(args).path / "markers" / stage).is_dir()],
         config_digest=config_digest(vars(config)),
     )
     print(f"assemble: generation {args.generation} has {counts['rows']} rows")

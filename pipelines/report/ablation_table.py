@@ -172,7 +172,13 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
         "",
         f"- pretraining budget per model: {settings.get('pretrain_steps')} steps × batch "
         f"{settings.get('batch_size')} (model preset {settings.get('model_preset')})",
-        f"- filter: {filter_rule(settings)}, CLIP top-k {settings.get('top_k')}, "
+        f"- filter: {filter_rule(settings)}"
+        + (
+            f" (the `_clip` arms: CLIP score ≥ {settings.get('clip_threshold')})"
+            if any(arm["arm"].get("scorer") == "clip" for arm in summary["arms"])
+            else ""
+        )
+        + f", CLIP top-k {settings.get('top_k')}, "
         f"{settings.get('num_captions')} synthetic captions per image "
         f"(captioner: {settings.get('captioner_backend', 'blip')})",
         f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})",

@@ -11,6 +11,12 @@ scores, and differs only in what it keeps:
     captioner_only      ✓         -        -       every web and synthetic caption
     capfilt             ✓         ✓        -       web and synthetic captions whose score ≥ threshold
     capfilt_rank        ✓         ✓        ✓       those, then the CLIP top-k per image
+    filter_only_clip    -       CLIP       -       filter_only, decided by the clip scorer
+    capfilt_clip        ✓       CLIP       -       capfilt, decided by the clip scorer
+
+The filter arms decide by the scorer the candidates were filtered with, unless they name one: the `_clip`
+arms compare a CLIP-score cut with the candidates' ITM filter on the same captions (the `score` stage
+adds the CLIP scores to the candidates first). The first five are BLIP's Table 1 (`TABLE_1`).
 
 `arm_rows` lifts the decisions the filter and the ranker took from a stored score, then decides again by
 the arm's rules; synthetic rows of an arm without the captioner are rejected as
@@ -38,8 +44,8 @@ from pipelines import registry
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest, read_part
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
+from pipelines.stages.filter import SCORERS, decide, is_scored, scored_by
 from pipelines.stages.filter import STAGE as FILTER_STAGE
-from pipelines.stages.filter import decide, scorer_of
 from pipelines.stages.rank import STAGE as RANK_STAGE
 from pipelines.stages.rank import keep_top_k
 from pipelines.stages.shards import Row, rejected, rows_table, shards_finished_by
@@ -54,12 +60,15 @@ class Arm:
 
     name: str
     captioner: bool  # the synthetic captions are candidates
-    filter: bool  # candidates need a filter score ≥ threshold (ITM, or CLIP with the clip scorer)
+    filter: bool  # candidates need a filter score ≥ threshold
     rank: bool  # then only the CLIP top-k per image stay
+    scorer: str | None = None  # the filter's scorer; None: the one the candidates were filtered with
 
     def __post_init__(self) -> None:
         if self.rank and not self.filter:
             raise ValueError(f"arm {self.name}: CLIP ranks the filter's survivors, so rank needs the filter")
+        if self.rank and self.scorer is not None:
+            raise ValueError(f"arm {self.name}: the ranker ranked the candidates' filter survivors; name no scorer")
 
 
 ARMS = {
@@ -70,8 +79,11 @@ ARMS = {
         Arm("captioner_only", captioner=True, filter=False, rank=False),
         Arm("capfilt", captioner=True, filter=True, rank=False),
         Arm("capfilt_rank", captioner=True, filter=True, rank=True),
+        Arm("filter_only_clip", captioner=False, filter=True, rank=False, scorer="clip"),
+        Arm("capfilt_clip", captioner=True, filter=True, rank=False, scorer="clip"),
     )
 }
+TABLE_1 = ("no_capfilt", "filter_only", "captioner_only", "capfilt", "capfilt_rank")  # the default arms
 
 
 def arms_named(names: list[str]) -> list[Arm]:
@@ -86,27 +98,30 @@ def lift_score_decisions(rows: list[Row]) -> list[Row]:
     """The rows with the filter's and the ranker's score-based rejections lifted, scores kept. A row they
     rejected without a score (its image failed to decode, its caption was empty) stays rejected."""
     lifted = {"kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
-    scored = {
-        FILTER_STAGE: lambda row: scorer_of(row) is not None,
-        RANK_STAGE: lambda row: row["clip_score"] is not None,
-    }
+    scored = {FILTER_STAGE: is_scored, RANK_STAGE: lambda row: row["clip_score"] is not None}
     return [
         {**row, **lifted} if row["reject_stage"] in scored and scored[row["reject_stage"]](row) else row for row in rows
     ]
 
 
-def arm_rows(rows: list[Row], arm: Arm, threshold: float, top_k: int) -> list[Row]:
-    """The candidate rows (web and synthetic, fully scored) as `arm` decides them, in the same order."""
+def arm_rows(rows: list[Row], arm: Arm, scorer: str, threshold: float, top_k: int) -> list[Row]:
+    """The candidate rows (web and synthetic, fully scored) as `arm` decides them with `scorer` at
+    `threshold`, in the same order."""
     decided = []
     for row in lift_score_decisions(rows):
         if row["kept"] and row["caption_source"] == "synthetic" and not arm.captioner:
             row = rejected(row, STAGE, "synthetic_not_in_arm")
-        elif row["kept"] and arm.filter and scorer_of(row) is not None:
-            row = decide(row, threshold)
+        elif row["kept"] and arm.filter and is_scored(row):
+            if row[SCORERS[scorer].column] is None:
+                raise ValueError(
+                    f"arm {arm.name}: sample {row['sample_id']} has no {scorer} score; add the {scorer} scorer's "
+                    "scores to the candidates first (the score stage)"
+                )
+            row = decide(row, threshold, SCORERS[scorer])
         decided.append(row)
     if not arm.rank:
         return decided
-    survivors = [row for row in decided if row["kept"] and scorer_of(row) is not None]
+    survivors = [row for row in decided if row["kept"] and is_scored(row)]
     unranked = [row["sample_id"] for row in survivors if row["clip_score"] is None]
     if unranked:
         raise ValueError(
@@ -135,18 +150,26 @@ def arm_generation(candidates: Generation, arm: Arm) -> Generation:
     return Generation(candidates.root, DATASET_PREFIX + arm.name, candidates.number)
 
 
-def derive_arm(candidates: Generation, arm: Arm, human: AssembleConfig, threshold: float, top_k: int) -> Generation:
-    """Write `arm`'s generation from the ranked `candidates` (see the module docstring); returns it."""
+def derive_arm(
+    candidates: Generation, arm: Arm, human: AssembleConfig, thresholds: dict[str, float], top_k: int
+) -> Generation:
+    """Write `arm`'s generation from the ranked `candidates` (see the module docstring), each filter arm
+    deciding at its scorer's threshold (`thresholds`: scorer name -> threshold); returns it."""
     target = arm_generation(candidates, arm)
     with target.writer(STAGE):
-        rules = {"arm": asdict(arm), "threshold": threshold, "top_k": top_k}
-        for shard in shards_finished_by(candidates, RANK_STAGE):
+        shards = shards_finished_by(candidates, RANK_STAGE)
+        scorers = {arm.scorer or scored_by(candidates, shard)[0] for shard in shards}
+        if len(scorers) > 1:
+            raise ValueError(f"{candidates.path}: its shards were filtered by different scorers {sorted(scorers)}")
+        scorer = scorers.pop() if scorers else "itm"
+        rules = {"arm": asdict(arm), "scorer": scorer, "threshold": thresholds[scorer], "top_k": top_k}
+        for shard in shards:
             source = candidates.part_path(shard)
             key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
             if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
                 continue
             rows = rebased(
-                arm_rows(read_part(source).to_pylist(), arm, threshold, top_k),
+                arm_rows(read_part(source).to_pylist(), arm, scorer, thresholds[scorer], top_k),
                 candidates.path.parent,
                 target.path.parent,
             )

@@ -94,9 +94,9 @@ SCORERS = {
 }
 
 
-def scorer_of(row: Row) -> Scorer | None:
-    """The scorer that scored `row` (None: it was not scored)."""
-    return next((scorer for scorer in SCORERS.values() if row[scorer.column] is not None), None)
+def is_scored(row: Row) -> bool:
+    """Whether a filter scorer scored `row` (its image and caption were usable)."""
+    return any(row[scorer.column] is not None for scorer in SCORERS.values())
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,11 @@ class FilterConfig(ActorPoolConfig):
         return checkpoint_digest(self.checkpoint) if self.scorer == "itm" else file_digest(self.clip_checkpoint)
 
 
+def scorer_actor(config: FilterConfig) -> type[ImageModelActor]:
+    """The actor that scores captions for `config.scorer`."""
+    return FilterActor if config.scorer == "itm" else ClipActor
+
+
 class FilterActor(ImageModelActor):
     """Holds one filter model; scores each image's candidates (ITM probability, ITC similarity)."""
 
@@ -165,9 +170,8 @@ class FilterActor(ImageModelActor):
         return [{"itm": image_scores.itm, "itc": image_scores.itc} for image_scores in scores]
 
 
-def decide(row: Row, threshold: float) -> Row:
-    """The verdict on a scored row: kept when its scorer's score reaches the threshold."""
-    scorer = scorer_of(row)
+def decide(row: Row, threshold: float, scorer: Scorer) -> Row:
+    """The verdict on a row that `scorer` scored: kept when its score reaches the threshold."""
     if row[scorer.column] >= threshold:
         return {**row, "kept": True, "reject_stage": None, "reject_reason": None, "reject_detail": None}
     return rejected(row, STAGE, scorer.reject_reason)
@@ -176,7 +180,7 @@ def decide(row: Row, threshold: float) -> Row:
 def _stats(rows: list[Row], scorer: str, threshold: float, model_ref: str | None) -> dict[str, Any]:
     return {
         "rows": len(rows),
-        "scored": sum(scorer_of(row) is not None for row in rows),
+        "scored": sum(row[SCORERS[scorer].column] is not None for row in rows),
         "kept": sum(row["kept"] for row in rows),
         "rejected": dict(Counter(row["reject_reason"] for row in rows if row["reject_stage"] == STAGE)),
         "scorer": scorer,
@@ -191,8 +195,7 @@ class _Filtering(CaptionScoringStage):
     name: ClassVar[str] = STAGE
 
     def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        actor = FilterActor if self.config.scorer == "itm" else ClipActor
-        return actor, {"config": self.config, "dataset_dir": self.target.path.parent}
+        return scorer_actor(self.config), {"config": self.config, "dataset_dir": self.target.path.parent}
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         scorer = SCORERS[self.config.scorer]
@@ -204,7 +207,7 @@ class _Filtering(CaptionScoringStage):
                 rows.append(row)
             elif row["sample_id"] in scores[scorer.column]:
                 scored = {**row, **{column: values[row["sample_id"]] for column, values in scores.items()}}
-                rows.append(decide(scored, self.config.threshold))
+                rows.append(decide(scored, self.config.threshold, scorer))
             elif row["image_id"] in failed:
                 failure = failed[row["image_id"]]
                 rows.append(rejected(row, STAGE, failure["error_reason"], failure["error_detail"]))
@@ -216,7 +219,7 @@ class _Filtering(CaptionScoringStage):
         return rows_table(rows), _stats(rows, scorer.name, self.config.threshold, model_ref)
 
 
-def _scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
+def scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
     """The scorer that scored a filtered shard (markers before the scorers were named: itm), and its marker."""
     marker = json.loads(target.marker_path(STAGE, shard).read_text())
     return marker.get("scorer", "itm"), marker
@@ -225,7 +228,7 @@ def _scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
 def _redecide_shard(target: Generation, shard: str, threshold: float, expected: tuple[str, str] | None = None) -> None:
     """Re-decide a scored shard from its stored scores; rewrites it only when the threshold changed.
     With `expected` (scorer, model_ref), refuses scores that another scorer or model produced."""
-    scorer, marker = _scored_by(target, shard)
+    scorer, marker = scored_by(target, shard)
     if expected is not None and (scorer != expected[0] or marker["model_ref"] not in (None, expected[1])):
         raise ManifestError(
             f"{target.path}: shard {shard} was scored by the {scorer} scorer with model {marker['model_ref']}, not "
@@ -235,7 +238,7 @@ def _redecide_shard(target: Generation, shard: str, threshold: float, expected: 
     if marker["threshold"] == threshold:
         return
     rows = undo_from(read_part(target.part_path(shard)).to_pylist(), "rank")  # rank's view will be stale
-    rows = [decide(row, threshold) if scorer_of(row) is not None else row for row in rows]
+    rows = [decide(row, threshold, SCORERS[scorer]) if row[SCORERS[scorer].column] is not None else row for row in rows]
     commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, scorer, threshold, marker["model_ref"]))
 
 
@@ -245,7 +248,7 @@ def rethreshold(target: Generation, threshold: float) -> dict[str, Any]:
     whose decision changed must be ranked again."""
     with target.writer(STAGE):
         shards = shards_finished_by(target, STAGE)
-        for scorer in sorted({_scored_by(target, shard)[0] for shard in shards}):
+        for scorer in sorted({scored_by(target, shard)[0] for shard in shards}):
             ok, message = SCORERS[scorer].check_threshold(threshold)
             if not ok:
                 raise ValueError(message)

@@ -15,7 +15,7 @@ from flows.capfilt import RUN_PRESETS
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-ARMS, SEEDS = ["no_capfilt", "capfilt"], [0, 1]
+ARMS, SEEDS = ["no_capfilt", "capfilt", "capfilt_clip"], [0, 1]  # ITM against a CLIP-score cut, same candidates
 
 
 def _ablate(out: Path, home: Path) -> subprocess.CompletedProcess:
@@ -67,7 +67,7 @@ def test_the_table_has_every_arm_and_seed(ablation_run) -> None:
         assert 0 <= arm["summary"]["tr@1"]["mean"] <= 1 and arm["summary"]["caption_accuracy"]["mean"] is not None
         checkpoints = [run["checkpoint"] for run in arm["runs"]]
         assert len(set(checkpoints)) == 2, "each seed trains its own model"
-    no_capfilt, capfilt = summary["arms"]
+    no_capfilt, capfilt, _ = summary["arms"]
     removed = no_capfilt["data"]["filter"]["by_noise_type"]
     assert no_capfilt["data"]["filter"]["removed"] == removed["empty"]["removed"], "no ITM filter: empty ones only"
     rows = pq.read_table(out / "data_manifests" / "web" / "gen-0001" / "samples").to_pylist()
@@ -86,23 +86,28 @@ def test_arms_train_on_the_pairs_their_rules_keep(ablation_run) -> None:
     candidates = out / "data_manifests" / "web" / "gen-0001"
     summary = json.loads((candidates / "ablation.json").read_text())
     rows = pq.read_table(candidates / "samples").to_pylist()
-    threshold = summary["settings"]["itm_threshold"]
+    threshold, clip_threshold = summary["settings"]["itm_threshold"], summary["settings"]["clip_threshold"]
     human = sum(row["caption_source"] == "human" and row["kept"] for row in rows)
     scored_web = sum(row["caption_source"] == "web" and row["itm_score"] is not None for row in rows)
+    assert all((row["filter_clip_score"] is None) == (row["itm_score"] is None) for row in rows), "the score stage ran"
     passing = sum(row["caption_source"] != "human" and (row["itm_score"] or 0) >= threshold for row in rows)
+    clip_passing = sum(
+        row["caption_source"] != "human" and (row["filter_clip_score"] or -1) >= clip_threshold for row in rows
+    )
     candidate_rows = sum(row["caption_source"] != "human" for row in rows)
-    expected = {"no_capfilt": scored_web + human, "capfilt": passing + human}
+    expected = {"no_capfilt": scored_web + human, "capfilt": passing + human, "capfilt_clip": clip_passing + human}
     for arm in summary["arms"]:
         name = arm["arm"]["name"]
         assert arm["generation"]["counts"]["kept"] == expected[name]
         assert arm["per_seed"]["0"]["training_pairs"] == arm["per_seed"]["1"]["training_pairs"] == expected[name]
         assert arm["per_seed"]["0"]["kept_ratio"] == pytest.approx((expected[name] - human) / candidate_rows)
         assert arm["generation"]["counts"]["rows_by_source"]["synthetic"] > 0
-    synthetic_passing = sum(
-        row["caption_source"] == "synthetic" and (row["itm_score"] or 0) >= threshold for row in rows
-    )
+    synthetic_passing = [
+        sum(row["caption_source"] == "synthetic" and (row[column] or -1) >= cut for row in rows)
+        for column, cut in (("itm_score", threshold), ("filter_clip_score", clip_threshold))
+    ]
     kept_synthetic = [arm["generation"]["counts"]["kept_by_source"].get("synthetic", 0) for arm in summary["arms"]]
-    assert kept_synthetic == [0, synthetic_passing]
+    assert kept_synthetic == [0, *synthetic_passing]
 
 
 def test_the_report_of_the_candidates_has_the_ablation_section(ablation_run) -> None:

@@ -108,7 +108,7 @@ def test_real_data_needs_a_held_out_set_only_when_something_is_trained(tmp_path:
         run_setup({**parameters, **models}, evaluates=True)  # the ablation evaluates every arm
 
     swapped = {"captioner_checkpoint": models["filter_checkpoint"], "filter_checkpoint": models["captioner_checkpoint"]}
-    with pytest.raises(CheckpointError, match="filter: its lm_head is initialised at random, and the captioner needs"):
+    with pytest.raises(CheckpointError, match="filter: its lm_head is initialised at random, and the caption stage"):
         run_setup({**parameters, **swapped, "url_list": None, "out_dir": str(tmp_path / "swapped")})
     assert not (tmp_path / "swapped").exists(), "refused before any work"
 

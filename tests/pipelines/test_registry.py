@@ -22,8 +22,8 @@ def test_score_columns_are_manifest_columns_and_only_model_stages_score():
     for stage in STAGES:
         assert set(stage.scores) <= set(SAMPLE_SCHEMA.names)
         assert not stage.scores or stage.model_stage
-    assert MODEL_STAGES == ("caption", "filter", "rank")
-    assert set(UNSCREENED_STAGES) == {"download", "caption", "assemble"}
+    assert MODEL_STAGES == ("caption", "filter", "rank", "score")
+    assert set(UNSCREENED_STAGES) == {"download", "caption", "score", "assemble"}  # score rejects nothing
 
 
 def test_order_and_lookup():

@@ -33,6 +33,7 @@ from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.shards import rows_table
 
 THRESHOLD, TOP_K = 0.5, 2
+THRESHOLDS = {"itm": THRESHOLD, "clip": 0.28}
 
 
 def _row(
@@ -41,6 +42,7 @@ def _row(
     caption: str,
     itm: float | None = None,
     clip: tuple[float, int] | None = None,
+    clip_filter: float | None = None,
     reject: tuple[str, str] | None = None,
     image_ref: str | None = "00000.tar#x",
 ) -> dict:
@@ -55,6 +57,7 @@ def _row(
             "generation": [1],
             "parent_generation": [0],
             "itm_score": [itm],
+            "filter_clip_score": [clip_filter],
             "clip_score": [score],
             "clip_rank": [rank],
         }
@@ -91,7 +94,7 @@ UPSTREAM = {"": "filter/empty_caption", "lost": "download/http_404", "a broken i
 
 
 def test_no_capfilt_keeps_every_web_caption_with_an_image_and_excludes_synthetic() -> None:
-    rows = arm_rows(candidate_rows(), ARMS["no_capfilt"], THRESHOLD, TOP_K)
+    rows = arm_rows(candidate_rows(), ARMS["no_capfilt"], "itm", THRESHOLD, TOP_K)
     assert kept(rows) == [("A", "a web caption"), ("B", "a noisy caption")]
     assert reasons(rows) == {
         **UPSTREAM,
@@ -104,39 +107,39 @@ def test_no_capfilt_keeps_every_web_caption_with_an_image_and_excludes_synthetic
 
 
 def test_filter_only_keeps_web_captions_at_or_above_the_threshold() -> None:
-    rows = arm_rows(candidate_rows(), ARMS["filter_only"], THRESHOLD, TOP_K)
+    rows = arm_rows(candidate_rows(), ARMS["filter_only"], "itm", THRESHOLD, TOP_K)
     assert kept(rows) == [("A", "a web caption")]
     assert reasons(rows)["a noisy caption"] == "filter/itm_below_threshold"
     assert reasons(rows)["syn one"] == "ablate/synthetic_not_in_arm"
 
 
 def test_captioner_only_keeps_every_web_and_synthetic_caption() -> None:
-    rows = arm_rows(candidate_rows(), ARMS["captioner_only"], THRESHOLD, TOP_K)
+    rows = arm_rows(candidate_rows(), ARMS["captioner_only"], "itm", THRESHOLD, TOP_K)
     assert len(kept(rows)) == 6
     assert reasons(rows) == UPSTREAM, "only the non-score rejections stay"
 
 
 def test_capfilt_filters_web_and_synthetic_alike_and_rank_keeps_the_clip_top_k() -> None:
-    capfilt = arm_rows(candidate_rows(), ARMS["capfilt"], THRESHOLD, TOP_K)
+    capfilt = arm_rows(candidate_rows(), ARMS["capfilt"], "itm", THRESHOLD, TOP_K)
     assert kept(capfilt) == [("A", "a web caption"), ("A", "syn one"), ("A", "syn two"), ("B", "syn of b")]
     assert reasons(capfilt)["syn three"] == reasons(capfilt)["a noisy caption"] == "filter/itm_below_threshold"
 
-    ranked = arm_rows(candidate_rows(), ARMS["capfilt_rank"], THRESHOLD, TOP_K)
+    ranked = arm_rows(candidate_rows(), ARMS["capfilt_rank"], "itm", THRESHOLD, TOP_K)
     assert kept(ranked) == [("A", "syn one"), ("A", "syn two"), ("B", "syn of b")]
     assert reasons(ranked)["a web caption"] == "rank/clip_rank"
     assert ranked == candidate_rows(), "at the candidates' own settings, the rank arm is the candidates"
 
 
 def test_an_arm_re_decides_at_its_own_threshold_and_ranks_the_new_survivors() -> None:
-    strict = arm_rows(candidate_rows(), ARMS["capfilt_rank"], 0.75, TOP_K)
+    strict = arm_rows(candidate_rows(), ARMS["capfilt_rank"], "itm", 0.75, TOP_K)
     assert kept(strict) == [("A", "a web caption"), ("A", "syn one")]
     assert {row["caption"]: row["clip_rank"] for row in strict if row["kept"]} == {"a web caption": 1, "syn one": 0}
     assert reasons(strict)["syn two"] == reasons(strict)["syn of b"] == "filter/itm_below_threshold"
 
-    loose = arm_rows(candidate_rows(), ARMS["capfilt"], 0.15, TOP_K)
+    loose = arm_rows(candidate_rows(), ARMS["capfilt"], "itm", 0.15, TOP_K)
     assert ("B", "a noisy caption") in kept(loose) and ("A", "syn three") not in kept(loose)
     with pytest.raises(ValueError, match="no clip_score"):  # B's web caption survives 0.15 but was never ranked
-        arm_rows(candidate_rows(), ARMS["capfilt_rank"], 0.15, TOP_K)
+        arm_rows(candidate_rows(), ARMS["capfilt_rank"], "itm", 0.15, TOP_K)
 
 
 def test_arm_names_are_checked() -> None:
@@ -146,6 +149,25 @@ def test_arm_names_are_checked() -> None:
             arms_named(bad)
     with pytest.raises(ValueError, match="rank needs the filter"):
         Arm("odd", captioner=True, filter=False, rank=True)
+    with pytest.raises(ValueError, match="the ranker ranked the candidates' filter survivors"):
+        Arm("odd", captioner=True, filter=True, rank=True, scorer="clip")
+
+
+def test_the_clip_arms_decide_the_same_candidates_by_their_clip_score() -> None:
+    """filter_only_clip / capfilt_clip: the ITM decisions lifted, a CLIP-score cut instead, the same captions."""
+    clip_scores = {"a web caption": 0.31, "syn one": 0.12, "syn two": 0.29, "syn three": 0.35, "a noisy caption": 0.05,
+                   "syn of b": 0.27}  # fmt: skip
+    rows = [{**row, "filter_clip_score": clip_scores.get(row["caption"])} for row in candidate_rows()]
+    capfilt = arm_rows(rows, ARMS["capfilt_clip"], "clip", 0.28, TOP_K)
+    assert kept(capfilt) == [("A", "a web caption"), ("A", "syn two"), ("A", "syn three")]
+    assert reasons(capfilt) == {
+        "syn one": "filter/clip_below_threshold", "a noisy caption": "filter/clip_below_threshold",
+        "syn of b": "filter/clip_below_threshold", **UPSTREAM,
+    }  # fmt: skip
+    web_only = arm_rows(rows, ARMS["filter_only_clip"], "clip", 0.28, TOP_K)
+    assert kept(web_only) == [("A", "a web caption")]
+    with pytest.raises(ValueError, match="has no clip score; add the clip scorer's scores to the candidates first"):
+        arm_rows(candidate_rows(), ARMS["capfilt_clip"], "clip", 0.28, TOP_K)
 
 
 # --------------------------------------------------------------------------- derived generations
@@ -197,7 +219,7 @@ def _mtimes(generation: Generation) -> dict[str, int]:
 def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(
     candidates: Generation, human: AssembleConfig
 ) -> None:
-    arm = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
+    arm = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLDS, TOP_K)
     assert arm == arm_generation(candidates, ARMS["capfilt"]) and arm.path.parent.name == "ablate-capfilt"
     info = arm.read_info()
     assert info["stages"] == [STAGE, "assemble"] and info["parent_generation"] == 0
@@ -215,7 +237,7 @@ def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(
         str((Path(human.human_image_root) / name).resolve()) for name in ("h0.png", "h1.png")
     }, "absolute refs stay"
 
-    no_capfilt = derive_arm(candidates, ARMS["no_capfilt"], human, THRESHOLD, TOP_K)
+    no_capfilt = derive_arm(candidates, ARMS["no_capfilt"], human, THRESHOLDS, TOP_K)
     counts = no_capfilt.read_info()["counts"]
     assert counts["kept_by_source"] == {"human": 3, "web": 2}
     assert counts["rejected_by_stage_reason"]["ablate/synthetic_not_in_arm"] == 4
@@ -224,9 +246,9 @@ def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(
 def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(
     candidates: Generation, human: AssembleConfig
 ) -> None:
-    arm = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
+    arm = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLDS, TOP_K)
     before, digest = _mtimes(arm), manifest_digest(arm)
-    derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
+    derive_arm(candidates, ARMS["capfilt"], human, THRESHOLDS, TOP_K)
     assert _mtimes(arm) == before and manifest_digest(arm) == digest
 
     # The candidates' filter re-decided shard 00000 at 0.65: syn two (ITM 0.6) is out there, and so in the arm.
@@ -238,7 +260,7 @@ def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(
         if row["image_id"] in "AB"
     ]
     candidates.write_part("rank", "00000", rows_table(rows), {})
-    derive_arm(candidates, ARMS["capfilt"], human, 0.65, TOP_K)
+    derive_arm(candidates, ARMS["capfilt"], human, {**THRESHOLDS, "itm": 0.65}, TOP_K)
     after = _mtimes(arm)
     assert after["samples/part-00000.parquet"] != before["samples/part-00000.parquet"]
     assert after["samples/part-human.parquet"] == before["samples/part-human.parquet"]
@@ -246,10 +268,10 @@ def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(
 
 
 def test_a_torn_shard_is_redone_to_the_same_rows(candidates: Generation, human: AssembleConfig) -> None:
-    arm = derive_arm(candidates, ARMS["filter_only"], human, THRESHOLD, TOP_K)
+    arm = derive_arm(candidates, ARMS["filter_only"], human, THRESHOLDS, TOP_K)
     whole = arm.read_samples()
     arm.marker_path(STAGE, "00001").unlink()  # killed between the part and its marker
-    derive_arm(candidates, ARMS["filter_only"], human, THRESHOLD, TOP_K)
+    derive_arm(candidates, ARMS["filter_only"], human, THRESHOLDS, TOP_K)
     assert arm.is_done(STAGE, "00001") and arm.read_samples().equals(whole)
 
 
@@ -259,7 +281,7 @@ def test_an_arm_being_written_by_another_run_is_not_touched(candidates: Generati
     alive = {"stage": STAGE, "pid": os.getppid(), "host": socket.gethostname(), "since": "now"}  # a live process
     (target.path / WRITER_LOCK).write_text(json.dumps(alive))
     with pytest.raises(ManifestError, match=rf"is being written by {STAGE} \(pid {os.getppid()} "):
-        derive_arm(candidates, ARMS["capfilt"], human, THRESHOLD, TOP_K)
+        derive_arm(candidates, ARMS["capfilt"], human, THRESHOLDS, TOP_K)
     assert sorted(path.name for path in target.path.iterdir()) == [WRITER_LOCK]
 
 
