@@ -123,7 +123,7 @@ def run_operation(name: str, root: Path, world_dir: Path, batches: int) -> dict[
         from pipelines.stages.assemble import AssembleConfig
 
         human = AssembleConfig(world.human_annotations, world.human_root)
-        work = functools.partial(derive_arm, generation, ARMS["capfilt_rank"], human, threshold=0.5, top_k=5)
+        work = functools.partial(derive_arm, generation, ARMS["capfilt_rank"], human, thresholds={"itm": 0.5}, top_k=5)
     elif name == "loader":
         import pipelines.training.data  # noqa: F401  (imported here so that its RSS counts as imports)
 

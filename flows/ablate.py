@@ -4,6 +4,11 @@
     → per arm: its generation from the candidates → per seed: pretrain (same budget) → evaluate
     → ablation.json / ablation.md next to the candidates → their report (with the ablation section)
 
+Two captioners are compared by a second CapFilt round with the other captioner (the same web images,
+filter, ranker and seed) into dataset `web-<backend>`; each chosen arm that uses synthetic captions is
+also derived from those candidates, as `<arm>_<backend>`. Two filter scorers are compared by arms that
+name a scorer (`capfilt_clip`): the `score` stage adds that scorer's scores to the same candidates.
+
 Every arm trains on rows re-decided from the same candidates, with the same pretraining budget; seeds
 change the pretraining (initialisation and data order), not the candidates. A re-run reuses everything
 that is finished: trainings by their content-named folders, arm generations by their markers, and
@@ -13,7 +18,7 @@ evaluations that already hold the same config.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,9 @@ def capfilt_ablate(
     captioner_backend: str | None = None,
     caption_prompt: str | None = None,
     filter_checkpoint: str | None = None,
+    compare_captioner_backend: str | None = None,
+    compare_captioner_checkpoint: str | None = None,
+    compare_caption_prompt: str | None = None,
     num_gpus: float | None = None,
     executor: str | None = None,
     ray_address: str | None = None,
@@ -83,8 +91,9 @@ def capfilt_ablate(
     download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every arm (default: BLIP's Table 1, `pipelines.stages.ablate.TABLE_1`; all:
-    `ARMS`) with every seed (default 0, 1, 2) on the same inputs and budget. Without `url_list`, a synthetic
-    world is made and served."""
+    `ARMS`) with every seed (default 0, 1, 2) on the same inputs and budget. With a `compare_captioner_*`
+    (a backend and its folder), the arms that use synthetic captions also run with that captioner's.
+    Without `url_list`, a synthetic world is made and served."""
     parameters = locals()
     chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.TABLE_1))
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
@@ -93,11 +102,30 @@ def capfilt_ablate(
     settings, inputs, out = run_setup(parameters, evaluates=True)  # every arm is evaluated
     if settings.filter_scorer != "itm" and any(arm.scorer == "itm" for arm in chosen):
         raise ValueError("arms that decide by the itm scorer need the run's filter: use --scorer itm (the default)")
-    return run_ablation(settings, inputs, out, chosen, seeds)
+    compared = compared_captioner(
+        settings, compare_captioner_backend, compare_captioner_checkpoint, compare_caption_prompt
+    )
+    return run_ablation(settings, inputs, out, chosen, seeds, compared)
+
+
+def compared_captioner(
+    settings: RunSettings, backend: str | None, checkpoint: str | None, prompt: str | None
+) -> RunSettings | None:
+    """The run's settings with the compared captioner instead of its own (checked before any work)."""
+    if backend is None and checkpoint is None:
+        return None
+    if backend is None or checkpoint is None:
+        raise ValueError("to compare captioners, give both compare_captioner_backend and compare_captioner_checkpoint")
+    return replace(settings, captioner_backend=backend, captioner_checkpoint=Path(checkpoint), caption_prompt=prompt)
 
 
 def run_ablation(
-    settings: RunSettings, inputs: Inputs, out: Path, arms: list[ablation.Arm], seeds: list[int]
+    settings: RunSettings,
+    inputs: Inputs,
+    out: Path,
+    arms: list[ablation.Arm],
+    seeds: list[int],
+    compared: RunSettings | None = None,
 ) -> dict[str, Any]:
     """The ablation, top to bottom; returns where the table, the candidates and their report are."""
     logger = get_run_logger()
@@ -109,13 +137,20 @@ def run_ablation(
         pretraining = pretrain_config(settings)
         model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
     candidates = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, 1), clip_weights)
-    for scorer in sorted({arm.scorer for arm in arms} - {None, settings.filter_scorer}):  # compared scorers
-        score_task(filter_config(settings, None, clip_weights, scorer), candidates)
+    variants = [(candidates, arms)]
+    if compared is not None:  # the same round with the other captioner, beside the web dataset
+        backend = compared.captioner_backend
+        other = Generation(root, f"{DATASET}-{backend}", 1)
+        capfilt_round(compared, inputs, out, model, web, other, clip_weights)
+        variants.append((other, [replace(arm, name=f"{arm.name}_{backend}") for arm in arms if arm.captioner]))
 
     entries = []
-    for arm in arms:
-        logger.info("arm %s: %d pretraining run(s)", arm.name, len(seeds))
-        entries.append(train_arm(settings, inputs, out, candidates, arm, seeds))
+    for arm_candidates, arm_list in variants:
+        for scorer in sorted({arm.scorer for arm in arm_list} - {None, settings.filter_scorer}):  # compared scorers
+            score_task(filter_config(settings, None, clip_weights, scorer), arm_candidates)
+        for arm in arm_list:
+            logger.info("arm %s: %d pretraining run(s)", arm.name, len(seeds))
+            entries.append(train_arm(settings, inputs, out, arm_candidates, arm, seeds))
     summary = ablation_summary(
         entries,
         seeds=seeds,
@@ -124,6 +159,14 @@ def run_ablation(
             "path": str(candidates.path),
             "manifest_digest": manifest_digest(candidates),
             "checkpoints": candidates.read_info()["checkpoints"],
+            "compared": [
+                {
+                    "path": str(other.path),
+                    "manifest_digest": manifest_digest(other),
+                    "checkpoints": other.read_info()["checkpoints"],
+                }
+                for other, _ in variants[1:]
+            ],
         },
         world=load_world(inputs.world_dir)[0].to_dict() if inputs.world_dir is not None else None,
     )

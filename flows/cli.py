@@ -53,6 +53,13 @@ def add_flow_commands(commands: Commands) -> None:
         "--clip-threshold on the same candidates)",
     )
     option("--seeds", type=_integers, help="comma-separated pretraining seeds (default: 0,1,2)")
+    option(
+        "--compare-captioner-backend",
+        help="compare captioners: the other one's backend (blip, blip2, instructblip, llava, coca); the arms "
+        "with synthetic captions also run with its captions, as ARM_BACKEND",
+    )
+    option("--compare-captioner-checkpoint", help="compare captioners: the other one's folder")
+    option("--compare-caption-prompt", help="compare captioners: the other one's prompt (default: its backend's)")
     option("--pretrain-steps", type=int, help="pretraining budget of every model, in steps (default: the preset's)")
     option("--batch-size", type=int, help="training batch size per worker (default: the preset's)")
     option("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")

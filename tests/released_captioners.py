@@ -179,7 +179,8 @@ def coca_folder(folder: Path, seed: int = 0) -> Path:
     """laion/CoCa-* layout: open_clip_config.json (model_cfg, preprocess_cfg) and the weights."""
     torch.manual_seed(seed)
     model = open_clip.CoCa(**{key: value for key, value in COCA_CONFIG.items() if key != "custom_text"})
-    with torch.no_grad():
+    with torch.no_grad():  # open_clip 3.3 leaves the decoder's projection as torch.empty memory (NaN at times)
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=COCA_CONFIG["multimodal_cfg"]["width"] ** -0.5)
         for parameter in model.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
     folder.mkdir(parents=True, exist_ok=True)

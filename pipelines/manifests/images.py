@@ -7,11 +7,26 @@ member is `<key>.<ext>`) or a plain image file path. Relative paths are relative
 
 from __future__ import annotations
 
+import os
 import tarfile
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def rebased(rows: Iterable[dict], source_dir: Path, target_dir: Path) -> list[dict]:
+    """The rows with each relative image_ref (relative to the dataset folder `source_dir`) made relative to
+    the dataset folder `target_dir`; absolute refs and missing ones are left as they are."""
+
+    def rebase(image_ref: str | None) -> str | None:
+        path, sep, key = (image_ref or "").partition("#")
+        if not path or Path(path).is_absolute():
+            return image_ref
+        return os.path.relpath(Path(source_dir) / path, target_dir) + sep + key
+
+    return [{**row, "image_ref": rebase(row["image_ref"])} for row in rows]
 
 
 class ImageRefError(LookupError):

@@ -182,6 +182,10 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
         f"{settings.get('num_captions')} synthetic captions per image "
         f"(captioner: {settings.get('captioner_backend', 'blip')})",
         f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})",
+        *(
+            f"- the other captioner's candidates (arms `_<backend>`): `{other['path']}` ({other['manifest_digest']})"
+            for other in summary["candidates"].get("compared", [])
+        ),
     ]
     if world is not None:
         lines.append(

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines import registry
+from pipelines.manifests.images import rebased
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest, read_part
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
@@ -130,19 +130,6 @@ def arm_rows(rows: list[Row], arm: Arm, scorer: str, threshold: float, top_k: in
             "filter: rank them again at this threshold, or use the candidates' threshold"
         )
     return keep_top_k(decided, {row["sample_id"]: row["clip_score"] for row in survivors}, top_k)
-
-
-def rebased(rows: list[Row], source_dir: Path, target_dir: Path) -> list[Row]:
-    """The rows with each relative image_ref (relative to the dataset folder `source_dir`) made relative to
-    the dataset folder `target_dir`; absolute refs and missing ones are left as they are."""
-
-    def rebase(image_ref: str | None) -> str | None:
-        path, sep, key = (image_ref or "").partition("#")
-        if not path or Path(path).is_absolute():
-            return image_ref
-        return os.path.relpath(Path(source_dir) / path, target_dir) + sep + key
-
-    return [{**row, "image_ref": rebase(row["image_ref"])} for row in rows]
 
 
 def arm_generation(candidates: Generation, arm: Arm) -> Generation:

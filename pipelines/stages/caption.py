@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from pipelines import registry
+from pipelines.manifests.images import rebased
 from pipelines.manifests.manifest import Generation, ManifestError, read_part, sample_id
 from pipelines.stages.shards import (
     ActorPoolConfig,
@@ -107,7 +108,7 @@ class _Captioning:
     name: ClassVar[str] = STAGE
 
     def web_rows(self, shard: str) -> list[Row]:
-        rows = read_part(self.web.part_path(shard)).to_pylist()
+        rows = rebased(read_part(self.web.part_path(shard)).to_pylist(), self.web.path.parent, self.target.path.parent)
         return [
             {**row, "generation": self.target.number, "parent_generation": self.target.number - 1}
             for row in rows
@@ -164,11 +165,14 @@ def _synthetic_rows(web_row: Row, result: Row, backend: str) -> list[Row]:
 
 
 def run_caption(config: CaptionConfig, web: Generation, target: Generation) -> dict[str, Any]:
-    """Caption every downloaded image of `web` (generation 0) into `target`; returns the target's rows."""
-    if (Path(web.root), web.dataset) != (Path(target.root), target.dataset) or target.number <= web.number:
+    """Caption every downloaded image of `web` (generation 0) into `target`, a later generation of its
+    dataset or of another dataset under the same root (whose image_refs then point back at `web`'s
+    images, `../<dataset>/...`: e.g. the candidates of a second captioner in an ablation); returns the
+    target's rows."""
+    if Path(web.root) != Path(target.root) or target.number <= web.number:
         raise ManifestError(
-            f"caption: the target {target.path} must be a later generation of the same dataset "
-            f"folder as the web generation {web.path} (image_refs are relative to it)"
+            f"caption: the target {target.path} must be a later generation under the same manifest root as the "
+            f"web generation {web.path} (image_refs are relative to its dataset folder)"
         )
     shards = web.shards()
     if not shards:

@@ -1,6 +1,7 @@
 """`capfilt ablate` end to end: the real flow (Prefect, Ray, img2dataset on a served world) with the smoke
-preset, two arms × two seeds; the table, the arms' training data against their rules, a re-run that
-reuses everything, and the report's ablation section."""
+preset, three arms (an ITM and a CLIP-score filter among them) × two seeds; the table, the arms' training
+data against their rules, a re-run that reuses everything, and the report's ablation section; and two
+captioners compared."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from released_captioners import blip2_folder
 
 from flows.capfilt import RUN_PRESETS
 
@@ -135,3 +137,41 @@ def test_a_rerun_reuses_every_training_and_evaluation(ablation_run) -> None:
     }
     assert {path: after.get(path) for path in unchanged} == unchanged, "parts, markers and evaluations are reused"
     assert json.loads((out / "data_manifests" / "web" / "gen-0001" / "ablation.json").read_text()) == before
+
+
+def test_two_captioners_are_compared_on_the_same_web_images_filter_and_ranker(tmp_path: Path) -> None:
+    """`--compare-captioner-*`: a second round with a BLIP-2 (stand-in) beside the web dataset; the arms with
+    synthetic captions run with each captioner's, everything else the same."""
+    blip2 = blip2_folder(tmp_path / "blip2")
+    command = [
+        str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--n-web", "20", "--out", str(tmp_path / "run"),
+        "--arms", "no_capfilt,capfilt", "--seeds", "0",
+        "--compare-captioner-backend", "blip2", "--compare-captioner-checkpoint", str(blip2),
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "| capfilt_blip2 | ✓ | ✓ |" in result.stdout
+
+    root = tmp_path / "run" / "data_manifests"
+    summary = json.loads((root / "web" / "gen-0001" / "ablation.json").read_text())
+    assert [arm["arm"]["name"] for arm in summary["arms"]] == ["no_capfilt", "capfilt", "capfilt_blip2"]
+    ours, theirs = (
+        pq.read_table(root / dataset / "gen-0001" / "samples").to_pylist() for dataset in ("web", "web-blip2")
+    )
+    assert {row["caption_backend"] for row in ours if row["caption_source"] == "synthetic"} == {"blip"}
+    assert {row["caption_backend"] for row in theirs if row["caption_source"] == "synthetic"} == {"blip2"}
+    web_scores = [{row["sample_id"]: row["itm_score"] for row in rows if row["caption_source"] == "web"}
+                  for rows in (ours, theirs)]  # fmt: skip
+    assert web_scores[0] == web_scores[1], "the same web captions, scored by the same filter"
+    checkpoints = [summary["candidates"]["checkpoints"], summary["candidates"]["compared"][0]["checkpoints"]]
+    assert checkpoints[0]["filter"] == checkpoints[1]["filter"] and checkpoints[0]["clip"] == checkpoints[1]["clip"]
+    assert checkpoints[0]["captioner"] != checkpoints[1]["captioner"]
+
+    threshold = summary["settings"]["itm_threshold"]
+    arm = pq.read_table(root / "ablate-capfilt_blip2" / "gen-0001" / "samples").to_pylist()
+    kept_synthetic = [row for row in arm if row["kept"] and row["caption_source"] == "synthetic"]
+    assert {row["caption_backend"] for row in kept_synthetic} <= {"blip2"}
+    assert len(kept_synthetic) == sum(
+        row["caption_source"] == "synthetic" and (row["itm_score"] or 0) >= threshold for row in theirs
+    )

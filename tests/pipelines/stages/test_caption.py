@@ -13,7 +13,7 @@ import ray
 import torch
 
 from pipelines.cli.main import main as cli_main
-from pipelines.manifests.images import ShardUnavailableError
+from pipelines.manifests.images import ImageStore, ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, generation_counts, read_part
 from pipelines.stages import caption, shards
 from pipelines.stages.caption import CaptionConfig, run_caption
@@ -210,6 +210,21 @@ def _cpus_freed(seconds: float = 30.0) -> bool:
     return True
 
 
+def test_another_dataset_of_the_root_gets_the_same_captions_with_image_refs_back_to_the_web(web_gen0, config):
+    """The candidates of a second captioner in an ablation live beside the web dataset, not in it."""
+    same, beside = Generation(web_gen0.root, "world", 1), Generation(web_gen0.root, "world-other", 1)
+    run_caption(config, web_gen0, same)
+    run_caption(config, web_gen0, beside)
+    rows = {row["sample_id"]: row for row in same.read_samples().to_pylist()}
+    moved = beside.read_samples().to_pylist()
+    assert sorted(row["sample_id"] for row in moved) == sorted(rows)
+    with_images = [row for row in moved if row["image_ref"]]
+    assert with_images and all(
+        row["image_ref"] == "../world/" + rows[row["sample_id"]]["image_ref"] for row in with_images
+    )
+    assert all(ImageStore(beside.path.parent).read(row["image_ref"]) for row in with_images[:5])
+
+
 def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="CaptionConfig: top_p must be in"):
         CaptionConfig(tiny_blip_checkpoint, top_p=0)
@@ -220,7 +235,7 @@ def test_bad_config_and_targets_fail_before_any_work(web_gen0, tiny_blip_checkpo
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         CaptionConfig(tiny_blip_checkpoint, concurrency=0)
     config = CaptionConfig(tiny_blip_checkpoint)
-    with pytest.raises(ManifestError, match="same dataset folder"):
+    with pytest.raises(ManifestError, match="under the same manifest root"):
         run_caption(config, web_gen0, Generation(tmp_path / "elsewhere", "world", 1))
     with pytest.raises(ManifestError, match="no parts"):
         run_caption(config, Generation(tmp_path, "empty", 0), Generation(tmp_path, "empty", 1))
