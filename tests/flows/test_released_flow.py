@@ -131,3 +131,17 @@ def test_a_released_blip2_captioner_with_the_clip_scorer_trains_nothing(tmp_path
                for row in scored)  # fmt: skip
     assert all(row["filter_clip_score"] >= 0.0 for row in scored if row["kept"])
     assert json.loads(target.marker_path("filter", "00000").read_text())["scorer"] == "clip"
+
+    page = (target.path / "report" / "index.html").read_text()
+    assert '<th class="text">Filter scorer</th><td class="text">clip</td>' in page
+    assert '<th class="text">CLIP-score threshold (filter)</th><td class="text">0.0</td>' in page
+    synthetic_row = next(row for row in scored if row["caption_source"] == "synthetic")
+    root = str(tmp_path / "run" / "data_manifests")
+    explain = subprocess.run([str(BIN / "capfilt"), "explain", synthetic_row["sample_id"], "--root", root],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert explain.returncode == 0, explain.stderr
+    line = next(line for line in explain.stdout.splitlines() if synthetic_row["caption"][:30] in line)
+    assert (
+        line.lstrip().startswith("synthetic (blip2)")
+        and f"filter clip {synthetic_row['filter_clip_score']:.3f}" in line
+    )
