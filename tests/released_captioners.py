@@ -88,16 +88,7 @@ def _blip_image_processor() -> BlipImageProcessor:
 def blip2_folder(folder: Path, seed: int = 0) -> Path:
     """Salesforce/blip2-opt-* layout: the processor adds `<image>` and prefixes the query placeholders."""
     processor = Blip2Processor(_blip_image_processor(), bpe_tokenizer(), num_query_tokens=QUERY_TOKENS)
-    tokenizer = processor.tokenizer
-    config = Blip2Config(
-        vision_config=VISION,
-        qformer_config={**QFORMER, "vocab_size": 64},
-        text_config=language_model("opt", len(tokenizer)),
-        num_query_tokens=QUERY_TOKENS,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(seed)
-    return _save(Blip2ForConditionalGeneration(config), processor, folder, seed)
+    return _query_former_folder(Blip2Config, Blip2ForConditionalGeneration, processor, "opt", 64, folder, seed)
 
 
 def instructblip_folder(folder: Path, seed: int = 0) -> Path:
@@ -107,16 +98,25 @@ def instructblip_folder(folder: Path, seed: int = 0) -> Path:
     processor = InstructBlipProcessor(
         _blip_image_processor(), bpe_tokenizer(), BertTokenizerFast(str(vocabulary)), num_query_tokens=QUERY_TOKENS
     )
+    vocabulary_size = len(processor.qformer_tokenizer)
+    model_class = InstructBlipForConditionalGeneration
+    return _query_former_folder(InstructBlipConfig, model_class, processor, "llama", vocabulary_size, folder, seed)
+
+
+def _query_former_folder(
+    config_class: type, model_class: type, processor, language: str, qformer_vocabulary: int, folder: Path, seed: int
+) -> Path:
+    """A BLIP-2-family model (vision tower, Q-Former, `language` model) sized to `processor`'s tokenizer."""
     tokenizer = processor.tokenizer
-    config = InstructBlipConfig(
+    config = config_class(
         vision_config=VISION,
-        qformer_config={**QFORMER, "vocab_size": len(processor.qformer_tokenizer)},
-        text_config=language_model("llama", len(tokenizer)),
+        qformer_config={**QFORMER, "vocab_size": qformer_vocabulary},
+        text_config=language_model(language, len(tokenizer)),
         num_query_tokens=QUERY_TOKENS,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed)
-    return _save(InstructBlipForConditionalGeneration(config), processor, folder, seed)
+    return _save(model_class(config), processor, folder, seed)
 
 
 def llava_folder(folder: Path, seed: int = 0) -> Path:

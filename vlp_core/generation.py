@@ -153,6 +153,8 @@ def row_draws(
     its captions then do not depend on which other images share the batch, nor on the device. Otherwise
     every row draws from `generator` (torch's global CPU generator when None), on the generator's device.
     """
+    if seeds is not None and len(seeds) != num_images:
+        raise ValueError(f"seeds must hold one seed per image: {num_images} images, {len(seeds)} seeds")
     if seeds is None:
         source = generator.device if generator is not None else torch.device("cpu")
         table = torch.rand(steps, num_images * copies, generator=generator, device=source)

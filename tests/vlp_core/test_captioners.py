@@ -57,6 +57,8 @@ def test_k_seeded_captions_per_image_independent_of_the_batch(backend, captioner
     assert len({caption for per_image in captions for caption in per_image}) > 4  # sampled, not one sentence
     assert captioner.model_ref.startswith("sha256:")
     assert captioner_digest(backend, folders[backend]) == captioner.model_ref
+    with pytest.raises(ValueError, match="one seed per image"):
+        captioner.caption(pixels, [11, 12, 13], SAMPLING)
 
 
 def test_the_backends_defaults_and_prompts(captioners, folders):

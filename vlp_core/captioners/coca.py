@@ -31,17 +31,11 @@ class CocaRows:
     image_embeds: (N, P, D) the image tokens the decoder attends to; prompt_ids: (T,) start tokens.
     """
 
-    def __init__(self, model: open_clip.CoCa, image_embeds: torch.Tensor, image_latent: torch.Tensor, prompt_ids):
-        self.model, self.image_embeds, self.image_latent, self.prompt_ids = (
-            model,
-            image_embeds,
-            image_latent,
-            prompt_ids,
-        )
+    def __init__(self, model: open_clip.CoCa, image_embeds: torch.Tensor, prompt_ids: torch.Tensor) -> None:
+        self.model, self.image_embeds, self.prompt_ids = model, image_embeds, prompt_ids
 
     def start(self, copies: int) -> torch.Tensor:
         self.image_embeds = self.image_embeds.repeat_interleave(copies, dim=0)
-        self.image_latent = self.image_latent.repeat_interleave(copies, dim=0)
         self.tokens = self.prompt_ids.expand(len(self.image_embeds), -1)
         return self._next_logits()
 
@@ -50,11 +44,7 @@ class CocaRows:
         return self._next_logits()
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.tokens, self.image_embeds, self.image_latent = (
-            self.tokens[rows],
-            self.image_embeds[rows],
-            self.image_latent[rows],
-        )
+        self.tokens, self.image_embeds = self.tokens[rows], self.image_embeds[rows]
 
     def _next_logits(self) -> torch.Tensor:
         """-> (B, V) float logits of the token after each row's last: CoCa's forward, with the vocabulary
@@ -115,11 +105,11 @@ class CocaCaptioner:
             end, self.tokenizer.vocab_size, sampling.min_length, sampling.max_length, sampling.repetition_penalty
         )
         with inference_mode(self.model) as device:
-            image_latent, image_embeds = self.model._encode_image(pixels.to(device))
+            _, image_embeds = self.model._encode_image(pixels.to(device))
             prompt = self.prompt_ids.to(device)
             draws = row_draws(len(pixels), sampling.num_captions, sampling.max_length, seeds=seeds, device=device)
             rows = sample_tokens(
-                CocaRows(self.model, image_embeds, image_latent, prompt),
+                CocaRows(self.model, image_embeds, prompt),
                 rules,
                 prompt,
                 sampling.num_captions,
