@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from released_captioners import RELEASED_CAPTIONERS
 
 from benchmarks.cli import BENCHMARKS
 from flows.cli import main
@@ -52,3 +53,16 @@ def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.Captu
 def test_bad_repeats_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "scoring", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["llava", "coca"])  # against transformers' own sampler / alone
+def test_quick_caption_backend_benchmark(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = RELEASED_CAPTIONERS[backend](tmp_path / backend)
+    options = ["--backend", backend, "--checkpoint", str(folder), "--json", str(tmp_path / "report.json")]
+    assert main(["bench", "caption", "--quick", *options]) == 0
+    (report,) = json.loads((tmp_path / "report.json").read_text())
+    assert report["benchmark"] == f"caption --backend {backend}"
+    timed = report["comparisons"] if backend == "llava" else report["measurements"]
+    assert len(timed) == 1 and "batch 2 images x 10 captions" in capsys.readouterr().out
+    assert report["figures"]["example"]
+    assert main(["bench", "caption", "--quick", "--backend", backend]) == 2  # a backend's folder is needed
