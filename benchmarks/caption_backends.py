@@ -19,6 +19,7 @@ from benchmarks.harness import Report, compare, machine, measure
 from benchmarks.workload import default_device, world_pairs
 from vlp_core.captioners import Sampling, load_captioner
 from vlp_core.captioners.vlm import KINDS, VlmCaptioner
+from vlp_core.inference import inference_mode
 
 SAMPLING = Sampling(num_captions=10, top_p=0.9, min_length=5, max_length=30)
 BATCH_SIZES, QUICK_BATCH_SIZES = (1, 16), (2,)
@@ -63,19 +64,15 @@ def run(
 
 
 def transformers_sampling(captioner: VlmCaptioner, pixels: torch.Tensor) -> list[str]:
-    """The model's own sampler, as its model card calls it, on the processor's prompt inputs."""
-    device = pixels.device if pixels.device.type != "cpu" else next(captioner.model.parameters()).device
-    prompt = {name: value.to(device).expand(len(pixels), -1) for name, value in captioner.prompt_inputs.items()}
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    """The model's own sampler, as its model card calls it, on the same inputs as ours."""
+    with inference_mode(captioner.model) as device:
         output = captioner.model.generate(
-            **prompt,
-            pixel_values=pixels.to(device, captioner.model.dtype),
+            **captioner.model_inputs(pixels, device),
             do_sample=True,
             top_p=SAMPLING.top_p,
             top_k=0,
             num_return_sequences=SAMPLING.num_captions,
             max_new_tokens=SAMPLING.max_length,
             min_new_tokens=SAMPLING.min_length,
-            pad_token_id=captioner.tokenizer.pad_token_id or captioner.tokenizer.eos_token_id,
         )
-    return captioner.tokenizer.batch_decode(output, skip_special_tokens=True)
+    return captioner.tokenizer.batch_decode(captioner.new_tokens(output), skip_special_tokens=True)

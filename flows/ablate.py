@@ -182,8 +182,7 @@ def train_arm(
 ) -> dict[str, Any]:
     """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
     human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
-    thresholds = {"itm": settings.itm_threshold, "clip": settings.clip_threshold}
-    generation = derive_arm_task(candidates, arm, human, thresholds, settings.top_k)
+    generation = derive_arm_task(candidates, arm, human, settings.thresholds, settings.top_k)
     digest = manifest_digest(generation)
     runs = []
     for seed in seeds:

@@ -116,8 +116,8 @@ class RunSettings:
                     f"a {self.captioner_backend} captioner is not fine-tuned here; give captioner_checkpoint",
                 ),
                 (
-                    self.filter_scorer in ("itm", "clip"),
-                    f"filter_scorer must be itm or clip, got {self.filter_scorer!r}",
+                    self.filter_scorer in filtering.SCORERS,
+                    f"filter_scorer must be one of {', '.join(filtering.SCORERS)}, got {self.filter_scorer!r}",
                 ),
                 (
                     self.filter_scorer == "itm" or self.filter_checkpoint is None,
@@ -181,9 +181,9 @@ class RunSettings:
         )
 
     @property
-    def filter_threshold(self) -> float:
-        """The threshold of the filter's scorer."""
-        return self.itm_threshold if self.filter_scorer == "itm" else self.clip_threshold
+    def thresholds(self) -> dict[str, float]:
+        """Each filter scorer's threshold."""
+        return {"itm": self.itm_threshold, "clip": self.clip_threshold}
 
 
 RUN_PRESETS = {
@@ -471,7 +471,7 @@ def filter_config(
         if scorer == "itm"
         else {"clip_model": settings.clip_model, "clip_checkpoint": clip_weights}
     )
-    threshold = settings.itm_threshold if scorer == "itm" else settings.clip_threshold
+    threshold = settings.thresholds[scorer]
     return filtering.FilterConfig(scorer=scorer, threshold=threshold, **model, **inference_pool(settings))
 
 

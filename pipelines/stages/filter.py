@@ -77,6 +77,10 @@ class Scorer:
     def reject_reason(self) -> str:
         return f"{self.name}_below_threshold"
 
+    def scores(self, results: list[Row]) -> dict[str, dict[str, float]]:
+        """Its columns' values by sample_id, from its actor's results (see `scores_by_sample`)."""
+        return {column: scores_by_sample(results, output) for column, output in self.outputs.items()}
+
     def check_threshold(self, threshold: float) -> tuple[bool, str]:
         return (
             self.low <= threshold <= self.high,
@@ -199,7 +203,7 @@ class _Filtering(CaptionScoringStage):
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         scorer = SCORERS[self.config.scorer]
-        scores = {column: scores_by_sample(results, output) for column, output in scorer.outputs.items()}
+        scores = scorer.scores(results)
         failed = {result["image_id"]: result for result in results if result["error_reason"]}
         rows = []
         for row in self.rows(shard):
@@ -228,18 +232,19 @@ def scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
 def _redecide_shard(target: Generation, shard: str, threshold: float, expected: tuple[str, str] | None = None) -> None:
     """Re-decide a scored shard from its stored scores; rewrites it only when the threshold changed.
     With `expected` (scorer, model_ref), refuses scores that another scorer or model produced."""
-    scorer, marker = scored_by(target, shard)
-    if expected is not None and (scorer != expected[0] or marker["model_ref"] not in (None, expected[1])):
+    name, marker = scored_by(target, shard)
+    scorer = SCORERS[name]
+    if expected is not None and (name != expected[0] or marker["model_ref"] not in (None, expected[1])):
         raise ManifestError(
-            f"{target.path}: shard {shard} was scored by the {scorer} scorer with model {marker['model_ref']}, not "
+            f"{target.path}: shard {shard} was scored by the {name} scorer with model {marker['model_ref']}, not "
             f"by the given {expected[0]} scorer and model ({expected[1]}); filter into a new generation, "
             f"or delete {target.marker_path(STAGE, '*')} to re-score"
         )
     if marker["threshold"] == threshold:
         return
     rows = undo_from(read_part(target.part_path(shard)).to_pylist(), "rank")  # rank's view will be stale
-    rows = [decide(row, threshold, SCORERS[scorer]) if row[SCORERS[scorer].column] is not None else row for row in rows]
-    commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, scorer, threshold, marker["model_ref"]))
+    rows = [decide(row, threshold, scorer) if row[scorer.column] is not None else row for row in rows]
+    commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, name, threshold, marker["model_ref"]))
 
 
 def rethreshold(target: Generation, threshold: float) -> dict[str, Any]:

@@ -9,7 +9,6 @@ filter or rank pass over a shard deletes its marker, and its scores are cleared 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +24,6 @@ from pipelines.stages.shards import (
     model_text,
     rows_table,
     run_sharded_inference,
-    scores_by_sample,
     shards_finished_by,
 )
 
@@ -52,7 +50,7 @@ class _Scoring:
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         scorer = SCORERS[self.config.scorer]
-        scores = {column: scores_by_sample(results, output) for column, output in scorer.outputs.items()}
+        scores = scorer.scores(results)
         rows = [
             {**row, **{column: values[row["sample_id"]] for column, values in scores.items()}}
             if row["sample_id"] in scores[scorer.column]
@@ -68,13 +66,9 @@ def run_score(config: FilterConfig, target: Generation) -> dict[str, Any]:
     """Add `config.scorer`'s scores to every ranked shard of `target` (a scorer other than the one its filter
     decided with); returns the target's `generation_counts`."""
     shards = shards_finished_by(target, registry.RANK.name)
-    _refuse_the_deciding_scorer(config.scorer, (scored_by(target, shard)[0] for shard in shards), target)
-    return run_sharded_inference(_Scoring(config, target), target, shards, config)
-
-
-def _refuse_the_deciding_scorer(scorer: str, deciding: Iterable[str], target: Generation) -> None:
-    if scorer in set(deciding):
+    if config.scorer in {scored_by(target, shard)[0] for shard in shards}:
         raise ManifestError(
-            f"{target.path}: the filter decided with the {scorer} scorer, so its {scorer} scores are there already; "
-            "the score stage adds another scorer's"
+            f"{target.path}: the filter decided with the {config.scorer} scorer, so its {config.scorer} scores are "
+            "there already; the score stage adds another scorer's"
         )
+    return run_sharded_inference(_Scoring(config, target), target, shards, config)

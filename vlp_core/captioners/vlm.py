@@ -138,28 +138,41 @@ class VlmCaptioner:
         """An image -> (3, S, S) pixel values, as the folder's image processor makes them."""
         return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def model_inputs(self, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """`generate`'s inputs for N images (N, 3, S, S) on `device`: the prompt's, once per image, the pixels,
+        and the pad id."""
+        pad = self.tokenizer.pad_token_id
+        return {
+            **{name: value.to(device).expand(len(pixels), -1) for name, value in self.prompt_inputs.items()},
+            "pixel_values": pixels.to(device, self.model.dtype),
+            "pad_token_id": self.tokenizer.eos_token_id if pad is None else pad,
+        }
+
+    def new_tokens(self, output: torch.Tensor) -> torch.Tensor:
+        """`generate`'s output without the prompt a decoder-only language model repeats."""
+        if self.model.config.get_text_config().is_encoder_decoder:
+            return output
+        return output[:, self.prompt_inputs["input_ids"].shape[1] :]
+
     def caption(self, pixels: torch.Tensor, seeds: Sequence[int], sampling: Sampling) -> list[list[str]]:
         count, copies = len(pixels), sampling.num_captions
         if count == 0:
             return []
         with inference_mode(self.model) as device:
             draws = row_draws(count, copies, sampling.max_length, seeds=seeds, device=device)
-            prompt = {name: value.to(device).expand(count, -1) for name, value in self.prompt_inputs.items()}
             output = self.model.generate(
-                **prompt,
-                pixel_values=pixels.to(device, self.model.dtype),
+                **self.model_inputs(pixels, device),
                 do_sample=True,
                 num_beams=1,
                 num_return_sequences=copies,
                 max_new_tokens=sampling.max_length,
                 min_new_tokens=sampling.min_length,
                 repetition_penalty=sampling.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 logits_processor=LogitsProcessorList(
                     [SeededNucleus(sampling.top_p, sampling.temperature, draws, len(self.tokenizer))]
                 ),
             )
-        if not self.model.config.get_text_config().is_encoder_decoder:  # the output repeats the prompt
-            output = output[:, prompt["input_ids"].shape[1] :]
-        texts = [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        texts = [
+            text.strip() for text in self.tokenizer.batch_decode(self.new_tokens(output), skip_special_tokens=True)
+        ]
         return [texts[start : start + copies] for start in range(0, len(texts), copies)]
