@@ -28,7 +28,6 @@ from prefect.artifacts import create_markdown_artifact
 from flows.capfilt import (
     DATASET,
     Inputs,
-    RunSettings,
     capfilt_round,
     clip_ranker,
     download_web,
@@ -40,6 +39,7 @@ from flows.capfilt import (
     run_setup,
     training_dir,
 )
+from flows.settings import RunSettings
 from flows.tasks import stage_task
 from pipelines.manifests.manifest import Generation, manifest_digest
 from pipelines.report.ablation_table import ablation_summary, arm_summary, write_ablation

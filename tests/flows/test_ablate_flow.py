@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from released_captioners import blip2_folder
 
-from flows.capfilt import RUN_PRESETS
+from flows.settings import RUN_PRESETS
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
