@@ -3,7 +3,9 @@
 Our checkpoint folder holds ``model.safetensors`` (shared encoder/decoder tensors stored once and
 re-tied on load), ``config.json`` (the :class:`BlipConfig`, the weights' digest and what each part of the
 model holds) and ``tokenizer/``. The digest, ``sha256:<16 hex>`` of the weights file, identifies the model
-in manifests (``model_ref``). Every folder is written under a temporary name and renamed into place.
+in manifests (``model_ref``). Every folder is written atomically (``vlp_core.atomic``; in an object store
+``config.json`` is written last), and may be local or remote: a remote folder is read from a local copy
+(``vlp_core.storage.local_copy``).
 
 Everything that takes a BLIP checkpoint also takes a transformers BLIP folder as ``save_pretrained``
 writes it (``BlipForConditionalGeneration``: a captioner; ``BlipForImageTextRetrieval``: a filter): it is
@@ -42,6 +44,7 @@ from transformers import (
 from vlp_core.atomic import atomic_directory
 from vlp_core.blip import BlipModel
 from vlp_core.config import BlipConfig, TextConfig, VisionConfig
+from vlp_core.storage import Location, local_copy, location
 from vlp_core.tokenizer import load_tokenizer, special_ids
 
 WEIGHTS_FILE = "model.safetensors"
@@ -118,14 +121,14 @@ def _check_vocabulary(config: BlipConfig, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def save_checkpoint(
-    model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, parts: dict[str, str] | None = None
+    model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Location, parts: dict[str, str] | None = None
 ) -> str:
     """Write ``model`` and ``tokenizer`` to ``directory`` atomically; returns the weights' digest.
     ``parts``: what each of :data:`PARTS` holds; None when it is not known (nothing is refused then)."""
     _check_vocabulary(model.config, tokenizer)
     if parts is not None and set(parts) != set(PARTS):
         raise ValueError(f"parts must name each of {PARTS}, got {sorted(parts)}")
-    with atomic_directory(directory) as staging:
+    with atomic_directory(location(directory), commit=(CONFIG_FILE,)) as staging:
         save_file(_unique_tensors(model), str(staging / WEIGHTS_FILE))
         digest = file_digest(staging / WEIGHTS_FILE)
         header = {"format": CHECKPOINT_FORMAT, "digest": digest, "config": model.config.to_dict(), "parts": parts}
@@ -135,11 +138,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: str | Path, device: str | torch.device = "cpu"
+    directory: str | Location, device: str | torch.device = "cpu"
 ) -> tuple[BlipModel, PreTrainedTokenizerBase, str]:
     """Read a folder written by :func:`save_checkpoint` (its weights must match the stored digest) or a
     transformers BLIP folder (converted by :func:`import_hf`; the digest is its weights file's)."""
-    folder = Path(directory)
+    folder = _local(directory)
     header = _read_config(folder)
     if header.get("format") != CHECKPOINT_FORMAT:
         model, tokenizer = import_hf(folder)
@@ -164,21 +167,22 @@ def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str | Pa
             )
 
 
-def checkpoint_parts(directory: str | Path) -> dict[str, str] | None:
+def checkpoint_parts(directory: str | Location) -> dict[str, str] | None:
     """What each of :data:`PARTS` holds in a capfilt checkpoint or a transformers folder; None if unknown."""
-    header = _read_config(Path(directory))
+    folder = _local(directory)
+    header = _read_config(folder)
     if header.get("format") == CHECKPOINT_FORMAT:
         return header.get("parts")
-    return dict(IMPORTED_PARTS[_hf_architecture(Path(directory), header)])
+    return dict(IMPORTED_PARTS[_hf_architecture(folder, header)])
 
 
-def random_parts(directory: str | Path, needed: tuple[str, ...]) -> list[str]:
+def random_parts(directory: str | Location, needed: tuple[str, ...]) -> list[str]:
     """The parts of `needed` that the checkpoint holds at random (none when that is not recorded)."""
     parts = checkpoint_parts(directory) or {}
     return [part for part in needed if parts.get(part) == "random"]
 
 
-def require_parts(directory: str | Path, needed: tuple[str, ...], role: str) -> None:
+def require_parts(directory: str | Location, needed: tuple[str, ...], role: str) -> None:
     """CheckpointError when a part that `role` (e.g. "the caption stage") needs is random in the checkpoint."""
     random = random_parts(directory, needed)
     if random:
@@ -189,12 +193,12 @@ def require_parts(directory: str | Path, needed: tuple[str, ...], role: str) -> 
         )
 
 
-def check_checkpoint(directory: str | Path, needed: tuple[str, ...] = (), role: str = "") -> None:
+def check_checkpoint(directory: str | Location, needed: tuple[str, ...] = (), role: str = "") -> None:
     """Everything that can be checked without building the model, so that a bad checkpoint stops a stage
     before any work: the folder and its config, the format, the weights file (present, readable, the
     recorded digest, safe to read, tensor names and shapes the config's model has, finite values), the
     tokenizer, and that none of the parts `role` needs (:func:`require_parts`) is random."""
-    folder = Path(directory)
+    folder = _local(directory)
     header = _read_config(folder)
     if header.get("format") == CHECKPOINT_FORMAT:
         weights, tokenizer_dir = folder / WEIGHTS_FILE, folder / TOKENIZER_DIR
@@ -215,22 +219,31 @@ def check_checkpoint(directory: str | Path, needed: tuple[str, ...] = (), role: 
     require_parts(folder, needed, role)
 
 
-def checkpoint_digest(directory: str | Path) -> str:
+def checkpoint_digest(directory: str | Location) -> str:
     """The digest that names a checkpoint in manifests (``model_ref``), without loading the model: a capfilt
     checkpoint's (checked against its weights), or a transformers folder's weights file's."""
-    folder = Path(directory)
+    folder = _local(directory)
     header = _read_config(folder)
     if header.get("format") == CHECKPOINT_FORMAT:
         return _checked_digest(folder, header)
     return file_digest(_hf_weights_file(folder))
 
 
-def convert_hf(source: str | Path, destination: str | Path) -> str:
+def convert_hf(source: str | Location, destination: str | Location) -> str:
     """Convert a transformers BLIP folder into a capfilt checkpoint once (what each part holds travels
     along), so that every actor of a cluster job loads it without converting; returns its digest."""
     check_checkpoint(source)
     model, tokenizer = import_hf(source)
     return save_checkpoint(model, tokenizer, destination, checkpoint_parts(source))
+
+
+def _local(directory: str | Location) -> Path:
+    """A checkpoint folder as a local folder (a local copy of a remote one)."""
+    folder = location(directory)
+    try:
+        return local_copy(folder)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is not a checkpoint: the folder is empty or missing") from None
 
 
 def _read_config(folder: Path) -> dict:
@@ -376,7 +389,7 @@ def _hf_config(model: BlipModel, tokenizer: PreTrainedTokenizerBase) -> HFBlipCo
 def _export_hf(
     model: BlipModel,
     tokenizer: PreTrainedTokenizerBase,
-    directory: str | Path,
+    directory: str | Location,
     hf_class: type[PreTrainedModel],
     parts: tuple[str, ...],
 ) -> None:
@@ -390,18 +403,18 @@ def _export_hf(
         image_mean=list(model.config.image_mean),
         image_std=list(model.config.image_std),
     )
-    with atomic_directory(directory) as staging:
+    with atomic_directory(location(directory), commit=(CONFIG_FILE,)) as staging:
         hf_model.save_pretrained(str(staging))
         BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(staging))
 
 
-def export_hf_captioner(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+def export_hf_captioner(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Location) -> None:
     """Write a folder that ``BlipForConditionalGeneration.from_pretrained`` and ``BlipProcessor`` load
     (vision model + text decoder; bos = ``[DEC]``, eos = ``[SEP]``)."""
     _export_hf(model, tokenizer, directory, BlipForConditionalGeneration, CAPTIONER_PARTS)
 
 
-def export_hf_filter(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+def export_hf_filter(model: BlipModel, tokenizer: PreTrainedTokenizerBase, directory: str | Location) -> None:
     """Write a folder that ``BlipForImageTextRetrieval.from_pretrained`` and ``BlipProcessor`` load
     (vision model, text encoder, ITC projections, ITM head).
 
@@ -431,7 +444,7 @@ def _copy_self_attention(source: torch.nn.Module, target: torch.nn.Module) -> No
         target_layer.attention.load_state_dict(source_layer.attention.state_dict())
 
 
-def import_hf(directory: str | Path) -> tuple[BlipModel, PreTrainedTokenizerBase]:
+def import_hf(directory: str | Location) -> tuple[BlipModel, PreTrainedTokenizerBase]:
     """Build a :class:`BlipModel` from a transformers BLIP folder (ours, or e.g. a local Salesforce one).
 
     A captioner folder (``BlipForConditionalGeneration``) fills the vision model and the decoder; the
@@ -440,7 +453,7 @@ def import_hf(directory: str | Path) -> tuple[BlipModel, PreTrainedTokenizerBase
     (``BlipForImageTextRetrieval``) fills everything but the decoder's self-attention (copied from the
     encoder's) and its LM head transform and bias (random). A foreign folder keeps our default ITC temperature.
     """
-    folder = Path(directory)
+    folder = _local(directory)
     architecture = _hf_architecture(folder, _read_config(folder))
     hf_config = HFBlipConfig.from_pretrained(str(folder))
     hf_model = HF_CLASSES[architecture].from_pretrained(str(folder), weights_only=True)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from vlp_core.atomic import atomic_write_file
 from vlp_core.checkpoint import load_state_dict_file, require_finite
+from vlp_core.storage import Location, local_copy, location
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
 
@@ -118,7 +119,7 @@ def encode_text_to_last_token(model: torch.nn.Module, tokens: torch.Tensor) -> t
     return pooled if projection is None else pooled @ projection
 
 
-def load_clip(model_name: str, checkpoint: Path | None = None, device: str | torch.device = "cpu") -> ClipRanker:
+def load_clip(model_name: str, checkpoint: Location | None = None, device: str | torch.device = "cpu") -> ClipRanker:
     """Build open_clip architecture ``model_name`` (randomly initialised) and load ``checkpoint`` if given:
     a ``.safetensors`` file or a plain tensor state dict in ``.pt/.pth/.bin`` (never unpickled).
 
@@ -130,10 +131,9 @@ def load_clip(model_name: str, checkpoint: Path | None = None, device: str | tor
     device = torch.device(device)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
+        if not location(checkpoint).is_file():
             raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist")
-        state_dict = load_state_dict_file(checkpoint)
+        state_dict = load_state_dict_file(local_copy(location(checkpoint)))
         require_finite(state_dict.items(), checkpoint)
         try:
             model.load_state_dict(state_dict)
@@ -143,9 +143,9 @@ def load_clip(model_name: str, checkpoint: Path | None = None, device: str | tor
     return ClipRanker(model_name, model, open_clip.get_tokenizer(model_name), preprocess, device)
 
 
-def save_clip(ranker: ClipRanker, path: Path) -> None:
-    """Write the ranker's weights to a ``.safetensors`` file, atomically."""
-    path = Path(path)
+def save_clip(ranker: ClipRanker, path: Location) -> None:
+    """Write the ranker's weights to a ``.safetensors`` file (local or remote), atomically."""
+    path = location(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_clip writes safetensors; give a path ending in .safetensors, not {path}")
     state_dict = {key: value.detach().contiguous().cpu() for key, value in ranker.model.state_dict().items()}

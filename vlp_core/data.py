@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from vlp_core.decode import DECODE_REASONS, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image  # noqa: F401 (the decoder's names stay importable from here)
+from vlp_core.storage import Location, location
 from vlp_core.tokenizer import tokenize
 
 if TYPE_CHECKING:
@@ -136,12 +137,12 @@ class CocoFormatError(ValueError):
 class CaptionRecord:
     """One image and all of its captions."""
 
-    image_path: Path
+    image_path: Location  # a local path or a URI
     captions: tuple[str, ...]
     image_id: str
 
 
-def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionRecord]:
+def load_coco_karpathy(annotation_json: Location, image_root: Location) -> list[CaptionRecord]:
     """Read `[{"image": str, "caption": str | [str], "image_id": ...}, ...]` into one record per image.
 
     Entries that share an image are merged (the Karpathy train split has one entry per caption).
@@ -149,7 +150,7 @@ def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionR
     an empty list, an image path that leaves `image_root` (absolute or with `..`), one image under two
     ids and one id for two images. Empty captions are returned; their users record them as rejected.
     """
-    annotation_json = Path(annotation_json)
+    annotation_json = location(annotation_json)
     try:
         entries = json.loads(annotation_json.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -180,7 +181,7 @@ def load_coco_karpathy(annotation_json: Path, image_root: Path) -> list[CaptionR
             )
         captions.setdefault(image, []).extend(entry_captions)
     return [
-        CaptionRecord(Path(image_root) / image, tuple(texts), image_ids[image]) for image, texts in captions.items()
+        CaptionRecord(location(image_root) / image, tuple(texts), image_ids[image]) for image, texts in captions.items()
     ]
 
 

@@ -6,10 +6,11 @@ Only Pillow and numpy, so the download workers can use it without importing torc
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlp_core.storage import Location, is_remote, location
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; anything larger is refused before decoding
 DECODE_REASONS = ("missing_file", "not_an_image", "truncated", "corrupt", "too_large")
@@ -24,8 +25,8 @@ class ImageDecodeError(ValueError):
         self.detail = detail
 
 
-def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file path or encoded bytes into an upright RGB image.
+def load_image(source: str | Location | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file (a local path or a URI) or encoded bytes into an upright RGB image.
 
     EXIF orientation is applied; palette, alpha (composited on white), CMYK, 16-bit and animated
     (first frame) images are converted. Raises ImageDecodeError with a reason from DECODE_REASONS.
@@ -33,9 +34,12 @@ def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
     if isinstance(source, bytes):
         name, stream = "<bytes>", io.BytesIO(source)
     else:
-        name, stream = str(source), source
-        if not Path(source).is_file():
+        path = location(source)
+        name, stream = str(path), path
+        if not path.is_file():
             raise ImageDecodeError("missing_file", f"no file at {name}")
+        if is_remote(path):
+            stream = io.BytesIO(path.read_bytes())
     try:
         with Image.open(stream) as image:
             width, height = image.size

@@ -18,6 +18,9 @@ from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 
+from vlp_core.storage import Location, local_copy, location
+
+TOKENIZER_COMMIT = ("tokenizer_config.json",)  # written last to a remote folder: the folder is complete
 ENC_TOKEN = "[ENC]"
 DEC_TOKEN = "[DEC]"
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -65,12 +68,11 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> BertTokenizer:
     return _add_blip_tokens(BertTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}))
 
 
-def load_tokenizer(path: str | Path) -> BertTokenizer:
-    """Load a tokenizer folder: one written by ``save_pretrained``, or a plain BERT ``vocab.txt`` folder.
-
-    ``[ENC]`` and ``[DEC]`` are added when the folder lacks them.
+def load_tokenizer(path: str | Path | Location) -> BertTokenizer:
+    """Load a tokenizer folder (local or remote): one written by ``save_pretrained``, or a plain BERT
+    ``vocab.txt`` folder. ``[ENC]`` and ``[DEC]`` are added when the folder lacks them.
     """
-    folder = Path(path)
+    folder = local_copy(location(path))
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").is_file():
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {folder}; pass a tokenizer folder")
     return _add_blip_tokens(BertTokenizer.from_pretrained(str(folder)))

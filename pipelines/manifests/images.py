@@ -1,30 +1,31 @@
 """Read the image bytes behind a manifest's `image_ref`.
 
 An `image_ref` is either `<path>.tar#<key>` (a webdataset shard written by the download stage; the
-member is `<key>.<ext>`) or a plain image file path. Relative paths are relative to the dataset folder
-(`<root>/<dataset>/`), so a dataset folder can be moved as a whole.
+member is `<key>.<ext>`) or a plain image file path; either may be a URI. Relative paths are relative to
+the dataset folder (`<root>/<dataset>/`), so a dataset folder can be moved as a whole.
 """
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Iterable
 from functools import lru_cache
-from pathlib import Path
+from pathlib import PurePosixPath
+
+from vlp_core.storage import Location, is_absolute_ref, location, relative_ref, resolve_ref
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def rebased(rows: Iterable[dict], source_dir: Path, target_dir: Path) -> list[dict]:
+def rebased(rows: Iterable[dict], source_dir: Location, target_dir: Location) -> list[dict]:
     """The rows with each relative image_ref (relative to the dataset folder `source_dir`) made relative to
-    the dataset folder `target_dir`; absolute refs and missing ones are left as they are."""
+    the dataset folder `target_dir` (in the same store); absolute refs and missing ones are left as they are."""
 
     def rebase(image_ref: str | None) -> str | None:
         path, sep, key = (image_ref or "").partition("#")
-        if not path or Path(path).is_absolute():
+        if not path or is_absolute_ref(path):
             return image_ref
-        return os.path.relpath(Path(source_dir) / path, target_dir) + sep + key
+        return relative_ref(location(source_dir) / path, location(target_dir)) + sep + key
 
     return [{**row, "image_ref": rebase(row["image_ref"])} for row in rows]
 
@@ -41,14 +42,14 @@ class ShardUnavailableError(ImageRefError):
 class ImageStore:
     """Random access to the images of one dataset folder; tar shards are indexed once per store."""
 
-    def __init__(self, dataset_dir: Path) -> None:
-        self.dataset_dir = Path(dataset_dir)
+    def __init__(self, dataset_dir: Location) -> None:
+        self.dataset_dir = location(dataset_dir)
         self._tar_index = lru_cache(maxsize=64)(self._index_tar)
 
     def read(self, image_ref: str) -> bytes:
         """The encoded bytes of the image `image_ref` names."""
         path_part, _, key = image_ref.partition("#")
-        path = self._resolve(path_part)
+        path = resolve_ref(self.dataset_dir, path_part)
         if not key:
             try:
                 return path.read_bytes()
@@ -59,20 +60,20 @@ class ImageStore:
         if member is None:
             raise ImageRefError(f"image_ref {image_ref!r}: no image with key {key!r} in {path}")
         try:
-            with tarfile.open(path) as tar:
-                return tar.extractfile(member).read()
-        except (OSError, tarfile.TarError) as error:  # truncated after it was indexed
+            with path.open("rb") as shard:
+                shard.seek(member.offset_data)
+                data = shard.read(member.size)
+        except OSError as error:
             raise ShardUnavailableError(f"{path}: shard unreadable at {key!r} ({error})") from None
-
-    def _resolve(self, path_part: str) -> Path:
-        path = Path(path_part)
-        return path if path.is_absolute() else self.dataset_dir / path
+        if len(data) != member.size:  # truncated after it was indexed
+            raise ShardUnavailableError(f"{path}: shard unreadable at {key!r} (it ends inside that member)")
+        return data
 
     @staticmethod
-    def _index_tar(path: Path) -> dict[str, tarfile.TarInfo]:
+    def _index_tar(path: Location) -> dict[str, tarfile.TarInfo]:
         """key → image member of one tar shard."""
         try:
-            with tarfile.open(path) as tar:
+            with path.open("rb") as shard, tarfile.open(fileobj=shard) as tar:
                 members = tar.getmembers()
                 end_of_members = tar.offset
             _require_end_of_archive(path, end_of_members)
@@ -80,10 +81,11 @@ class ImageStore:
             raise ShardUnavailableError(
                 f"{path}: shard missing or unreadable ({error}); restore it (or re-run the download) and run again"
             ) from None
-        return {Path(m.name).stem: m for m in members if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS}
+        names = {m: PurePosixPath(m.name) for m in members if m.isfile()}
+        return {name.stem: m for m, name in names.items() if name.suffix.lower() in IMAGE_EXTENSIONS}
 
 
-def _require_end_of_archive(path: Path, offset: int) -> None:
+def _require_end_of_archive(path: Location, offset: int) -> None:
     """A tar cut at a member boundary reads as a shorter archive; a whole one has its zero end block there."""
     with path.open("rb") as file:
         file.seek(offset)

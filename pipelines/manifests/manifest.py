@@ -7,6 +7,7 @@ A dataset generation lives in `<root>/<dataset>/gen-<NNNN>/`:
     generation.json                lineage: parent, config digest, code version, checkpoints, counts
 
 Every file is written atomically; every read validates the schema and names the file and column at fault.
+The root may be a local folder or a URI (`vlp_core.storage`): the same files, in a bucket.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -30,10 +30,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet
+from vlp_core.storage import Location, absolute, create_exclusive, is_remote, location
 
 log = logging.getLogger(__name__)
 WRITER_LOCK = "writer.lock"
-_HELD_LOCKS: set[Path] = set()  # writer locks this process holds (Generation.writer is re-entrant)
+_HELD_LOCKS: set[str] = set()  # writer locks this process holds (Generation.writer is re-entrant)
 SHARD_NAME = r"[A-Za-z0-9]+"  # "00000", "human", "refused"
 
 SCHEMA_VERSION = 2
@@ -148,25 +149,25 @@ def validate_values(table: pa.Table, source: str) -> None:
 
 @dataclass(frozen=True)
 class Generation:
-    """One dataset generation folder: `<root>/<dataset>/gen-<NNNN>/`."""
+    """One dataset generation folder: `<root>/<dataset>/gen-<NNNN>/`; `root` is a local path or a URI."""
 
-    root: Path
+    root: Location
     dataset: str
     number: int
 
     @property
-    def path(self) -> Path:
-        return Path(self.root) / self.dataset / f"gen-{self.number:04d}"
+    def path(self) -> Location:
+        return location(self.root) / self.dataset / f"gen-{self.number:04d}"
 
     @property
-    def samples_dir(self) -> Path:
+    def samples_dir(self) -> Location:
         return self.path / "samples"
 
     @property
-    def info_path(self) -> Path:
+    def info_path(self) -> Location:
         return self.path / "generation.json"
 
-    def part_path(self, shard: str) -> Path:
+    def part_path(self, shard: str) -> Location:
         if not re.fullmatch(SHARD_NAME, shard):
             raise ValueError(f"shard names are letters and digits, got {shard!r}")
         return self.samples_dir / f"part-{shard}.parquet"
@@ -194,7 +195,7 @@ class Generation:
             )
         return marked
 
-    def marker_path(self, stage: str, shard: str) -> Path:
+    def marker_path(self, stage: str, shard: str) -> Location:
         return self.path / "markers" / stage / f"{shard}.json"
 
     def is_done(self, stage: str, shard: str) -> bool:
@@ -203,7 +204,7 @@ class Generation:
     def mark_done(self, stage: str, shard: str, stats: Mapping[str, Any]) -> None:
         atomic_write_json(self.marker_path(stage, shard), dict(stats))
 
-    def write_part(self, stage: str, shard: str, table: pa.Table, stats: Mapping[str, Any]) -> Path:
+    def write_part(self, stage: str, shard: str, table: pa.Table, stats: Mapping[str, Any]) -> Location:
         """Validate and atomically write one shard's rows, then `stage`'s marker for it (with `stats`): the
         marker is what makes the part this generation's data (`shards`)."""
         validate_table(table, source=f"rows for {self.part_path(shard)}")
@@ -234,38 +235,36 @@ class Generation:
         """Hold this generation's writer lock while `stage` writes it: a second writer (another stage, or
         the same one started twice) fails fast naming the holder. Re-entrant within a process. A lock left
         by a dead process on this host is taken over; one held from another host must be removed by hand
-        once that run is gone."""
-        path = (self.path / WRITER_LOCK).resolve()
-        if path in _HELD_LOCKS:
+        once that run is gone. The lock file appears whole and only where none exists (`create_exclusive`:
+        a hard link locally, a conditional write in an object store), so one claimant wins."""
+        path = absolute(self.path / WRITER_LOCK)
+        if str(path) in _HELD_LOCKS:
             yield
             return
-        made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made: list[Location] = []  # the folders this writer makes (an object store has none)
+        if not is_remote(path):
+            made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+            path.parent.mkdir(parents=True, exist_ok=True)
         me = {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-        claim = path.with_name(f".{WRITER_LOCK}.{me['host']}.{me['pid']}")
-        claim.write_text(json.dumps(me))
-        try:
-            while True:
-                try:
-                    os.link(claim, path)  # appears whole, and only if no lock exists: one claimant wins
-                    break
-                except FileExistsError:
-                    holder = _read_lock(path)
-                    if holder is not None and _alive(holder):
-                        raise ManifestError(
-                            f"{self.path} is being written by {holder['stage']} (pid {holder['pid']} on "
-                            f"{holder['host']} since {holder['since']}); wait for it to finish, or delete {path} "
-                            "if that run is gone"
-                        ) from None
-                    log.warning("%s: taking over the lock of a run that is gone (%s)", self.path, holder)
-                    path.unlink(missing_ok=True)
-        finally:
-            claim.unlink(missing_ok=True)
-        _HELD_LOCKS.add(path)
+        while True:
+            try:
+                create_exclusive(path, json.dumps(me).encode())
+                break
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is not None and _alive(holder):
+                    raise ManifestError(
+                        f"{self.path} is being written by {holder['stage']} (pid {holder['pid']} on "
+                        f"{holder['host']} since {holder['since']}); wait for it to finish, or delete {path} "
+                        "if that run is gone"
+                    ) from None
+                log.warning("%s: taking over the lock of a run that is gone (%s)", self.path, holder)
+                path.unlink(missing_ok=True)
+        _HELD_LOCKS.add(str(path))
         try:
             yield
         finally:
-            _HELD_LOCKS.discard(path)
+            _HELD_LOCKS.discard(str(path))
             path.unlink(missing_ok=True)
             for folder in made:  # a writer that wrote nothing leaves no empty folders behind
                 if not any(folder.iterdir()):
@@ -299,7 +298,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _read_lock(path: Path) -> dict[str, Any] | None:
+def _read_lock(path: Location) -> dict[str, Any] | None:
     """The holder recorded in a lock file; None when it is unreadable (damaged, or not ours)."""
     try:
         holder = json.loads(path.read_text())
@@ -321,10 +320,10 @@ def _alive(holder: dict[str, Any]) -> bool:
     return True
 
 
-def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+def read_part(path: Location, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one Parquet part file (only `columns`, when given) after validating its schema."""
     try:
-        with pq.ParquetFile(path) as file:
+        with path.open("rb") as stream, pq.ParquetFile(stream) as file:
             missing = _added_after(validate_schema(file.schema_arrow, source=str(path)))
             table = file.read(columns=None if columns is None else [name for name in columns if name not in missing])
     except (pa.ArrowInvalid, OSError) as error:
@@ -403,13 +402,14 @@ def generation_info(
     }
 
 
-def list_generations(root: Path) -> list[Generation]:
+def list_generations(root: Location) -> list[Generation]:
     """Every generation under `root` that has a generation.json, by dataset then number."""
+    root = location(root)
     found = []
-    for info in sorted(Path(root).glob("*/gen-*/generation.json")):
+    for info in sorted(root.glob("*/gen-*/generation.json"), key=str):
         number = info.parent.name.removeprefix("gen-")
         if number.isdigit():
-            found.append(Generation(Path(root), info.parent.parent.name, int(number)))
+            found.append(Generation(root, info.parent.parent.name, int(number)))
     return found
 
 

@@ -14,6 +14,7 @@ from vlp_core.captioners.base import Captioner, Sampling
 from vlp_core.captioners.blip import BlipCaptioner
 from vlp_core.captioners.coca import CocaCaptioner
 from vlp_core.captioners.vlm import KINDS, VlmCaptioner
+from vlp_core.storage import Location, local_copy, location
 
 __all__ = ["BACKENDS", "Captioner", "Sampling", "captioner_digest", "check_captioner", "load_captioner"]
 
@@ -46,22 +47,23 @@ def _backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def check_captioner(backend: str, checkpoint: str | Path) -> None:
+def check_captioner(backend: str, checkpoint: str | Location) -> None:
     """Everything that can be checked before loading: the backend's name and its folder's layout
-    (ValueError / CheckpointError saying what to fix)."""
+    (ValueError / CheckpointError saying what to fix). A remote folder is checked on its local copy."""
     checks = _backend(backend).check
-    if not Path(checkpoint).is_dir():
+    if not location(checkpoint).is_dir():
         raise ValueError(f"checkpoint {checkpoint} is not a model folder")
-    checks(Path(checkpoint))
+    checks(local_copy(location(checkpoint)))
 
 
-def captioner_digest(backend: str, checkpoint: str | Path) -> str:
+def captioner_digest(backend: str, checkpoint: str | Location) -> str:
     """The digest a captioner records with its captions (`model_ref`), without loading it."""
-    return _backend(backend).digest(Path(checkpoint))
+    return _backend(backend).digest(local_copy(location(checkpoint)))
 
 
 def load_captioner(
-    backend: str, checkpoint: str | Path, device: str | torch.device = "cpu", prompt: str | None = None
+    backend: str, checkpoint: str | Location, device: str | torch.device = "cpu", prompt: str | None = None
 ) -> Captioner:
-    """The `backend` model in `checkpoint` on `device`; `prompt` None takes the backend's default."""
-    return _backend(backend).load(Path(checkpoint), device=device, prompt=prompt)
+    """The `backend` model in `checkpoint` (local or remote) on `device`; `prompt` None takes the backend's
+    default."""
+    return _backend(backend).load(local_copy(location(checkpoint)), device=device, prompt=prompt)
