@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -47,6 +46,7 @@ from pipelines.stages import ablate as ablation
 from pipelines.stages.assemble import AssembleConfig
 from pipelines.stages.score import run_score
 from pipelines.world.generate import load_world
+from vlp_core.storage import Location, location
 
 DEFAULT_SEEDS = (0, 1, 2)
 
@@ -116,13 +116,15 @@ def compared_captioner(
         return None
     if backend is None or checkpoint is None:
         raise ValueError("to compare captioners, give both compare_captioner_backend and compare_captioner_checkpoint")
-    return replace(settings, captioner_backend=backend, captioner_checkpoint=Path(checkpoint), caption_prompt=prompt)
+    return replace(
+        settings, captioner_backend=backend, captioner_checkpoint=location(checkpoint), caption_prompt=prompt
+    )
 
 
 def run_ablation(
     settings: RunSettings,
     inputs: Inputs,
-    out: Path,
+    out: Location,
     arms: list[ablation.Arm],
     seeds: list[int],
     compared: RunSettings | None = None,
@@ -178,7 +180,7 @@ def run_ablation(
 
 
 def train_arm(
-    settings: RunSettings, inputs: Inputs, out: Path, candidates: Generation, arm: ablation.Arm, seeds: list[int]
+    settings: RunSettings, inputs: Inputs, out: Location, candidates: Generation, arm: ablation.Arm, seeds: list[int]
 ) -> dict[str, Any]:
     """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
     human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)

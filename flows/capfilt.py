@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
@@ -35,6 +34,7 @@ from pipelines.training.tasks import CLIP_WEIGHTS_FILE
 from pipelines.world.generate import WorldPaths, make_world
 from vlp_core.captioners import captioner_digest
 from vlp_core.checkpoint import checkpoint_digest, file_digest
+from vlp_core.storage import Location, absolute, location
 
 DATASET = "web"
 
@@ -44,12 +44,12 @@ class Inputs:
     """What a run reads: web URLs, a human-annotated COCO set, a held-out COCO set (None when nothing is
     trained, so nothing is evaluated)."""
 
-    url_list: Path | None  # None with world_dir: the world's own server
-    human_annotations: Path
-    human_image_root: Path
-    test_annotations: Path | None
-    test_image_root: Path | None
-    world_dir: Path | None = None  # a synthetic world: its URLs are served, its truth evaluated
+    url_list: Location | None  # None with world_dir: the world's own server
+    human_annotations: Location
+    human_image_root: Location
+    test_annotations: Location | None
+    test_image_root: Location | None
+    world_dir: Location | None = None  # a synthetic world: its URLs are served, its truth evaluated
     download_config: download.DownloadConfig = field(default_factory=download.DownloadConfig)
 
     @classmethod
@@ -110,13 +110,13 @@ def capfilt(
     return bootstrap(settings, inputs, out)
 
 
-def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> tuple[RunSettings, Inputs, Path]:
+def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> tuple[RunSettings, Inputs, Location]:
     """A flow's settings, inputs and resolved run folder, from its parameters (by name): the settings are
     its `preset` with every parameter that names a RunSettings field and is not None; the inputs are the
     URL list and the two COCO sets, or a synthetic world made under `out_dir` (of `world_seed`, `n_web`
     web pairs) when there is no `url_list`. The held-out set is needed when the flow `evaluates` (None:
     when it trains a model)."""
-    preset, out = parameters["preset"], Path(parameters["out_dir"]).resolve()
+    preset, out = parameters["preset"], absolute(location(parameters["out_dir"]))
     if preset not in RUN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(RUN_PRESETS)}")
     setting_names = {field.name for field in fields(RunSettings)}
@@ -134,11 +134,11 @@ def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> t
     missing = [name for name, value in (sets | (tests if evaluates else {})).items() if value is None]
     if missing:
         raise ValueError(f"with a url_list, also give {', '.join(missing)} (the human-annotated and held-out sets)")
-    paths = [None if value is None else Path(value) for value in (sets | tests).values()]
-    return settings, Inputs(Path(parameters["url_list"]), *paths, download_config=fetch), out
+    paths = [None if value is None else location(value) for value in (sets | tests).values()]
+    return settings, Inputs(location(parameters["url_list"]), *paths, download_config=fetch), out
 
 
-def bootstrap(settings: RunSettings, inputs: Inputs, out: Path) -> dict[str, Any]:
+def bootstrap(settings: RunSettings, inputs: Inputs, out: Location) -> dict[str, Any]:
     """The loop itself, readable top to bottom; returns where everything is and the metrics per generation."""
     logger = get_run_logger()
     root = out / "data_manifests"
@@ -190,7 +190,7 @@ def download_web(inputs: Inputs, web: Generation) -> Generation:
     return web
 
 
-def clip_ranker(settings: RunSettings, inputs: Inputs, out: Path) -> Path:
+def clip_ranker(settings: RunSettings, inputs: Inputs, out: Location) -> Location:
     """The CLIP ranker's weights: the given checkpoint, or `clip_model` trained here on the human pairs."""
     if settings.clip_checkpoint is not None:
         return settings.clip_checkpoint
@@ -218,12 +218,12 @@ def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConf
 class ModelRef:
     """A BLIP model a stage reads: its folder and the digest that names it in manifests."""
 
-    checkpoint_dir: Path
+    checkpoint_dir: Location
     digest: str
 
 
 def round_models(
-    settings: RunSettings, inputs: Inputs, out: Path, model: train.TrainResult | None
+    settings: RunSettings, inputs: Inputs, out: Location, model: train.TrainResult | None
 ) -> tuple[ModelRef, ModelRef | None]:
     """A round's captioner and filter (None for the clip scorer): the given ones, and the others fine-tuned
     from `model` on the human pairs (side by side on Ray Train; in this process they take turns, as torch's
@@ -260,11 +260,11 @@ def round_models(
 def capfilt_round(
     settings: RunSettings,
     inputs: Inputs,
-    out: Path,
+    out: Location,
     model: train.TrainResult | None,
     web: Generation,
     target: Generation,
-    clip_weights: Path,
+    clip_weights: Location,
 ) -> Generation:
     """One CapFilt round: a captioner and a filter (given, or fine-tuned from `model`), caption `web` into
     `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
@@ -317,7 +317,7 @@ def inference_pool(settings: RunSettings) -> dict[str, Any]:
 
 
 def filter_config(
-    settings: RunSettings, filter_model: ModelRef | None, clip_weights: Path, scorer: str | None = None
+    settings: RunSettings, filter_model: ModelRef | None, clip_weights: Location, scorer: str | None = None
 ) -> filtering.FilterConfig:
     """The filter with `scorer` (default: the run's): the itm scorer reads `filter_model`, the clip scorer
     the run's CLIP ranker."""
@@ -336,7 +336,7 @@ def _training(
     steps: int,
     *,
     preset: str | None = None,
-    init_checkpoint: Path | None = None,
+    init_checkpoint: Location | None = None,
     lr: float | None = None,
     itc_warmup_steps: int = 0,
     easy_negative_steps: int = 0,
@@ -375,7 +375,7 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
     )
 
 
-def training_dir(out: Path, task_name: str, config: TrainConfig, source_digest: str) -> Path:
+def training_dir(out: Location, task_name: str, config: TrainConfig, source_digest: str) -> Location:
     """A training's folder, named by its settings (but not where it executes) and its input: same inputs,
     same folder (so it resumes)."""
     key = config_digest({"config": config.placement_free_dict(), "source": source_digest}).removeprefix("sha256:")
@@ -387,7 +387,7 @@ def _flow_run_id() -> str | None:
 
 
 @task(cache_policy=NONE)
-def publish_generation(generation: Generation, metrics: dict[str, Any], report_page: Path) -> None:
+def publish_generation(generation: Generation, metrics: dict[str, Any], report_page: Location) -> None:
     """A Prefect artifact per generation: counts, metrics, and where the manifests, evaluation and report are."""
     info = generation.read_info()
     counts = info["counts"]

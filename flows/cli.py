@@ -7,7 +7,6 @@ import functools
 import json
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from benchmarks.cli import add_bench_command
@@ -23,6 +22,7 @@ from pipelines.cli.main import (
 from pipelines.cli.main import main as pipelines_main
 from pipelines.cli.options import config_default, config_kwargs, config_option
 from pipelines.cli.stage_commands import add_executor_options
+from vlp_core.storage import Location, location
 
 RUN_FLOW = "flows.capfilt:capfilt"
 ABLATE_FLOW = "flows.ablate:capfilt_ablate"
@@ -166,14 +166,14 @@ def _run(args: argparse.Namespace) -> None:
 
     with command_console(_run_folder(args, RUN_FLOW), verbose=args.verbose) as log_file:
         result = capfilt(**config_kwargs(args, capfilt), download_options=download_options(args) or None)
-    root = Path(result["manifests"])
+    root = location(result["manifests"])
     print(format_generations(root, rejects=False))
     print(f"why rows were dropped: capfilt generations --root {root} --reasons; capfilt explain URL --root {root}")
     if result["metrics"]:
         print(f"\nheld-out metrics (change from the generation before):\n{format_metrics(result['metrics'])}")
     print(f"\nmanifests: {root}\nevaluations: {root}/*/gen-*/evaluation.json\nlog: {log_file}")
     for number, page in result["reports"].items():
-        verdict = json.loads((Path(page).parent / REPORT_JSON).read_text()).get("verdict") or {}
+        verdict = json.loads((location(page).parent / REPORT_JSON).read_text()).get("verdict") or {}
         print(f"report of generation {number}: {page}\n  {verdict.get('summary', '')}")
 
 
@@ -212,12 +212,12 @@ def _ablate(args: argparse.Namespace) -> None:
 
     with command_console(_run_folder(args, ABLATE_FLOW), verbose=args.verbose) as log_file:
         result = capfilt_ablate(**config_kwargs(args, capfilt_ablate), download_options=download_options(args) or None)
-    print(Path(result["table"]).read_text())
+    print(location(result["table"]).read_text())
     print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}\nlog: {log_file}")
 
 
-def _run_folder(args: argparse.Namespace, flow: str) -> Path:
-    return Path(args.out_dir or config_default(flow, "out_dir"))
+def _run_folder(args: argparse.Namespace, flow: str) -> Location:
+    return location(args.out_dir or config_default(flow, "out_dir"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ fill them (`RUN_PRESETS`: the README demo, and the smoke run of the tests)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipelines.executor import resolve_executor
 from pipelines.stages import filter as filtering
@@ -12,6 +11,7 @@ from pipelines.stages.shards import check_config
 from pipelines.world.generate import WorldConfig
 from vlp_core.captioners import BACKENDS, check_captioner
 from vlp_core.checkpoint import FILTER_NEEDS, check_checkpoint
+from vlp_core.storage import Location, location
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,14 @@ class RunSettings:
     top_k: int = 2
     k_test: int = 8  # evaluation: ITC candidates re-ranked by ITM per query
     clip_model: str = "clip_tiny"
-    clip_checkpoint: Path | None = None  # a trained open_clip state dict; None trains clip_model here
+    clip_checkpoint: Location | None = None  # a trained open_clip state dict; None trains clip_model here
     # released models (a capfilt checkpoint or a transformers BLIP folder); None fine-tunes one each round.
     # Both given (or a captioner and the clip scorer): one round that trains nothing (caption, filter, rank,
     # assemble generation 1).
-    captioner_checkpoint: Path | None = None
+    captioner_checkpoint: Location | None = None
     captioner_backend: str = "blip"  # the captioner_checkpoint's backend (vlp_core.captioners); blip is fine-tuned
     caption_prompt: str | None = None  # None: the captioner backend's default
-    filter_checkpoint: Path | None = None
+    filter_checkpoint: Location | None = None
     inference_batch_size: int = 32
     concurrency: int = 1
     num_gpus: float = 0.0
@@ -57,7 +57,7 @@ class RunSettings:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
         for name in ("clip_checkpoint", "captioner_checkpoint", "filter_checkpoint"):
             if getattr(self, name) is not None:  # a flow parameter arrives as a string
-                object.__setattr__(self, name, Path(getattr(self, name)))
+                object.__setattr__(self, name, location(getattr(self, name)))
         check_config(
             type(self).__name__,
             [

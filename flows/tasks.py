@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
+from upath import UPath
 
 from flows.cli import METRIC_KEYS
 from pipelines.cli.main import input_error
@@ -55,7 +56,7 @@ def describe_inputs(values: Iterable[Any]) -> str:
     for value in values:
         if isinstance(value, Generation):
             words.append(generation_name(value))
-        elif isinstance(value, Path) and value.is_file():
+        elif isinstance(value, Path | UPath) and value.is_file():
             words.append(value.name)
     return ", ".join(words)
 

@@ -87,12 +87,12 @@ class UnsafeCheckpointError(CheckpointError):
     """A weights file that could only be read by unpickling arbitrary Python objects."""
 
 
-def file_digest(*paths: str | Path) -> str:
-    """``sha256:<first 16 hex digits>`` of the files' bytes, one after the other (a sharded model's files
-    in their sorted order)."""
+def file_digest(*paths: str | Location) -> str:
+    """``sha256:<first 16 hex digits>`` of the files' bytes (local or remote), one after the other (a sharded
+    model's files in their sorted order)."""
     sha = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as stream:
+        with location(path).open("rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 sha.update(block)
     return f"sha256:{sha.hexdigest()[:16]}"

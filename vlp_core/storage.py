@@ -30,6 +30,8 @@ import uuid
 from pathlib import Path
 from typing import TypeAlias
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from upath import UPath
 
 Location: TypeAlias = Path | UPath
@@ -76,6 +78,12 @@ def relative_ref(target: Location, start: Location) -> str:
     if is_remote(target):
         return posixpath.relpath(posixpath.normpath(target.path), posixpath.normpath(start.path))
     return os.path.relpath(target, start)
+
+
+def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
+    """A whole Parquet file (only `columns`, when given), local or remote."""
+    with path.open("rb") as stream:
+        return pq.read_table(stream, columns=columns)
 
 
 def create_exclusive(path: Location, data: bytes) -> None:

@@ -6,6 +6,7 @@ instead (and still writes the file)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from pipelines.progress import TERMINAL, listen_to_progress
+from vlp_core.storage import Location, cache_dir, is_remote, location
 
 LOG_FILE = "capfilt.log"
 OWN_LOGGERS = ("pipelines", "vlp_core", "flows", "benchmarks")  # their warnings are shown on the terminal
@@ -108,11 +110,27 @@ class TerminalHandler(logging.Handler):
 
 
 @contextmanager
-def command_console(run_dir: Path, verbose: bool = False) -> Iterator[Path]:
+def command_console(run_dir: Location, verbose: bool = False) -> Iterator[Path]:
     """For the duration of a command: the terminal shows stage lines, bars and warnings, and the file
     `run_dir/capfilt.log` (yielded) receives everything else the process and its child processes write.
-    With `verbose`, everything stays on the terminal as well."""
-    log_path = Path(run_dir) / LOG_FILE
+    With `verbose`, everything stays on the terminal as well. For a remote `run_dir` the log is a local file
+    (in capfilt's cache; file descriptors need one), copied to `run_dir/capfilt.log` when the command ends."""
+    run_dir = location(run_dir)
+    if not is_remote(run_dir):
+        with _console(run_dir / LOG_FILE, verbose) as log_path:
+            yield log_path
+        return
+    log_path = cache_dir() / "logs" / f"{run_dir.name}-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]}.log"
+    try:
+        with _console(log_path, verbose):
+            yield log_path
+    finally:
+        if log_path.is_file():
+            (run_dir / LOG_FILE).write_bytes(log_path.read_bytes())
+
+
+@contextmanager
+def _console(log_path: Path, verbose: bool) -> Iterator[Path]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     if verbose:

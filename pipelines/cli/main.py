@@ -9,7 +9,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pipelines.cli.console import LOG_FORMAT
@@ -18,8 +17,9 @@ from pipelines.cli.stage_commands import add_stage_commands
 from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, list_generations
 from pipelines.registry import DOWNLOAD
+from vlp_core.storage import Location, location
 
-DEFAULT_ROOT = Path("data_manifests")
+DEFAULT_ROOT = location("data_manifests")
 WORLD_CONFIG = "pipelines.world.generate:WorldConfig"
 DOWNLOAD_CONFIG = DOWNLOAD.config
 
@@ -111,23 +111,25 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
     command = functools.partial(add_command, commands)
 
     world = command("world", _world, "Make a synthetic web world (images, noisy alt-texts, COCO-format sets).")
-    world.add_argument("--out", type=Path, required=True, help="folder to write the world into")
+    world.add_argument("--out", type=location, required=True, help="folder to write the world into")
     _add_world_options(world)
 
     serve = command("serve-world", _serve_world, "Serve a world's web images on 127.0.0.1 until Ctrl-C.")
-    serve.add_argument("world_dir", type=Path)
+    serve.add_argument("world_dir", type=location)
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    serve.add_argument("--url-list", type=Path, help="where to write the URL list (default: WORLD/web/urls.parquet)")
+    serve.add_argument(
+        "--url-list", type=location, help="where to write the URL list (default: WORLD/web/urls.parquet)"
+    )
 
     download = command("download", _download, "Download a URL list with img2dataset into a generation-0 manifest.")
     source = download.add_mutually_exclusive_group(required=True)
-    source.add_argument("--url-list", type=Path, help="Parquet or CSV with columns url[, caption]")
-    source.add_argument("--world", type=Path, help="a world folder: serve it on 127.0.0.1 and download it")
+    source.add_argument("--url-list", type=location, help="Parquet or CSV with columns url[, caption]")
+    source.add_argument("--world", type=location, help="a world folder: serve it on 127.0.0.1 and download it")
     _add_manifest_options(download)
     add_download_options(download)
 
     generations = command("generations", _generations, "List generations with counts by source and reject reason.")
-    generations.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+    generations.add_argument("--root", type=location, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
     generations.add_argument(
         "--reasons", action="store_true", help="also the funnel: rows of each source left after each stage"
     )
@@ -138,7 +140,7 @@ def build_parser(*extensions: Callable[[Commands], None]) -> argparse.ArgumentPa
         "What happened to one sample: its candidate captions in every generation, with each decision and reason.",
     )
     explain.add_argument("sample", help="the sample's URL, image id, or the sample id of one of its rows")
-    explain.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+    explain.add_argument("--root", type=location, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
     explain.add_argument("--dataset", default="web", help="dataset folder under the root (default: %(default)s)")
 
     add_stage_commands(commands, add_command)
@@ -164,7 +166,7 @@ def _add_world_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_manifest_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
+    parser.add_argument("--root", type=location, default=DEFAULT_ROOT, help="manifest root (default: %(default)s)")
     parser.add_argument("--dataset", default="web", help="dataset name under the root (default: %(default)s)")
 
 
@@ -265,7 +267,7 @@ def _generations(args: argparse.Namespace) -> None:
         print(format_funnels(args.root))
 
 
-def format_funnels(root: Path) -> str:
+def format_funnels(root: Location) -> str:
     """Per generation, the rows of each source left after each of its stages (reads the parts)."""
     from pipelines.report.report import funnel, rejected_rows
 
@@ -280,7 +282,7 @@ def format_funnels(root: Path) -> str:
     return "\n\n".join(["", *blocks])
 
 
-def format_generations(root: Path, rejects: bool = True) -> str:
+def format_generations(root: Location, rejects: bool = True) -> str:
     """A plain-text table of every generation under `root` (kept / rows, in all and per source), then (with
     `rejects`) its rejected rows by stage/reason."""
     generations = list_generations(root)

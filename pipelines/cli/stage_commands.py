@@ -11,12 +11,12 @@ import argparse
 import functools
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 from pipelines.cli.options import config_default, config_kwargs, config_option
 from pipelines.executor import EXECUTORS
 from pipelines.manifests.manifest import Generation
 from pipelines.registry import CAPTION, FILTER, MODEL_STAGES, RANK
+from vlp_core.storage import location
 
 CAPTION_CONFIG, FILTER_CONFIG, RANK_CONFIG = CAPTION.config, FILTER.config, RANK.config
 EVALUATE_CONFIG = "pipelines.stages.evaluate:EvaluateConfig"
@@ -39,8 +39,8 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
         "CLIP ranker, on a COCO Karpathy set (Ray Train).",
     )
     finetune.add_argument("role", choices=["captioner", "filter", "clip"])
-    finetune.add_argument("--annotations", type=Path, required=True, help="COCO Karpathy json")
-    finetune.add_argument("--image-root", type=Path, required=True, help="folder the json's image paths are under")
+    finetune.add_argument("--annotations", type=location, required=True, help="COCO Karpathy json")
+    finetune.add_argument("--image-root", type=location, required=True, help="folder the json's image paths are under")
     _training_options(finetune)
 
     importing = command(
@@ -50,8 +50,8 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
         "a filter) into a capfilt checkpoint once, so that a cluster job's actors do not each convert it. Every "
         "command that takes a checkpoint also takes such a folder as it is.",
     )
-    importing.add_argument("source", type=Path, help="the transformers folder (as save_pretrained writes it)")
-    importing.add_argument("destination", type=Path, help="the capfilt checkpoint folder to write")
+    importing.add_argument("source", type=location, help="the transformers folder (as save_pretrained writes it)")
+    importing.add_argument("destination", type=location, help="the capfilt checkpoint folder to write")
 
     caption = command(
         "caption",
@@ -62,7 +62,7 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     _generation_options(caption)
     caption.add_argument(
         "--checkpoint",
-        type=Path,
+        type=location,
         required=True,
         help="the captioner's folder: for blip a capfilt checkpoint or a transformers BlipForConditionalGeneration "
         "folder; for blip2 / instructblip / llava a transformers folder (model and processor, as save_pretrained "
@@ -88,7 +88,7 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
     config_option(filtering, "--scorer", FILTER_CONFIG, choices=["itm", "clip"], help="what scores a caption")
     filtering.add_argument(
         "--checkpoint",
-        type=Path,
+        type=location,
         help="the itm scorer's filter: a capfilt checkpoint or a transformers BlipForImageTextRetrieval folder (its "
         "ITM head reads [ENC] in column 0, as BLIP's; not needed with --rethreshold)",
     )
@@ -111,8 +111,8 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
 
     assembling = command("assemble", _assemble, "Add the human-annotated pairs and write generation.json.")
     _generation_options(assembling)
-    assembling.add_argument("--annotations", type=Path, required=True, help="human COCO Karpathy json")
-    assembling.add_argument("--image-root", type=Path, required=True)
+    assembling.add_argument("--annotations", type=location, required=True, help="human COCO Karpathy json")
+    assembling.add_argument("--image-root", type=location, required=True)
     assembling.add_argument(
         "--checkpoint",
         action="append",
@@ -128,10 +128,10 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
         "precision/recall; stored as the generation's evaluation.json.",
     )
     _generation_options(evaluating)
-    evaluating.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint folder")
-    evaluating.add_argument("--test-annotations", type=Path, required=True, help="held-out COCO Karpathy json")
-    evaluating.add_argument("--test-image-root", type=Path, required=True)
-    evaluating.add_argument("--world", type=Path, help="the synthetic world, for its ground-truth metrics")
+    evaluating.add_argument("--checkpoint", type=location, required=True, help="model checkpoint folder")
+    evaluating.add_argument("--test-annotations", type=location, required=True, help="held-out COCO Karpathy json")
+    evaluating.add_argument("--test-image-root", type=location, required=True)
+    evaluating.add_argument("--world", type=location, help="the synthetic world, for its ground-truth metrics")
     config_option(evaluating, "--k-test", EVALUATE_CONFIG, type=int, help="ITC candidates re-ranked by ITM")
     add_executor_options(evaluating)
 
@@ -141,17 +141,17 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
         "Write a generation's dataset-quality report: index.html (opens from disk), report.json and the plots.",
     )
     _generation_options(reporting)
-    reporting.add_argument("--out", type=Path, help="report folder (default: <generation>/report)")
+    reporting.add_argument("--out", type=location, help="report folder (default: <generation>/report)")
     reporting.add_argument(
         "--world",
-        type=Path,
+        type=location,
         help="the synthetic world, for its ground truth (default: the "
         "world the generation's evaluation.json names, if any)",
     )
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, default=Path("data_manifests"), help="manifest root")
+    parser.add_argument("--root", type=location, default=location("data_manifests"), help="manifest root")
     parser.add_argument("--dataset", default="web")
     parser.add_argument(
         "--generation",
@@ -162,9 +162,9 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", type=Path, required=True, help="checkpoints go here; a rerun resumes")
+    parser.add_argument("--run-dir", type=location, required=True, help="checkpoints go here; a rerun resumes")
     parser.add_argument("--preset", help="vlp_core model preset to start from random weights (e.g. tiny)")
-    parser.add_argument("--init-checkpoint", type=Path, help="capfilt or transformers BLIP folder to start from")
+    parser.add_argument("--init-checkpoint", type=location, help="capfilt or transformers BLIP folder to start from")
     option = functools.partial(config_option, parser, config=TRAIN_CONFIG)
     option("--max-steps", type=int, help="train this many steps (or give --epochs)")
     option("--epochs", type=int, help="train this many passes over the pairs (or give --max-steps)")
@@ -183,7 +183,9 @@ def _clip_options(parser: argparse.ArgumentParser, whose: str, required: bool) -
     parser.add_argument(
         "--clip-model", default="clip_tiny", help=f"{whose} open_clip architecture (default: %(default)s)"
     )
-    parser.add_argument("--clip-checkpoint", type=Path, required=required, help=f"{whose} CLIP weights (.safetensors)")
+    parser.add_argument(
+        "--clip-checkpoint", type=location, required=required, help=f"{whose} CLIP weights (.safetensors)"
+    )
 
 
 def _pool_options(parser: argparse.ArgumentParser, config: str) -> None:

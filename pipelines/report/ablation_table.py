@@ -8,12 +8,12 @@ where the generation's report finds them. Nothing here loads a model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlp_core.atomic import atomic_write_json, atomic_write_text
+from vlp_core.storage import Location
 
 ABLATION_JSON = "ablation.json"
 ABLATION_MD = "ablation.md"
@@ -199,14 +199,14 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def write_ablation(folder: Path, summary: dict[str, Any]) -> Path:
+def write_ablation(folder: Location, summary: dict[str, Any]) -> Location:
     """Write ablation.json and ablation.md into `folder` (the candidate generation), each atomically;
     returns the Markdown file's path."""
     atomic_write_json(folder / ABLATION_JSON, summary)
     return atomic_write_text(folder / ABLATION_MD, ablation_markdown(summary))
 
 
-def read_ablation(folder: Path) -> dict[str, Any] | None:
+def read_ablation(folder: Location) -> dict[str, Any] | None:
     """The ablation.json in `folder`, or None when there is none."""
     try:
         return json.loads((folder / ABLATION_JSON).read_text())

@@ -8,13 +8,13 @@ prints them for people: per generation its lineage line, then one line per candi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.manifests.manifest import Generation, ManifestError, list_generations
+from vlp_core.storage import Location, location
 
 JOURNEY_COLUMNS = (
     "sample_id",
@@ -46,15 +46,15 @@ class GenerationRows:
     rows: list[dict[str, Any]]
 
 
-def sample_journey(root: Path, dataset: str, query: str) -> list[GenerationRows]:
+def sample_journey(root: Location, dataset: str, query: str) -> list[GenerationRows]:
     """The rows of the image `query` names (a URL, an image id, or a sample id) in every generation of
     `dataset` under `root`, oldest first; generations without it are left out."""
-    generations = [g for g in list_generations(Path(root)) if g.dataset == dataset]
+    generations = [g for g in list_generations(location(root)) if g.dataset == dataset]
     if not generations:
-        raise ManifestError(f"{Path(root) / dataset}: no generations (with a generation.json) to look in")
+        raise ManifestError(f"{location(root) / dataset}: no generations (with a generation.json) to look in")
     images = _images_named(generations, query)
     if not images:
-        raise ValueError(f"no row of {Path(root) / dataset} has the URL, image id or sample id {query!r}")
+        raise ValueError(f"no row of {location(root) / dataset} has the URL, image id or sample id {query!r}")
     wanted = pa.array(sorted(images), pa.string())
     journey = []
     for generation in generations:

@@ -22,13 +22,11 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.manifests.manifest import CAPTION_SOURCES, Generation, ManifestError, manifest_digest
 from pipelines.registry import FILTER, UNSCREENED_STAGES, in_stage_order
@@ -37,6 +35,7 @@ from pipelines.report.metrics import WEB_DECISION_COLUMNS, decision_metrics, web
 from pipelines.report.tallies import TextTally, Vocabulary
 from pipelines.world.generate import WorldPaths
 from vlp_core.atomic import atomic_directory, atomic_write_json
+from vlp_core.storage import Location, location, read_parquet
 
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
@@ -69,7 +68,7 @@ class ReportInputs:
 # --------------------------------------------------------------------------- reading
 
 
-def read_report_inputs(generation: Generation, world_dir: Path | None = None) -> ReportInputs:
+def read_report_inputs(generation: Generation, world_dir: Location | None = None) -> ReportInputs:
     """Gather the inputs. The world defaults to the one the nearest evaluated generation of the lineage was
     evaluated on (its evaluation.json), when its ground truth is still there."""
     info = {**generation.read_info(), "manifest_digest": manifest_digest(generation)}
@@ -95,22 +94,22 @@ def read_report_inputs(generation: Generation, world_dir: Path | None = None) ->
             if stage.is_dir()
         },
         ancestors=ancestors[::-1],
-        noise_by_key=_noise_labels(Path(world_dir)) if world_dir is not None else None,
+        noise_by_key=_noise_labels(location(world_dir)) if world_dir is not None else None,
         world_dir=str(world_dir) if world_dir is not None else None,
         ablation=read_ablation(generation.path),
     )
 
 
-def _evaluated_world(ancestors: list[dict[str, Any]]) -> Path | None:
+def _evaluated_world(ancestors: list[dict[str, Any]]) -> Location | None:
     """The synthetic world the nearest evaluated generation was evaluated on, if its truth is still there."""
     for ancestor in ancestors:
         world = ((ancestor["evaluation"] or {}).get("config") or {}).get("world_dir")
         if world:
-            return Path(world) if WorldPaths.at(Path(world)).web_noise.is_file() else None
+            return location(world) if WorldPaths.at(location(world)).web_noise.is_file() else None
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Location) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when there is no such file."""
     try:
         return json.loads(path.read_text())
@@ -120,12 +119,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise ManifestError(f"{path}: not valid JSON ({error})") from None
 
 
-def _noise_labels(world_dir: Path) -> dict[str, str]:
+def _noise_labels(world_dir: Location) -> dict[str, str]:
     """Web pair key -> true noise type, from the world's ground truth."""
     path = WorldPaths.at(world_dir).web_noise
     if not path.is_file():
         raise ValueError(f"{world_dir}: no ground truth at {path}; pass the synthetic world the generation came from")
-    truth = pq.read_table(path, columns=["key", "noise_type"]).to_pydict()
+    truth = read_parquet(path, columns=["key", "noise_type"]).to_pydict()
     return dict(zip(truth["key"], truth["noise_type"]))
 
 
@@ -484,21 +483,23 @@ def world_truth(generation: Generation, noise_by_key: dict[str, str]) -> dict[st
 # --------------------------------------------------------------------------- writing
 
 
-def default_report_dir(generation: Generation) -> Path:
+def default_report_dir(generation: Generation) -> Location:
     return generation.path / REPORT_DIR
 
 
-def write_report(generation: Generation, out_dir: Path | None = None, world_dir: Path | None = None) -> Path:
+def write_report(
+    generation: Generation, out_dir: Location | None = None, world_dir: Location | None = None
+) -> Location:
     """Write the report of `generation` into `out_dir` (default `<generation>/report/`), replacing an
     earlier report there; returns the path of its index.html. `world_dir` defaults to the world named
     by the generation's evaluation.json, if any."""
     from pipelines.report.page import render_page  # matplotlib and Jinja2 only when writing
 
-    out_dir = Path(out_dir) if out_dir is not None else default_report_dir(generation)
+    out_dir = location(out_dir) if out_dir is not None else default_report_dir(generation)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / REPORT_JSON).is_file():
         raise ValueError(f"{out_dir} holds files but no {REPORT_JSON}; give an empty or new folder for the report")
     figures = report_figures(read_report_inputs(generation, world_dir))
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, commit=(REPORT_JSON,)) as staging:
         render_page(figures, generation, staging)
         atomic_write_json(staging / REPORT_JSON, figures)
     return out_dir / "index.html"

@@ -18,7 +18,6 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ import pyarrow as pa
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, generation_info, samples_table
 from vlp_core.data import CaptionRecord, ImageDecodeError, load_coco_karpathy, load_image
+from vlp_core.storage import Location, absolute, location
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,16 @@ HUMAN_ID_PREFIX = "human-"
 class AssembleConfig:
     """Where the human-annotated pairs are: a COCO Karpathy json and the folder its image paths are under."""
 
-    human_annotations: Path
-    human_image_root: Path
+    human_annotations: Location
+    human_image_root: Location
 
     def __post_init__(self) -> None:
-        if not Path(self.human_annotations).is_file():
+        if not location(self.human_annotations).is_file():
             raise ValueError(
                 f"assemble config: human_annotations {self.human_annotations} is not a file; "
                 "pass a COCO Karpathy json ([{'image', 'caption', 'image_id'}, ...])"
             )
-        if not Path(self.human_image_root).is_dir():
+        if not location(self.human_image_root).is_dir():
             raise ValueError(
                 f"assemble config: human_image_root {self.human_image_root} is not a folder; pass the "
                 "folder the annotation's image paths are relative to"
@@ -97,8 +97,8 @@ def run_assemble(
                 checkpoints=checkpoints,
                 flow_run_id=flow_run_id,
                 inputs={
-                    "human_annotations": str(Path(config.human_annotations).resolve()),
-                    "human_image_root": str(Path(config.human_image_root).resolve()),
+                    "human_annotations": str(absolute(location(config.human_annotations))),
+                    "human_image_root": str(absolute(location(config.human_image_root))),
                 },
             )
         )
@@ -141,8 +141,8 @@ def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa
         )
     }
     for record in records:
-        image_ref = str(Path(record.image_path).resolve())
-        facts = _image_facts(Path(image_ref))
+        image_path = absolute(record.image_path)
+        image_ref, facts = str(image_path), _image_facts(image_path)
         for caption in dict.fromkeys(record.captions):
             columns["image_id"].append(HUMAN_ID_PREFIX + record.image_id)
             columns["image_ref"].append(image_ref)
@@ -164,7 +164,7 @@ def human_rows(records: list[CaptionRecord], generation: int, parent: int) -> pa
 EMPTY_CAPTION = {"kept": False, "reject_stage": STAGE, "reject_reason": "empty_caption", "reject_detail": None}
 
 
-def _image_facts(path: Path) -> dict[str, object]:
+def _image_facts(path: Location) -> dict[str, object]:
     """sha256, width and height of a usable image; a rejected row's fields for an unusable one."""
     try:
         width, height = load_image(path).size

@@ -17,7 +17,6 @@ batch an image lands in, and a resumed run writes the same captions as an uninte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -38,6 +37,7 @@ from pipelines.stages.shards import (
     run_sharded_inference,
 )
 from vlp_core.captioners import BACKENDS, Sampling, check_captioner, load_captioner
+from vlp_core.storage import Location, location
 
 STAGE = registry.CAPTION.name
 
@@ -47,7 +47,7 @@ class CaptionConfig(ActorPoolConfig):
     """The captioner (a backend and its model folder) and BLIP's CapFilt sampling settings (nucleus
     sampling, top_p 0.9)."""
 
-    checkpoint: Path
+    checkpoint: Location
     backend: str = "blip"  # one of vlp_core.captioners.BACKENDS
     prompt: str | None = None  # None: the backend's default (BLIP: the checkpoint's own, "a picture of ")
     num_captions: int = 10  # K synthetic captions sampled per image
@@ -64,7 +64,7 @@ class CaptionConfig(ActorPoolConfig):
             type(self).__name__,
             [
                 (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
-                (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a model folder"),
+                (location(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a model folder"),
                 *self.sampling.problems(),
             ],
         )
@@ -86,7 +86,7 @@ class CaptionActor(ImageModelActor):
         pa.field("prompt", pa.string()),
     ]
 
-    def __init__(self, config: CaptionConfig, dataset_dir: Path) -> None:
+    def __init__(self, config: CaptionConfig, dataset_dir: Location) -> None:
         super().__init__(dataset_dir)
         self.config = config
         self.captioner = load_captioner(config.backend, config.checkpoint, config.device, config.prompt)
@@ -169,7 +169,7 @@ def run_caption(config: CaptionConfig, web: Generation, target: Generation) -> d
     dataset or of another dataset under the same root (whose image_refs then point back at `web`'s
     images, `../<dataset>/...`: e.g. the candidates of a second captioner in an ablation); returns the
     target's rows."""
-    if Path(web.root) != Path(target.root) or target.number <= web.number:
+    if str(location(web.root)) != str(location(target.root)) or target.number <= web.number:
         raise ManifestError(
             f"caption: the target {target.path} must be a later generation under the same manifest root as the "
             f"web generation {web.path} (image_refs are relative to its dataset folder)"

@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
@@ -37,6 +36,7 @@ from pipelines.progress import progress
 from pipelines.stages.url_policy import POLICY_REASON, Refusal, UrlPolicy
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
 from vlp_core.decode import DEFAULT_MAX_PIXELS
+from vlp_core.storage import Location, absolute, location, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,12 @@ class DownloadConfig:
 URL_LIST_FORMATS = {".parquet": None, ".csv": ",", ".tsv": "\t", ".csv.gz": ",", ".tsv.gz": "\t"}  # -> delimiter
 
 
-def read_url_list(path: Path) -> pa.Table:
+def read_url_list(path: Location) -> pa.Table:
     """Read an img2dataset-style URL list (Parquet, or CSV / TSV, gzipped or not, with `url` and optional
     `caption` string columns). Anything else, or a list without rows, is a ManifestError naming the file.
 
-    Returns a table with columns row_index (int64), url, caption (strings)."""
-    path = Path(path)
+    Returns a table with columns row_index (int64), url, caption (strings). `path` may be a URI."""
+    path = location(path)
     if not path.exists():
         raise ManifestError(f"{path}: URL list not found")
     kind = next((suffix for suffix in URL_LIST_FORMATS if path.name.lower().endswith(suffix)), None)
@@ -110,11 +110,12 @@ def read_url_list(path: Path) -> pa.Table:
             _check_quotes_close(path)
             parsing = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
             as_bytes = pacsv.ConvertOptions(column_types={"url": pa.binary(), "caption": pa.binary()})
-            table = pacsv.read_csv(path, parse_options=parsing, convert_options=as_bytes)  # no type guessing
+            with _text_stream(path) as stream:  # no type guessing:
+                table = pacsv.read_csv(stream, parse_options=parsing, convert_options=as_bytes)
             if "caption" in table.schema.names:
                 _check_no_swallowed_rows(table["caption"], delimiter, path)
         else:
-            table = pq.read_table(path)
+            table = read_parquet(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"{path}: cannot read URL list as {kind} ({error})") from None
     if "url" not in table.schema.names:
@@ -136,11 +137,16 @@ def read_url_list(path: Path) -> pa.Table:
     )
 
 
-def _check_quotes_close(path: Path) -> None:
+def _text_stream(path: Location) -> pa.NativeFile:
+    """The bytes of a CSV / TSV list, gunzipped when its name ends in .gz."""
+    return pa.input_stream(path.open("rb"), compression="gzip" if path.name.lower().endswith(".gz") else None)
+
+
+def _check_quotes_close(path: Location) -> None:
     """ManifestError naming the line where a quoted field opens and never closes: the parser would read
     every later line into that one caption (an escaped quote is doubled, so it never changes parity)."""
     open_since, line_number = None, 0
-    with pa.input_stream(str(path), compression="detect") as stream, io.BufferedReader(stream) as lines:
+    with _text_stream(path) as stream, io.BufferedReader(stream) as lines:
         for line_number, line in enumerate(lines, start=1):
             if line.count(b'"') % 2:
                 open_since = line_number if open_since is None else None
@@ -154,7 +160,7 @@ def _check_quotes_close(path: Path) -> None:
 URL_START = re.compile(rb"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
-def _check_no_swallowed_rows(captions: pa.ChunkedArray, delimiter: str, path: Path) -> None:
+def _check_no_swallowed_rows(captions: pa.ChunkedArray, delimiter: str, path: Location) -> None:
     """ManifestError when a caption spans lines of which one starts like a row (a URL, then the delimiter):
     quotes that pair up across rows have swallowed the rows between them."""
     for row, caption in enumerate(captions.to_pylist(), start=1):
@@ -180,7 +186,7 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
     )
 
 
-def download(config: DownloadConfig, url_list: Path, generation: Generation) -> dict[str, Any]:
+def download(config: DownloadConfig, url_list: Location, generation: Generation) -> dict[str, Any]:
     """Download every URL of `url_list` into `generation` (normally gen 0); returns its `generation_counts`."""
     with generation.writer(STAGE):
         urls = read_url_list(url_list)
@@ -217,7 +223,7 @@ def download(config: DownloadConfig, url_list: Path, generation: Generation) -> 
                 parent=None,
                 stages=[STAGE],
                 config_digest=config_digest(asdict(config)),
-                inputs={"url_list": str(Path(url_list).resolve())},
+                inputs={"url_list": str(absolute(location(url_list)))},
             )
         )
         return counts
@@ -257,11 +263,11 @@ def _write_refused_part(generation: Generation, urls: pa.Table, verdicts: list[R
     generation.write_part(STAGE, REFUSED_SHARD, samples_table(rows), {"rows": len(refused)})
 
 
-def _pin_input(generation: Generation, allowed: pa.Table) -> Path:
+def _pin_input(generation: Generation, allowed: pa.Table) -> Location:
     """Write the img2dataset input once; a re-run must see the same list, or shard numbers would shift."""
     path = generation.path / "work" / "urls.parquet"
     if path.exists():
-        if not pq.read_table(path).equals(allowed):
+        if not read_parquet(path).equals(allowed):
             raise ManifestError(
                 f"{generation.path}: was started with a different URL list or URL policy; "
                 "download into a new generation folder (or delete this one)"
@@ -308,7 +314,7 @@ SHARD_POLL_SECONDS = 1.0
 
 
 @contextmanager
-def _shards_progress(shard_dir: Path, n_urls: int) -> Iterator[None]:
+def _shards_progress(shard_dir: Location, n_urls: int) -> Iterator[None]:
     """A progress bar of the URLs img2dataset has finished, shard by shard (its workers are other
     processes: a finished shard is one whose `_stats.json` has appeared)."""
     with progress("download", total=n_urls, unit="URLs") as advance:
@@ -339,7 +345,8 @@ def _shards_progress(shard_dir: Path, n_urls: int) -> Iterator[None]:
             watcher.join()
 
 
-def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) -> None:
+def _run_img2dataset(input_path: Location, shard_dir: Location, config: DownloadConfig) -> None:
+    """img2dataset writes the shards to `shard_dir` through fsspec: a local folder or a URI."""
     from img2dataset import download as img2dataset_download  # heavy imports, only when downloading
 
     from pipelines.stages.download_worker import FetchGuard, guarded_downloads
@@ -374,10 +381,10 @@ def _run_img2dataset(input_path: Path, shard_dir: Path, config: DownloadConfig) 
         )
 
 
-def _convert_shard(generation: Generation, shard_parquet: Path) -> None:
+def _convert_shard(generation: Generation, shard_parquet: Location) -> None:
     """img2dataset's per-sample parquet of one shard → one manifest part + its completion marker."""
     shard = shard_parquet.stem
-    rows = pq.read_table(shard_parquet).sort_by("row_index").to_pylist()
+    rows = read_parquet(shard_parquet).sort_by("row_index").to_pylist()
     ok = [r["status"] == "success" for r in rows]
     tar_ref = f"{generation.path.name}/shards/{shard}.tar"
     table = samples_table(

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 from transformers import PreTrainedTokenizerBase
+from upath import UPath
 
 from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.manifest import Generation
@@ -61,6 +61,7 @@ from vlp_core.data import CaptionRecord, ImageTransform, image_transform, load_c
 from vlp_core.generation import generate
 from vlp_core.inference import inference_mode
 from vlp_core.scoring import score_captions
+from vlp_core.storage import Location, absolute, location, read_parquet
 from vlp_core.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,15 @@ N_EXAMPLES = 8  # generated captions stored in evaluation.json for people to rea
 class EvaluateConfig:
     """What to evaluate and how. Caption defaults follow BLIP's COCO evaluation (beam 3, min length 5)."""
 
-    checkpoint: Path  # a capfilt checkpoint folder or a transformers BLIP folder (vlp_core.checkpoint)
-    test_annotations: Path  # COCO Karpathy json of the held-out set
-    test_image_root: Path  # the folder its image paths are relative to
+    checkpoint: Location  # a capfilt checkpoint folder or a transformers BLIP folder (vlp_core.checkpoint)
+    test_annotations: Location  # COCO Karpathy json of the held-out set
+    test_image_root: Location  # the folder its image paths are relative to
     k_test: int = 16  # ITC candidates per query re-ranked by ITM
     caption_method: str = "beam"  # "greedy" or "beam"
     num_beams: int = 3
     min_length: int = 5  # caption tokens after the prompt
     max_length: int = 30
-    world_dir: Path | None = None  # a synthetic world folder: adds the world metrics
+    world_dir: Location | None = None  # a synthetic world folder: adds the world metrics
     batch_size: int = 32  # images (and texts) per forward pass
     concurrency: int = 1  # Ray tasks sharing the ITM re-rank (local: one)
     num_gpus: float = 0.0  # GPUs per Ray task (local: the process's GPU when > 0)
@@ -92,10 +93,13 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
         problems = [
-            (Path(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
-            (Path(self.test_annotations).is_file(), f"test_annotations {self.test_annotations} is not a file"),
-            (Path(self.test_image_root).is_dir(), f"test_image_root {self.test_image_root} is not a folder"),
-            (self.world_dir is None or Path(self.world_dir).is_dir(), f"world_dir {self.world_dir} is not a folder"),
+            (location(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
+            (location(self.test_annotations).is_file(), f"test_annotations {self.test_annotations} is not a file"),
+            (location(self.test_image_root).is_dir(), f"test_image_root {self.test_image_root} is not a folder"),
+            (
+                self.world_dir is None or location(self.world_dir).is_dir(),
+                f"world_dir {self.world_dir} is not a folder",
+            ),
             (self.k_test >= 1, f"k_test must be >= 1, got {self.k_test}"),
             (
                 self.caption_method in CAPTION_METHODS,
@@ -126,7 +130,7 @@ class EncodedTestSet:
     captions: dict[str, str]
 
 
-def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | None = None) -> dict[str, Any]:
+def run_evaluate(config: EvaluateConfig, generation: Generation, output: Location | None = None) -> dict[str, Any]:
     """Evaluate `config.checkpoint` (trained on `generation`) and, on a world, `generation`'s data.
 
     Writes `output` (default `<generation>/evaluation.json`; several models trained on one generation, e.g.
@@ -147,8 +151,10 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Path | 
     results: dict[str, Any] = {
         "dataset": generation.dataset,
         "generation": generation.number,
-        "checkpoint": {"path": str(Path(config.checkpoint).resolve()), "digest": encoded.digest},
-        "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
+        "checkpoint": {"path": str(absolute(location(config.checkpoint))), "digest": encoded.digest},
+        "config": {
+            key: str(value) if isinstance(value, Path | UPath) else value for key, value in asdict(config).items()
+        },
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "test_set": {"images": len(references), "texts": sum(len(texts) for texts in references.values())},
         "retrieval": retrieval_recalls(
@@ -298,7 +304,7 @@ def world_metrics(generation: Generation, world: WorldPaths, test_captions: dict
     generation's filter decisions and kept captions against the web pairs' noise labels and scenes. The
     generation is read part by part (an image's web and synthetic rows share a part)."""
     scenes = load_scenes(world)
-    truth = pq.read_table(world.web_noise, columns=["key", "noise_type"]).to_pydict()
+    truth = read_parquet(world.web_noise, columns=["key", "noise_type"]).to_pydict()
     noise_by_key = dict(zip(truth["key"], truth["noise_type"]))
     decisions: Counter[tuple[str, str]] = Counter()
     kept_accuracy = {source: AccuracyTally() for source in ("web", "synthetic")}

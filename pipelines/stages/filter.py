@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -57,6 +56,7 @@ from vlp_core.checkpoint import (
 )
 from vlp_core.data import image_transform
 from vlp_core.scoring import score_captions
+from vlp_core.storage import Location, location
 
 STAGE = registry.FILTER.name
 
@@ -108,11 +108,11 @@ class FilterConfig(ActorPoolConfig):
     """The scorer, its model and the score a caption needs to be kept: the `itm` scorer reads a BLIP
     filter `checkpoint`; the `clip` scorer an open_clip `clip_model` with `clip_checkpoint` weights."""
 
-    checkpoint: Path | None = None
+    checkpoint: Location | None = None
     threshold: float = 0.5
     scorer: str = "itm"
     clip_model: str | None = None
-    clip_checkpoint: Path | None = None
+    clip_checkpoint: Location | None = None
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS  # captions are cleaned and cut to this before scoring
 
     def __post_init__(self) -> None:
@@ -122,13 +122,13 @@ class FilterConfig(ActorPoolConfig):
             name, [(self.scorer in SCORERS, f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")]
         )
         if self.scorer == "itm":
-            model = [(self.checkpoint is not None and Path(self.checkpoint).is_dir(),
+            model = [(self.checkpoint is not None and location(self.checkpoint).is_dir(),
                       f"the itm scorer needs checkpoint, a filter folder; {self.checkpoint} is not one")]  # fmt: skip
         else:
             model = [
                 (self.clip_model is not None, "the clip scorer needs clip_model, an open_clip architecture"),
                 (
-                    self.clip_checkpoint is not None and Path(self.clip_checkpoint).is_file(),
+                    self.clip_checkpoint is not None and location(self.clip_checkpoint).is_file(),
                     f"the clip scorer needs clip_checkpoint, a weights file; {self.clip_checkpoint} is not one",
                 ),
             ]
@@ -164,7 +164,7 @@ class FilterActor(ImageModelActor):
         pa.field("itc", pa.list_(pa.float32())),
     ]
 
-    def __init__(self, config: FilterConfig, dataset_dir: Path) -> None:
+    def __init__(self, config: FilterConfig, dataset_dir: Location) -> None:
         super().__init__(dataset_dir)
         self.model, self.tokenizer, self.model_ref = load_checkpoint(config.checkpoint, config.device)
         self.transform = image_transform(self.model.config, train=False)

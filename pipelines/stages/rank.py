@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -34,6 +33,7 @@ from pipelines.stages.shards import (
 )
 from vlp_core.checkpoint import file_digest, require_finite_file
 from vlp_core.clip import load_clip
+from vlp_core.storage import Location, location
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class RankConfig(ActorPoolConfig):
     """The CLIP ranker (an open_clip architecture and its local weights) and how many captions to keep."""
 
     clip_model: str
-    clip_checkpoint: Path | None  # None: an untrained CLIP (seeded, identical in every actor); for tests only
+    clip_checkpoint: Location | None  # None: an untrained CLIP (seeded, identical in every actor); for tests only
     top_k: int = 2
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
 
@@ -55,7 +55,7 @@ class RankConfig(ActorPoolConfig):
             type(self).__name__,
             [
                 (
-                    self.clip_checkpoint is None or Path(self.clip_checkpoint).is_file(),
+                    self.clip_checkpoint is None or location(self.clip_checkpoint).is_file(),
                     f"clip_checkpoint {self.clip_checkpoint} is not a file",
                 ),
                 (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
@@ -72,7 +72,7 @@ class ClipActor(ImageModelActor):
 
     output_fields: ClassVar[list[pa.Field]] = [pa.field("clip", pa.list_(pa.float32()))]
 
-    def __init__(self, config: RankConfig, dataset_dir: Path) -> None:
+    def __init__(self, config: RankConfig, dataset_dir: Location) -> None:
         super().__init__(dataset_dir)
         if config.clip_checkpoint is None:
             log.warning("no clip_checkpoint: scoring with an untrained %s", config.clip_model)

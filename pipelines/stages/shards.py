@@ -20,7 +20,6 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
@@ -33,6 +32,7 @@ from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestErro
 from pipelines.progress import progress
 from pipelines.registry import MODEL_STAGES, stage_named
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
+from vlp_core.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class ImageModelActor:
     transform: Callable  # PIL image -> (3, S, S) tensor
     model_ref: str
 
-    def __init__(self, dataset_dir: Path) -> None:
+    def __init__(self, dataset_dir: Location) -> None:
         self.store = ImageStore(dataset_dir)
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:

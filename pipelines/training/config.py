@@ -8,9 +8,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from upath import UPath
+
 from pipelines.executor import resolve_executor
 from vlp_core.checkpoint import check_checkpoint
 from vlp_core.config import preset_names
+from vlp_core.storage import Location, absolute, location
 
 # Where a run executes: never part of what it trains.
 PLACEMENT_FIELDS = ("executor", "ray_address")
@@ -35,8 +38,8 @@ class TrainConfig:
 
     # the model
     preset: str | None = None  # vlp_core preset, e.g. "tiny"
-    init_checkpoint: Path | None = None  # capfilt checkpoint folder or transformers BLIP folder
-    tokenizer: Path | None = None  # with `preset`: a tokenizer folder; None trains one on the captions
+    init_checkpoint: Location | None = None  # capfilt checkpoint folder or transformers BLIP folder
+    tokenizer: Location | None = None  # with `preset`: a tokenizer folder; None trains one on the captions
     clip_model: str = "clip_tiny"  # train_clip: open_clip architecture
     # how long: exactly one of them
     epochs: int | None = None
@@ -104,7 +107,7 @@ class TrainConfig:
         for name in ("init_checkpoint", "tokenizer"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, Path(value).resolve())
+                object.__setattr__(self, name, absolute(location(value)))
                 _require(getattr(self, name).is_dir(), name, f"an existing folder (got {value})")
         if self.init_checkpoint is not None:
             check_checkpoint(self.init_checkpoint)  # a bad checkpoint stops here, before any work
@@ -115,7 +118,7 @@ class TrainConfig:
         return trains_in_process(self.executor, self.num_workers, self.max_failures, self.ray_address)
 
     def to_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: str(v) if isinstance(v, Path | UPath) else v for k, v in dataclasses.asdict(self).items()}
 
     def placement_free_dict(self) -> dict:
         """`to_dict` without where the run executes: the same run on Ray or in this process."""

@@ -28,6 +28,7 @@ from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation, ManifestError
 from vlp_core.atomic import atomic_write_file
 from vlp_core.data import load_coco_karpathy, load_image, normalize_caption
+from vlp_core.storage import Location, absolute, local_copy, location
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,14 @@ def generation_triples(generation: Generation) -> Iterator[tuple[str, str, str |
         yield from zip(*(kept[name].to_pylist() for name in ("image_id", "image_ref", "caption")))
 
 
-def coco_triples(annotations: Path, image_root: Path) -> Iterator[tuple[str, str, str]]:
+def coco_triples(annotations: Location, image_root: Location) -> Iterator[tuple[str, str, str]]:
     """(image_id, absolute image path, caption) for every caption of a COCO Karpathy annotation file."""
-    for record in load_coco_karpathy(annotations, Path(image_root).resolve()):
+    for record in load_coco_karpathy(annotations, absolute(location(image_root))):
         for caption in record.captions:
             yield record.image_id, str(record.image_path), caption
 
 
-def write_pairs(triples: Iterable[tuple[str, str, str | None]], path: Path, source: str) -> PairFile:
+def write_pairs(triples: Iterable[tuple[str, str, str | None]], path: Location, source: str) -> PairFile:
     """Clean the captions of (image_id, image_ref, caption) triples and write the pairs to `path`
     (atomically, in batches: memory is one batch; an existing file with the same pairs is kept); captions
     that clean to nothing are dropped."""
@@ -120,8 +121,8 @@ class PairFile:
     with plain reads: no process holds or maps the whole file. Opened lazily, so a copy sent to another
     process (a loader or Ray worker) opens its own."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Location) -> None:
+        self.path = location(path)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -131,7 +132,7 @@ class PairFile:
 
     @cached_property
     def _reader(self) -> pa.ipc.RecordBatchFileReader:
-        return pa.ipc.open_file(pa.OSFile(str(self.path)))
+        return pa.ipc.open_file(pa.OSFile(str(local_copy(self.path))))  # a remote file: read from a local copy
 
     @cached_property
     def _length(self) -> int:
@@ -237,7 +238,7 @@ class PairDataset(Dataset):
     def __init__(
         self,
         pairs: PairFile,
-        image_dir: Path,
+        image_dir: Location,
         transform: Callable[[Image.Image], torch.Tensor],
         caption_prefix: str = "",
     ) -> None:

@@ -17,7 +17,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from pipelines.training.data import EpochOrder, PairDataset, PairFile, derive_se
 from pipelines.training.tasks import Schedule, build_task
 from vlp_core.atomic import atomic_write_bytes, atomic_write_json
 from vlp_core.pretrain import configure_optimizer
+from vlp_core.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ class TrainSpec:
 
     task: str  # one of training.tasks.TASKS
     config: TrainConfig
-    run_dir: Path
+    run_dir: Location
     pairs: PairFile  # each worker reads it a batch at a time
-    image_dir: Path  # what relative image_refs are relative to
-    tokenizer_dir: Path | None  # BLIP from a preset: the tokenizer to use
+    image_dir: Location  # what relative image_refs are relative to
+    tokenizer_dir: Location | None  # BLIP from a preset: the tokenizer to use
     steps_per_epoch: int
     total_steps: int
 
@@ -154,7 +154,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
 
 
 def save_training_state(
-    directory: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, float]]
+    directory: Location,
+    trainee: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    history: list[dict[str, float]],
 ) -> None:
     """Export the model into `directory`, then write the resume state beside it (last, atomically)."""
     trainee.export(directory)
@@ -171,18 +175,19 @@ def save_training_state(
 
 
 def load_training_state(
-    directory: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    directory: Location, trainee: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore trainee, optimizer and RNG from a step folder (tensors only: `weights_only=True`);
     returns (step, loss history)."""
-    state: dict[str, Any] = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+    state_bytes = io.BytesIO((directory / STATE_FILE).read_bytes())
+    state: dict[str, Any] = torch.load(state_bytes, map_location=device, weights_only=True)
     trainee.load_state_dict(state["trainee"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"].cpu())
     return state["step"], state["history"]
 
 
-def latest_checkpoint(run_dir: Path, max_step: int) -> Path | None:
+def latest_checkpoint(run_dir: Location, max_step: int) -> Location | None:
     """The complete step folder with the highest step ≤ `max_step`, if any."""
     steps = {
         int(folder.name.removeprefix("step-")): folder

@@ -22,7 +22,6 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -38,7 +37,8 @@ from pipelines.training.loop import SUMMARY_FILE, Placement, TrainSpec, train_lo
 from vlp_core.atomic import atomic_directory, atomic_write_json
 from vlp_core.checkpoint import file_digest
 from vlp_core.config import load_preset
-from vlp_core.tokenizer import load_tokenizer, train_tokenizer
+from vlp_core.storage import Location, absolute, location
+from vlp_core.tokenizer import TOKENIZER_COMMIT, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,13 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """The exported model of a finished run and the loss terms of every step (rank 0's batches)."""
 
-    checkpoint_dir: Path
+    checkpoint_dir: Location
     digest: str
     steps: int
     losses: list[dict[str, float]]
 
 
-def pretrain(config: TrainConfig, generation: Generation, run_dir: Path) -> TrainResult:
+def pretrain(config: TrainConfig, generation: Generation, run_dir: Location) -> TrainResult:
     """Pretrain BLIP (ITC + ITM + LM) on the kept pairs of `generation`."""
     _require_blip_source(config)
     return _fit(
@@ -61,19 +61,21 @@ def pretrain(config: TrainConfig, generation: Generation, run_dir: Path) -> Trai
     )
 
 
-def finetune_captioner(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
+def finetune_captioner(
+    config: TrainConfig, annotations: Location, image_root: Location, run_dir: Location
+) -> TrainResult:
     """Fine-tune the captioner (LM on prompt + caption) on a COCO Karpathy set."""
     _require_blip_source(config)
-    return _fit("captioner", config, coco_triples(annotations, image_root), str(annotations), Path(image_root), run_dir)
+    return _fit("captioner", config, coco_triples(annotations, image_root), str(annotations), image_root, run_dir)
 
 
-def finetune_filter(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
+def finetune_filter(config: TrainConfig, annotations: Location, image_root: Location, run_dir: Location) -> TrainResult:
     """Fine-tune the filter (ITC + ITM) on a COCO Karpathy set."""
     _require_blip_source(config)
-    return _fit("filter", config, coco_triples(annotations, image_root), str(annotations), Path(image_root), run_dir)
+    return _fit("filter", config, coco_triples(annotations, image_root), str(annotations), image_root, run_dir)
 
 
-def train_clip(config: TrainConfig, annotations: Path, image_root: Path, run_dir: Path) -> TrainResult:
+def train_clip(config: TrainConfig, annotations: Location, image_root: Location, run_dir: Location) -> TrainResult:
     """Train the CLIP ranker `config.clip_model` from scratch on a COCO set (independent of BLIP).
 
     `final/` holds `clip.safetensors` and `clip.json`; `training.tasks.load_clip_checkpoint` reads it."""
@@ -82,7 +84,7 @@ def train_clip(config: TrainConfig, annotations: Path, image_root: Path, run_dir
             "train_clip trains config.clip_model from scratch: leave preset and init_checkpoint "
             "unset (to use a trained open_clip model, give its weights to the rank stage instead)"
         )
-    return _fit("clip", config, coco_triples(annotations, image_root), str(annotations), Path(image_root), run_dir)
+    return _fit("clip", config, coco_triples(annotations, image_root), str(annotations), image_root, run_dir)
 
 
 def _require_blip_source(config: TrainConfig) -> None:
@@ -98,12 +100,12 @@ def _fit(
     config: TrainConfig,
     triples: Iterable[tuple[str, str, str | None]],
     source: str,
-    image_dir: Path,
-    run_dir: Path,
+    image_dir: Location,
+    run_dir: Location,
 ) -> TrainResult:
     """Write the pairs (image_id, image_ref, caption `triples` read from `source`), check and record the
     run, then train it unless it is already finished."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = absolute(location(run_dir))
     pairs = write_pairs(triples, run_dir / PAIR_FILE, source)
     global_batch = config.batch_size * config.num_workers
     steps_per_epoch = len(pairs) // global_batch
@@ -124,7 +126,7 @@ def _fit(
         config=config,
         run_dir=run_dir,
         pairs=pairs,
-        image_dir=Path(image_dir).resolve(),
+        image_dir=absolute(location(image_dir)),
         tokenizer_dir=_tokenizer_dir(task, config, pairs, run_dir),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -194,7 +196,7 @@ def _ray_train_worker(spec: TrainSpec) -> None:
     )
 
 
-def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: PairFile) -> None:
+def _record_run(run_dir: Location, task: str, config: TrainConfig, pairs: PairFile) -> None:
     """Write run.json on the first start; refuse a restart that would train something else."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESTARTABLE_FIELDS}
     record = {"task": task, "config": settings, "pairs": len(pairs), "data_digest": file_digest(pairs.path)}
@@ -213,7 +215,7 @@ def _record_run(run_dir: Path, task: str, config: TrainConfig, pairs: PairFile) 
         )
 
 
-def _finished_result(run_dir: Path, total_steps: int) -> TrainResult | None:
+def _finished_result(run_dir: Location, total_steps: int) -> TrainResult | None:
     summary_path = run_dir / "final" / SUMMARY_FILE
     if not summary_path.is_file():
         return None
@@ -223,18 +225,18 @@ def _finished_result(run_dir: Path, total_steps: int) -> TrainResult | None:
     return TrainResult(run_dir / "final", summary["digest"], summary["steps"], summary["history"])
 
 
-def _tokenizer_dir(task: str, config: TrainConfig, pairs: PairFile, run_dir: Path) -> Path | None:
+def _tokenizer_dir(task: str, config: TrainConfig, pairs: PairFile, run_dir: Location) -> Location | None:
     """The tokenizer of a BLIP model built from a preset: the given one, or one trained on the captions
     (with the model's prompt) and kept in run_dir/tokenizer, so a restart uses the same vocabulary."""
     if task == "clip" or config.preset is None:
         return None
     model_config = load_preset(config.preset)
     folder = config.tokenizer or run_dir / "tokenizer"
-    if not folder.is_dir():
+    if config.tokenizer is None and not (folder / TOKENIZER_COMMIT[0]).is_file():
         tokenizer = train_tokenizer(
             itertools.chain([model_config.prompt], pairs.captions()), vocab_size=model_config.text.vocab_size
         )
-        with atomic_directory(folder) as staging:
+        with atomic_directory(folder, commit=TOKENIZER_COMMIT) as staging:
             tokenizer.save_pretrained(str(staging))
     vocabulary = len(load_tokenizer(folder))
     if vocabulary > model_config.text.vocab_size:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -29,6 +28,7 @@ from vlp_core.config import load_preset
 from vlp_core.data import CaptionCollator, image_transform
 from vlp_core.momentum import alpha_ramp
 from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, prompt_length
+from vlp_core.storage import Location, location
 from vlp_core.tokenizer import load_tokenizer, special_ids
 
 BLIP_OBJECTIVES = {"pretrain": PRETRAIN, "captioner": CAPTIONER, "filter": FILTER}
@@ -94,7 +94,7 @@ class BlipTrainee(nn.Module):
             objectives=schedule.objectives(step, self.pretrainer.objectives),
         )
 
-    def export(self, directory: Path) -> str:
+    def export(self, directory: Location) -> str:
         """A capfilt checkpoint folder (`vlp_core.checkpoint.load_checkpoint` reads it); returns its digest."""
         return save_checkpoint(self.pretrainer.model, self.tokenizer, directory, self.parts)
 
@@ -118,22 +118,22 @@ class ClipTrainee(nn.Module):
         losses = self.ranker.contrastive_loss(batch["pixel_values"], batch["captions"])
         return {**losses, "loss": losses["contrastive_loss"]}
 
-    def export(self, directory: Path) -> str:
-        """`clip.safetensors` + `clip.json` (architecture name and digest); returns the digest."""
-        directory.mkdir(parents=True, exist_ok=True)
+    def export(self, directory: Location) -> str:
+        """`clip.safetensors` + `clip.json` (architecture name and digest, written last); returns the digest."""
         save_clip(self.ranker, directory / CLIP_WEIGHTS_FILE)
         digest = file_digest(directory / CLIP_WEIGHTS_FILE)
         atomic_write_json(directory / CLIP_CONFIG_FILE, {"model_name": self.ranker.model_name, "digest": digest})
         return digest
 
 
-def load_clip_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tuple[ClipRanker, str]:
-    """The ranker exported by a `clip` training run (its `final/` folder) and its digest."""
-    config_path = Path(directory) / CLIP_CONFIG_FILE
+def load_clip_checkpoint(directory: Location, device: str | torch.device = "cpu") -> tuple[ClipRanker, str]:
+    """The ranker exported by a `clip` training run (its `final/` folder, local or remote) and its digest."""
+    directory = location(directory)
+    config_path = directory / CLIP_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} is not a trained CLIP folder: {CLIP_CONFIG_FILE} is missing")
     header = json.loads(config_path.read_text())
-    weights = Path(directory) / CLIP_WEIGHTS_FILE
+    weights = directory / CLIP_WEIGHTS_FILE
     digest = file_digest(weights)
     if digest != header["digest"]:
         raise ValueError(f"{weights} has digest {digest}, but {config_path} records {header['digest']}")
@@ -155,8 +155,8 @@ def build_task(
     task: str,
     *,
     preset: str | None,
-    init_checkpoint: Path | None,
-    tokenizer_dir: Path | None,
+    init_checkpoint: Location | None,
+    tokenizer_dir: Location | None,
     clip_model: str,
     schedule: Schedule,
     seed: int,

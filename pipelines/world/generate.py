@@ -26,17 +26,17 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.world.grammar import NOISE_TYPES, Scene, describe, paraphrases, sample_scene, web_caption
 from pipelines.world.render import render_scene
 from vlp_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from vlp_core.storage import Location, location, read_parquet
 
 FORMAT_VERSION = 1
 DEFAULT_NOISE_RATES = MappingProxyType(
@@ -106,20 +106,20 @@ def _checked_rates(name: str, rates: Mapping[str, float], allowed: tuple[str, ..
 
 @dataclass(frozen=True)
 class WorldPaths:
-    root: Path
-    world_json: Path
-    web_pairs: Path
-    web_images: Path
-    web_noise: Path
-    scenes: Path  # the truth of the human and test images
-    human_root: Path  # COCO image paths in annotations.json are relative to this folder
-    human_annotations: Path
-    test_root: Path
-    test_annotations: Path
+    root: Location
+    world_json: Location
+    web_pairs: Location
+    web_images: Location
+    web_noise: Location
+    scenes: Location  # the truth of the human and test images
+    human_root: Location  # COCO image paths in annotations.json are relative to this folder
+    human_annotations: Location
+    test_root: Location
+    test_annotations: Location
 
     @classmethod
-    def at(cls, root: Path) -> WorldPaths:
-        root = Path(root)
+    def at(cls, root: Location) -> WorldPaths:
+        root = location(root)
         return cls(
             root=root,
             world_json=root / "world.json",
@@ -134,7 +134,7 @@ class WorldPaths:
         )
 
 
-def make_world(out_dir: Path, config: WorldConfig) -> WorldPaths:
+def make_world(out_dir: Location, config: WorldConfig) -> WorldPaths:
     """Write the world described by `config` into `out_dir` (see the module docstring) and return its paths."""
     paths = WorldPaths.at(out_dir)
     if _already_made(paths, config):
@@ -171,7 +171,7 @@ def make_world(out_dir: Path, config: WorldConfig) -> WorldPaths:
     return paths
 
 
-def load_world(out_dir: Path) -> tuple[WorldConfig, WorldPaths]:
+def load_world(out_dir: Location) -> tuple[WorldConfig, WorldPaths]:
     """The config and paths of the world in `out_dir`; ValueError if it is not a complete world folder."""
     paths = WorldPaths.at(out_dir)
     info = _read_world_json(paths)
@@ -186,7 +186,7 @@ def load_scenes(paths: WorldPaths) -> dict[str, Scene]:
     """The true scene of every image of a world, by web key or human/test image id."""
     scenes = {}
     for table_path, id_column in ((paths.web_noise, "key"), (paths.scenes, "image_id")):
-        table = pq.read_table(table_path, columns=[id_column, "scene"])
+        table = read_parquet(table_path, columns=[id_column, "scene"])
         scenes.update(zip(table[id_column].to_pylist(), map(Scene.from_json, table["scene"].to_pylist())))
     return scenes
 
@@ -267,7 +267,7 @@ def _write_web(paths: WorldPaths, config: WorldConfig) -> tuple[dict[str, int], 
     return noise_counts, faults_counts
 
 
-def _write_coco_set(root: Path, prefix: str, n: int, config: WorldConfig) -> dict[str, Scene]:
+def _write_coco_set(root: Location, prefix: str, n: int, config: WorldConfig) -> dict[str, Scene]:
     """n clean images with `captions_per_image` paraphrases each, as COCO Karpathy json + PNG images.
 
     Returns the scene of each image id."""

@@ -15,14 +15,13 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.world.generate import FAULT_TYPES, load_world
 from vlp_core.atomic import atomic_write_parquet
+from vlp_core.storage import Location, location, read_parquet
 
 # /images/<key>.jpg, or /fault/<fault type>/<key>.jpg
 _ROUTE = re.compile(rf"/(?:images|fault/(?P<fault>{'|'.join(FAULT_TYPES)}))/(?P<key>[A-Za-z0-9_-]+)\.jpg")
@@ -36,7 +35,7 @@ _HTML_PAGE = (
 class _WorldHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a slow request in flight does not hold up stop()
 
-    def __init__(self, address: tuple[str, int], images_dir: Path, slow_seconds: float) -> None:
+    def __init__(self, address: tuple[str, int], images_dir: Location, slow_seconds: float) -> None:
         self.images_dir = images_dir
         self.slow_seconds = slow_seconds
         super().__init__(address, _WorldRequestHandler)
@@ -78,7 +77,7 @@ class WorldServer:
     Use as a context manager, or call start() and stop().
     """
 
-    def __init__(self, world_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, world_dir: Location, host: str = "127.0.0.1", port: int = 0) -> None:
         config, self.paths = load_world(world_dir)
         self.slow_seconds = config.slow_seconds
         self.host, self.port = host, port
@@ -120,8 +119,8 @@ class WorldServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def write_url_list(self, path: Path) -> Path:
+    def write_url_list(self, path: Location) -> Location:
         """Write the img2dataset input list (Parquet: url, caption) of every web pair to `path`, atomically."""
-        pairs = pq.read_table(self.paths.web_pairs, columns=["path", "caption"])
+        pairs = read_parquet(self.paths.web_pairs, columns=["path", "caption"])
         urls = [f"{self.base_url}/{url_path}" for url_path in pairs["path"].to_pylist()]
-        return atomic_write_parquet(pa.table({"url": urls, "caption": pairs["caption"]}), Path(path))
+        return atomic_write_parquet(pa.table({"url": urls, "caption": pairs["caption"]}), location(path))
