@@ -1,6 +1,7 @@
 """Test-wide setup: offline environment, and one local Ray cluster shared by the tests that need it."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -16,6 +17,8 @@ for name, value in {
     "CAPFILT_EXECUTOR": "local",
     # One thread per process: on 2 shared cores, torch's default threading is several times slower.
     "OMP_NUM_THREADS": "1",
+    # Local copies of remote files and folders (vlp_core.storage) go to a folder of the session's own.
+    "CAPFILT_CACHE": tempfile.mkdtemp(prefix="capfilt-cache-"),
 }.items():
     os.environ.setdefault(name, value)
 
@@ -34,3 +37,65 @@ def ray_local():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """moto's standalone S3 server on 127.0.0.1 with an empty bucket `capfilt`, for the session; yields the
+    environment that points S3 clients at it (the endpoint and test credentials, as a user's environment or
+    instance role would give them)."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    import s3fs
+    from processes import free_port, stop_group, wait_until
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    server = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            endpoint.rsplit(":")[-1],
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(endpoint, timeout=2):
+                return True
+        except urllib.error.HTTPError:  # it answers
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, "the S3 server answers", 60)
+        s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True).mkdir(
+            "capfilt"
+        )
+        yield env
+    finally:
+        stop_group(server)
+
+
+@pytest.fixture
+def bucket(s3_env, monkeypatch, request):
+    """A folder of its own in the session's S3 bucket, with this process's environment pointing at the server."""
+    from vlp_core.storage import location
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    return location(f"s3://capfilt/{request.node.name.replace('[', '-').replace(']', '')}")

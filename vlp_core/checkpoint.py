@@ -310,9 +310,10 @@ def _weights_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
 
 
-def require_finite_file(path: str | Path) -> None:
-    """`require_finite` over a weights file (read safely), one tensor in memory at a time for safetensors."""
-    path = Path(path)
+def require_finite_file(path: str | Location) -> None:
+    """`require_finite` over a weights file (local or remote; read safely), one tensor in memory at a time
+    for safetensors."""
+    path = local_copy(location(path))
     if path.suffix != ".safetensors":
         require_finite(load_state_dict_file(path).items(), path)
         return
@@ -343,13 +344,13 @@ def _check_shapes(path: Path, found: dict[str, tuple[int, ...]], expected: dict[
         raise CheckpointError(f"{path} does not fit its config: {problem}")
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Location) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pt/.pth/.bin`` file loaded with ``weights_only=True``.
 
     Raises :class:`UnsafeCheckpointError` when the torch file holds anything but plain tensors and
-    containers (reading it would execute arbitrary code).
+    containers (reading it would execute arbitrary code). A remote file is read from a local copy.
     """
-    path = Path(path)
+    path = local_copy(location(path))
     if path.suffix == ".safetensors":
         return load_file(path)
     if path.suffix not in {".pt", ".pth", ".bin"}:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from vlp_core.atomic import atomic_write_file
 from vlp_core.checkpoint import load_state_dict_file, require_finite
-from vlp_core.storage import Location, local_copy, location
+from vlp_core.storage import Location, location
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
 
@@ -133,7 +133,7 @@ def load_clip(model_name: str, checkpoint: Location | None = None, device: str |
     if checkpoint is not None:
         if not location(checkpoint).is_file():
             raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist")
-        state_dict = load_state_dict_file(local_copy(location(checkpoint)))
+        state_dict = load_state_dict_file(checkpoint)
         require_finite(state_dict.items(), checkpoint)
         try:
             model.load_state_dict(state_dict)

@@ -45,8 +45,8 @@ def location(value: str | os.PathLike | UPath) -> Location:
     text = str(value)
     if text.startswith("file://"):
         return Path(text.removeprefix("file://"))
-    if "://" in text:
-        return UPath(text)
+    if "://" in text:  # no cached listings: the files other processes (actors, workers) write must show
+        return UPath(text, use_listings_cache=False)
     return Path(text)
 
 

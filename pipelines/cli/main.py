@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     return 0
 
 
-QUIET_LOGGERS = ("httpx", "httpcore")  # one INFO line per request Prefect's client makes to its server
+QUIET_LOGGERS = (  # their INFO: a line per request of Prefect's client, or per credential lookup of S3's
+    "httpx",
+    "httpcore",
+    "aiobotocore",
+    "botocore",
+)
 ROOT_LOGGING_LIBRARIES = ("open_clip",)  # they log their INFO chatter on the root logger (10 lines per model)
 
 

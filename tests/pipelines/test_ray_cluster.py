@@ -1,5 +1,7 @@
-"""Stages against an existing Ray cluster: a head started with `ray start --head` on 127.0.0.1,
-joined through RAY_ADDRESS, and a stage run as a `ray job submit` job. Everything is stopped by PID."""
+"""capfilt on a Ray cluster of two nodes with its data in an S3 bucket, all on 127.0.0.1: a head started with
+`ray start --head` (no CPUs: it schedules, as on a real cluster, and runs no work), a second node joined with
+`ray start --address` (the CPUs, and a label), and moto's standalone S3 server (`s3_env`, tests/conftest.py).
+Stages join through RAY_ADDRESS or run as `ray job submit` jobs. Everything is stopped by PID."""
 
 import json
 import os
@@ -14,14 +16,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
+import s3fs
 from processes import free_port, stop_group, wait_until
 
-from flows.cli import main
 from pipelines.manifests.manifest import Generation
+from vlp_core.storage import location
 
 BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)
+BUCKET = "capfilt"
+WORKER_LABEL = "capfilt-test=worker"
 pytestmark = pytest.mark.slow
 
 
@@ -35,45 +41,40 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _cluster_env() -> dict[str, str]:
-    """Token authentication on, with this module's own token (head and clients share it); stages on Ray."""
+@pytest.fixture(scope="module")
+def cluster_env(s3_env, tmp_path_factory):
+    """What every node and client of the cluster runs with: token authentication with this module's own token,
+    stages on Ray, the bucket's environment, and a cache of local copies of its own."""
     return {
         **os.environ,
+        **s3_env,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": TOKEN,
         "CAPFILT_EXECUTOR": "ray",
+        "CAPFILT_CACHE": str(tmp_path_factory.mktemp("cache")),
     }
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on 127.0.0.1 in its own process group: (gcs address, dashboard/job address)."""
-    gcs_port, dashboard_port = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    env = _cluster_env()
-    head = subprocess.Popen(
+def _start_node(env: dict[str, str], *options: str) -> subprocess.Popen:
+    """`ray start --block` with its own ports, in its own process group."""
+    agent_ports = (
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    )
+    return subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
-            "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            "--num-cpus=3",
-            # Own ports for the head's agents: the defaults may be taken by another Ray on this machine.
-            *(
-                f"--{flag}={free_port()}"
-                for flag in (
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port",
-                    "metrics-export-port",
-                )
-            ),
-            f"--temp-dir={temp_dir}",
+            *options,
+            *agent_ports,
             "--disable-usage-stats",
         ],
         env=env,
@@ -81,13 +82,64 @@ def ray_head():
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+@pytest.fixture(scope="module")
+def ray_head(cluster_env):
+    """The two-node cluster: (gcs address, dashboard/job address) of its head."""
+    gcs_port, dashboard_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = _start_node(
+        cluster_env,
+        "--head",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--num-cpus=0",
+        f"--temp-dir={temp_dir}",
+    )
+    worker = None
     try:
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         wait_until(lambda: _answers(f"{dashboard}/api/version"), "the Ray dashboard answers", 120)
+        worker = _start_node(cluster_env, f"--address=127.0.0.1:{gcs_port}", "--num-cpus=3", f"--labels={WORKER_LABEL}")
+        wait_until(lambda: _worker_node(dashboard) is not None, "the second node joins", 120)
         yield f"127.0.0.1:{gcs_port}", dashboard
     finally:
-        stop_group(head, signal.SIGINT)  # the head exits in seconds on SIGINT, ~30 s on SIGTERM
+        for node in (worker, head):  # a node exits in seconds on SIGINT, ~30 s on SIGTERM
+            if node is not None:
+                stop_group(node, signal.SIGINT)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray_list(dashboard: str, what: str, env: dict[str, str]) -> list[dict]:
+    """`ray list actors|nodes --detail` of the cluster, as JSON records."""
+    command = [
+        str(BIN / "ray"),
+        "list",
+        what,
+        "--address",
+        dashboard,
+        "--detail",
+        "--format",
+        "json",
+        "--limit",
+        "10000",
+    ]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.startswith("[") else []  # or "No resource"
+
+
+def _worker_node(dashboard: str) -> str | None:
+    """The node id of the labelled second node, once it is up."""
+    key, value = WORKER_LABEL.split("=")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    nodes = [
+        n
+        for n in _ray_list(dashboard, "nodes", env)
+        if n["state"] == "ALIVE" and (n.get("labels") or {}).get(key) == value
+    ]
+    return nodes[0]["node_id"] if nodes else None
 
 
 PROBE = (
@@ -96,87 +148,95 @@ PROBE = (
 )
 
 
-def test_init_ray_joins_the_cluster_named_by_ray_address(ray_head) -> None:
+def test_init_ray_joins_the_cluster_named_by_ray_address(ray_head, cluster_env) -> None:
     gcs_address, _ = ray_head
-    env = {**_cluster_env(), "RAY_ADDRESS": gcs_address}
+    env = {**cluster_env, "RAY_ADDRESS": gcs_address}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    assert probe["cpus"] == 3.0, "joined the head (3 logical CPUs), not a fresh local Ray"
+    assert probe["cpus"] == 3.0, "joined the cluster (3 logical CPUs, on its second node), not a fresh local Ray"
     assert probe["address"].rsplit(":", 1)[1] == gcs_address.rsplit(":", 1)[1]
 
 
-def _submit_job(dashboard: str, *command: str) -> subprocess.CompletedProcess:
+def _submit_job(dashboard: str, env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
     """`ray job submit` and wait for the job; retried while the head's job agent is still starting."""
     submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", *command]
     for _ in range(60):
-        out = subprocess.run(submit, env=_cluster_env(), capture_output=True, text=True, timeout=600)
+        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in out.stderr:
             return out
         time.sleep(2)
     return out
 
 
-def test_ray_job_submit_round_trip(ray_head) -> None:
+def test_ray_job_submit_round_trip(ray_head, cluster_env) -> None:
     _, dashboard = ray_head
-    out = _submit_job(dashboard, sys.executable, "-c", PROBE)
+    out = _submit_job(dashboard, cluster_env, sys.executable, "-c", PROBE)
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"cpus": 3.0' in out.stdout
     assert "succeeded" in out.stdout + out.stderr
 
 
-def test_stage_commands_run_on_the_cluster(ray_head, tmp_path: Path) -> None:
-    """`capfilt finetune` joins the cluster through RAY_ADDRESS; `capfilt caption` runs as a Ray job."""
+def _capfilt_run(out: str, env: dict[str, str], cwd: Path) -> None:
+    command = [str(BIN / "capfilt"), "run", "--preset", "smoke", "--n-web", "20", "--out", out]
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def _rows(generation: Generation, run_folder: str) -> list[dict]:
+    """A generation's rows by sample id, with what names the run's place left out: image paths relative to
+    the run folder, and no URL (the world's server listens on another port in each run)."""
+    rows = generation.read_samples().sort_by("sample_id").drop_columns(["url"]).to_pylist()
+    for row in rows:
+        row["image_ref"] = (row["image_ref"] or "").replace(run_folder, "RUN")
+    return rows
+
+
+def test_a_run_in_a_bucket_spreads_over_two_nodes_and_equals_the_run_on_local_paths(
+    ray_head, cluster_env, s3_env, tmp_path: Path, monkeypatch
+) -> None:
+    """`capfilt run --out s3://...` through RAY_ADDRESS: its manifests, shards and checkpoints are only in the
+    bucket, its training workers and caption / filter actors ran on the second node (Ray's actor records), and
+    its generations equal the same run's on local paths, in this process. Then `capfilt caption` runs as a
+    Ray job on that bucket's manifests."""
     gcs_address, dashboard = ray_head
-    world, root, run_dir = tmp_path / "world", tmp_path / "manifests", tmp_path / "captioner"
-    capfilt = str(BIN / "capfilt")
-    assert main(["world", "--out", str(world), "--n-web", "20", "--n-human", "8", "--n-test", "4"]) == 0
-    assert main(["download", "--world", str(world), "--root", str(root)]) == 0
+    run = f"s3://{BUCKET}/run"
+    here = tmp_path / "cwd"
+    here.mkdir()
+    _capfilt_run(run, {**cluster_env, "RAY_ADDRESS": gcs_address, "PREFECT_HOME": str(tmp_path / "prefect")}, here)
+    assert not any(here.iterdir()), "nothing of the run is written where it was started"
 
-    finetune = subprocess.run(
-        [
-            capfilt,
-            "finetune",
-            "captioner",
-            "--preset",
-            "tiny",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--annotations",
-            str(world / "human" / "annotations.json"),
-            "--image-root",
-            str(world / "human"),
-            "--run-dir",
-            str(run_dir),
-        ],
-        env={**_cluster_env(), "RAY_ADDRESS": gcs_address},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    local_env = {**cluster_env, "CAPFILT_EXECUTOR": "local", "PREFECT_HOME": str(tmp_path / "prefect-local")}
+    _capfilt_run(str(tmp_path / "local"), local_env, here)
 
-    caption = [
-        capfilt,
-        "caption",
-        "--root",
-        str(root),
-        "--generation",
-        "1",
-        "--checkpoint",
-        str(run_dir / "final"),
-        "--num-captions",
-        "2",
-        "--batch-size",
-        "4",
-    ]
-    job = _submit_job(dashboard, *caption)
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    bucket = s3fs.S3FileSystem(skip_instance_cache=True)
+    stored = bucket.find(f"{BUCKET}/run")
+    for expected in ("capfilt.log", "web/gen-0000/shards/00000.tar", "web/gen-0001/samples/part-00000.parquet",
+                     "web/gen-0001/report/index.html", "final/model.safetensors", "checkpoints/step-"):  # fmt: skip
+        assert any(expected in key for key in stored), f"no {expected} in the bucket"
+
+    worker = _worker_node(dashboard)
+    actors = _ray_list(dashboard, "actors", cluster_env)
+    for work in ("RayTrainWorker", "MapWorker(MapBatches(CaptionActor))", "MapWorker(MapBatches(FilterActor))"):
+        nodes = {actor["node_id"] for actor in actors if actor["class_name"] == work}
+        assert nodes == {worker}, f"{work} ran on {nodes}, not only on the second node {worker}"
+
+    for number in (0, 1):
+        remote = Generation(location(f"{run}/data_manifests"), "web", number)
+        local = Generation(tmp_path / "local" / "data_manifests", "web", number)
+        assert _rows(remote, run) == _rows(local, str(tmp_path / "local")), f"generation {number} differs"
+        assert remote.read_info()["checkpoints"] == local.read_info()["checkpoints"]
+        remote_metrics = json.loads((remote.path / "evaluation.json").read_text())
+        assert remote_metrics["retrieval"] == json.loads((local.path / "evaluation.json").read_text())["retrieval"]
+
+    captioner = next(key for key in stored if "/train/captioner-" in key and key.endswith("final/config.json"))
+    caption = ["capfilt", "caption", "--root", f"{run}/data_manifests", "--generation", "2", "--num-captions", "2",
+               "--checkpoint", f"s3://{captioner.removesuffix('/config.json')}"]  # fmt: skip
+    job = _submit_job(dashboard, cluster_env, str(BIN / caption[0]), *caption[1:])
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-
-    rows = Generation(root, "web", 1).read_samples().to_pylist()
-    images = {r["image_id"] for r in rows if r["caption_source"] == "web" and r["image_ref"]}
-    synthetic = [r for r in rows if r["caption_source"] == "synthetic"]
-    assert len(images) >= 17 and len(synthetic) == 2 * len(images)
-    assert {r["image_id"] for r in synthetic} == images
+    captions = Generation(location(f"{run}/data_manifests"), "web", 2).read_samples()
+    synthetic = captions.filter(pc.equal(captions["caption_source"], "synthetic"))
+    web_images = pc.count_distinct(captions.filter(pc.is_valid(captions["image_ref"]))["image_id"]).as_py()
+    assert web_images >= 17 and synthetic.num_rows == 2 * web_images
