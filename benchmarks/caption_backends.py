@@ -11,7 +11,6 @@ measured alone. Images are the synthetic world's, the same for every backend.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 
@@ -20,6 +19,7 @@ from benchmarks.workload import default_device, world_pairs
 from vlp_core.captioners import Sampling, load_captioner
 from vlp_core.captioners.vlm import KINDS, VlmCaptioner
 from vlp_core.inference import inference_mode
+from vlp_core.storage import Location, local_copy, location
 
 SAMPLING = Sampling(num_captions=10, top_p=0.9, min_length=5, max_length=30)
 BATCH_SIZES, QUICK_BATCH_SIZES = (1, 16), (2,)
@@ -28,10 +28,11 @@ IMAGE_SOURCE_SIZE = 256  # world images are rendered at this size; each backend'
 
 
 def run(
-    quick: bool = False, repeats: int | None = None, backend: str = "blip2", checkpoint: Path | None = None
+    quick: bool = False, repeats: int | None = None, backend: str = "blip2", checkpoint: Location | None = None
 ) -> Report:
     if checkpoint is None:
         raise ValueError(f"bench caption --backend {backend}: give --checkpoint, the model's folder")
+    checkpoint = local_copy(location(checkpoint))  # both sides load the same local folder
     repeats = repeats or (1 if quick else 3)
     captioner = load_captioner(backend, checkpoint, default_device())
     batch_sizes = QUICK_BATCH_SIZES if quick else BATCH_SIZES

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from benchmarks.harness import Report, save_reports
 from pipelines.cli.main import Commands, add_command
+from vlp_core.storage import location
 
 # benchmark name -> module with `run(quick, repeats, **options) -> Report`
 BENCHMARKS = {
@@ -32,7 +33,7 @@ def add_bench_command(commands: Commands) -> None:
     bench.add_argument("--repeats", type=int, help="timed repetitions of each side (default: 5, quick: 1)")
     bench.add_argument(
         "--checkpoint",
-        type=Path,
+        type=location,
         help="caption: the captioner's folder (blip default: the tiny preset, briefly trained here)",
     )
     bench.add_argument(

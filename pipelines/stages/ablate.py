@@ -36,7 +36,6 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines import registry
@@ -49,6 +48,7 @@ from pipelines.stages.filter import STAGE as FILTER_STAGE
 from pipelines.stages.rank import STAGE as RANK_STAGE
 from pipelines.stages.rank import keep_top_k
 from pipelines.stages.shards import Row, rejected, rows_table, shards_finished_by
+from vlp_core.storage import Location
 
 STAGE = registry.ABLATE.name
 DATASET_PREFIX = "ablate-"
@@ -187,7 +187,7 @@ def derive_arm(
     return target
 
 
-def evaluate_once(config: EvaluateConfig, generation: Generation, output: Path) -> dict[str, Any]:
+def evaluate_once(config: EvaluateConfig, generation: Generation, output: Location) -> dict[str, Any]:
     """`run_evaluate` into `output`, unless `output` already holds an evaluation with this very config
     (the checkpoint folder is named by its training's settings and data, so the same path is the same model)."""
     if output.is_file():
