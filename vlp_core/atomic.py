@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlp_core.storage import Location, is_remote, upload_folder
+from vlp_core.storage import Location, is_remote, location, upload_folder
 
 
 def atomic_write_file(path: Location, write: Callable[[Path], None], keep_if_same: bool = False) -> Location:
@@ -34,6 +34,7 @@ def atomic_write_file(path: Location, write: Callable[[Path], None], keep_if_sam
     fails leaves nothing behind: neither the temporary file nor the folders it created. With `keep_if_same`,
     an existing `path` with the same bytes is left as it is (a re-run does not touch it). A remote `path` is
     written in a local temporary folder, then put as one object."""
+    path = location(path)
     if is_remote(path):
         with tempfile.TemporaryDirectory(prefix="capfilt-") as staging:
             temporary = Path(staging) / path.name
@@ -65,6 +66,7 @@ def atomic_write_file(path: Location, write: Callable[[Path], None], keep_if_sam
 
 def atomic_write_bytes(path: Location, data: bytes) -> Location:
     """Write `data` to `path` atomically. Returns `path`."""
+    path = location(path)
     if is_remote(path):
         path.write_bytes(data)  # one object: it appears whole
         return path
@@ -95,12 +97,13 @@ def atomic_directory(directory: Location, commit: tuple[str, ...] = ()) -> Itera
     is renamed away first and removed after). For a remote `directory` it is a local temporary folder,
     uploaded file by file with the `commit` files (relative names) last: readers of a remote folder look
     for one of those."""
+    directory = location(directory)
     if is_remote(directory):
         with tempfile.TemporaryDirectory(prefix="capfilt-") as staging:
             yield Path(staging)
             upload_folder(Path(staging), directory, last=commit)
         return
-    target = Path(directory)
+    target = directory
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()

@@ -20,9 +20,11 @@ import pyarrow.compute as pc
 import pytest
 import s3fs
 from processes import free_port, stop_group, wait_until
+from released_models import released_filter
 
 from pipelines.manifests.manifest import Generation
-from vlp_core.storage import location
+from vlp_core.clip import load_clip, save_clip
+from vlp_core.storage import Location, location, upload_folder
 
 BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)
@@ -177,10 +179,19 @@ def test_ray_job_submit_round_trip(ray_head, cluster_env) -> None:
     assert "succeeded" in out.stdout + out.stderr
 
 
-def _capfilt_run(out: str, env: dict[str, str], cwd: Path) -> None:
-    command = [str(BIN / "capfilt"), "run", "--preset", "smoke", "--n-web", "20", "--out", out]
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+def _capfilt_run(out: str, models: Location, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """Start `capfilt run --preset smoke` with a given filter and CLIP ranker (in `models`): it fine-tunes the
+    captioner and pretrains on each generation."""
+    given = ["--filter-checkpoint", str(models / "filter"), "--clip-checkpoint", str(models / "clip.safetensors")]
+    command = [str(BIN / "capfilt"), "run", "--preset", "smoke", "--n-web", "20", "--out", out, *given]
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(run: subprocess.Popen) -> str:
+    """The run's standard error, once it has succeeded."""
+    stdout, stderr = run.communicate(timeout=1200)
+    assert run.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return stderr
 
 
 def _rows(generation: Generation, run_folder: str) -> list[dict]:
@@ -195,27 +206,34 @@ def _rows(generation: Generation, run_folder: str) -> list[dict]:
 def test_a_run_in_a_bucket_spreads_over_two_nodes_and_equals_the_run_on_local_paths(
     ray_head, cluster_env, s3_env, tmp_path: Path, monkeypatch
 ) -> None:
-    """`capfilt run --out s3://...` through RAY_ADDRESS: its manifests, shards and checkpoints are only in the
-    bucket, its training workers and caption / filter actors ran on the second node (Ray's actor records), and
-    its generations equal the same run's on local paths, in this process. Then `capfilt caption` runs as a
-    Ray job on that bucket's manifests."""
+    """`capfilt run --out s3://...` through RAY_ADDRESS, its given models in the bucket too: its manifests,
+    shards, checkpoints and log are only in the bucket, its training workers and caption / filter actors ran
+    on the second node (Ray's actor records), and its generations equal the same run's on local paths, in this
+    process. Then `capfilt caption` runs as a Ray job on that bucket's manifests."""
     gcs_address, dashboard = ray_head
-    run = f"s3://{BUCKET}/run"
-    here = tmp_path / "cwd"
-    here.mkdir()
-    _capfilt_run(run, {**cluster_env, "RAY_ADDRESS": gcs_address, "PREFECT_HOME": str(tmp_path / "prefect")}, here)
-    assert not any(here.iterdir()), "nothing of the run is written where it was started"
-
-    local_env = {**cluster_env, "CAPFILT_EXECUTOR": "local", "PREFECT_HOME": str(tmp_path / "prefect-local")}
-    _capfilt_run(str(tmp_path / "local"), local_env, here)
-
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
-    bucket = s3fs.S3FileSystem(skip_instance_cache=True)
-    stored = bucket.find(f"{BUCKET}/run")
-    for expected in ("capfilt.log", "web/gen-0000/shards/00000.tar", "web/gen-0001/samples/part-00000.parquet",
+    models, remote_models = tmp_path / "models", location(f"s3://{BUCKET}/models")
+    released_filter(models / "filter")
+    save_clip(load_clip("clip_tiny"), models / "clip.safetensors")
+    upload_folder(models, remote_models)
+
+    run, here = f"s3://{BUCKET}/run", tmp_path / "cwd"
+    here.mkdir()
+    env = {**cluster_env, "RAY_ADDRESS": gcs_address, "PREFECT_HOME": str(tmp_path / "prefect")}
+    on_cluster = _capfilt_run(run, remote_models, env, here)
+    local_env = {**cluster_env, "CAPFILT_EXECUTOR": "local", "PREFECT_HOME": str(tmp_path / "prefect-local")}
+    _finished(_capfilt_run(str(tmp_path / "local"), models, local_env, tmp_path))  # meanwhile, beside it
+    stderr = _finished(on_cluster)
+    assert not any(here.iterdir()), "nothing of the run is written where it was started"
+
+    stored = s3fs.S3FileSystem(skip_instance_cache=True).find(f"{BUCKET}/run")
+    for expected in ("web/gen-0000/shards/00000.tar", "web/gen-0001/samples/part-00000.parquet",
                      "web/gen-0001/report/index.html", "final/model.safetensors", "checkpoints/step-"):  # fmt: skip
         assert any(expected in key for key in stored), f"no {expected} in the bucket"
+    log = location(f"{run}/capfilt.log").read_text()
+    for library_line in ("Connected to Ray cluster", "Starting execution of Dataset", "Sharding file number"):
+        assert library_line in log and library_line not in stderr, "Ray and img2dataset write to the log"
 
     worker = _worker_node(dashboard)
     actors = _ray_list(dashboard, "actors", cluster_env)
