@@ -21,6 +21,7 @@ remote file or folder (:func:`local_copy`), kept in a cache under a key of its l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -84,6 +85,21 @@ def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
     """A whole Parquet file (only `columns`, when given), local or remote."""
     with path.open("rb") as stream:
         return pq.read_table(stream, columns=columns)
+
+
+def read_range(path: Location, start: int, length: int) -> bytes:
+    """`length` bytes of a file from byte `start` (fewer at its end, none past it): one ranged GET in an
+    object store."""
+    if is_remote(path):
+        try:
+            return path.fs.cat_file(path.path, start=start, end=start + length)
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # S3's "range not satisfiable": `start` is past the end
+                return b""
+            raise
+    with path.open("rb") as stream:
+        stream.seek(start)
+        return stream.read(length)
 
 
 def create_exclusive(path: Location, data: bytes) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import PurePosixPath
 
-from vlp_core.storage import Location, is_absolute_ref, location, relative_ref, resolve_ref
+from vlp_core.storage import Location, is_absolute_ref, location, read_range, relative_ref, resolve_ref
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -60,9 +60,7 @@ class ImageStore:
         if member is None:
             raise ImageRefError(f"image_ref {image_ref!r}: no image with key {key!r} in {path}")
         try:
-            with path.open("rb") as shard:
-                shard.seek(member.offset_data)
-                data = shard.read(member.size)
+            data = read_range(path, member.offset_data, member.size)
         except OSError as error:
             raise ShardUnavailableError(f"{path}: shard unreadable at {key!r} ({error})") from None
         if len(data) != member.size:  # truncated after it was indexed
@@ -87,8 +85,6 @@ class ImageStore:
 
 def _require_end_of_archive(path: Location, offset: int) -> None:
     """A tar cut at a member boundary reads as a shorter archive; a whole one has its zero end block there."""
-    with path.open("rb") as file:
-        file.seek(offset)
-        block = file.read(tarfile.BLOCKSIZE)
+    block = read_range(path, offset, tarfile.BLOCKSIZE)
     if block != tarfile.NUL * tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"it ends without the end-of-archive block after byte {offset} (truncated)")

@@ -180,14 +180,14 @@ class Generation:
         marked = sorted(
             {path.stem for path in (self.path / "markers").glob("*/*.json") if re.fullmatch(SHARD_NAME, path.stem)}
         )
-        missing = [shard for shard in marked if not self.part_path(shard).is_file()]
+        names = sorted(path.name for path in self.samples_dir.iterdir()) if self.samples_dir.is_dir() else []
+        missing = [shard for shard in marked if self.part_path(shard).name not in names]  # one listing, not a look each
         if missing:
             raise ManifestError(
                 f"{self.samples_dir}: the parts of shard(s) {missing} are missing, though a stage marked them done "
                 f"(see {self.path / 'markers'}); data was lost: delete those markers and re-run the stage"
             )
         listed = {self.part_path(shard).name for shard in marked}
-        names = sorted(path.name for path in self.samples_dir.iterdir()) if self.samples_dir.is_dir() else []
         strays = [name for name in names if name not in listed and not name.startswith(".")]
         if strays:
             log.warning(

@@ -19,6 +19,7 @@ from vlp_core.storage import (
     local_copy,
     location,
     read_parquet,
+    read_range,
     relative_ref,
     resolve_ref,
 )
@@ -119,3 +120,12 @@ def test_a_checkpoint_in_a_bucket_loads_from_one_local_copy_per_content(bucket, 
     assert save_checkpoint(model, tokenizer, bucket / "model") != local_digest
     assert local_copy(bucket / "model") != copy, "new content, new copy"
     assert load_checkpoint(bucket / "model")[2] != local_digest
+
+
+def test_a_ranged_read_in_a_bucket_reads_as_a_local_one(bucket, tmp_path: Path) -> None:
+    data = bytes(range(100))
+    local, remote = tmp_path / "f.bin", bucket / "f.bin"
+    local.write_bytes(data)
+    remote.write_bytes(data)
+    for start, length in [(0, 10), (95, 10), (100, 512), (150, 1)]:
+        assert read_range(remote, start, length) == read_range(local, start, length) == data[start : start + length]
