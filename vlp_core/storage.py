@@ -68,8 +68,12 @@ def is_absolute_ref(ref: str) -> bool:
 
 
 def resolve_ref(base: Location, ref: str) -> Location:
-    """`ref` as a location: itself when absolute, else relative to the folder `base`."""
-    return location(ref) if is_absolute_ref(ref) else base / ref
+    """`ref` as a location: itself when absolute, else relative to the folder `base` (`..` steps taken: an
+    object store has no folders to climb, so `bucket/ablate/../web` would be a key of its own)."""
+    if is_absolute_ref(ref):
+        return location(ref)
+    joined = base / ref
+    return location(f"{joined.protocol}://{posixpath.normpath(joined.path)}") if is_remote(joined) else joined
 
 
 def relative_ref(target: Location, start: Location) -> str:

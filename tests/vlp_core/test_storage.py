@@ -33,6 +33,7 @@ def test_a_location_is_a_path_or_a_uri(tmp_path: Path) -> None:
     assert all(map(is_absolute_ref, ["/data/x.jpg", "s3://b/x.jpg"])) and not is_absolute_ref("web/x.tar")
     assert str(resolve_ref(remote / "web", "gen-0000/shards/0.tar")) == "s3://bucket/run/web/gen-0000/shards/0.tar"
     assert str(resolve_ref(remote, "gs://other/x.jpg")) == "gs://other/x.jpg"
+    assert str(resolve_ref(remote / "ablate", "../web/x.tar")) == "s3://bucket/run/web/x.tar", "no '..' in a key"
     assert (
         relative_ref(remote / "web" / "gen-0000" / "shards" / "0.tar", remote / "ablate")
         == "../web/gen-0000/shards/0.tar"

@@ -1,5 +1,6 @@
 """The stage commands on URIs: a world, a URL list, manifests, released models and a report that live only in
-an S3 bucket (moto's server on 127.0.0.1, `bucket` in tests/conftest.py), with the commands the README shows."""
+an S3 bucket (moto's server on 127.0.0.1, `bucket` in tests/conftest.py), with the commands the README shows,
+and an ablation arm whose image refs climb out of its dataset folder."""
 
 import gzip
 import io
@@ -8,7 +9,10 @@ import pyarrow.csv as pacsv
 from released_models import released_captioner, released_filter
 
 from flows.cli import main
+from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation
+from pipelines.stages.ablate import ARMS, derive_arm
+from pipelines.stages.assemble import AssembleConfig
 from pipelines.world.server import WorldServer
 from vlp_core.clip import load_clip, save_clip
 from vlp_core.storage import read_parquet
@@ -49,6 +53,21 @@ def test_the_stage_commands_take_uris(bucket, tmp_path, capsys) -> None:
     synthetic = [row for row in candidates.read_samples().to_pylist() if row["caption_source"] == "synthetic"]
     assert len(synthetic) == 2 * sum(row["kept"] for row in rows)
     assert all(row["itm_score"] is not None and row["clip_score"] is not None for row in synthetic)
+
+    human = ["--annotations", str(world / "human" / "annotations.json"), "--image-root", str(world / "human")]
+    assert main(["assemble", "--root", str(root), "--generation", "1", *human]) == 0
+    arm = derive_arm(
+        candidates,
+        ARMS["captioner_only"],
+        AssembleConfig(world / "human" / "annotations.json", world / "human"),
+        {"itm": 0.5},
+        2,
+    )
+    web_row = next(row for row in arm.read_samples().to_pylist() if row["caption_source"] == "web" and row["kept"])
+    assert web_row["image_ref"].startswith("../web/gen-0000/shards/")
+    assert ImageStore(arm.path.parent).read(web_row["image_ref"]) == ImageStore(root / "web").read(
+        next(row["image_ref"] for row in rows if row["image_id"] == web_row["image_id"])
+    ), "an arm's refs climb out of its folder to the web shards, in the bucket too"
 
     assert main(["report", "--root", str(root), "--generation", "0", "--out", str(bucket / "report")]) == 0
     assert "<html" in (bucket / "report" / "index.html").read_text()
