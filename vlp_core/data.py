@@ -205,9 +205,9 @@ def _parse_entry(entry: object, where: str) -> tuple[str, list[str], str]:
 
 
 def _leaves_root(relative: str) -> bool:
-    """Whether a path meant to be relative is absolute or climbs with `..` (POSIX or Windows spelling)."""
+    """Whether a path meant to be relative is a URI, absolute, or climbs with `..` (POSIX or Windows spelling)."""
     paths = (PurePosixPath(relative), PureWindowsPath(relative))
-    return any(path.is_absolute() or path.anchor or ".." in path.parts for path in paths)
+    return "://" in relative or any(path.is_absolute() or path.anchor or ".." in path.parts for path in paths)
 
 
 class CocoCaptionSet(Dataset):

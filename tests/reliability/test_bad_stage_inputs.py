@@ -136,6 +136,7 @@ def test_a_bad_manifest_part_stops_caption_and_pretrain_before_anything_is_writt
             "must be a relative path that stays under the image root",
         ),
         ([{"image": "..\\test\\t1.jpg", "caption": "a cat"}], "must be a relative path that stays under"),
+        ([{"image": "s3://other-bucket/t1.jpg", "caption": "a cat"}], "must be a relative path that stays under"),
         (
             [
                 {"image": "a.jpg", "caption": "a cat", "image_id": 7},
