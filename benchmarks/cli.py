@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
 from benchmarks.harness import Report, save_reports
 from pipelines.cli.main import Commands, add_command
@@ -46,7 +45,7 @@ def add_bench_command(commands: Commands) -> None:
     bench.add_argument(
         "--rows", type=int, nargs="+", help="scale: generation sizes in rows (default: 1000000 10000000)"
     )
-    bench.add_argument("--json", type=Path, help="also write the reports to this JSON file")
+    bench.add_argument("--json", type=location, help="also write the reports to this JSON file")
 
 
 def run_benchmark(name: str, args: argparse.Namespace) -> Report:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlp_core.atomic import atomic_write_text
+from vlp_core.storage import Location
 
 
 def machine() -> dict[str, Any]:
@@ -210,6 +211,6 @@ class Report:
         }
 
 
-def save_reports(reports: list[Report], path: Path) -> None:
+def save_reports(reports: list[Report], path: Location) -> None:
     """All reports as one JSON list, written atomically."""
     atomic_write_text(path, json.dumps([report.to_dict() for report in reports], indent=2, default=str) + "\n")
