@@ -7,18 +7,17 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
-from upath import UPath
 
 from flows.cli import METRIC_KEYS
 from pipelines.cli.main import input_error
 from pipelines.manifests.manifest import Generation
 from pipelines.progress import announce
 from pipelines.training.stages import TrainResult
+from vlp_core.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def describe_inputs(values: Iterable[Any]) -> str:
     for value in values:
         if isinstance(value, Generation):
             words.append(generation_name(value))
-        elif isinstance(value, Path | UPath) and value.is_file():
+        elif isinstance(value, Location) and value.is_file():
             words.append(value.name)
     return ", ".join(words)
 

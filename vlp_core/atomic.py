@@ -39,8 +39,9 @@ def atomic_write_file(path: Location, write: Callable[[Path], None], keep_if_sam
         with tempfile.TemporaryDirectory(prefix="capfilt-") as staging:
             temporary = Path(staging) / path.name
             write(temporary)
-            if not (keep_if_same and path.is_file() and path.read_bytes() == temporary.read_bytes()):
-                path.write_bytes(temporary.read_bytes())
+            data = temporary.read_bytes()
+            if not (keep_if_same and path.is_file() and path.read_bytes() == data):
+                path.write_bytes(data)
         return path
     made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)

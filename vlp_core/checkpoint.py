@@ -128,7 +128,7 @@ def save_checkpoint(
     _check_vocabulary(model.config, tokenizer)
     if parts is not None and set(parts) != set(PARTS):
         raise ValueError(f"parts must name each of {PARTS}, got {sorted(parts)}")
-    with atomic_directory(location(directory), commit=(CONFIG_FILE,)) as staging:
+    with atomic_directory(directory, commit=(CONFIG_FILE,)) as staging:
         save_file(_unique_tensors(model), str(staging / WEIGHTS_FILE))
         digest = file_digest(staging / WEIGHTS_FILE)
         header = {"format": CHECKPOINT_FORMAT, "digest": digest, "config": model.config.to_dict(), "parts": parts}
@@ -404,7 +404,7 @@ def _export_hf(
         image_mean=list(model.config.image_mean),
         image_std=list(model.config.image_std),
     )
-    with atomic_directory(location(directory), commit=(CONFIG_FILE,)) as staging:
+    with atomic_directory(directory, commit=(CONFIG_FILE,)) as staging:
         hf_model.save_pretrained(str(staging))
         BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(staging))
 

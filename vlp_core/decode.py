@@ -36,10 +36,13 @@ def load_image(source: str | Location | bytes, max_pixels: int = DEFAULT_MAX_PIX
     else:
         path = location(source)
         name, stream = str(path), path
-        if not path.is_file():
-            raise ImageDecodeError("missing_file", f"no file at {name}")
-        if is_remote(path):
-            stream = io.BytesIO(path.read_bytes())
+        try:
+            if is_remote(path):  # one GET, not a look and then a GET
+                stream = io.BytesIO(path.read_bytes())
+            elif not path.is_file():
+                raise FileNotFoundError(name)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ImageDecodeError("missing_file", f"no file at {name}") from None
     try:
         with Image.open(stream) as image:
             width, height = image.size

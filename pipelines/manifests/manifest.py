@@ -155,9 +155,12 @@ class Generation:
     dataset: str
     number: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", location(self.root))  # a string root (e.g. a flow parameter) too
+
     @property
     def path(self) -> Location:
-        return location(self.root) / self.dataset / f"gen-{self.number:04d}"
+        return self.root / self.dataset / f"gen-{self.number:04d}"
 
     @property
     def samples_dir(self) -> Location:

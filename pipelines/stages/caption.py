@@ -169,7 +169,7 @@ def run_caption(config: CaptionConfig, web: Generation, target: Generation) -> d
     dataset or of another dataset under the same root (whose image_refs then point back at `web`'s
     images, `../<dataset>/...`: e.g. the candidates of a second captioner in an ablation); returns the
     target's rows."""
-    if str(location(web.root)) != str(location(target.root)) or target.number <= web.number:
+    if web.root != target.root or target.number <= web.number:
         raise ManifestError(
             f"caption: the target {target.path} must be a later generation under the same manifest root as the "
             f"web generation {web.path} (image_refs are relative to its dataset folder)"

@@ -27,7 +27,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,6 @@ import pyarrow.compute as pc
 import ray
 import torch
 from transformers import PreTrainedTokenizerBase
-from upath import UPath
 
 from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.manifest import Generation
@@ -152,9 +150,7 @@ def run_evaluate(config: EvaluateConfig, generation: Generation, output: Locatio
         "dataset": generation.dataset,
         "generation": generation.number,
         "checkpoint": {"path": str(absolute(location(config.checkpoint))), "digest": encoded.digest},
-        "config": {
-            key: str(value) if isinstance(value, Path | UPath) else value for key, value in asdict(config).items()
-        },
+        "config": {key: str(value) if isinstance(value, Location) else value for key, value in asdict(config).items()},
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "test_set": {"images": len(references), "texts": sum(len(texts) for texts in references.values())},
         "retrieval": retrieval_recalls(

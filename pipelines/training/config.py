@@ -6,9 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
-
-from upath import UPath
 
 from pipelines.executor import resolve_executor
 from vlp_core.checkpoint import check_checkpoint
@@ -118,7 +115,7 @@ class TrainConfig:
         return trains_in_process(self.executor, self.num_workers, self.max_failures, self.ray_address)
 
     def to_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path | UPath) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: str(v) if isinstance(v, Location) else v for k, v in dataclasses.asdict(self).items()}
 
     def placement_free_dict(self) -> dict:
         """`to_dict` without where the run executes: the same run on Ray or in this process."""

@@ -50,10 +50,10 @@ def _backend(name: str) -> Backend:
 def check_captioner(backend: str, checkpoint: str | Location) -> None:
     """Everything that can be checked before loading: the backend's name and its folder's layout
     (ValueError / CheckpointError saying what to fix). A remote folder is checked on its local copy."""
-    checks = _backend(backend).check
-    if not location(checkpoint).is_dir():
+    checks, folder = _backend(backend).check, location(checkpoint)
+    if not folder.is_dir():
         raise ValueError(f"checkpoint {checkpoint} is not a model folder")
-    checks(local_copy(location(checkpoint)))
+    checks(local_copy(folder))
 
 
 def captioner_digest(backend: str, checkpoint: str | Location) -> str:
