@@ -58,8 +58,8 @@ def cluster_env(s3_env, tmp_path_factory):
     }
 
 
-def _start_node(env: dict[str, str], *options: str) -> subprocess.Popen:
-    """`ray start --block` with its own ports, in its own process group."""
+def _start_node(env: dict[str, str], log: Path, *options: str) -> subprocess.Popen:
+    """`ray start --block` with its own ports, in its own process group, its output to `log`."""
     agent_ports = (
         f"--{flag}={free_port()}"
         for flag in (
@@ -69,20 +69,61 @@ def _start_node(env: dict[str, str], *options: str) -> subprocess.Popen:
             "metrics-export-port",
         )
     )
-    return subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            *options,
-            *agent_ports,
-            "--disable-usage-stats",
-        ],
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                *options,
+                *agent_ports,
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(none)"
+
+
+def _joins(node: subprocess.Popen, dashboard: str, timeout_s: float) -> bool:
+    """Whether the head lists `node` alive within `timeout_s` (False as soon as it exits)."""
+    deadline = time.monotonic() + timeout_s
+    while node.poll() is None and time.monotonic() < deadline:
+        if _worker_node(dashboard) is not None:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _join_worker(env: dict[str, str], gcs_port: int, dashboard: str, temp_dir: Path) -> subprocess.Popen:
+    """Start the labelled second node and wait until the head lists it. A node that exits or has not joined in
+    90 s is started once more (its ports were free when taken, but another process may have won one since);
+    if that one fails too, the error carries both nodes' output and the raylet logs."""
+    for attempt in (1, 2):
+        log = temp_dir / f"worker-{attempt}.log"
+        options = (f"--address=127.0.0.1:{gcs_port}", "--num-cpus=3", f"--labels={WORKER_LABEL}")
+        worker = _start_node(env, log, *options)
+        if _joins(worker, dashboard, 90):
+            return worker
+        stop_group(worker, signal.SIGINT)
+    listing = subprocess.run(
+        [str(BIN / "ray"), "list", "nodes", "--address", dashboard, "--detail"],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    raylet_logs = sorted((temp_dir / "session_latest" / "logs").glob("raylet*.out"))
+    raise TimeoutError(
+        "the second node did not join the head in two tries of 90 s\n"
+        + f"--- ray list nodes:\n{listing.stdout[-3000:]}{listing.stderr[-3000:]}\n"
+        + "\n".join(f"--- {path.name}:\n{_tail(path)}" for path in [*temp_dir.glob("worker-*.log"), *raylet_logs])
     )
 
 
@@ -90,9 +131,10 @@ def _start_node(env: dict[str, str], *options: str) -> subprocess.Popen:
 def ray_head(cluster_env):
     """The two-node cluster: (gcs address, dashboard/job address) of its head."""
     gcs_port, dashboard_port = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay short
     head = _start_node(
         cluster_env,
+        temp_dir / "head.log",
         "--head",
         f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
@@ -104,8 +146,7 @@ def ray_head(cluster_env):
     try:
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         wait_until(lambda: _answers(f"{dashboard}/api/version"), "the Ray dashboard answers", 120)
-        worker = _start_node(cluster_env, f"--address=127.0.0.1:{gcs_port}", "--num-cpus=3", f"--labels={WORKER_LABEL}")
-        wait_until(lambda: _worker_node(dashboard) is not None, "the second node joins", 120)
+        worker = _join_worker(cluster_env, gcs_port, dashboard, temp_dir)
         yield f"127.0.0.1:{gcs_port}", dashboard
     finally:
         for node in (worker, head):  # a node exits in seconds on SIGINT, ~30 s on SIGTERM
