@@ -16,13 +16,17 @@ keeps checkpoint conversion a matter of picking keys. This file holds no losses.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
-from vlp_core.config import BlipConfig, load_preset
+from vlp_core.config import BlipConfig, VisionConfig, load_preset
+from vlp_core.vision_stem import ConvStem
 
 
 def tie_decoder_to_encoder(decoder: BlipTextLMHeadModel, encoder: BlipTextModel) -> None:
@@ -38,6 +42,11 @@ def tie_decoder_to_encoder(decoder: BlipTextLMHeadModel, encoder: BlipTextModel)
     decoder.cls.predictions.decoder.bias = decoder.cls.predictions.bias
 
 
+def _hf_vision_config(vision: VisionConfig) -> BlipVisionConfig:
+    """transformers' config of the tower; a conv stem is swapped in afterwards (it has no such config)."""
+    return dataclasses.replace(vision, stem="patch").to_hf()
+
+
 class BlipModel(nn.Module):
     """BLIP MED. Shapes: B batch, L tokens, P = (image_size / patch_size)^2 patches,
     Dv / Dt vision / text width, E = ``config.embed_dim``, V vocabulary size."""
@@ -48,7 +57,9 @@ class BlipModel(nn.Module):
         vision_width, text_width = config.vision.hidden_size, config.text.hidden_size
         text_config = config.text.to_hf(encoder_hidden_size=vision_width)
 
-        self.vision_model = BlipVisionModel(config.vision.to_hf())
+        self.vision_model = BlipVisionModel(_hf_vision_config(config.vision))
+        if config.vision.stem == "conv":
+            self.vision_model.embeddings.patch_embedding = ConvStem(vision_width, config.vision.patch_size)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(text_config)
         tie_decoder_to_encoder(self.text_decoder, self.text_encoder)

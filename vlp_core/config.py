@@ -57,9 +57,17 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise ValueError(f"{cls.__name__}: {error}") from error
 
 
+VISION_STEMS = ("patch", "conv")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
-    """ViT image encoder: ``(B, 3, image_size, image_size)`` -> ``(B, 1 + (image_size/patch_size)^2, hidden_size)``."""
+    """ViT image encoder: ``(B, 3, image_size, image_size)`` -> ``(B, 1 + (image_size/patch_size)^2, hidden_size)``.
+
+    ``stem`` makes the patch tokens: ``"patch"`` (ViT's, one linear map per patch; transformers' BLIP layout)
+    or ``"conv"`` (``vlp_core.vision_stem.ConvStem``: stride-2 convolutions with BatchNorm, which learn far
+    faster from scratch on small budgets; no transformers counterpart, so such a model does not export).
+    """
 
     image_size: int
     patch_size: int
@@ -67,10 +75,21 @@ class VisionConfig:
     num_layers: int
     num_heads: int
     intermediate_size: int
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
-        _require_positive_ints(self, *(f.name for f in fields(self)))
+        _require_positive_ints(self, *(f.name for f in fields(self) if f.name != "stem"))
         _require_heads_divide_width(self)
+        _require(self.stem in VISION_STEMS, "VisionConfig", "stem", self.stem, f"one of {', '.join(VISION_STEMS)}")
+        if self.stem == "conv":
+            halvings = self.patch_size.bit_length() - 1
+            _require(
+                self.patch_size >= 4 and self.patch_size == 2**halvings and self.hidden_size % 2 ** (halvings - 1) == 0,
+                "VisionConfig",
+                "patch_size",
+                self.patch_size,
+                "a power of two ≥ 4 for a conv stem, with hidden_size divisible by patch_size / 2",
+            )
         _require(
             self.image_size % self.patch_size == 0,
             "VisionConfig",
@@ -84,6 +103,11 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def to_hf(self) -> BlipVisionConfig:
+        if self.stem != "patch":
+            raise ValueError(
+                f"a vision tower with a {self.stem} stem has no transformers BLIP counterpart; "
+                "only patch-stem models (the base and large presets) convert to that layout"
+            )
         return BlipVisionConfig(
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
