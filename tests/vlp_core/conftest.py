@@ -18,7 +18,8 @@ SMALL_IMAGE_SIZE = 32
 
 
 def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> BlipModel:
-    """The tiny preset cut to 2 layers, 32 px images and the tokenizer's vocabulary, in eval mode.
+    """The tiny preset cut to 2 layers, 32 px images with ViT's patch stem (so that it converts to transformers'
+    layout) and the tokenizer's vocabulary, in eval mode.
 
     An untrained model barely looks at the image, so the cross-attention values (shared by the
     image-grounded encoder and the decoder) are scaled up: scores and captions then depend on the image.
@@ -27,8 +28,8 @@ def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> BlipM
     tiny = load_preset("tiny")
     config = dataclasses.replace(
         tiny,
-        vision=dataclasses.replace(tiny.vision, image_size=SMALL_IMAGE_SIZE, num_layers=2),
-        text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=2),
+        vision=dataclasses.replace(tiny.vision, image_size=SMALL_IMAGE_SIZE, patch_size=8, num_layers=2, stem="patch"),
+        text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=2, initializer_range=0.02),
     )
     model = BlipModel(config).eval()
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,7 @@ from vlp_core.checkpoint import (
     load_state_dict_file,
     save_checkpoint,
 )
+from vlp_core.config import load_preset
 from vlp_core.tokenizer import special_ids, train_tokenizer
 
 CORPUS = ["a large red circle to the left of a small blue square", "a small green triangle above a yellow circle"] * 5
@@ -31,7 +33,10 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    model = BlipModel.from_preset("tiny").eval()
+    tiny = load_preset("tiny")  # with ViT's patch stem: these tests convert it to transformers' layout
+    model = BlipModel(
+        dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, patch_size=8, stem="patch"))
+    ).eval()
     with torch.no_grad():  # move every parameter off its init value so that round trips are meaningful
         for parameter in model.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))

@@ -26,10 +26,10 @@ def test_base_and_large_match_the_paper():
 
 def test_tiny_is_small():
     tiny = load_preset("tiny")
-    assert (tiny.vision.image_size, tiny.vision.patch_size) == (64, 8)
+    assert (tiny.vision.image_size, tiny.vision.patch_size, tiny.vision.stem) == (64, 16, "conv")
     assert tiny.vision.hidden_size <= 128 and tiny.text.hidden_size <= 128
-    assert 2 <= tiny.vision.num_layers <= 4 and 2 <= tiny.text.num_layers <= 4
-    assert tiny.vision.num_patches == 64
+    assert tiny.vision.num_layers == 1 and 2 <= tiny.text.num_layers <= 4
+    assert tiny.vision.num_patches == 16
 
 
 @pytest.mark.parametrize("std", [0.02, 0.1])
@@ -49,7 +49,9 @@ def test_unknown_preset_lists_the_available_ones():
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"vision": {"patch_size": 7}}, r"VisionConfig.patch_size must be a divisor of image_size=64"),
+        ({"vision": {"patch_size": 7, "stem": "patch"}}, r"VisionConfig.patch_size must be a divisor of image_size=64"),
+        ({"vision": {"patch_size": 2}}, r"VisionConfig.patch_size must be a power of two"),
+        ({"vision": {"stem": "resnet"}}, r"VisionConfig.stem must be one of patch, conv"),
         ({"vision": {"num_heads": 3}}, r"VisionConfig.num_heads must be a divisor of hidden_size=128"),
         ({"text": {"vocab_size": 0}}, r"TextConfig.vocab_size must be a positive integer"),
         ({"text": {"dropout": 1.5}}, r"TextConfig.dropout must be in \[0, 1\)"),
@@ -85,7 +87,10 @@ def test_missing_section_and_missing_field():
 
 def test_hf_config_round_trip():
     tiny = load_preset("tiny")
-    assert VisionConfig.from_hf(tiny.vision.to_hf()) == tiny.vision
+    patch_tower = dataclasses.replace(tiny.vision, stem="patch")
+    assert VisionConfig.from_hf(patch_tower.to_hf()) == patch_tower
+    with pytest.raises(ValueError, match="conv stem has no transformers BLIP counterpart"):
+        tiny.vision.to_hf()
     hf_text = tiny.text.to_hf(encoder_hidden_size=tiny.vision.hidden_size, pad_id=0, bos_id=7, sep_id=3)
     assert TextConfig.from_hf(hf_text) == tiny.text
     assert (hf_text.encoder_hidden_size, hf_text.bos_token_id, hf_text.eos_token_id) == (128, 7, 3)
