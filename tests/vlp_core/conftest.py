@@ -17,9 +17,9 @@ from vlp_core.tokenizer import BERT_SPECIAL_TOKENS, load_tokenizer
 SMALL_IMAGE_SIZE = 32
 
 
-def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> BlipModel:
-    """The tiny preset cut to 2 layers, 32 px images with ViT's patch stem (so that it converts to transformers'
-    layout) and the tokenizer's vocabulary, in eval mode.
+def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0, stem: str = "patch") -> BlipModel:
+    """The tiny preset cut to 2 layers, 32 px images in 8 px patches, the tokenizer's vocabulary and text init 0.02,
+    in eval mode; ViT's patch stem unless told (so that it converts to transformers' layout).
 
     An untrained model barely looks at the image, so the cross-attention values (shared by the
     image-grounded encoder and the decoder) are scaled up: scores and captions then depend on the image.
@@ -28,7 +28,7 @@ def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> BlipM
     tiny = load_preset("tiny")
     config = dataclasses.replace(
         tiny,
-        vision=dataclasses.replace(tiny.vision, image_size=SMALL_IMAGE_SIZE, patch_size=8, num_layers=2, stem="patch"),
+        vision=dataclasses.replace(tiny.vision, image_size=SMALL_IMAGE_SIZE, patch_size=8, num_layers=2, stem=stem),
         text=dataclasses.replace(tiny.text, vocab_size=len(tokenizer), num_layers=2, initializer_range=0.02),
     )
     model = BlipModel(config).eval()
@@ -40,7 +40,7 @@ def build_small_blip(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> BlipM
 
 @pytest.fixture(scope="session")
 def small_blip() -> Callable[..., BlipModel]:
-    """`build_small_blip(tokenizer, seed=0)`, for test modules (which cannot import conftest)."""
+    """`build_small_blip(tokenizer, seed=0, stem="patch")`, for test modules (which cannot import conftest)."""
     return build_small_blip
 
 

@@ -7,6 +7,7 @@ import torch
 from device_guard import tensors_made_without_a_device_are_meta
 
 from vlp_core.clip import load_clip
+from vlp_core.config import VISION_STEMS
 from vlp_core.generation import generate
 from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, prompt_length
 from vlp_core.scoring import score_captions
@@ -75,6 +76,16 @@ def test_generation_makes_no_tensor_off_the_models_device(model, tokenizer, case
     assert captions == expected
 
 
+def test_a_conv_stem_model_generates_and_scores_without_a_tensor_off_its_device(tokenizer, small_blip):
+    model, images = small_blip(tokenizer, stem="conv"), pixels()
+    expected = generate(model, tokenizer, images, **generation_kwargs("nucleus with seeds", "cpu"))
+    expected_scores = score_captions(model, tokenizer, images, CAPTIONS, batch_size=2)
+    with tensors_made_without_a_device_are_meta():
+        captions = generate(model, tokenizer, images, **generation_kwargs("nucleus with seeds", "cpu"))
+        scores = score_captions(model, tokenizer, images, CAPTIONS, batch_size=2)
+    assert captions == expected and scores == expected_scores
+
+
 def test_scoring_makes_no_tensor_off_the_models_device(model, tokenizer):
     images = pixels()
     expected = score_captions(model, tokenizer, images, CAPTIONS, batch_size=2)
@@ -83,9 +94,10 @@ def test_scoring_makes_no_tensor_off_the_models_device(model, tokenizer):
     assert scores == expected
 
 
+@pytest.mark.parametrize("stem", VISION_STEMS)
 @pytest.mark.parametrize("objectives", [PRETRAIN, CAPTIONER, FILTER])
-def test_a_training_step_makes_no_tensor_off_the_models_device(tokenizer, small_blip, objectives):
-    model = small_blip(tokenizer)
+def test_a_training_step_makes_no_tensor_off_the_models_device(tokenizer, small_blip, objectives, stem):
+    model = small_blip(tokenizer, stem=stem)
     with tensors_made_without_a_device_are_meta():
         losses = pretraining_step(model, tokenizer, objectives, "cpu")
     assert all(torch.isfinite(value).all() for value in losses.values())
@@ -127,9 +139,10 @@ def test_scoring_on_cuda(tokenizer, small_blip):
 
 
 @cuda
+@pytest.mark.parametrize("stem", VISION_STEMS)
 @pytest.mark.parametrize("objectives", [PRETRAIN, CAPTIONER, FILTER])
-def test_a_training_step_on_cuda(tokenizer, small_blip, objectives):
-    losses = pretraining_step(small_blip(tokenizer).cuda(), tokenizer, objectives, "cuda")
+def test_a_training_step_on_cuda(tokenizer, small_blip, objectives, stem):
+    losses = pretraining_step(small_blip(tokenizer, stem=stem).cuda(), tokenizer, objectives, "cuda")
     assert all(value.device.type == "cuda" and torch.isfinite(value).all() for value in losses.values())
 
 
