@@ -248,7 +248,9 @@ def test_finetune_filter_starts_from_a_transformers_folder_and_trains_only_what_
     world, small_set, micro_checkpoint, tmp_path
 ):
     model, tokenizer, _ = load_checkpoint(micro_checkpoint)
-    export_hf_filter(model, tokenizer, tmp_path / "hf")
+    patch_stem = dataclasses.replace(model.config.vision, stem="patch")  # transformers' BLIP has no conv stem
+    torch.manual_seed(0)
+    export_hf_filter(BlipModel(dataclasses.replace(model.config, vision=patch_stem)), tokenizer, tmp_path / "hf")
     start, _ = import_hf(tmp_path / "hf")
     config = TrainConfig(init_checkpoint=tmp_path / "hf", max_steps=12, checkpoint_every=12, **FAST)
     result = finetune_filter(config, small_set, world.human_root, tmp_path / "run")
