@@ -1,8 +1,9 @@
 """CPU learning test: a tiny BLIP pretrained from scratch on the synthetic world's human set learns it.
 
-Held-out checks: ITC text->image retrieval far above chance; an ITM head that tells a caption of the
+Held-out checks: ITC text->image retrieval (R@1 of 100 images); an ITM head that tells a caption of the
 image from a caption of another image and, less surely, from the same caption with a wrong attribute;
-greedy captions that parse under the world grammar and are truer of their own image than of another.
+greedy captions that parse under the world grammar, get most attributes right and are truer of their own
+image than of another.
 """
 
 import math
@@ -30,10 +31,13 @@ WORLD = WorldConfig(seed=0, n_web=20, n_human=400, n_test=100)
 PHASES = ((("itc",), 300), (("itc", "itm", "lm"), 250))  # (objectives, steps)
 BATCH_SIZE, LR, WARMUP = 32, 5e-4, 20
 MAX_TOKENS = 40
-# Margins below the measured values (0.62 ranked above a wrong-attribute caption; attribute accuracy 0.458 on
-# the own image vs 0.365 on another); the recipe is deterministic on CPU under its seeds.
-RANKED_ABOVE_WRONG_ATTRIBUTE = 0.55
-CAPTION_ACCURACY_OVER_ANOTHER_IMAGE = 0.05
+# Margins below the measured values with the tiny preset's conv stem (text->image R@1 0.57; 0.75 ranked above
+# a wrong-attribute caption; greedy captions' attribute accuracy 0.58 on the own image vs 0.33 on another); the
+# recipe is deterministic on CPU under its seeds.
+RETRIEVAL_AT_1 = 0.45
+RANKED_ABOVE_WRONG_ATTRIBUTE = 0.68
+CAPTION_ACCURACY = 0.5
+CAPTION_ACCURACY_OVER_ANOTHER_IMAGE = 0.15
 
 
 def load_split(annotations, root, transform):
@@ -85,7 +89,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_itc_retrieves_held_out_images_far_above_chance(trained):
+def test_itc_retrieves_held_out_images(trained):
     model, tokenizer, test, test_pixels, _ = trained
     captions = [(i, c) for i, record in enumerate(test) for c in record.captions]
     input_ids, attention_mask = tokenize(tokenizer, [c for _, c in captions], MAX_TOKENS)
@@ -94,9 +98,8 @@ def test_itc_retrieves_held_out_images_far_above_chance(trained):
         text_features = model.text_features(model.encode_text(input_ids, attention_mask))
     truth = torch.tensor([i for i, _ in captions])
     recall_at_1 = ((text_features @ image_features.t()).argmax(dim=1) == truth).float().mean().item()
-    chance = 1 / len(test)
-    print(f"text->image R@1 {recall_at_1:.3f} (chance {chance:.3f})")
-    assert recall_at_1 >= 5 * chance
+    print(f"text->image R@1 {recall_at_1:.3f} (chance {1 / len(test):.3f})")
+    assert recall_at_1 >= RETRIEVAL_AT_1
 
 
 def match_probability(model, tokenizer, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -148,4 +151,4 @@ def test_greedy_captions_parse_and_are_truer_of_their_own_image(trained):
     other = sum(attribute_accuracy(c, scenes[r.image_id]) for c, r in zip(captions, shifted)) / len(test)
     print(f"parsed {parsed:.2f}, attribute accuracy {own:.3f} on own image vs {other:.3f} on another")
     assert parsed >= 0.9
-    assert own >= other + CAPTION_ACCURACY_OVER_ANOTHER_IMAGE
+    assert own >= CAPTION_ACCURACY and own >= other + CAPTION_ACCURACY_OVER_ANOTHER_IMAGE
