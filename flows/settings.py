@@ -21,7 +21,7 @@ class RunSettings:
     model_preset: str = "tiny"
     rounds: int = 1
     pretrain_steps: int = 400
-    itc_warmup_steps: int = 200  # pretraining from scratch: ITC alone first
+    itc_warmup_steps: int = 0  # pretraining from scratch: ITC alone first (tiny's stem and text init need none)
     easy_negative_steps: int = 200  # pretraining: ITM negatives ramp from uniform to hard (fine-tuning: hard)
     finetune_steps: int = 450  # captioner and filter, each: from the pretrained model, hard ITM negatives
     finetune_lr: float = 1e-3  # measured on the tiny world: 150 steps at 3e-4 leave captions and ITM poor
