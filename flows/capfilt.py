@@ -201,7 +201,7 @@ def clip_ranker(settings: RunSettings, inputs: Inputs, out: Location) -> Locatio
 
 
 def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConfig:
-    """BLIP pretraining from the preset's random weights (ITC warm-up first)."""
+    """BLIP pretraining from the preset's random weights (ITC alone for the settings' warm-up steps, if any)."""
     return replace(
         _training(
             settings,
