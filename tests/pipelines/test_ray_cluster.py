@@ -3,6 +3,7 @@
 `ray start --address` (the CPUs, and a label), and moto's standalone S3 server (`s3_env`, tests/conftest.py).
 Stages join through RAY_ADDRESS or run as `ray job submit` jobs. Everything is stopped by PID."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -91,16 +92,6 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(none)"
 
 
-def _joins(node: subprocess.Popen, dashboard: str, timeout_s: float) -> bool:
-    """Whether the head lists `node` alive within `timeout_s` (False as soon as it exits)."""
-    deadline = time.monotonic() + timeout_s
-    while node.poll() is None and time.monotonic() < deadline:
-        if _worker_node(dashboard) is not None:
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def _join_worker(env: dict[str, str], gcs_port: int, dashboard: str, temp_dir: Path) -> subprocess.Popen:
     """Start the labelled second node and wait until the head lists it. A node that exits or has not joined in
     90 s is started once more (its ports were free when taken, but another process may have won one since);
@@ -109,7 +100,9 @@ def _join_worker(env: dict[str, str], gcs_port: int, dashboard: str, temp_dir: P
         log = temp_dir / f"worker-{attempt}.log"
         options = (f"--address=127.0.0.1:{gcs_port}", "--num-cpus=3", f"--labels={WORKER_LABEL}")
         worker = _start_node(env, log, *options)
-        if _joins(worker, dashboard, 90):
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda node=worker: node.poll() is not None or _worker_node(dashboard) is not None, "a join", 90)
+        if worker.poll() is None and _worker_node(dashboard) is not None:
             return worker
         stop_group(worker, signal.SIGINT)
     listing = subprocess.run(
