@@ -95,6 +95,7 @@ def capfilt(
     captioner_backend: str | None = None,
     caption_prompt: str | None = None,
     filter_checkpoint: str | None = None,
+    train_cpus: int | None = None,
     executor: str | None = None,
     ray_address: str | None = None,
     world_seed: int = 0,
@@ -226,8 +227,9 @@ def round_models(
     settings: RunSettings, inputs: Inputs, out: Location, model: train.TrainResult | None
 ) -> tuple[ModelRef, ModelRef | None]:
     """A round's captioner and filter (None for the clip scorer): the given ones, and the others fine-tuned
-    from `model` on the human pairs (side by side on Ray Train; in this process they take turns, as torch's
-    threads and random state are process-wide)."""
+    from `model` on the human pairs. Two fine-tunings run side by side, each on half of `train_cpus`: on Ray
+    Train, or in child processes of this one (torch's threads and random state are process-wide); with one
+    core they take turns in this process."""
     given = {"captioner": settings.captioner_checkpoint}
     if settings.filter_scorer == "itm":
         given["filter"] = settings.filter_checkpoint
@@ -237,23 +239,28 @@ def round_models(
     }
     models = {role: ModelRef(path, digests[role](path)) for role, path in given.items() if path is not None}
     fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
+    steps = {"captioner": settings.captioner_steps, "filter": settings.filter_steps}
     to_train = [role for role in given if role not in models]
-    if to_train:
-        side_by_side = len(to_train) > 1 and not trains_in_process(settings.executor, ray_address=settings.ray_address)
-        finetuning = _training(
+    in_process = trains_in_process(settings.executor, ray_address=settings.ray_address)
+    side_by_side = len(to_train) > 1 and (settings.train_cpus > 1 or not in_process)
+    configs = {
+        role: _training(
             settings,
-            settings.finetune_steps,
+            steps[role],
             lr=settings.finetune_lr,
             init_checkpoint=model.checkpoint_dir,
             cpus=max(1, settings.train_cpus // 2) if side_by_side else None,
+            child_process=side_by_side and in_process,
         )
-        human = (inputs.human_annotations, inputs.human_image_root)
-        runs = {role: training_dir(out, role, finetuning, model.digest) for role in to_train}
-        if side_by_side:
-            futures = {role: fine_tunes[role].submit(finetuning, *human, run_dir) for role, run_dir in runs.items()}
-            models |= {role: future.result() for role, future in futures.items()}
-        else:
-            models |= {role: fine_tunes[role](finetuning, *human, run_dir) for role, run_dir in runs.items()}
+        for role in to_train
+    }
+    human = (inputs.human_annotations, inputs.human_image_root)
+    runs = {role: training_dir(out, role, configs[role], model.digest) for role in to_train}
+    if side_by_side:
+        futures = {role: fine_tunes[role].submit(configs[role], *human, run_dir) for role, run_dir in runs.items()}
+        models |= {role: future.result() for role, future in futures.items()}
+    else:
+        models |= {role: fine_tunes[role](configs[role], *human, run_dir) for role, run_dir in runs.items()}
     return models["captioner"], models.get("filter")
 
 
@@ -341,6 +348,7 @@ def _training(
     itc_warmup_steps: int = 0,
     easy_negative_steps: int = 0,
     cpus: int | None = None,
+    child_process: bool = False,
 ) -> TrainConfig:
     """Training settings: from a preset's random weights, from a checkpoint (fine-tuning: hard ITM negatives
     from the first step), or (neither) the CLIP ranker."""
@@ -357,6 +365,7 @@ def _training(
         use_gpu=settings.num_gpus > 0,
         executor=settings.executor,
         ray_address=settings.ray_address,
+        child_process=child_process,
         checkpoint_every=max(50, steps // 4),
     )
 
@@ -376,8 +385,8 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
 
 
 def training_dir(out: Location, task_name: str, config: TrainConfig, source_digest: str) -> Location:
-    """A training's folder, named by its settings (but not where it executes) and its input: same inputs,
-    same folder (so it resumes)."""
+    """A training's folder, named by its settings (not where or on how many cores it runs) and its input:
+    same inputs, same folder (so it resumes)."""
     key = config_digest({"config": config.placement_free_dict(), "source": source_digest}).removeprefix("sha256:")
     return out / "train" / f"{task_name}-{key}"
 

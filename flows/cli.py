@@ -105,6 +105,12 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+    option(
+        "--train-cpus",
+        type=int,
+        help="CPU cores of a training; the captioner's and the filter's fine-tunings share them, side by side "
+        "(default: the preset's)",
+    )
     option("--url-list", help="real data: img2dataset URL list (Parquet/CSV with url, caption)")
     option("--human-annotations", help="with --url-list: COCO Karpathy json of the human pairs")
     option("--human-image-root", help="with --url-list: the folder its image paths are under")

@@ -12,14 +12,13 @@ from vlp_core.checkpoint import check_checkpoint
 from vlp_core.config import preset_names
 from vlp_core.storage import Location, absolute, location
 
-# Where a run executes: never part of what it trains.
-PLACEMENT_FIELDS = ("executor", "ray_address")
+# Where and on how many cores a run executes: never part of what it trains.
+PLACEMENT_FIELDS = ("executor", "ray_address", "cpus_per_worker", "child_process")
 # Fields that may change when a run is restarted: how long it trains and where it runs.
 RESTARTABLE_FIELDS = (
     "epochs",
     "max_steps",
     "num_workers",
-    "cpus_per_worker",
     "use_gpu",
     "loader_workers",
     "checkpoint_every",
@@ -59,6 +58,7 @@ class TrainConfig:
     log_every: int = 50  # steps
     max_failures: int = 0  # Ray Train restarts after a worker failure (resuming from checkpoints)
     ray_address: str | None = None
+    child_process: bool = False  # a run that trains in process: in a child process (two can run side by side)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
@@ -80,6 +80,7 @@ class TrainConfig:
             "max_failures",
         ):
             _require(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer ≥ 0")
+        _require(isinstance(self.child_process, bool), "child_process", "True or False")
         if (self.epochs is None) == (self.max_steps is None):
             raise ValueError(
                 f"TrainConfig: give either epochs or max_steps, not both or neither "
@@ -111,7 +112,7 @@ class TrainConfig:
 
     @property
     def trains_in_process(self) -> bool:
-        """Whether the run trains in this process (see `trains_in_process`)."""
+        """Whether the run trains in this process or its child, not on Ray Train (see `trains_in_process`)."""
         return trains_in_process(self.executor, self.num_workers, self.max_failures, self.ray_address)
 
     def to_dict(self) -> dict:

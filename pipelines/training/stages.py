@@ -3,7 +3,8 @@
 Each entry point turns its input into (image, caption) pairs, checks the run folder, and runs the one
 training loop (`pipelines.training.loop.train_loop`): on a Ray Train `TorchTrainer` with `num_workers`
 workers (DDP when more than one), or in this process (`TrainConfig.trains_in_process`: the local executor,
-or one worker that Ray Train would only start up). Results land in `run_dir`:
+or one worker that Ray Train would only start up), or in a child process of its own (`child_process`, so
+that two such trainings run side by side). Results land in `run_dir`:
 
     run.json            what this run trains (task, config, data digest); a restart must match it
     pairs.arrow         the pairs it trains on, streamed from its input once per start (`data.write_pairs`)
@@ -20,7 +21,11 @@ import functools
 import itertools
 import json
 import logging
+import logging.handlers
+import multiprocessing
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import ray.train
@@ -131,14 +136,16 @@ def _fit(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
     )
-    where = "in this process" if config.trains_in_process else f"on {config.num_workers} Ray Train worker(s)"
+    if not config.trains_in_process:
+        where, train = f"on {config.num_workers} Ray Train worker(s)", _train_on_ray
+    elif config.child_process:
+        where, train = "in a child process", _train_in_child
+    else:
+        where, train = "in this process", _train_here
     log.info(
         "%s: %d pairs, %d steps (%d per epoch) %s → %s", task, len(pairs), total_steps, steps_per_epoch, where, run_dir
     )
-    if config.trains_in_process:
-        _train_here(spec)
-    else:
-        _train_on_ray(spec)
+    train(spec)
     result = _finished_result(run_dir, total_steps)
     if result is None:
         raise RuntimeError(f"{task}: training ended without {run_dir / 'final' / SUMMARY_FILE}; see the logs")
@@ -159,6 +166,37 @@ def _train_here(spec: TrainSpec) -> None:
             train_loop(spec, Placement(device=device))
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_in_child(spec: TrainSpec) -> None:
+    """`_train_here` in a fresh child process (spawned: no copy of this process's threads or Ray state). Its
+    log records go to this process's loggers; an exception in it is raised here."""
+    context = multiprocessing.get_context("spawn")
+    records = context.Queue()
+    forwarder = threading.Thread(target=_forward_records, args=(records,), name="child-training-log", daemon=True)
+    forwarder.start()
+    try:
+        level = logging.getLogger(__name__).getEffectiveLevel()
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_log_to, initargs=(records, level)) as child:
+            child.submit(_train_here, spec).result()
+    finally:
+        records.put(None)
+        forwarder.join()
+
+
+def _log_to(records: multiprocessing.Queue, level: int) -> None:
+    """In the child: send every record at `level` or above to `records`."""
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.setLevel(level)
+
+
+def _forward_records(records: multiprocessing.Queue) -> None:
+    """In this process: hand the child's records to the loggers of the same names, until None arrives."""
+    while (record := records.get()) is not None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 def _train_on_ray(spec: TrainSpec) -> None:

@@ -1,10 +1,12 @@
 """`capfilt ablate` end to end: the real flow (Prefect, Ray, img2dataset on a served world) with the smoke
 preset, three arms (an ITM and a CLIP-score filter among them) × two seeds, and a second captioner (a
 BLIP-2 stand-in) compared on the arms with synthetic captions; the table, the arms' training data against
-their rules, a re-run that reuses everything, and the report's ablation section."""
+their rules, a re-run that reuses everything, and the report's ablation section. With two training cores
+the captioner and the filter fine-tune side by side, in child processes."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ def _ablate(out: Path, home: Path) -> subprocess.CompletedProcess:
     if not blip2.is_dir():
         blip2_folder(blip2)
     command = [
-        str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--out", str(out),
+        str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--out", str(out), "--train-cpus", "2",
         "--arms", ",".join(ARMS), "--seeds", ",".join(map(str, SEEDS)),
         "--compare-captioner-backend", "blip2", "--compare-captioner-checkpoint", str(blip2),
     ]  # fmt: skip
@@ -57,6 +59,9 @@ def test_the_table_has_every_arm_and_seed(ablation_run) -> None:
     assert summary["settings"]["pretrain_steps"] == RUN_PRESETS["smoke"].pretrain_steps
     assert summary["world"]["noise_rates"] == dict(RUN_PRESETS["smoke"].world.noise_rates)
     assert set(summary["candidates"]["checkpoints"]) == {"pretrained", "captioner", "filter", "clip"}
+    log = (out / "capfilt.log").read_text()
+    for role in ("captioner", "filter"):
+        assert re.search(rf"{role}: \d+ pairs, \d+ steps .* in a child process", log), role
     for arm in summary["arms"]:
         assert set(arm["per_seed"]) == {"0", "1"}
         for measure, values in arm["summary"].items():

@@ -9,6 +9,7 @@ rises while the queue fills, and a short queue keeps that to the first two steps
 
 import dataclasses
 import json
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -146,6 +147,19 @@ def test_a_single_worker_under_ray_trains_without_starting_ray_train(world, smal
     )
     assert result.steps == 2
     assert not (tmp_path / "ray").exists()  # Ray Train's storage_path: never made
+
+
+def test_a_run_in_a_child_process_trains_the_same_model_and_logs_here(world, small_set, tmp_path, caplog):
+    config = TrainConfig(max_steps=3, preset="tiny", executor="local", **FAST)
+    here = finetune_captioner(config, small_set, world.human_root, tmp_path / "here")
+    with caplog.at_level(logging.INFO, logger="pipelines.training"):
+        child = finetune_captioner(
+            dataclasses.replace(config, child_process=True), small_set, world.human_root, tmp_path / "child"
+        )
+    assert child.losses == here.losses
+    assert child.digest == here.digest  # the same weights
+    assert "in a child process" in caplog.text
+    assert "captioner step 3/3" in caplog.text  # the child's loop logs through this process's loggers
 
 
 def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batch(world, small_set, tmp_path):
