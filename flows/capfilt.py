@@ -229,7 +229,7 @@ def round_models(
     """A round's captioner and filter (None for the clip scorer): the given ones, and the others fine-tuned
     from `model` on the human pairs. Two fine-tunings run side by side, each on half of `train_cpus`: on Ray
     Train, or in child processes of this one (torch's threads and random state are process-wide); with one
-    core they take turns in this process."""
+    core, or on this machine's GPU, they take turns in this process."""
     given = {"captioner": settings.captioner_checkpoint}
     if settings.filter_scorer == "itm":
         given["filter"] = settings.filter_checkpoint
@@ -242,7 +242,7 @@ def round_models(
     steps = {"captioner": settings.captioner_steps, "filter": settings.filter_steps}
     to_train = [role for role in given if role not in models]
     in_process = trains_in_process(settings.executor, ray_address=settings.ray_address)
-    side_by_side = len(to_train) > 1 and (settings.train_cpus > 1 or not in_process)
+    side_by_side = len(to_train) > 1 and (not in_process or (settings.train_cpus > 1 and not settings.num_gpus))
     configs = {
         role: _training(
             settings,

@@ -5,10 +5,11 @@ no listener (a library call, a test, a Prefect worker, a Ray worker process) it 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ProgressListener(Protocol):
@@ -46,6 +47,45 @@ def progress(description: str, total: int | None, unit: str, done: int = 0) -> I
         yield lambda amount=1: listener.advanced(handle, amount)
     finally:
         listener.finished(handle)
+
+
+class ProgressSender:
+    """A listener for a child process: puts every event on `events` (a multiprocessing queue) as a
+    ("started" | "advanced" | "finished", key, arguments) tuple, for `ProgressReplay` in the parent."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+        self._keys = itertools.count()
+
+    def started(self, description: str, total: int | None, unit: str, done: int) -> int:
+        key = next(self._keys)
+        self.events.put(("started", key, (description, total, unit, done)))
+        return key
+
+    def advanced(self, handle: object, amount: int) -> None:
+        self.events.put(("advanced", handle, (amount,)))
+
+    def finished(self, handle: object) -> None:
+        self.events.put(("finished", handle, ()))
+
+
+class ProgressReplay:
+    """Replays a child's `ProgressSender` events to this process's listener (none: they are dropped)."""
+
+    def __init__(self) -> None:
+        self.listener = _listener
+        self.handles: dict[object, object] = {}
+
+    def replay(self, event: tuple[str, object, tuple]) -> None:
+        kind, key, arguments = event
+        if self.listener is None:
+            return
+        if kind == "started":
+            self.handles[key] = self.listener.started(*arguments)
+        elif kind == "advanced":
+            self.listener.advanced(self.handles[key], *arguments)
+        else:
+            self.listener.finished(self.handles.pop(key))
 
 
 TERMINAL = "terminal"  # a LogRecord attribute: this INFO line is for the terminal too, not only the log

@@ -36,6 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.executor import init_ray
 from pipelines.manifests.manifest import Generation
+from pipelines.progress import ProgressReplay, ProgressSender, listen_to_progress
 from pipelines.training.config import RESTARTABLE_FIELDS, TrainConfig
 from pipelines.training.data import PAIR_FILE, PairFile, coco_triples, generation_triples, write_pairs
 from pipelines.training.loop import SUMMARY_FILE, Placement, TrainSpec, train_loop
@@ -170,33 +171,40 @@ def _train_here(spec: TrainSpec) -> None:
 
 def _train_in_child(spec: TrainSpec) -> None:
     """`_train_here` in a fresh child process (spawned: no copy of this process's threads or Ray state). Its
-    log records go to this process's loggers; an exception in it is raised here."""
+    log records go to this process's loggers and its progress to this process's listener; an exception in
+    it is raised here."""
     context = multiprocessing.get_context("spawn")
-    records = context.Queue()
-    forwarder = threading.Thread(target=_forward_records, args=(records,), name="child-training-log", daemon=True)
+    events = context.Queue()
+    forwarder = threading.Thread(target=_forward_events, args=(events,), name="child-training-events", daemon=True)
     forwarder.start()
     try:
         level = logging.getLogger(__name__).getEffectiveLevel()
-        with ProcessPoolExecutor(1, mp_context=context, initializer=_log_to, initargs=(records, level)) as child:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_send_events, initargs=(events, level)) as child:
             child.submit(_train_here, spec).result()
     finally:
-        records.put(None)
+        events.put(None)
         forwarder.join()
 
 
-def _log_to(records: multiprocessing.Queue, level: int) -> None:
-    """In the child: send every record at `level` or above to `records`."""
+def _send_events(events: multiprocessing.Queue, level: int) -> None:
+    """In the child: put every log record at `level` or above, and every progress event, on `events`."""
     root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.handlers = [logging.handlers.QueueHandler(events)]
     root.setLevel(level)
+    listen_to_progress(ProgressSender(events))
 
 
-def _forward_records(records: multiprocessing.Queue) -> None:
-    """In this process: hand the child's records to the loggers of the same names, until None arrives."""
-    while (record := records.get()) is not None:
-        logger = logging.getLogger(record.name)
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+def _forward_events(events: multiprocessing.Queue) -> None:
+    """In this process: hand the child's log records to the loggers of their names and its progress to this
+    process's listener, until None arrives."""
+    progress = ProgressReplay()
+    while (event := events.get()) is not None:
+        if isinstance(event, logging.LogRecord):
+            logger = logging.getLogger(event.name)
+            if logger.isEnabledFor(event.levelno):
+                logger.handle(event)
+        else:
+            progress.replay(event)
 
 
 def _train_on_ray(spec: TrainSpec) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pipelines.manifests.manifest import Generation, samples_table
+from pipelines.progress import listen_to_progress
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import EpochOrder, coco_triples, derive_seed, write_pairs
 from pipelines.training.loop import STATE_FILE, learning_rate
@@ -149,17 +150,44 @@ def test_a_single_worker_under_ray_trains_without_starting_ray_train(world, smal
     assert not (tmp_path / "ray").exists()  # Ray Train's storage_path: never made
 
 
-def test_a_run_in_a_child_process_trains_the_same_model_and_logs_here(world, small_set, tmp_path, caplog):
+class ProgressRecorder:
+    """A progress listener that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def started(self, description: str, total: int | None, unit: str, done: int) -> str:
+        self.events.append(("started", description, total, unit, done))
+        return description
+
+    def advanced(self, handle: object, amount: int) -> None:
+        self.events.append(("advanced", handle, amount))
+
+    def finished(self, handle: object) -> None:
+        self.events.append(("finished", handle))
+
+
+def test_a_run_in_a_child_process_trains_the_same_model_and_reports_here(world, small_set, tmp_path, caplog):
     config = TrainConfig(max_steps=3, preset="tiny", executor="local", **FAST)
     here = finetune_captioner(config, small_set, world.human_root, tmp_path / "here")
-    with caplog.at_level(logging.INFO, logger="pipelines.training"):
-        child = finetune_captioner(
-            dataclasses.replace(config, child_process=True), small_set, world.human_root, tmp_path / "child"
-        )
+    recorder = ProgressRecorder()
+    listen_to_progress(recorder)
+    try:
+        with caplog.at_level(logging.INFO, logger="pipelines.training"):
+            child = finetune_captioner(
+                dataclasses.replace(config, child_process=True), small_set, world.human_root, tmp_path / "child"
+            )
+    finally:
+        listen_to_progress(None)
     assert child.losses == here.losses
     assert child.digest == here.digest  # the same weights
     assert "in a child process" in caplog.text
     assert "captioner step 3/3" in caplog.text  # the child's loop logs through this process's loggers
+    assert recorder.events == [
+        ("started", "captioner", 3, "steps", 0),
+        *[("advanced", "captioner", 1)] * 3,
+        ("finished", "captioner"),
+    ]
 
 
 def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batch(world, small_set, tmp_path):
