@@ -190,6 +190,14 @@ def test_a_run_in_a_child_process_trains_the_same_model_and_reports_here(world, 
     ]
 
 
+def test_a_run_on_two_threads_repeats_itself_and_leaves_torch_as_it_was(world, tmp_path):
+    """Batches of 32 (the world's 40 human pairs): smaller ones do not reach torch's multi-threaded sums."""
+    config = TrainConfig(max_steps=3, preset="tiny", executor="local", cpus_per_worker=2, batch_size=32, lr=1e-3)
+    runs = [finetune_filter(config, world.human_annotations, world.human_root, tmp_path / str(i)) for i in range(2)]
+    assert runs[0].losses == runs[1].losses and runs[0].digest == runs[1].digest
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_entry_points_refuse_a_missing_model_source_or_a_set_smaller_than_a_batch(world, small_set, tmp_path):
     with pytest.raises(ValueError, match="set preset .* or init_checkpoint"):
         finetune_filter(TrainConfig(max_steps=1), small_set, world.human_root, tmp_path)
