@@ -12,7 +12,8 @@ that two such trainings run side by side). Results land in `run_dir`:
     checkpoints/step-N/ resumable checkpoints;  final/  the exported model + training.json
 
 A finished run (`final/training.json` at the requested step count) is returned without training; an
-interrupted one continues from its latest checkpoint. On CPU a run is deterministic under its seed.
+interrupted one continues from its latest checkpoint. On CPU a run is deterministic under its seed, on any
+number of threads (`loop.train_loop` uses torch's deterministic kernels there).
 """
 
 from __future__ import annotations
