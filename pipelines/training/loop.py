@@ -64,24 +64,15 @@ class Placement:
 
 
 def train_loop(spec: TrainSpec, placement: Placement) -> None:
-    """Build, resume, then one loop over steps until `total_steps`; on CPU with torch's deterministic kernels,
-    so that a run repeats itself on several threads too (without them, some backward passes sum in an order
-    that varies between runs: two 30-step pretrainings on 2 threads ended up to 0.003 apart in their
-    weights). The caller's setting is restored afterwards."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    if placement.device.type == "cpu" and not before[0]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        _train(spec, placement)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
-def _train(spec: TrainSpec, placement: Placement) -> None:
+    """Build, resume, then one loop over steps until `total_steps`."""
     config = spec.config
     rank, world_size, device = placement.rank, placement.world_size, placement.device
 
     torch.set_num_threads(config.cpus_per_worker)
+    if device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
+        # a run repeats itself on several threads too: without these kernels some backward passes sum in an
+        # order that varies between runs (two 30-step pretrainings on 2 threads ended 0.003 apart in weights)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     task = build_task(
         spec.task,

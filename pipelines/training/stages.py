@@ -156,18 +156,23 @@ def _fit(
 
 def _train_here(spec: TrainSpec) -> None:
     """One worker in this process (`TrainConfig.trains_in_process`), on its GPU if `use_gpu`. The caller's torch
-    threads and random state are restored afterwards."""
+    threads, deterministic-kernel setting and random state are restored afterwards."""
     if spec.config.use_gpu and not torch.cuda.is_available():
         raise ValueError(
             "TrainConfig.use_gpu is set, but this process (where a single worker trains) sees no CUDA device"
         )
     device = torch.device("cuda" if spec.config.use_gpu else "cpu")
     threads = torch.get_num_threads()
+    deterministic, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             train_loop(spec, Placement(device=device))
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _train_in_child(spec: TrainSpec) -> None:
