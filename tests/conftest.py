@@ -1,6 +1,7 @@
 """Test-wide setup: offline environment, and one local Ray cluster shared by the tests that need it."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -17,14 +18,23 @@ for name, value in {
     "CAPFILT_EXECUTOR": "local",
     # One thread per process: on 2 shared cores, torch's default threading is several times slower.
     "OMP_NUM_THREADS": "1",
-    # Local copies of remote files and folders (vlp_core.storage) go to a folder of the session's own.
-    "CAPFILT_CACHE": tempfile.mkdtemp(prefix="capfilt-cache-"),
 }.items():
     os.environ.setdefault(name, value)
+
+# Local copies of remote files and folders (vlp_core.storage) go to a folder of the session's own, removed at
+# its end (pytest_sessionfinish).
+SESSION_CACHE = None if "CAPFILT_CACHE" in os.environ else tempfile.mkdtemp(prefix="capfilt-cache-")
+if SESSION_CACHE:
+    os.environ["CAPFILT_CACHE"] = SESSION_CACHE
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
 
 torch.set_num_threads(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_CACHE:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
