@@ -32,7 +32,9 @@ class RunSettings:
     batch_size: int = 32
     lr: float = 3e-4
     train_cpus: int = 2  # cores of a training that runs alone; side-by-side ones share them
-    num_captions: int = 5
+    # BLIP's one synthetic caption per image: the tiny CLIP ranks one image's captions at chance, so of five
+    # its top-k would keep a random two and drop half the clean web captions (docs/architecture.md)
+    num_captions: int = 1
     filter_scorer: str = "itm"  # itm: the BLIP filter's ITM head; clip: the CLIP ranker's cosine similarity
     itm_threshold: float = 0.5  # the itm scorer's: an ITM match probability
     clip_threshold: float = 0.28  # the clip scorer's: a cosine similarity (DataComp's CLIP-score cut for ViT-L/14)
