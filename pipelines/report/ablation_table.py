@@ -179,7 +179,7 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
             else ""
         )
         + f", CLIP top-k {settings.get('top_k')}, "
-        f"{settings.get('num_captions')} synthetic captions per image "
+        f"{settings.get('num_captions')} synthetic caption{'' if settings.get('num_captions') == 1 else 's'} per image "
         f"(captioner: {settings.get('captioner_backend', 'blip')})",
         f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})",
         *(
