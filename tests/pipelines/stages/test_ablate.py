@@ -333,7 +333,7 @@ def test_measures_spread_and_table() -> None:
     summary = ablation_summary(
         [entry],
         seeds=[0, 1],
-        settings={"pretrain_steps": 10, "batch_size": 8},
+        settings={"pretrain_steps": 10, "batch_size": 8, "num_captions": 1},
         candidates={"path": "/c", "manifest_digest": "sha256:c"},
         world={"seed": 0, "n_web": 60, "noise_rates": {"clean": 0.5, "empty": 0.5}},
     )
@@ -341,6 +341,7 @@ def test_measures_spread_and_table() -> None:
     assert "| capfilt | ✓ | ✓ |  | 4 | 0.333 ± 0.000 | 0.300 ± 0.141 |" in markdown
     assert "| capfilt | 0.750 | 0.600 | 0.10 | 1.00 |" in markdown
     assert "noise rates clean 0.5, empty 0.5" in markdown
+    assert ", 1 synthetic caption per image (captioner: blip)" in markdown
 
     figure = report_ablation(summary)
     assert figure["rows"][0]["name"] == "capfilt" and figure["rows"][0]["tr@1"]["max"] == 0.4
