@@ -121,6 +121,7 @@ def format_spread(value: dict[str, Any], measure: str) -> str:
 def ablation_markdown(summary: dict[str, Any]) -> str:
     """ablation.md: the Table-1-like table, the filter on injected noise per arm, and what produced them."""
     settings, world = summary["settings"], summary["world"]
+    num_captions = settings.get("num_captions")
     tick = {True: "✓", False: ""}
     lines = [
         f"# CapFilt ablation (mean ± std over seeds {', '.join(map(str, summary['seeds']))})",
@@ -179,7 +180,7 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
             else ""
         )
         + f", CLIP top-k {settings.get('top_k')}, "
-        f"{settings.get('num_captions')} synthetic caption{'' if settings.get('num_captions') == 1 else 's'} per image "
+        f"{num_captions} synthetic caption{'' if num_captions == 1 else 's'} per image "
         f"(captioner: {settings.get('captioner_backend', 'blip')})",
         f"- candidates: `{summary['candidates']['path']}` ({summary['candidates']['manifest_digest']})",
         *(
