@@ -194,6 +194,9 @@ class TextConfig:
         )
 
 
+CAPTION_PROMPT = "a picture of "  # BLIP's captioner: fine-tuned and sampled after this prefix
+
+
 @dataclass(frozen=True)
 class BlipConfig:
     """The whole BLIP model plus the pretraining hyper-parameters that live with it.
@@ -201,7 +204,8 @@ class BlipConfig:
     embed_dim: width E of the ITC projections. queue_size: ITC momentum queue length (a multiple of
     the global batch size). momentum: EMA factor of the momentum encoders. alpha: weight of the
     momentum-distilled targets. temp: initial ITC temperature. label_smoothing: for the LM loss.
-    prompt: caption prefix the decoder is trained and sampled with. max_text_length: tokens per text.
+    prompt: caption prefix the decoder is trained and sampled with: "" after pretraining (BLIP's LM
+    objective has none), CAPTION_PROMPT after captioner fine-tuning. max_text_length: tokens per text.
     """
 
     vision: VisionConfig
@@ -212,7 +216,7 @@ class BlipConfig:
     alpha: float = 0.4
     temp: float = 0.07
     label_smoothing: float = 0.1
-    prompt: str = "a picture of "
+    prompt: str = CAPTION_PROMPT
     max_text_length: int = 35
     image_mean: tuple[float, float, float] = CLIP_IMAGE_MEAN
     image_std: tuple[float, float, float] = CLIP_IMAGE_STD

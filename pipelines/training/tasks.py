@@ -4,12 +4,14 @@ A *trainee* is an `nn.Module` with `forward(batch, step) -> {"loss": ..., <named
 `export(directory) -> digest`. Its `state_dict` holds everything a resume needs besides the optimizer
 (BLIP's momentum encoders, feature queues and ITM sampling generator included).
 
-Tasks: `pretrain` (ITC + ITM + LM), `captioner` (LM, captions prefixed with the model's prompt),
-`filter` (ITC + ITM) — all on a BLIP model — and `clip` (open_clip contrastive loss on the ranker).
+Tasks: `pretrain` (ITC + ITM + LM; captions without a prompt, as in BLIP), `captioner` (LM, captions
+prefixed with the model's prompt), `filter` (ITC + ITM) — all on a BLIP model — and `clip` (open_clip
+contrastive loss on the ranker).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import OBJECTIVE_PARTS, PARTS, checkpoint_parts, file_digest, load_checkpoint, save_checkpoint
 from vlp_core.clip import ClipRanker, load_clip, save_clip
-from vlp_core.config import load_preset
+from vlp_core.config import CAPTION_PROMPT, load_preset
 from vlp_core.data import CaptionCollator, image_transform
 from vlp_core.momentum import alpha_ramp
 from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, prompt_length
@@ -140,6 +142,12 @@ def load_clip_checkpoint(directory: Location, device: str | torch.device = "cpu"
     return load_clip(header["model_name"], weights, device), digest
 
 
+def _caption_prefix(task: str, checkpoint_prompt: str) -> str:
+    """What `task` puts before each caption: a captioner its checkpoint's prompt, or BLIP's when it starts
+    from a pretrained decoder (which learnt captions without one); pretraining and the filter nothing."""
+    return checkpoint_prompt or CAPTION_PROMPT if task == "captioner" else ""
+
+
 @dataclass
 class Task:
     """Everything task-specific the training loop needs."""
@@ -172,8 +180,10 @@ def build_task(
     else:
         model, tokenizer = BlipModel(load_preset(preset)), load_tokenizer(tokenizer_dir)
         parts = dict.fromkeys(PARTS, "random")
-    prompt = model.config.prompt if task == "captioner" else ""
     objectives = BLIP_OBJECTIVES[task]
+    prompt = _caption_prefix(task, model.config.prompt)
+    if "lm" in objectives:  # the checkpoint records the prefix its decoder learnt captions after
+        model.config = dataclasses.replace(model.config, prompt=prompt)
     if parts is not None:
         parts |= {part: "trained" for objective in objectives for part in OBJECTIVE_PARTS[objective]}
     pretrainer = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, prompt), objectives)

@@ -27,7 +27,7 @@ from pipelines.training.tasks import load_clip_checkpoint
 from pipelines.world.generate import WorldConfig, make_world
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import export_hf_filter, import_hf, load_checkpoint, save_checkpoint
-from vlp_core.config import load_preset
+from vlp_core.config import CAPTION_PROMPT, load_preset
 from vlp_core.tokenizer import train_tokenizer
 
 BATCH = 8
@@ -259,6 +259,19 @@ def test_pretrain_learns_from_the_kept_pairs_and_exports_a_loadable_checkpoint(g
     written = summary.stat().st_mtime_ns
     assert pretrain(config, generation, tmp_path / "run") == result
     assert summary.stat().st_mtime_ns == written  # a finished run is returned, not trained again
+
+
+def test_each_checkpoint_says_which_prompt_its_decoder_learnt_captions_after(
+    generation, micro_checkpoint, world, small_set, tmp_path
+):
+    """Pretraining's LM has no prompt (BLIP's), so its decoder is sampled without one; a captioner fine-tuned
+    from it learns and keeps BLIP's "a picture of "."""
+    pretrain_config = TrainConfig(init_checkpoint=micro_checkpoint, max_steps=1, **FAST)
+    pretrained = pretrain(pretrain_config, generation, tmp_path / "pretrain")
+    assert load_checkpoint(pretrained.checkpoint_dir)[0].config.prompt == ""
+    captioner_config = TrainConfig(init_checkpoint=pretrained.checkpoint_dir, max_steps=1, **FAST)
+    captioner = finetune_captioner(captioner_config, small_set, world.human_root, tmp_path / "captioner")
+    assert load_checkpoint(captioner.checkpoint_dir)[0].config.prompt == CAPTION_PROMPT == "a picture of "
 
 
 @pytest.mark.slow
