@@ -26,6 +26,8 @@ MEASURES = {
     "tr@5": "TR@5",
     "ir@1": "IR@1",
     "ir@5": "IR@5",
+    "tr@1_itc": "TR@1 (ITC)",
+    "ir@1_itc": "IR@1 (ITC)",
     "bleu_4": "BLEU-4",
     "cider": "CIDEr",
     "caption_accuracy": "caption acc.",
@@ -33,8 +35,9 @@ MEASURES = {
 
 
 def seed_measures(counts: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, float | None]:
-    """One model's row: held-out retrieval (ITM re-rank) and captioning, caption attribute accuracy on a
-    world (else None), the arm's training pairs (kept rows) and the kept share of its web+synthetic rows."""
+    """One model's row: held-out retrieval (ITM re-rank, and ITC alone) and captioning, caption attribute
+    accuracy on a world (else None), the arm's training pairs (kept rows) and the kept share of its
+    web+synthetic rows."""
     candidates = sum(counts["rows_by_source"].get(source, 0) for source in CANDIDATE_SOURCES)
     kept = sum(counts["kept_by_source"].get(source, 0) for source in CANDIDATE_SOURCES)
     accuracy = ((evaluation.get("world") or {}).get("test_caption_accuracy") or {}).get("mean")
@@ -42,6 +45,7 @@ def seed_measures(counts: dict[str, Any], evaluation: dict[str, Any]) -> dict[st
         "training_pairs": counts["kept"],
         "kept_ratio": kept / candidates if candidates else None,
         **{key: evaluation["retrieval"][key] for key in ("tr@1", "tr@5", "ir@1", "ir@5")},
+        **{f"{key}_itc": (evaluation.get("retrieval_itc") or {}).get(key) for key in ("tr@1", "ir@1")},
         **{key: (evaluation["captioning"] or {}).get(key) for key in ("bleu_4", "cider")},
         "caption_accuracy": accuracy,
     }
@@ -141,7 +145,8 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "C: synthetic captions; F: ITM filter; rank: CLIP top-k per image. Retrieval is on the held-out "
-        "set (ITC, then ITM re-rank); kept ratio is the kept share of the web + synthetic candidates.",
+        "set (ITC, then ITM re-rank; (ITC): ITC alone, before the re-rank); kept ratio is the kept share of the "
+        "web + synthetic candidates.",
     ]
     filtered = [arm for arm in summary["arms"] if (arm["data"]["filter"] or {}).get("removed")]
     if filtered:

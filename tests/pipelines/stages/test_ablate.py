@@ -291,6 +291,7 @@ def test_an_arm_being_written_by_another_run_is_not_touched(candidates: Generati
 def _evaluation(tr1: float, cider: float, accuracy: float | None = 0.5) -> dict:
     return {
         "retrieval": {"tr@1": tr1, "tr@5": 0.9, "ir@1": tr1 / 2, "ir@5": 0.8},
+        "retrieval_itc": {"tr@1": tr1 + 0.1, "tr@5": 0.95, "ir@1": tr1 / 3, "ir@5": 0.85},
         "captioning": {"bleu_4": 0.1, "cider": cider},
         "world": {
             "test_caption_accuracy": {"mean": accuracy},
@@ -312,6 +313,8 @@ def test_measures_spread_and_table() -> None:
     assert measures["training_pairs"] == counts["kept"] == 4  # A's syn one and two, B's syn, H's caption
     assert measures["kept_ratio"] == pytest.approx(3 / 9)
     assert measures["ir@1"] == 0.15 and measures["caption_accuracy"] == 0.5
+    assert measures["tr@1_itc"] == pytest.approx(0.4) and measures["ir@1_itc"] == pytest.approx(0.1)
+    assert seed_measures(counts, {**_evaluation(0.3, 1.2), "retrieval_itc": None})["tr@1_itc"] is None  # older files
 
     assert spread([0.2, 0.4]) == pytest.approx({"n": 2, "mean": 0.3, "std": 0.1414213, "min": 0.2, "max": 0.4})
     assert spread([0.7]) == {"n": 1, "mean": 0.7, "std": 0.0, "min": 0.7, "max": 0.7}
