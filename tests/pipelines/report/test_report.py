@@ -16,15 +16,8 @@ from browser import Chromium, find_chromium
 
 from pipelines.cli.main import main
 from pipelines.manifests.manifest import Generation, ManifestError, generation_info, read_part, samples_table
-from pipelines.report.report import (
-    N_EXAMPLES,
-    N_EXTREMES,
-    REPORT_JSON,
-    read_report_inputs,
-    report_figures,
-    verdict,
-    write_report,
-)
+from pipelines.report.examples import N_EXAMPLES, N_EXTREMES
+from pipelines.report.report import REPORT_JSON, read_report_inputs, report_figures, verdict, write_report
 from pipelines.report.tallies import text_stats
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.caption import CaptionConfig, run_caption
