@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -29,7 +30,7 @@ import torch
 from pipelines.executor import init_ray, resolve_executor
 from pipelines.manifests.images import ImageRefError, ImageStore, ShardUnavailableError
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
-from pipelines.progress import progress
+from pipelines.progress import announce, progress
 from pipelines.registry import MODEL_STAGES, stage_named
 from vlp_core.data import ImageDecodeError, load_image, normalize_caption
 from vlp_core.storage import Location
@@ -55,6 +56,7 @@ RESULT_FIELDS = [
     pa.field("model_ref", pa.string()),
     pa.field("error_reason", pa.string()),  # the image could not be read or decoded (then no outputs)
     pa.field("error_detail", pa.string()),
+    pa.field("model_seconds", pa.float64()),  # the image's share of its batch's time in the model (0: not run)
 ]
 
 
@@ -228,7 +230,9 @@ class ImageModelActor:
                 failures[index] = (SHARD_UNAVAILABLE, str(error))
             except ImageRefError as error:
                 failures[index] = ("missing_file", str(error))
+        started = time.perf_counter()
         outputs = self.infer(torch.stack(list(pixels.values())), [requests[i] for i in pixels]) if pixels else []
+        model_seconds = (time.perf_counter() - started) / max(len(pixels), 1)
         output_of = dict(zip(pixels, outputs, strict=True))
         rows = []
         for index, request in enumerate(requests):
@@ -240,6 +244,7 @@ class ImageModelActor:
                     "model_ref": self.model_ref,
                     "error_reason": reason,
                     "error_detail": detail,
+                    "model_seconds": model_seconds if index in output_of else 0.0,
                 }
             )
         for reason, detail in failures.values():
@@ -304,6 +309,7 @@ def run_sharded_inference(
     with target.writer(stage.name):
         todo = [shard for shard in shards if not target.is_done(stage.name, shard)]
         log.info("%s: %d of %d shards to do", stage.name, len(todo), len(shards))
+        throughput = Throughput(actors=1 if pool.executor == "local" else pool.concurrency)
         for pending in _waves(stage, todo):
             images = sum(map(len, pending.values()))
             log.info("%s: a wave of %d shards, %d images", stage.name, len(pending), images)
@@ -313,6 +319,7 @@ def run_sharded_inference(
                 del waiting[shard]
             if not waiting:
                 continue
+            started = time.perf_counter()
             with progress(stage.name, total=images, unit="images") as advance:
                 for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
                     if result["error_reason"] == SHARD_UNAVAILABLE:
@@ -320,11 +327,43 @@ def run_sharded_inference(
                     state = waiting[result["shard"]]
                     if result["image_id"] not in state.results:  # a retried block counts once
                         advance()
+                        throughput.add(result["model_seconds"])
                     state.results[result["image_id"]] = result
                     if len(state.results) == state.expected:
                         shard = result["shard"]
                         commit_shard(target, stage.name, shard, *stage.merge(shard, list(state.results.values())))
+            throughput.seconds += time.perf_counter() - started
+        if throughput.images:
+            announce(log, "%s: %s", stage.name, throughput)
         return target.counts()
+
+
+@dataclass
+class Throughput:
+    """How fast an inference stage went: images through the actors, wall seconds (model loading
+    included), and the seconds the actors spent in the model (the rest: decoding images, moving data)."""
+
+    actors: int
+    images: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+
+    def add(self, model_seconds: float) -> None:
+        self.images += 1
+        self.model_seconds += model_seconds
+
+    @property
+    def model_busy(self) -> float:
+        """The share of the actors' time spent in the model: on a GPU, how busy the stage kept it at most."""
+        return self.model_seconds / (self.seconds * self.actors) if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        actors = f"{self.actors} actor{'s' if self.actors > 1 else ''}"
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.images:,} images in {self.seconds:.1f} s ({rate:,.0f} images/s), "
+            f"model busy {self.model_busy:.0%} ({actors})"
+        )
 
 
 def _waves(stage: ShardedStage, shards: list[str]) -> Iterator[dict[str, pa.Table]]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from collections import Counter
@@ -48,9 +49,10 @@ def _synthetic_by_image(table) -> dict[str, list[str]]:
     return captions
 
 
-def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0, config, tiny_blip_checkpoint):
+def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0, config, tiny_blip_checkpoint, caplog):
     broken = _corrupt_one_image(web_gen0)
     target = Generation(web_gen0.root, "world", 1)
+    caplog.set_level(logging.INFO, logger=shards.__name__)
     counts = run_caption(config, web_gen0, target)
     table = target.read_samples()
     assert counts == generation_counts([table])
@@ -92,6 +94,11 @@ def test_web_rows_are_copied_and_each_image_gets_its_synthetic_captions(web_gen0
         assert target.is_done("caption", shard)
     stats = json.loads(target.marker_path("caption", "00000").read_text())
     assert stats["decode_failures"] == 1 and stats["model_ref"] == digest
+
+    logged = [record.args for record in caplog.records if isinstance(record.args, tuple) and record.args]
+    (summary,) = [args[-1] for args in logged if isinstance(args[-1], shards.Throughput)]
+    assert summary.images == len(downloaded) + 1  # the broken image went through an actor too
+    assert summary.seconds > 0 and 0 < summary.model_busy <= 1 and "images/s" in str(summary)
 
 
 def test_captions_do_not_depend_on_batching_and_a_rerun_skips_finished_shards(web_gen0, config):

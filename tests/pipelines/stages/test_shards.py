@@ -160,4 +160,6 @@ def test_actor_decodes_each_image_once_and_reports_failures(tmp_path: Path):
     assert (by_image["broken"]["error_reason"], by_image["broken"]["means"]) == ("not_an_image", None)
     assert by_image["gone"]["error_reason"] == "missing_file" and "gone.png" in by_image["gone"]["error_detail"]
     assert {r["model_ref"] for r in results} == {"test:mean"}
+    assert by_image["grey"]["model_seconds"] == by_image["white"]["model_seconds"] > 0  # one call, shared
+    assert by_image["broken"]["model_seconds"] == by_image["gone"]["model_seconds"] == 0.0
     assert [f.name for f in RESULT_FIELDS] == list(results[0])[: len(RESULT_FIELDS)]
