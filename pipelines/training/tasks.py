@@ -145,7 +145,7 @@ def load_clip_checkpoint(directory: Location, device: str | torch.device = "cpu"
 def _caption_prefix(task: str, checkpoint_prompt: str) -> str:
     """What `task` puts before each caption: a captioner its checkpoint's prompt, or BLIP's when it starts
     from a pretrained decoder (which learnt captions without one); pretraining and the filter nothing."""
-    return checkpoint_prompt or CAPTION_PROMPT if task == "captioner" else ""
+    return (checkpoint_prompt or CAPTION_PROMPT) if task == "captioner" else ""
 
 
 @dataclass
