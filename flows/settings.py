@@ -49,7 +49,7 @@ class RunSettings:
     captioner_backend: str = "blip"  # the captioner_checkpoint's backend (vlp_core.captioners); blip is fine-tuned
     caption_prompt: str | None = None  # None: the captioner backend's default
     filter_checkpoint: Location | None = None
-    inference_batch_size: int = 32
+    inference_batch_size: int | None = None  # images per model call; None: 32 on a CPU, 256 on a GPU
     concurrency: int = 1
     num_gpus: float = 0.0
     executor: str | None = None  # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
@@ -101,9 +101,10 @@ class RunSettings:
             "num_captions": 1,
             "top_k": 1,
             "k_test": 1,
-            "inference_batch_size": 1,
             "concurrency": 1,
         }
+        if self.inference_batch_size is not None:  # None: the device's default
+            at_least["inference_batch_size"] = 1
         integers = {name: (getattr(self, name), low) for name, low in at_least.items()}
         check_config(
             type(self).__name__,

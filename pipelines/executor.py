@@ -26,7 +26,7 @@ def resolve_executor(executor: str | None) -> str:
     return value
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster at `address` (or `$RAY_ADDRESS`); without one, start a local Ray on 127.0.0.1.
 
     Idempotent: a process already connected keeps its connection (a `ray job submit` entrypoint is).
@@ -39,4 +39,4 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1")

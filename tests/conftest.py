@@ -39,12 +39,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray (2 CPUs, 127.0.0.1) for the whole session; shut down at the end."""
+    """A local Ray (2 CPUs, 127.0.0.1) for the whole session; shut down at the end. It declares one GPU, which
+    nothing here can use (no CUDA): a test sees where Ray places the work of actors that ask for one."""
     import ray
 
     from pipelines.executor import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, num_gpus=1)
     yield
     ray.shutdown()
 

@@ -219,6 +219,15 @@ def check_checkpoint(directory: str | Location, needed: tuple[str, ...] = (), ro
     require_parts(folder, needed, role)
 
 
+def checkpoint_config(directory: str | Location) -> BlipConfig:
+    """The model config of a capfilt checkpoint or a transformers BLIP folder, without loading its weights."""
+    folder = _local(directory)
+    header = _read_config(folder)
+    if header.get("format") == CHECKPOINT_FORMAT:
+        return BlipConfig.from_dict(header["config"])
+    return _config_from_hf(HFBlipConfig.from_pretrained(str(folder)), name=folder.name)
+
+
 def checkpoint_digest(directory: str | Location) -> str:
     """The digest that names a checkpoint in manifests (``model_ref``), without loading the model: a capfilt
     checkpoint's (checked against its weights), or a transformers folder's weights file's."""

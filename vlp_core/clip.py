@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from vlp_core.atomic import atomic_write_file
 from vlp_core.checkpoint import load_state_dict_file, require_finite
+from vlp_core.data import PixelTransform
 from vlp_core.storage import Location, location
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
@@ -119,15 +120,29 @@ def encode_text_to_last_token(model: torch.nn.Module, tokens: torch.Tensor) -> t
     return pooled if projection is None else pooled @ projection
 
 
+def _require_known(model_name: str) -> None:
+    _register_our_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP architecture {model_name!r}; known: {sorted(open_clip.list_models())}")
+
+
+def clip_transform(model_name: str) -> PixelTransform:
+    """How CLIP `model_name` reads an image (its preprocess), without building its weights (for decode workers)."""
+    _require_known(model_name)
+    with torch.device("meta"):
+        _, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None, load_weights=False, device="meta"
+        )
+    return preprocess
+
+
 def load_clip(model_name: str, checkpoint: Location | None = None, device: str | torch.device = "cpu") -> ClipRanker:
     """Build open_clip architecture ``model_name`` (randomly initialised) and load ``checkpoint`` if given:
     a ``.safetensors`` file or a plain tensor state dict in ``.pt/.pth/.bin`` (never unpickled).
 
     The model is returned in eval mode; call ``ranker.model.train()`` to train it.
     """
-    _register_our_configs()
-    if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP architecture {model_name!r}; known: {sorted(open_clip.list_models())}")
+    _require_known(model_name)
     device = torch.device(device)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
     if checkpoint is not None:

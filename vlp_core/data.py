@@ -11,6 +11,7 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from vlp_core.config import BlipConfig
 
 # --------------------------------------------------------------------------- images
+
+PixelTransform = Callable[[Image.Image], torch.Tensor]  # an image -> (3, S, S), as a model reads it
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ def _clip_options(parser: argparse.ArgumentParser, whose: str, required: bool) -
 
 def _pool_options(parser: argparse.ArgumentParser, config: str) -> None:
     option = functools.partial(config_option, parser, config=config)
-    option("--batch-size", type=int, help="images per model call")
+    option("--batch-size", type=int, help="images per model call (default: 32 on a CPU, 256 on a GPU)")
     option("--concurrency", type=int, help="Ray actors, each holding the model")
     option("--gpus-per-actor", dest="num_gpus", type=float, help="GPUs per actor; 0 runs on the CPU")
     add_executor_options(parser)

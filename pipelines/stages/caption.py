@@ -36,7 +36,8 @@ from pipelines.stages.shards import (
     rows_table,
     run_sharded_inference,
 )
-from vlp_core.captioners import BACKENDS, Sampling, check_captioner, load_captioner
+from vlp_core.captioners import BACKENDS, Sampling, captioner_transform, check_captioner, load_captioner
+from vlp_core.data import PixelTransform
 from vlp_core.storage import Location, location
 
 STAGE = registry.CAPTION.name
@@ -86,11 +87,14 @@ class CaptionActor(ImageModelActor):
         pa.field("prompt", pa.string()),
     ]
 
-    def __init__(self, config: CaptionConfig, dataset_dir: Location) -> None:
-        super().__init__(dataset_dir)
+    def __init__(self, config: CaptionConfig) -> None:
         self.config = config
         self.captioner = load_captioner(config.backend, config.checkpoint, config.device, config.prompt)
-        self.transform, self.model_ref = self.captioner.transform, self.captioner.model_ref
+        self.model_ref = self.captioner.model_ref
+
+    @classmethod
+    def image_transform(cls, config: CaptionConfig) -> PixelTransform:
+        return captioner_transform(config.backend, config.checkpoint)
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
         """(B, 3, S, S) -> K captions per image in one batched call; each image draws from a seed made of
@@ -118,8 +122,8 @@ class _Captioning:
     def requests(self, shard: str) -> pa.Table:
         return image_requests(shard, [row for row in self.web_rows(shard) if row["kept"] and row["image_ref"]])
 
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        return CaptionActor, {"config": self.config, "dataset_dir": self.target.path.parent}
+    def actor(self) -> type[ImageModelActor]:
+        return CaptionActor
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         result_of = {result["image_id"]: result for result in results}

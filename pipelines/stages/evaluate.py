@@ -51,6 +51,7 @@ from pipelines.report.metrics import (
     web_decisions,
 )
 from pipelines.stages.filter import STAGE as FILTER_STAGE
+from pipelines.stages.shards import default_batch_size
 from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_key
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
@@ -82,7 +83,7 @@ class EvaluateConfig:
     min_length: int = 5  # caption tokens after the prompt
     max_length: int = 30
     world_dir: Location | None = None  # a synthetic world folder: adds the world metrics
-    batch_size: int = 32  # images (and texts) per forward pass
+    batch_size: int | None = None  # images (and texts) per forward pass; None: 32 on a CPU, 256 on a GPU
     concurrency: int = 1  # Ray tasks sharing the ITM re-rank (local: one)
     num_gpus: float = 0.0  # GPUs per Ray task (local: the process's GPU when > 0)
     executor: str | None = None  # "ray" (Ray tasks) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
@@ -90,6 +91,8 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", default_batch_size(self.num_gpus))
         problems = [
             (location(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
             (location(self.test_annotations).is_file(), f"test_annotations {self.test_annotations} is not a file"),

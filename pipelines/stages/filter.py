@@ -49,12 +49,13 @@ from pipelines.stages.shards import (
 from vlp_core.checkpoint import (
     FILTER_NEEDS,
     check_checkpoint,
+    checkpoint_config,
     checkpoint_digest,
     file_digest,
     load_checkpoint,
     require_finite_file,
 )
-from vlp_core.data import image_transform
+from vlp_core.data import ImageTransform, image_transform
 from vlp_core.scoring import score_captions
 from vlp_core.storage import Location, location
 
@@ -164,10 +165,12 @@ class FilterActor(ImageModelActor):
         pa.field("itc", pa.list_(pa.float32())),
     ]
 
-    def __init__(self, config: FilterConfig, dataset_dir: Location) -> None:
-        super().__init__(dataset_dir)
+    def __init__(self, config: FilterConfig) -> None:
         self.model, self.tokenizer, self.model_ref = load_checkpoint(config.checkpoint, config.device)
-        self.transform = image_transform(self.model.config, train=False)
+
+    @classmethod
+    def image_transform(cls, config: FilterConfig) -> ImageTransform:
+        return image_transform(checkpoint_config(config.checkpoint), train=False)
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
         scores = score_captions(self.model, self.tokenizer, pixels, [request["texts"] for request in requests])
@@ -198,8 +201,8 @@ class _Filtering(CaptionScoringStage):
     config: FilterConfig
     name: ClassVar[str] = STAGE
 
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        return scorer_actor(self.config), {"config": self.config, "dataset_dir": self.target.path.parent}
+    def actor(self) -> type[ImageModelActor]:
+        return scorer_actor(self.config)
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         scorer = SCORERS[self.config.scorer]

@@ -32,7 +32,8 @@ from pipelines.stages.shards import (
     shards_finished_by,
 )
 from vlp_core.checkpoint import file_digest, require_finite_file
-from vlp_core.clip import load_clip
+from vlp_core.clip import clip_transform, load_clip
+from vlp_core.data import PixelTransform
 from vlp_core.storage import Location, location
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ class ClipActor(ImageModelActor):
 
     output_fields: ClassVar[list[pa.Field]] = [pa.field("clip", pa.list_(pa.float32()))]
 
-    def __init__(self, config: RankConfig, dataset_dir: Location) -> None:
-        super().__init__(dataset_dir)
+    def __init__(self, config: RankConfig) -> None:
         if config.clip_checkpoint is None:
             log.warning("no clip_checkpoint: scoring with an untrained %s", config.clip_model)
             torch.manual_seed(0)
@@ -81,7 +81,10 @@ class ClipActor(ImageModelActor):
         else:
             self.model_ref = file_digest(config.clip_checkpoint)
         self.ranker = load_clip(config.clip_model, config.clip_checkpoint, config.device)
-        self.transform = self.ranker.preprocess
+
+    @classmethod
+    def image_transform(cls, config: RankConfig) -> PixelTransform:
+        return clip_transform(config.clip_model)
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
         features = self.ranker.image_features(pixels)

@@ -45,8 +45,8 @@ class _Scoring:
         texts = [model_text(row["caption"], self.config.max_caption_chars) for row in scored]
         return image_requests(shard, scored, texts)
 
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        return scorer_actor(self.config), {"config": self.config, "dataset_dir": self.target.path.parent}
+    def actor(self) -> type[ImageModelActor]:
+        return scorer_actor(self.config)
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         scorer = SCORERS[self.config.scorer]

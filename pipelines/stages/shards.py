@@ -2,11 +2,11 @@
 
 A stage (caption, filter, rank) turns each pending shard into *requests*, one per image: its image_ref
 and the candidate captions (with their sample_ids) the model should look at. The requests of a wave of
-pending shards (about WAVE_IMAGES images, so the driver's memory does not grow with the generation) flow
-through one Ray Data `map_batches`, whose actors load the model once each per wave, or, with the local
-executor, through one such actor in this process. Every batch is one block of one shard's
-requests, cut the same way on every run, so a shard's results do not depend on which other shards a run
-still had to do, nor on the executor.
+pending shards (about WAVE_IMAGES images, so the driver's memory does not grow with the generation) are
+decoded (`ImageDecoder`: in CPU tasks beside GPU actors) and flow through a Ray Data actor pool, whose
+actors load the model once each per wave, or, with the local executor, through one such actor in this
+process. On the CPU every batch is one block of one shard's requests, cut the same way on every run, so a
+shard's results do not depend on which other shards a run still had to do, nor on the executor.
 
 As soon as every image of a shard has its result, the stage merges the results into the shard's rows and
 `commit_shard` rewrites the part atomically, then writes the stage's marker. A re-run skips marked
@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -32,7 +32,7 @@ from pipelines.manifests.images import ImageRefError, ImageStore, ShardUnavailab
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
 from pipelines.progress import announce, progress
 from pipelines.registry import MODEL_STAGES, stage_named
-from vlp_core.data import ImageDecodeError, load_image, normalize_caption
+from vlp_core.data import ImageDecodeError, PixelTransform, load_image, normalize_caption
 from vlp_core.storage import Location
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,22 @@ REQUEST_SCHEMA = pa.schema(
         pa.field("texts", pa.list_(pa.string())),  # their captions, as the model reads them
     ]
 )
+ERROR_FIELDS = [
+    pa.field("error_reason", pa.string()),  # the image could not be read or decoded (then no outputs)
+    pa.field("error_detail", pa.string()),
+]
+DECODED_SCHEMA = pa.schema(
+    [
+        *REQUEST_SCHEMA,
+        pa.field("pixels", pa.large_binary()),  # the image as the model reads it: float32, C-order, pixel_shape
+        pa.field("pixel_shape", pa.list_(pa.int64())),
+        *ERROR_FIELDS,
+    ]
+)
 RESULT_FIELDS = [
     *REQUEST_SCHEMA,
     pa.field("model_ref", pa.string()),
-    pa.field("error_reason", pa.string()),  # the image could not be read or decoded (then no outputs)
-    pa.field("error_detail", pa.string()),
+    *ERROR_FIELDS,
     pa.field("model_seconds", pa.float64()),  # the image's share of its batch's time in the model (0: not run)
 ]
 
@@ -67,11 +78,20 @@ def check_config(name: str, problems: list[tuple[bool, str]]) -> None:
             raise ValueError(f"{name}: {message}")
 
 
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256  # base at 384 px with 10 captions per image fits an 80 GB GPU (#16's measurements)
+
+
+def default_batch_size(num_gpus: float) -> int:
+    """Images per model call when none is given: GPUs need large calls to be kept busy."""
+    return GPU_BATCH_SIZE if num_gpus > 0 else CPU_BATCH_SIZE
+
+
 @dataclass(frozen=True, kw_only=True)
 class ActorPoolConfig:
     """How a stage runs its model (Ray actors or this process): shared by the caption, filter and rank configs."""
 
-    batch_size: int = 16  # images per model call (one Ray Data block)
+    batch_size: int | None = None  # images per model call (one Ray Data block); None: 32 on a CPU, 256 on a GPU
     concurrency: int = 1  # Ray actors, each holding one copy of the model (local: one)
     num_gpus: float = 0.0  # GPUs per actor; 0 runs on the CPU
     executor: str | None = None  # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
@@ -79,6 +99,8 @@ class ActorPoolConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "executor", resolve_executor(self.executor))
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", default_batch_size(self.num_gpus))
         check_config(
             type(self).__name__,
             [
@@ -203,54 +225,95 @@ def image_seed(seed: int, image_id: str) -> int:
 # --------------------------------------------------------------------------- actors
 
 
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Request blocks -> the same blocks with each image read, decoded and made the model's input by
+    `transform` (`pixels`), or the reason it could not be (`error_reason`, `error_detail`).
+
+    With GPU actors it runs in Ray tasks on CPU workers beside them, so the GPUs never wait for JPEG
+    decoding; with CPU actors Ray runs it in the actors' own processes (one fused operator)."""
+
+    dataset_dir: Location
+    transform: PixelTransform
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        store = _image_store(self.dataset_dir)
+        rows = []
+        for request in block.to_pylist():
+            pixels, reason, detail = None, None, None
+            try:
+                pixels = self.transform(load_image(store.read(request["image_ref"]))).float().contiguous()
+            except ImageDecodeError as error:
+                reason, detail = error.reason, error.detail
+            except ShardUnavailableError as error:  # the driver stops the stage on it (Ray would lose its type)
+                reason, detail = SHARD_UNAVAILABLE, str(error)
+            except ImageRefError as error:
+                reason, detail = "missing_file", str(error)
+            if reason is not None and reason != SHARD_UNAVAILABLE:
+                log.warning("cannot use an image (%s): %s", reason, detail)
+            rows.append(
+                {
+                    **request,
+                    "pixels": None if pixels is None else pixels.numpy().tobytes(),
+                    "pixel_shape": None if pixels is None else list(pixels.shape),
+                    "error_reason": reason,
+                    "error_detail": detail,
+                }
+            )
+        return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+_STORES: dict[str, ImageStore] = {}  # per worker process, so that a tar shard is indexed once, not once per block
+
+
+def _image_store(dataset_dir: Location) -> ImageStore:
+    if str(dataset_dir) not in _STORES:
+        _STORES[str(dataset_dir)] = ImageStore(dataset_dir)
+    return _STORES[str(dataset_dir)]
+
+
 class ImageModelActor:
-    """Base of the stages' Ray Data actors: decodes each request's image once and hands the good ones
-    to `infer`. Subclasses load their model in `__init__` and set `transform` and `model_ref`."""
+    """Base of the stages' Ray Data actors: runs `infer` on the images of each decoded block (`ImageDecoder`).
+    Subclasses load their model in `__init__(config)` and set `model_ref`; their class method
+    `image_transform(config)` says how an image becomes the model's input, without loading the model."""
 
     output_fields: ClassVar[list[pa.Field]]
-    transform: Callable  # PIL image -> (3, S, S) tensor
     model_ref: str
 
-    def __init__(self, dataset_dir: Location) -> None:
-        self.store = ImageStore(dataset_dir)
+    @classmethod
+    def image_transform(cls, config: Any) -> PixelTransform:
+        """PIL image -> (3, S, S) tensor, as the model of `config` reads it."""
+        raise NotImplementedError
 
     def infer(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
         """(N, 3, S, S) images of N requests -> N dicts with the `output_fields`."""
         raise NotImplementedError
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        requests = batch.to_pylist()
-        pixels, failures = {}, {}
-        for index, request in enumerate(requests):
-            try:
-                pixels[index] = self.transform(load_image(self.store.read(request["image_ref"])))
-            except ImageDecodeError as error:
-                failures[index] = (error.reason, error.detail)
-            except ShardUnavailableError as error:  # the driver stops the stage on it (Ray would lose its type)
-                failures[index] = (SHARD_UNAVAILABLE, str(error))
-            except ImageRefError as error:
-                failures[index] = ("missing_file", str(error))
+    def __call__(self, block: pa.Table) -> pa.Table:
+        """A block of `DECODED_SCHEMA` -> one row of `RESULT_FIELDS` + `output_fields` per image."""
+        requests = block.drop_columns(["pixels", "pixel_shape"]).to_pylist()
+        data, shapes = block["pixels"].to_pylist(), block["pixel_shape"].to_pylist()
+        decoded = [index for index, pixels in enumerate(data) if pixels is not None]
+        pixels = [_tensor(data[index], shapes[index]) for index in decoded]
         started = time.perf_counter()
-        outputs = self.infer(torch.stack(list(pixels.values())), [requests[i] for i in pixels]) if pixels else []
-        model_seconds = (time.perf_counter() - started) / max(len(pixels), 1)
-        output_of = dict(zip(pixels, outputs, strict=True))
-        rows = []
-        for index, request in enumerate(requests):
-            reason, detail = failures.get(index, (None, None))
-            rows.append(
-                {
-                    **request,
-                    **output_of.get(index, {}),
-                    "model_ref": self.model_ref,
-                    "error_reason": reason,
-                    "error_detail": detail,
-                    "model_seconds": model_seconds if index in output_of else 0.0,
-                }
-            )
-        for reason, detail in failures.values():
-            if reason != SHARD_UNAVAILABLE:
-                log.warning("cannot use an image (%s): %s", reason, detail)
+        outputs = self.infer(torch.stack(pixels), [requests[index] for index in decoded]) if decoded else []
+        model_seconds = (time.perf_counter() - started) / max(len(decoded), 1)
+        output_of = dict(zip(decoded, outputs, strict=True))
+        rows = [
+            {
+                **request,
+                **output_of.get(index, {}),
+                "model_ref": self.model_ref,
+                "model_seconds": model_seconds if index in output_of else 0.0,
+            }
+            for index, request in enumerate(requests)
+        ]
         return pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS + self.output_fields))
+
+
+def _tensor(pixels: bytes, shape: list[int]) -> torch.Tensor:
+    """`ImageDecoder`'s bytes -> the (3, S, S) float32 tensor they hold."""
+    return torch.frombuffer(bytearray(pixels), dtype=torch.float32).view(shape)
 
 
 # --------------------------------------------------------------------------- the shard loop
@@ -264,8 +327,8 @@ class ShardedStage(Protocol):
     def requests(self, shard: str) -> pa.Table:
         """The shard's images that need the model, in REQUEST_SCHEMA."""
 
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        """The actor class and its constructor keyword arguments."""
+    def actor(self) -> type[ImageModelActor]:
+        """The actor class; it is built with the stage's config."""
 
     def merge(self, shard: str, results: list[Row]) -> tuple[pa.Table, dict[str, Any]]:
         """The shard's new rows given one result per request, and the marker's stats."""
@@ -288,8 +351,8 @@ class CaptionScoringStage:
     def requests(self, shard: str) -> pa.Table:
         return caption_requests(shard, self.rows(shard), self.config.max_caption_chars)
 
-    def actor(self) -> tuple[type[ImageModelActor], dict[str, Any]]:
-        return self.actor_class, {"config": self.config, "dataset_dir": self.target.path.parent}
+    def actor(self) -> type[ImageModelActor]:
+        return self.actor_class
 
 
 @dataclass
@@ -305,7 +368,8 @@ def run_sharded_inference(
     stage: ShardedStage, target: Generation, shards: list[str], pool: ActorPoolConfig
 ) -> dict[str, Any]:
     """Run `stage` over every shard of `shards` without its marker in `target`, in waves of about
-    WAVE_IMAGES images (whole shards); returns the target's `generation_counts`."""
+    WAVE_IMAGES images (whole shards); returns the target's `generation_counts`. `pool` is the stage's
+    config: how its actors run, and what they read."""
     with target.writer(stage.name):
         todo = [shard for shard in shards if not target.is_done(stage.name, shard)]
         log.info("%s: %d of %d shards to do", stage.name, len(todo), len(shards))
@@ -321,7 +385,7 @@ def run_sharded_inference(
                 continue
             started = time.perf_counter()
             with progress(stage.name, total=images, unit="images") as advance:
-                for result in _map_requests(stage, [pending[shard] for shard in waiting], pool):
+                for result in _map_requests(stage, target, [pending[shard] for shard in waiting], pool):
                     if result["error_reason"] == SHARD_UNAVAILABLE:
                         raise ShardUnavailableError(result["error_detail"])
                     state = waiting[result["shard"]]
@@ -390,27 +454,40 @@ def commit_shard(target: Generation, stage: str, shard: str, table: pa.Table, st
     log.info("%s: shard %s done %s", stage, shard, stats)
 
 
-def _map_requests(stage: ShardedStage, requests: list[pa.Table], pool: ActorPoolConfig) -> Iterator[Row]:
-    """Stream the results of `stage`'s actor over the requests, one block of `batch_size` images at a time:
-    in this process (local) or from a Ray Data actor pool (ray)."""
+def _map_requests(
+    stage: ShardedStage, target: Generation, requests: list[pa.Table], pool: ActorPoolConfig
+) -> Iterator[Row]:
+    """Stream the results of `stage`'s actor over the requests, one block of `batch_size` images at a time,
+    each block decoded first (`ImageDecoder`): in this process (local) or in Ray Data, with decode tasks
+    on CPU workers feeding an actor pool."""
     blocks = [
         table.slice(start, pool.batch_size) for table in requests for start in range(0, table.num_rows, pool.batch_size)
     ]
-    actor, kwargs = stage.actor()
+    actor = stage.actor()
+    decode = ImageDecoder(target.path.parent, actor.image_transform(pool))
     if pool.executor == "local":
-        model = actor(**kwargs)
+        model = actor(pool)
         for block in blocks:
-            yield from model(block).to_pylist()
+            yield from model(decode(block)).to_pylist()
         return
     init_ray(pool.ray_address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    results = ray.data.from_arrow(blocks).map_batches(
-        actor,
-        fn_constructor_kwargs=kwargs,
-        batch_size=None,  # a batch is one block: the same images together on every run
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
-        num_gpus=pool.num_gpus,
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.target_max_block_size = None  # a decoded block is never split: one block, one model call
+    results = (
+        ray.data.from_arrow(blocks)
+        .map_batches(decode, batch_size=None, batch_format="pyarrow")  # fused into the actors unless they use GPUs
+        .map_batches(
+            actor,
+            fn_constructor_args=(pool,),
+            # On the CPU a batch is one block: the same images together on every run. Ray refuses GPU actors
+            # without a batch size; its batches then may join the end of one shard's blocks to the next's
+            # (captions are seeded per image, so only rounding can differ).
+            batch_size=pool.batch_size if pool.num_gpus > 0 else None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+            num_gpus=pool.num_gpus,
+        )
     )
     for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()

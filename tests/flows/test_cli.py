@@ -54,6 +54,7 @@ def test_generations_on_an_empty_root(tmp_path: Path, capsys: pytest.CaptureFixt
         ({"rounds": -1}, "rounds must be an integer ≥ 0"),
         ({"num_captions": 0}, "num_captions must be an integer ≥ 1"),
         ({"top_k": 1.5}, "top_k must be an integer ≥ 1"),
+        ({"inference_batch_size": 0}, "inference_batch_size must be an integer ≥ 1"),  # None: the device's default
         ({"itm_threshold": 1.2}, "itm_threshold must be a probability"),
     ],
 )

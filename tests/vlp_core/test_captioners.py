@@ -10,7 +10,14 @@ from PIL import Image
 from released_captioners import RELEASED_CAPTIONERS
 from transformers import AutoProcessor
 
-from vlp_core.captioners import BACKENDS, Sampling, captioner_digest, check_captioner, load_captioner
+from vlp_core.captioners import (
+    BACKENDS,
+    Sampling,
+    captioner_digest,
+    captioner_transform,
+    check_captioner,
+    load_captioner,
+)
 from vlp_core.captioners.vlm import KINDS
 from vlp_core.checkpoint import CheckpointError, save_checkpoint
 from vlp_core.generation import generate
@@ -48,6 +55,8 @@ def pixels_of(captioner, images: list[Image.Image]) -> torch.Tensor:
 def test_k_seeded_captions_per_image_independent_of_the_batch(backend, captioners, folders, images):
     captioner = captioners[backend]
     pixels = pixels_of(captioner, images)
+    without_model = captioner_transform(backend, folders[backend])  # what the decode workers run
+    assert torch.equal(torch.stack([without_model(image) for image in images]), pixels)
     captions = captioner.caption(pixels, [11, 12, 13, 14], SAMPLING)
     assert [len(per_image) for per_image in captions] == [3, 3, 3, 3]
     assert all(isinstance(caption, str) for per_image in captions for caption in per_image)

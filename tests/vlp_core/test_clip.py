@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from vlp_core.checkpoint import UnsafeCheckpointError
-from vlp_core.clip import encode_text_to_last_token, load_clip, save_clip
+from vlp_core.clip import clip_transform, encode_text_to_last_token, load_clip, save_clip
 
 CAPTIONS = [["a red circle", "a blue square", "click to buy"], [], ["a small green triangle"]]
 
@@ -18,6 +18,13 @@ def ranker():
 def images(ranker):
     colors = [(255, 0, 0), (0, 0, 255), (0, 200, 0)]
     return torch.stack([ranker.preprocess(Image.new("RGB", (64, 64), color)) for color in colors])
+
+
+@pytest.mark.parametrize("model_name", ["clip_tiny", "ViT-B-32"])
+def test_the_transform_without_weights_is_the_models_preprocess(model_name):
+    image = Image.fromarray((torch.rand(40, 70, 3) * 255).byte().numpy())
+    expected = load_clip(model_name).preprocess(image)
+    assert torch.equal(clip_transform(model_name)(image), expected), "what decode workers give the ranker"
 
 
 def test_scores_are_cosine_similarities_per_candidate(ranker, images):

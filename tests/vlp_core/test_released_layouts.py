@@ -15,6 +15,7 @@ from vlp_core.checkpoint import (
     FILTER_NEEDS,
     CheckpointError,
     check_checkpoint,
+    checkpoint_config,
     checkpoint_parts,
     convert_hf,
     file_digest,
@@ -54,6 +55,15 @@ def test_a_released_captioner_captions_as_transformers_does(released, pixels):
     theirs = tokenizer.batch_decode(output[:, len(prompt) - 1 :], skip_special_tokens=True)
     assert [captions[0] for captions in ours] == theirs
     assert all(theirs)
+
+
+def test_a_folders_config_is_read_without_its_weights(released, tmp_path):
+    for folder in released.values():
+        model, tokenizer, _ = load_checkpoint(folder)
+        assert checkpoint_config(folder) == model.config
+        converted = tmp_path / folder.name
+        convert_hf(folder, converted)
+        assert checkpoint_config(converted) == model.config
 
 
 def test_a_released_filter_scores_as_transformers_does_with_enc_in_column_0(released, pixels):

@@ -14,9 +14,18 @@ from vlp_core.captioners.base import Captioner, Sampling
 from vlp_core.captioners.blip import BlipCaptioner
 from vlp_core.captioners.coca import CocaCaptioner
 from vlp_core.captioners.vlm import KINDS, VlmCaptioner
+from vlp_core.data import PixelTransform
 from vlp_core.storage import Location, local_copy, location
 
-__all__ = ["BACKENDS", "Captioner", "Sampling", "captioner_digest", "check_captioner", "load_captioner"]
+__all__ = [
+    "BACKENDS",
+    "Captioner",
+    "Sampling",
+    "captioner_digest",
+    "captioner_transform",
+    "check_captioner",
+    "load_captioner",
+]
 
 
 @dataclass(frozen=True)
@@ -24,19 +33,21 @@ class Backend:
     load: Callable[..., Captioner]  # (folder, device=, prompt=) -> a loaded captioner
     check: Callable[[Path], None]  # folder -> None, or CheckpointError saying what is wrong
     digest: Callable[[Path], str]  # folder -> the digest of its weights, without loading them
+    transform: Callable[[Path], PixelTransform]  # folder -> its image transform, without loading the model
 
 
 _BACKENDS = {
-    "blip": Backend(BlipCaptioner, BlipCaptioner.check, BlipCaptioner.digest),
+    "blip": Backend(BlipCaptioner, BlipCaptioner.check, BlipCaptioner.digest, BlipCaptioner.load_transform),
     **{
         name: Backend(
             functools.partial(VlmCaptioner, kind),
             functools.partial(VlmCaptioner.check_folder, kind),
             VlmCaptioner.digest,
+            VlmCaptioner.load_transform,
         )
         for name, kind in KINDS.items()
     },
-    "coca": Backend(CocaCaptioner, CocaCaptioner.check, CocaCaptioner.digest),
+    "coca": Backend(CocaCaptioner, CocaCaptioner.check, CocaCaptioner.digest, CocaCaptioner.load_transform),
 }
 BACKENDS = tuple(_BACKENDS)
 
@@ -59,6 +70,11 @@ def check_captioner(backend: str, checkpoint: str | Location) -> None:
 def captioner_digest(backend: str, checkpoint: str | Location) -> str:
     """The digest a captioner records with its captions (`model_ref`), without loading it."""
     return _backend(backend).digest(local_copy(location(checkpoint)))
+
+
+def captioner_transform(backend: str, checkpoint: str | Location) -> PixelTransform:
+    """How the `backend` model in `checkpoint` reads an image, without loading the model (for decode workers)."""
+    return _backend(backend).transform(local_copy(location(checkpoint)))
 
 
 def load_captioner(

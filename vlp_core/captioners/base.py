@@ -10,12 +10,13 @@ before the end token, at most `max_length` with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from PIL import Image
+
+from vlp_core.data import PixelTransform
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Captioner(Protocol):
     backend: str  # its name in `vlp_core.captioners.BACKENDS`
     model_ref: str  # digest of its weights, recorded with every caption it writes
     prompt: str | None  # the text the model is given before the caption (None: none)
-    transform: Callable[[Image.Image], torch.Tensor]  # an image -> (3, S, S), as the model reads it
+    transform: PixelTransform  # what `load_transform(folder)` gives, without the model
 
     def caption(self, pixels: torch.Tensor, seeds: Sequence[int], sampling: Sampling) -> list[list[str]]:
         """(N, 3, S, S) images and one seed per image -> N lists of `sampling.num_captions` captions."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from vlp_core.captioners.base import Sampling
-from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, checkpoint_digest, load_checkpoint
-from vlp_core.data import image_transform
+from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, checkpoint_config, checkpoint_digest, load_checkpoint
+from vlp_core.data import PixelTransform, image_transform
 from vlp_core.generation import generate
 
 
@@ -25,6 +25,10 @@ class BlipCaptioner:
     @staticmethod
     def check(checkpoint: Path) -> None:
         check_checkpoint(checkpoint, CAPTIONER_NEEDS, "the caption stage")
+
+    @staticmethod
+    def load_transform(checkpoint: Path) -> PixelTransform:
+        return image_transform(checkpoint_config(checkpoint), train=False)
 
     @staticmethod
     def digest(checkpoint: Path) -> str:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import (
     AutoProcessor,
+    BaseImageProcessor,
     Blip2ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
     LlavaForConditionalGeneration,
@@ -58,6 +59,16 @@ KINDS = {
 }
 
 
+@dataclass(frozen=True)
+class ProcessorTransform:
+    """An image -> (3, S, S) pixel values, as a folder's image processor makes them."""
+
+    image_processor: BaseImageProcessor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
 class SeededNucleus(LogitsProcessor):
     """Nucleus sampling inside transformers' `generate`: each of the B rows draws its token with its own
     uniform (`draws`, one call per step), and every other token becomes impossible, so `generate`'s own
@@ -90,6 +101,7 @@ class VlmCaptioner:
         self.model_ref = self.digest(checkpoint)
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
         self.tokenizer = self.processor.tokenizer
+        self.transform = ProcessorTransform(self.processor.image_processor)
         device = torch.device(device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = kind.model_class.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
@@ -100,6 +112,10 @@ class VlmCaptioner:
     @staticmethod
     def digest(checkpoint: Path) -> str:
         return file_digest(*weights_files(Path(checkpoint)))
+
+    @staticmethod
+    def load_transform(checkpoint: Path) -> ProcessorTransform:
+        return ProcessorTransform(AutoProcessor.from_pretrained(str(checkpoint)).image_processor)
 
     @staticmethod
     def check_folder(kind: VlmKind, checkpoint: Path) -> None:
@@ -133,10 +149,6 @@ class VlmCaptioner:
             text = self.processor.apply_chat_template(turn, add_generation_prompt=True)
         inputs = self.processor(images=Image.new("RGB", (64, 64)), text=text, return_tensors="pt")
         return {name: value for name, value in inputs.items() if name != "pixel_values"}
-
-    def transform(self, image: Image.Image) -> torch.Tensor:
-        """An image -> (3, S, S) pixel values, as the folder's image processor makes them."""
-        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def model_inputs(self, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """`generate`'s inputs for N images (N, 3, S, S) on `device`: the prompt's, once per image, the pixels,

@@ -11,8 +11,10 @@ from PIL import Image
 
 from pipelines.manifests.manifest import Generation, ManifestError, samples_table
 from pipelines.stages.shards import (
+    DECODED_SCHEMA,
     RESULT_FIELDS,
     ActorPoolConfig,
+    ImageDecoder,
     ImageModelActor,
     caption_requests,
     commit_shard,
@@ -125,6 +127,12 @@ def test_pool_config_is_validated():
     with pytest.raises(ValueError, match="num_gpus must be >= 0"):
         ActorPoolConfig(num_gpus=-1)
     assert ActorPoolConfig(num_gpus=0.5).device == "cuda" and ActorPoolConfig().device == "cpu"
+    assert (ActorPoolConfig().batch_size, ActorPoolConfig(num_gpus=1).batch_size) == (32, 256), "GPUs get bigger calls"
+    assert ActorPoolConfig(num_gpus=1, batch_size=8).batch_size == 8
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
 
 
 class _MeanColourActor(ImageModelActor):
@@ -132,18 +140,20 @@ class _MeanColourActor(ImageModelActor):
 
     output_fields = [pa.field("means", pa.list_(pa.float32()))]
 
-    def __init__(self, dataset_dir: Path) -> None:
-        super().__init__(dataset_dir)
-        self.transform = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32))
+    def __init__(self, config: ActorPoolConfig) -> None:
         self.model_ref = "test:mean"
         self.batches: list[int] = []
+
+    @classmethod
+    def image_transform(cls, config: ActorPoolConfig):
+        return _pixels
 
     def infer(self, pixels, requests):
         self.batches.append(len(pixels))
         return [{"means": [float(image.mean())] * len(r["sample_ids"])} for image, r in zip(pixels, requests)]
 
 
-def test_actor_decodes_each_image_once_and_reports_failures(tmp_path: Path):
+def test_each_image_is_decoded_once_and_failures_reach_the_results(tmp_path: Path):
     for name, value in (("grey.png", 100), ("white.png", 255)):
         buffer = io.BytesIO()
         Image.new("RGB", (4, 4), (value, value, value)).save(buffer, format="PNG")
@@ -152,8 +162,10 @@ def test_actor_decodes_each_image_once_and_reports_failures(tmp_path: Path):
     rows = [_row("a", "grey"), _row("b", "grey"), _row("c", "broken"), _row("d", "white"), _row("e", "gone")]
     for row in rows:
         row["image_ref"] = f"{row['image_id']}.png"
-    actor = _MeanColourActor(tmp_path)
-    results = actor(caption_requests("00000", rows, max_chars=100)).to_pylist()
+    decoded = ImageDecoder(tmp_path, _pixels)(caption_requests("00000", rows, max_chars=100))
+    assert decoded.column_names == DECODED_SCHEMA.names and decoded["pixel_shape"][0].as_py() == [3, 4, 4]
+    actor = _MeanColourActor(ActorPoolConfig())
+    results = actor(decoded).to_pylist()
     assert actor.batches == [2], "two decodable images, one model call"
     by_image = {r["image_id"]: r for r in results}
     assert by_image["grey"]["means"] == [100.0, 100.0] and by_image["white"]["means"] == [255.0]
