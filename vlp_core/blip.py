@@ -26,6 +26,7 @@ from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from vlp_core.config import BlipConfig, VisionConfig, load_preset
+from vlp_core.vision_attention import use_fused_attention
 from vlp_core.vision_stem import ConvStem
 
 
@@ -58,6 +59,7 @@ class BlipModel(nn.Module):
         text_config = config.text.to_hf(encoder_hidden_size=vision_width)
 
         self.vision_model = BlipVisionModel(_hf_vision_config(config.vision))
+        use_fused_attention(self.vision_model)
         if config.vision.stem == "conv":
             self.vision_model.embeddings.patch_embedding = ConvStem(vision_width, config.vision.patch_size)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)

@@ -176,3 +176,18 @@ def test_runs_on_cuda_under_bf16_autocast(inputs):
         itm = model.itm_logits(image_embeds, input_ids, mask)
     assert logits.shape == (BATCH, LENGTH, model.config.text.vocab_size) and torch.isfinite(logits).all()
     assert itm.device.type == "cuda" and torch.isfinite(itm.float()).all()
+
+
+def test_the_vit_attention_keeps_transformers_weights_and_its_fused_path_equals_the_eager_one():
+    torch.manual_seed(0)
+    model = BlipModel.from_preset("tiny").train()
+    attention = model.vision_model.encoder.layers[0].self_attn
+    assert {name for name, _ in attention.named_parameters()} == {"qkv.weight", "qkv.bias", "projection.weight",
+                                                                   "projection.bias"}  # fmt: skip
+    hidden = torch.randn(3, 17, model.config.vision.hidden_size, requires_grad=True)
+    eager = attention(hidden)[0]  # on the CPU: transformers' eager attention
+    fused = attention.fused(hidden)  # on a GPU: scaled_dot_product_attention
+    torch.testing.assert_close(fused, eager, atol=1e-6, rtol=1e-5)
+    (eager_grad,) = torch.autograd.grad(eager.square().sum(), hidden)
+    (fused_grad,) = torch.autograd.grad(fused.square().sum(), hidden)
+    torch.testing.assert_close(fused_grad, eager_grad, atol=1e-5, rtol=1e-4)

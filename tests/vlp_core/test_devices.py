@@ -147,6 +147,16 @@ def test_a_training_step_on_cuda(tokenizer, small_blip, objectives, stem):
 
 
 @cuda
+def test_the_vit_encodes_on_cuda_as_on_the_cpu(tokenizer, small_blip):
+    model = small_blip(tokenizer).eval()
+    images = pixels("cpu")
+    with torch.no_grad():
+        expected = model.encode_image(images)
+        on_cuda = model.cuda().encode_image(images.cuda())  # fused attention there
+    torch.testing.assert_close(on_cuda.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@cuda
 def test_clip_ranker_on_cuda():
     ranker = load_clip("clip_tiny", device="cuda")
     images = torch.randn(len(CAPTIONS), 3, 64, 64, device="cuda")
