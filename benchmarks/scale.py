@@ -34,7 +34,7 @@ from benchmarks.harness import Measurement, Report, load_1min, machine, process_
 from pipelines.manifests.manifest import Generation, generation_info, samples_table
 from pipelines.world.generate import WorldConfig, WorldPaths, make_world
 
-SIZES, QUICK_SIZES = (1_000_000, 10_000_000), (20_000, 200_000)
+SIZES, QUICK_SIZES = (1_000_000, 10_000_000), (2_000, 20_000)
 CANDIDATES = 20
 IMAGES_PER_PART = 5_000
 LOADER_BATCHES, QUICK_LOADER_BATCHES, BATCH_SIZE = 1_000, 20, 32

@@ -46,12 +46,20 @@ def _run(
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
 
 
-def test_given_models_train_nothing_and_make_the_next_generation(tmp_path: Path) -> None:
+def test_given_models_on_a_url_list_train_nothing_and_make_the_next_generation(tmp_path: Path) -> None:
+    """Real data through `capfilt run` with a released captioner, filter and ranker: a URL list of a world
+    served on 127.0.0.1, let through by --allow-network (the URL policy refuses loopback otherwise), with the
+    download's shard size. Nothing is trained; generation 1's lineage names the given models."""
+    world = make_world(tmp_path / "world", WorldConfig(n_web=20, n_human=5, n_test=0))
     captioner, filter_model = released_captioner(tmp_path / "captioner"), released_filter(tmp_path / "filter")
     clip = tmp_path / "clip.safetensors"
     save_clip(load_clip("clip_tiny"), clip)
-
-    result = _run(tmp_path / "run", tmp_path / "prefect", captioner, filter_model, clip)
+    with WorldServer(world.root) as server:
+        urls = server.write_url_list(tmp_path / "urls.parquet")
+        real_data = ["--url-list", str(urls), "--human-annotations", str(world.human_annotations)]
+        real_data += ["--human-image-root", str(world.human_root), "--executor", "local"]
+        options = ["--allow-network", "127.0.0.1/32", "--samples-per-shard", "10", "--threads", "4"]
+        result = _run(tmp_path / "run", tmp_path / "prefect", captioner, filter_model, clip, *real_data, *options)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "HTTP Request:" not in result.stderr, "Prefect's client requests are not logged to the console"
     assert "Parsing model identifier" not in result.stderr, "nor open_clip's INFO lines on the root logger"
@@ -64,43 +72,29 @@ def test_given_models_train_nothing_and_make_the_next_generation(tmp_path: Path)
         "img2dataset writes to the log"
     )
     assert not (tmp_path / "run" / "train").exists(), "nothing is trained"
-    target = Generation(tmp_path / "run" / "data_manifests", "web", 1)
-    info = target.read_info()
-    assert info["checkpoints"] == {
-        "captioner": file_digest(captioner / "model.safetensors"),
-        "filter": file_digest(filter_model / "model.safetensors"),
-        "clip": file_digest(clip),
-    }
-    rows = target.read_samples().to_pylist()
-    synthetic = [row for row in rows if row["caption_source"] == "synthetic"]
-    assert synthetic and {row["model_ref"] for row in synthetic} == {info["checkpoints"]["captioner"]}
-    assert all(row["itm_score"] is not None for row in synthetic)
-    assert target.is_done("filter", "00000") and target.is_done("rank", "00000")
-    assert (target.path / "report" / "index.html").is_file()
 
-
-def test_a_url_list_served_on_loopback_runs_with_the_download_options_given(tmp_path: Path) -> None:
-    """Real data through `capfilt run`: a URL list of a world served on 127.0.0.1, let through by
-    --allow-network (the URL policy refuses loopback otherwise), with the download's shard size."""
-    world = make_world(tmp_path / "world", WorldConfig(n_web=20, n_human=5, n_test=0))
-    captioner, filter_model = released_captioner(tmp_path / "captioner"), released_filter(tmp_path / "filter")
-    clip = tmp_path / "clip.safetensors"
-    save_clip(load_clip("clip_tiny"), clip)
-    with WorldServer(world.root) as server:
-        urls = server.write_url_list(tmp_path / "urls.parquet")
-        real_data = ["--url-list", str(urls), "--human-annotations", str(world.human_annotations)]
-        real_data += ["--human-image-root", str(world.human_root), "--executor", "local"]
-        options = ["--allow-network", "127.0.0.1/32", "--samples-per-shard", "10", "--threads", "4"]
-        result = _run(tmp_path / "run", tmp_path / "prefect", captioner, filter_model, clip, *real_data, *options)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     web = Generation(tmp_path / "run" / "data_manifests", "web", 0)
     counts = web.read_info()["counts"]
     assert counts["rows"] == 20 and counts["kept"] > 10, counts  # refused as url_policy without --allow-network
     assert "download/url_policy" not in counts["rejected_by_stage_reason"]
     assert web.shards() == ["00000", "00001", "refused"]  # 10 URLs per shard, and the (empty) refused part
     assert json.loads((web.path / "work" / "download_settings.json").read_text())["samples_per_shard"] == 10
+
+    target = Generation(web.root, "web", 1)
+    info = target.read_info()
+    assert info["checkpoints"] == {
+        "captioner": file_digest(captioner / "model.safetensors"),
+        "filter": file_digest(filter_model / "model.safetensors"),
+        "clip": file_digest(clip),
+    }
     distinct = sum(len(set(entry["caption"])) for entry in json.loads(world.human_annotations.read_text()))
-    assert Generation(web.root, "web", 1).read_info()["counts"]["rows_by_source"]["human"] == distinct
+    assert info["counts"]["rows_by_source"]["human"] == distinct
+    rows = target.read_samples().to_pylist()
+    synthetic = [row for row in rows if row["caption_source"] == "synthetic"]
+    assert synthetic and {row["model_ref"] for row in synthetic} == {info["checkpoints"]["captioner"]}
+    assert all(row["itm_score"] is not None for row in synthetic)
+    assert all(target.is_done(stage, shard) for stage in ("filter", "rank") for shard in ("00000", "00001"))
+    assert (target.path / "report" / "index.html").is_file()
 
 
 def test_a_released_blip2_captioner_with_the_clip_scorer_trains_nothing(tmp_path: Path) -> None:
