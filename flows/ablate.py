@@ -84,6 +84,7 @@ def capfilt_ablate(
     compare_captioner_checkpoint: str | None = None,
     compare_caption_prompt: str | None = None,
     num_gpus: float | None = None,
+    inference_batch_size: int | None = None,
     train_cpus: int | None = None,
     executor: str | None = None,
     ray_address: str | None = None,

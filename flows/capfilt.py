@@ -96,6 +96,8 @@ def capfilt(
     caption_prompt: str | None = None,
     filter_checkpoint: str | None = None,
     train_cpus: int | None = None,
+    num_gpus: float | None = None,
+    inference_batch_size: int | None = None,
     executor: str | None = None,
     ray_address: str | None = None,
     world_seed: int = 0,

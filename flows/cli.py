@@ -63,7 +63,6 @@ def add_flow_commands(commands: Commands) -> None:
     option("--pretrain-steps", type=int, help="pretraining budget of every model, in steps (default: the preset's)")
     option("--batch-size", type=int, help="training batch size per worker (default: the preset's)")
     option("--model-preset", help="BLIP size: tiny, base or large (default: the run preset's)")
-    option("--gpus", dest="num_gpus", type=float, help="GPUs per inference actor and training worker (default: 0)")
 
     deploy = add_command(
         commands,
@@ -105,6 +104,13 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
+    option(
+        "--gpus",
+        dest="num_gpus",
+        type=float,
+        help="GPUs per inference actor, evaluation task and training worker (default: 0)",
+    )
+    option("--inference-batch-size", type=int, help="images per model call (default: 32 on a CPU, 256 on a GPU)")
     option(
         "--train-cpus",
         type=int,

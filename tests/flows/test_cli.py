@@ -1,5 +1,6 @@
 """The `capfilt` command line: help everywhere, clear errors and exit codes."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -7,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from flows.ablate import capfilt_ablate
-from flows.capfilt import capfilt, run_setup
+from flows.capfilt import capfilt, inference_pool, run_setup
 from flows.cli import add_flow_commands, format_metrics, main
+from flows.settings import RUN_PRESETS
 from pipelines.cli.main import build_parser
 from pipelines.cli.options import config_kwargs
+from pipelines.stages.shards import ActorPoolConfig
 from vlp_core.checkpoint import CheckpointError
 
 COMMANDS = sorted(build_parser(add_flow_commands)._subparsers._group_actions[0].choices)
@@ -78,6 +81,10 @@ def test_run_and_ablate_options_set_the_flow_parameters_of_their_names() -> None
     }
     args = parser.parse_args(["run", "--preset", "smoke", "--rounds", "2", "--top-k", "3"])
     assert config_kwargs(args, capfilt) == {"preset": "smoke", "rounds": 2, "top_k": 3}
+    args = parser.parse_args(["run", "--gpus", "1", "--inference-batch-size", "128"])
+    assert config_kwargs(args, capfilt) == {"num_gpus": 1.0, "inference_batch_size": 128}
+    on_gpus = ActorPoolConfig(**inference_pool(dataclasses.replace(RUN_PRESETS["tiny"], num_gpus=1)))
+    assert (on_gpus.num_gpus, on_gpus.batch_size) == (1, 256), "a GPU run's calls default to 256 images"
     help_text = " ".join(parser._subparsers._group_actions[0].choices["run"].format_help().split())
     assert "--out OUT run folder (default: runs/tiny)" in help_text  # the flow's own default
 
