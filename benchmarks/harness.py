@@ -164,13 +164,51 @@ class Measurement:
 
 
 def measure(
-    label: str, unit: str, work: float, function: Callable[[], Any], repeats: int, warmup: bool = True
+    label: str,
+    unit: str,
+    work: float,
+    function: Callable[[], Any],
+    repeats: int,
+    warmup: bool = True,
+    count_flops: bool = False,
 ) -> Measurement:
+    """Time `function` `repeats` times (after a warm-up). With `count_flops`, the extras give the arithmetic
+    it achieved (TFLOP/s, from one more call's FLOPs as torch counts them) and, on a GPU of known peak, MFU."""
     if warmup:
         function()
     load_before = load_1min()
     seconds = [time_once(function)[0] for _ in range(repeats)]
-    return Measurement(label, unit, work, seconds, load_before, load_1min())
+    measurement = Measurement(label, unit, work, seconds, load_before, load_1min())
+    if count_flops:
+        measurement.extra |= flop_rates(flops_of(function), statistics.median(seconds))
+    return measurement
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for MFU = achieved / peak.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def flops_of(function: Callable[[], Any]) -> int:
+    """The floating-point operations of one call, as `torch.utils.flop_counter` counts them (matrix products,
+    convolutions and attention, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def flop_rates(flops: int, seconds: float) -> dict[str, Any]:
+    """{"TFLOP/s": achieved} and, on a GPU whose bf16 peak is in PEAK_BF16_TFLOPS, {"MFU": achieved / peak}."""
+    import torch
+
+    achieved = flops / seconds / 1e12
+    rates: dict[str, Any] = {"TFLOP/s": round(achieved, 4)}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    peak = next((value for name, value in PEAK_BF16_TFLOPS.items() if name in gpu), None)
+    if peak is not None:
+        rates["MFU"] = f"{achieved / peak:.1%}"
+    return rates
 
 
 def _format(value: Any) -> str:

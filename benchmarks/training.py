@@ -4,7 +4,8 @@ The step is `BlipPretrainer` with ITC (momentum encoders, feature queues, distil
 negatives) + LM, then backward and AdamW, on a fixed batch of world pairs. As a reference, the same
 model's LM-only step (the captioner fine-tune) is measured alongside. Peak memory is CUDA's
 max_memory_allocated on a GPU; on the CPU it is the process's resident-set high-water mark (VmHWM),
-reset before each preset where Linux allows it.
+reset before each preset where Linux allows it. Beside samples/s: TFLOP/s achieved (FLOPs of one step as
+`torch.utils.flop_counter` counts them) and, on a GPU of known peak, MFU.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from benchmarks.workload import random_blip, train_step, training_batch, world_p
 from vlp_core.pretrain import CAPTIONER, PRETRAIN, BlipPretrainer, configure_optimizer, prompt_length
 from vlp_core.tokenizer import special_ids
 
-BATCH_SIZES = {"tiny": 32, "base": 4}
-QUICK_BATCH_SIZES = {"tiny": 8}
+SIZES = (("tiny", 32), ("base", 4))  # (preset, batch): on a CPU
+GPU_SIZES = (("base", 64), ("base", 256), ("large", 64))  # BLIP pretrains at 224 px, the presets' size
+QUICK_SIZES = (("tiny", 8),)
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -56,7 +58,8 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
             "peak memory: CUDA max_memory_allocated, or on the CPU the process RSS high-water mark (VmHWM)",
         ],
     )
-    for preset, batch_size in (QUICK_BATCH_SIZES if quick else BATCH_SIZES).items():
+    sizes = QUICK_SIZES if quick else GPU_SIZES if torch.cuda.is_available() else SIZES
+    for preset, batch_size in sizes:
         model, tokenizer = random_blip(preset)
         device = next(model.parameters()).device
         images, captions = world_pairs(batch_size, model.config.vision.image_size)
@@ -74,6 +77,7 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
                 batch_size,
                 functools.partial(train_step, pretrainer, optimizer, batch),
                 repeats,
+                count_flops=True,
             )
             measurement.extra["peak memory GiB"] = round(peak_memory_gib(device), 3)
             parameters = sum(p.numel() for p in pretrainer.parameters())

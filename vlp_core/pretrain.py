@@ -192,10 +192,12 @@ class BlipPretrainer(nn.Module):
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, biases / norms / the temperature do not."""
+    """AdamW over the trainable parameters; matrices decay, biases / norms / the temperature do not. On a GPU
+    its update is one fused kernel; on the CPU it keeps PyTorch's default (the recipe was measured with it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=True if on_cuda else None)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from released_captioners import RELEASED_CAPTIONERS
 
 from benchmarks.cli import BENCHMARKS
@@ -37,6 +38,11 @@ def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.Captu
     for measurement in report["measurements"]:
         assert _positive(measurement["seconds"]) and measurement["rate"] > 0
         assert measurement["label"] in printed
+    if name == "training":  # the arithmetic each step achieved (MFU only on a GPU of known peak)
+        for measurement in report["measurements"]:
+            flops_per_second = measurement["extra"]["TFLOP/s"] * 1e12
+            assert 0 < flops_per_second * measurement["work"] / measurement["rate"] < 1e12  # FLOPs of one tiny step
+            assert "MFU" not in measurement["extra"] or torch.cuda.is_available()
     if name == "scale":  # every reader at both sizes, with its memory
         assert len(report["measurements"]) == 2 * 5
         assert all(0 < m["extra"]["RSS after imports MB"] <= m["extra"]["peak RSS MB"] for m in report["measurements"])

@@ -9,7 +9,7 @@ from device_guard import tensors_made_without_a_device_are_meta
 from vlp_core.clip import load_clip
 from vlp_core.config import VISION_STEMS
 from vlp_core.generation import generate
-from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, prompt_length
+from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, configure_optimizer, prompt_length
 from vlp_core.scoring import score_captions
 from vlp_core.tokenizer import special_ids, tokenize
 
@@ -53,14 +53,18 @@ def training_batch(tokenizer, device: str | torch.device = "cpu") -> tuple[torch
     return images, input_ids, attention_mask, torch.arange(len(captions), device=device)
 
 
-def pretraining_step(model, tokenizer, objectives: tuple[str, ...], device: str | torch.device) -> dict:
-    """Build the trainee where the model is (its queues too) and run one step with ITM negatives."""
+def pretraining_step(
+    model, tokenizer, objectives: tuple[str, ...], device: str | torch.device
+) -> tuple[dict, torch.optim.Optimizer]:
+    """Build the trainee where the model is (its queues too), run one step with ITM negatives and AdamW."""
     trainee = BlipPretrainer(model, special_ids(tokenizer), prompt_length(tokenizer, PROMPT), objectives).train()
+    optimizer = configure_optimizer(trainee, lr=1e-3, weight_decay=0.05)
     generator = torch.Generator(device=device).manual_seed(0)
     losses = trainee(*training_batch(tokenizer, device), alpha=0.4, generator=generator)
     losses["loss"].backward()
+    optimizer.step()
     trainee(*training_batch(tokenizer, device), alpha=0.4, generator=generator)  # the queues hold features now
-    return losses
+    return losses, optimizer
 
 
 # --------------------------------------------------------------------------- the guard, on the CPU
@@ -99,8 +103,9 @@ def test_scoring_makes_no_tensor_off_the_models_device(model, tokenizer):
 def test_a_training_step_makes_no_tensor_off_the_models_device(tokenizer, small_blip, objectives, stem):
     model = small_blip(tokenizer, stem=stem)
     with tensors_made_without_a_device_are_meta():
-        losses = pretraining_step(model, tokenizer, objectives, "cpu")
+        losses, optimizer = pretraining_step(model, tokenizer, objectives, "cpu")
     assert all(torch.isfinite(value).all() for value in losses.values())
+    assert optimizer.defaults["fused"] is None, "the CPU keeps PyTorch's AdamW"
 
 
 def test_clip_ranker_makes_no_tensor_off_the_models_device():
@@ -142,7 +147,8 @@ def test_scoring_on_cuda(tokenizer, small_blip):
 @pytest.mark.parametrize("stem", VISION_STEMS)
 @pytest.mark.parametrize("objectives", [PRETRAIN, CAPTIONER, FILTER])
 def test_a_training_step_on_cuda(tokenizer, small_blip, objectives, stem):
-    losses = pretraining_step(small_blip(tokenizer, stem=stem).cuda(), tokenizer, objectives, "cuda")
+    losses, optimizer = pretraining_step(small_blip(tokenizer, stem=stem).cuda(), tokenizer, objectives, "cuda")
+    assert optimizer.defaults["fused"] is True
     assert all(value.device.type == "cuda" and torch.isfinite(value).all() for value in losses.values())
 
 
