@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import BlipForConditionalGeneration, PreTrainedTokenizerBase
 
-from benchmarks.harness import Report, compare, machine
-from benchmarks.workload import captioner_under_test, pixel_batch
+from benchmarks.harness import Report, compare, flop_figures, machine
+from benchmarks.workload import captioner_under_test, pixel_batch, random_blip
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import export_hf_captioner
 from vlp_core.generation import generate
@@ -30,6 +30,7 @@ from vlp_core.tokenizer import special_ids
 
 SAMPLING = {"top_p": 0.9, "num_captions": 10, "max_length": 30, "min_length": 5}
 BATCH_SIZES, QUICK_BATCH_SIZES = (1, 16, 64), (1, 4)
+GPU_BATCH_SIZES, GPU_PRESET, GPU_IMAGE_SIZE = (16, 64, 256), "base", 384  # the size released captioners run at
 GREEDY_IMAGES = 16
 QUICK_CAPTIONER_STEPS = 5  # quick mode checks that it runs, not what the captions look like
 Captions = list[list[str]]  # per image, its captions
@@ -102,8 +103,14 @@ def _seeded(function: Callable[[], Captions], seed: int) -> Callable[[], Caption
 
 def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None = None) -> Report:
     repeats = repeats or (1 if quick else 5)
-    batch_sizes = QUICK_BATCH_SIZES if quick else BATCH_SIZES
-    model, tokenizer, described = captioner_under_test(checkpoint, steps=QUICK_CAPTIONER_STEPS if quick else None)
+    on_gpu = torch.cuda.is_available() and not quick
+    batch_sizes = QUICK_BATCH_SIZES if quick else GPU_BATCH_SIZES if on_gpu else BATCH_SIZES
+    if on_gpu and checkpoint is None:  # the size users caption at; random weights run every caption to max_length
+        model, tokenizer = random_blip(GPU_PRESET, image_size=GPU_IMAGE_SIZE)
+        model = model.eval()
+        described = f"preset {GPU_PRESET} at {GPU_IMAGE_SIZE} px, random weights, vocabulary {len(tokenizer)}"
+    else:
+        model, tokenizer, described = captioner_under_test(checkpoint, steps=QUICK_CAPTIONER_STEPS if quick else None)
     report = Report(
         "caption",
         quick,
@@ -130,16 +137,11 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
         images = pixels[:batch]
         ours = functools.partial(generate, model, tokenizer, images, seeds=list(range(len(images))), **SAMPLING)
         baseline = _seeded(lambda images=images: hf.generate(images, **SAMPLING), seed=batch)
-        report.comparisons.append(
-            compare(
-                f"batch {batch} images x {SAMPLING['num_captions']} captions",
-                "images/s",
-                batch,
-                baseline,
-                ours,
-                repeats,
-            )
+        comparison = compare(
+            f"batch {batch} images x {SAMPLING['num_captions']} captions", "images/s", batch, baseline, ours, repeats
         )
+        report.comparisons.append(comparison)
+        report.figures |= flop_figures(f"batch {batch}, ours", ours, statistics.median(comparison.ours_s))
 
     images = pixels[: batch_sizes[-1]]
     samples = {

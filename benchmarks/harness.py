@@ -198,6 +198,11 @@ def flops_of(function: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def flop_figures(label: str, function: Callable[[], Any], seconds: float) -> dict[str, Any]:
+    """Report figures "`label`: TFLOP/s" (and "`label`: MFU") of `function` taking `seconds` per call."""
+    return {f"{label}: {name}": value for name, value in flop_rates(flops_of(function), seconds).items()}
+
+
 def flop_rates(flops: int, seconds: float) -> dict[str, Any]:
     """{"TFLOP/s": achieved} and, on a GPU whose bf16 peak is in PEAK_BF16_TFLOPS, {"MFU": achieved / peak}."""
     import torch

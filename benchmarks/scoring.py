@@ -10,16 +10,18 @@ against the cost of encoding one image (both vision encoders); the goal is at mo
 at the tiny preset (64 px, 65 image tokens, captions of ~15 tokens: images are barely bigger than
 captions) and, in the full run, at the base preset with open_clip's ViT-B-32 (224 px: 197 + 50 image
 tokens; and 384 px, 577 + 50, the size of BLIP's released retrieval checkpoints), the sizes real
-filters run at. The naive comparison runs at tiny only: per-pair base forwards take minutes on a CPU.
+filters run at. On a CPU the naive comparison runs at tiny only (per-pair base forwards take minutes); on a
+GPU everything runs at base, 384 px, with 256 images. Ours also reports the TFLOP/s it achieved (and MFU).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import torch
 
-from benchmarks.harness import Report, compare, machine, time_once
+from benchmarks.harness import Report, compare, flop_figures, machine, time_once
 from benchmarks.workload import pixel_batch, random_blip, world_captions
 from vlp_core.blip import BlipModel
 from vlp_core.clip import ClipRanker, load_clip
@@ -28,7 +30,7 @@ from vlp_core.scoring import score_captions
 from vlp_core.tokenizer import special_ids, tokenize
 
 CANDIDATES = 11  # K: 10 synthetic captions and the web caption, as the filter and rank stages see them
-IMAGES, QUICK_IMAGES = 32, 4
+IMAGES, QUICK_IMAGES, GPU_IMAGES = 32, 4, 256
 BASE_IMAGES = 8  # images of the base-preset marginal-cost measurements
 RETRIEVAL_IMAGE_SIZE = 384  # BLIP's released ITM/retrieval checkpoints (the filters) run ViT-B/16 at 384 px
 BATCH_SIZE = 64  # captions per forward, both sides
@@ -115,22 +117,26 @@ def marginal_caption_cost(report: Report, scorer: Scorer, images: int, repeats: 
 
 def run(quick: bool = False, repeats: int | None = None) -> Report:
     repeats = repeats or (1 if quick else 5)
-    images = QUICK_IMAGES if quick else IMAGES
-    scorer = Scorer("tiny")
+    on_gpu = torch.cuda.is_available() and not quick
+    images = QUICK_IMAGES if quick else GPU_IMAGES if on_gpu else IMAGES
+    # on a GPU the filter's real size (base, 384 px) and the ranker's ViT-B-32; on a CPU per-pair base forwards
+    # take minutes, so the comparison runs at tiny
+    scorer = Scorer("base", RETRIEVAL_IMAGE_SIZE) if on_gpu else Scorer("tiny")
     pixels, clip_pixels, captions = scorer_inputs(scorer, images)
     report = Report(
         "scoring",
         quick,
         machine(),
         notes=[
-            f"filter: BLIP preset tiny (random weights), ITM + ITC; ranker: open_clip {scorer.clip_model} (random "
-            f"weights); {images} images x {CANDIDATES} candidates, {BATCH_SIZE} captions per forward",
+            f"filter: BLIP preset {scorer.preset} at {scorer.model.config.vision.image_size} px (random weights), "
+            f"ITM + ITC; ranker: open_clip {scorer.clip_model} (random weights); {images} images x {CANDIDATES} "
+            f"candidates, {BATCH_SIZE} captions per forward",
             "baseline: naive per-pair forward (each pair encodes its image in both models); ours: image features once "
             "per image, cross-attention keys/values once per image, CLIP text up to the last token "
             "(vlp_core.scoring.score_captions, ClipRanker.image_features + scores)",
             *(
                 []
-                if quick
+                if quick or on_gpu
                 else [
                     f"marginal cost also at preset base + {CLIP_MODELS['base']} (random weights), "
                     f"{BASE_IMAGES} images, BLIP at 224 px (the preset) and {RETRIEVAL_IMAGE_SIZE} px (BLIP's "
@@ -142,18 +148,19 @@ def run(quick: bool = False, repeats: int | None = None) -> Report:
     ours_scores = scorer.ours(pixels, clip_pixels, captions)
     naive_scores = scorer.naive(pixels, clip_pixels, captions)
     report.figures["max |ours - naive| score difference"] = max(abs(a - b) for a, b in zip(ours_scores, naive_scores))
-    report.comparisons.append(
-        compare(
-            f"{images} images x {CANDIDATES} captions",
-            "captions/s",
-            images * CANDIDATES,
-            lambda: scorer.naive(pixels, clip_pixels, captions),
-            lambda: scorer.ours(pixels, clip_pixels, captions),
-            repeats,
-        )
+    ours = functools.partial(scorer.ours, pixels, clip_pixels, captions)
+    comparison = compare(
+        f"{images} images x {CANDIDATES} captions",
+        "captions/s",
+        images * CANDIDATES,
+        functools.partial(scorer.naive, pixels, clip_pixels, captions),
+        ours,
+        repeats,
     )
+    report.comparisons.append(comparison)
+    report.figures |= flop_figures("ours", ours, statistics.median(comparison.ours_s))
     marginal_caption_cost(report, scorer, images, repeats)
-    if not quick:
+    if not quick and not on_gpu:
         for image_size in (None, RETRIEVAL_IMAGE_SIZE):
             marginal_caption_cost(report, Scorer("base", image_size), BASE_IMAGES, min(repeats, 3))
     return report

@@ -54,6 +54,11 @@ def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.Captu
         assert 0 <= figures["token distribution TV distance ours vs transformers"] <= 1
         same, total = map(int, figures["greedy captions identical to transformers"].split("/"))
         assert total == 16 and 0 <= same <= total
+    flops = {label: value for label, value in report["figures"].items() if label.endswith("TFLOP/s")}
+    if name == "caption":  # ours at each batch size
+        assert set(flops) == {"batch 1, ours: TFLOP/s", "batch 4, ours: TFLOP/s"} and min(flops.values()) > 0
+    if name == "scoring":
+        assert set(flops) == {"ours: TFLOP/s"} and flops["ours: TFLOP/s"] > 0
 
 
 def test_bad_repeats_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
