@@ -28,4 +28,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-.PHONY: install demo test lint
+# The packages of the lock that benchmarks/gpu_check.sh needs on a GPU machine without them (CPython 3.12, x86-64).
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 -d .whl \
+		$(shell grep -E '^(open_clip_torch|ftfy|wcwidth|universal_pathlib|pathlib_abc)==' requirements.lock)
+
+.PHONY: install demo test lint gpu-wheels

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A GPU session's checks in one call, on a machine with torch, CUDA, transformers and timm but not Ray or
+# Prefect (the device tool's): the CUDA tests of vlp_core, then `bench training`, `scoring` and `caption` at
+# their GPU sizes. Logs and JSON reports go to $OUT (default /tmp/gpu-check).
+#
+# The packages such a machine lacks travel as wheels in .whl/ (ignored by git). Here, once:
+#   echo /.whl/ >> .git/info/exclude
+#   make gpu-wheels
+# then, through the device tool: run with carry [".whl"] and command `bash benchmarks/gpu_check.sh`.
+# GPU_CHECK_QUICK=1 runs the benchmarks at their quick sizes (a dry run, e.g. on a CPU).
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PWD" || exit 1
+else
+    export PYTHONPATH="$PWD"
+fi
+python3 -c "import torch; print('torch', torch.__version__, 'GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+python3 -m pytest -q -p no:cacheprovider -o addopts= tests/vlp_core/test_devices.py tests/vlp_core/test_blip.py \
+    2>&1 | tee "$OUT/tests.log"
+quick="${GPU_CHECK_QUICK:+True}"
+for name in training scoring caption; do
+    timeout 300 python3 -c "
+from benchmarks.$name import run
+from pathlib import Path
+from benchmarks.harness import save_reports
+report = run(quick=${quick:-False})
+print(report.text())
+save_reports([report], Path('$OUT/$name.json'))
+" 2>&1 | tee "$OUT/$name.log"
+done
