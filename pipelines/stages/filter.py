@@ -56,6 +56,7 @@ from vlp_core.checkpoint import (
     require_finite_file,
 )
 from vlp_core.data import ImageTransform, image_transform
+from vlp_core.inference import for_inference
 from vlp_core.scoring import score_captions
 from vlp_core.storage import Location, location
 
@@ -166,7 +167,8 @@ class FilterActor(ImageModelActor):
     ]
 
     def __init__(self, config: FilterConfig) -> None:
-        self.model, self.tokenizer, self.model_ref = load_checkpoint(config.checkpoint, config.device)
+        model, self.tokenizer, self.model_ref = load_checkpoint(config.checkpoint, config.device)
+        self.model = for_inference(model)
 
     @classmethod
     def image_transform(cls, config: FilterConfig) -> ImageTransform:

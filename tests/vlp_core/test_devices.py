@@ -2,6 +2,8 @@
 ranker under the CPU guard (tests/device_guard.py, the model on the CPU), and the same calls on a real
 GPU where there is one."""
 
+import copy
+
 import pytest
 import torch
 from device_guard import tensors_made_without_a_device_are_meta
@@ -9,6 +11,7 @@ from device_guard import tensors_made_without_a_device_are_meta
 from vlp_core.clip import load_clip
 from vlp_core.config import VISION_STEMS
 from vlp_core.generation import generate
+from vlp_core.inference import for_inference
 from vlp_core.pretrain import CAPTIONER, FILTER, PRETRAIN, BlipPretrainer, configure_optimizer, prompt_length
 from vlp_core.scoring import score_captions
 from vlp_core.tokenizer import special_ids, tokenize
@@ -108,6 +111,24 @@ def test_a_training_step_makes_no_tensor_off_the_models_device(tokenizer, small_
     assert optimizer.defaults["fused"] is None, "the CPU keeps PyTorch's AdamW"
 
 
+def test_bf16_weights_under_autocast_caption_and_score_as_float32_ones(tokenizer, small_blip):
+    """What the caption and filter actors run on a GPU (`for_inference`), here under the CPU's bf16 autocast."""
+    model = small_blip(tokenizer).eval()
+    expected_captions = generate(model, tokenizer, pixels(), **generation_kwargs("greedy", "cpu"))
+    expected_scores = score_captions(model, tokenizer, pixels(), CAPTIONS)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for case in GENERATION_CASES:
+            captions = generate(bf16, tokenizer, pixels(), **generation_kwargs(case, "cpu"))
+            assert [len(image_captions) for image_captions in captions] == [
+                GENERATION_CASES[case].get("num_captions", 1)
+            ] * len(CAPTIONS)
+        assert generate(bf16, tokenizer, pixels(), **generation_kwargs("greedy", "cpu")) == expected_captions
+        scores = score_captions(bf16, tokenizer, pixels(), CAPTIONS)
+    for ours, reference in zip(scores, expected_scores, strict=True):
+        assert ours.itm == pytest.approx(reference.itm, abs=0.02) and ours.itc == pytest.approx(reference.itc, abs=0.02)
+
+
 def test_clip_ranker_makes_no_tensor_off_the_models_device():
     torch.manual_seed(0)
     ranker = load_clip("clip_tiny")
@@ -133,6 +154,17 @@ def test_generation_on_cuda(tokenizer, small_blip, case):
     captions = generate(model, tokenizer, pixels("cuda"), **generation_kwargs(case, "cuda"))
     per_image = GENERATION_CASES[case].get("num_captions", 1)
     assert [len(row) for row in captions] == [per_image] * len(CAPTIONS)
+
+
+@cuda
+def test_the_inference_copy_is_bf16_on_cuda_and_float32_elsewhere(tokenizer, small_blip):
+    assert next(for_inference(small_blip(tokenizer)).parameters()).dtype == torch.float32
+    on_cuda = for_inference(small_blip(tokenizer).cuda())
+    assert next(on_cuda.parameters()).dtype == torch.bfloat16 and not on_cuda.training
+    captions = generate(on_cuda, tokenizer, pixels("cuda"), **generation_kwargs("nucleus with seeds", "cuda"))
+    assert all(len(image_captions) == 3 for image_captions in captions)
+    assert all(0 <= value <= 1 for scores in score_captions(on_cuda, tokenizer, pixels("cuda"), CAPTIONS)
+               for value in scores.itm)  # fmt: skip
 
 
 @cuda

@@ -12,13 +12,15 @@ from vlp_core.captioners.base import Sampling
 from vlp_core.checkpoint import CAPTIONER_NEEDS, check_checkpoint, checkpoint_config, checkpoint_digest, load_checkpoint
 from vlp_core.data import PixelTransform, image_transform
 from vlp_core.generation import generate
+from vlp_core.inference import for_inference
 
 
 class BlipCaptioner:
     backend = "blip"
 
     def __init__(self, checkpoint: Path, device: str | torch.device = "cpu", prompt: str | None = None) -> None:
-        self.model, self.tokenizer, self.model_ref = load_checkpoint(checkpoint, device)
+        model, self.tokenizer, self.model_ref = load_checkpoint(checkpoint, device)
+        self.model = for_inference(model)
         self.prompt = self.model.config.prompt if prompt is None else prompt
         self.transform = image_transform(self.model.config, train=False)
 
