@@ -25,7 +25,7 @@ from benchmarks.workload import captioner_under_test, pixel_batch, random_blip
 from vlp_core.blip import BlipModel
 from vlp_core.checkpoint import export_hf_captioner
 from vlp_core.generation import generate
-from vlp_core.inference import model_device
+from vlp_core.inference import for_inference
 from vlp_core.tokenizer import special_ids
 
 SAMPLING = {"top_p": 0.9, "num_captions": 10, "max_length": 30, "min_length": 5}
@@ -41,7 +41,8 @@ class HFCaptioner:
 
     def __init__(self, model: BlipModel, tokenizer: PreTrainedTokenizerBase, folder: Path):
         export_hf_captioner(model, tokenizer, folder)
-        self.model = BlipForConditionalGeneration.from_pretrained(folder).to(model_device(model)).eval()
+        weights = next(model.parameters())  # the same device and dtype as ours (bf16 weights on a GPU)
+        self.model = BlipForConditionalGeneration.from_pretrained(folder).to(weights.device, weights.dtype).eval()
         self.tokenizer = tokenizer
         ids = special_ids(tokenizer)
         prompt = tokenizer(model.config.prompt, add_special_tokens=False)["input_ids"]
@@ -107,10 +108,10 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
     batch_sizes = QUICK_BATCH_SIZES if quick else GPU_BATCH_SIZES if on_gpu else BATCH_SIZES
     if on_gpu and checkpoint is None:  # the size users caption at; random weights run every caption to max_length
         model, tokenizer = random_blip(GPU_PRESET, image_size=GPU_IMAGE_SIZE)
-        model = model.eval()
         described = f"preset {GPU_PRESET} at {GPU_IMAGE_SIZE} px, random weights, vocabulary {len(tokenizer)}"
     else:
         model, tokenizer, described = captioner_under_test(checkpoint, steps=QUICK_CAPTIONER_STEPS if quick else None)
+    model = for_inference(model)  # as the caption actors hold it: bf16 weights on a GPU
     report = Report(
         "caption",
         quick,

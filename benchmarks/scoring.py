@@ -26,7 +26,7 @@ from benchmarks.harness import Comparison, Report, compare, flop_figures, machin
 from benchmarks.workload import pixel_batch, random_blip, world_captions
 from vlp_core.blip import BlipModel
 from vlp_core.clip import ClipRanker, load_clip
-from vlp_core.inference import inference_mode
+from vlp_core.inference import for_inference, inference_mode
 from vlp_core.scoring import score_captions
 from vlp_core.tokenizer import special_ids, tokenize
 
@@ -43,8 +43,8 @@ class Scorer:
 
     def __init__(self, preset: str, image_size: int | None = None) -> None:
         self.preset = preset
-        self.model, self.tokenizer = random_blip(preset, image_size=image_size)
-        self.model.eval()
+        model, self.tokenizer = random_blip(preset, image_size=image_size)
+        self.model = for_inference(model)  # as the filter actors hold it: bf16 weights on a GPU
         self.clip_model = CLIP_MODELS[preset]
         self.clip: ClipRanker = load_clip(self.clip_model, device=next(self.model.parameters()).device)
 
@@ -118,9 +118,9 @@ def marginal_caption_cost(report: Report, scorer: Scorer, images: int, repeats: 
 
 def vision_encode_comparison(images: int, repeats: int) -> Comparison:
     """One image encode of BLIP's filter size (ViT-B/16 at 384 px) against timm's `vit_base_patch16_384` (random
-    weights; on a GPU in bf16 weights, its natural form, and ours under bf16 autocast). Each call ends on the host,
-    so GPU work is waited for."""
-    model, _ = random_blip("base", image_size=RETRIEVAL_IMAGE_SIZE)
+    weights; on a GPU both in bf16 weights, ours as the filter actors hold it). Each call ends on the host, so GPU
+    work is waited for."""
+    model = for_inference(random_blip("base", image_size=RETRIEVAL_IMAGE_SIZE)[0])
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reference = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0).to(device, dtype).eval()
@@ -131,7 +131,7 @@ def vision_encode_comparison(images: int, repeats: int) -> Comparison:
             return reference.forward_features(pixels.to(dtype)).float().sum().item()
 
     def ours() -> float:
-        with inference_mode(model.eval()):
+        with inference_mode(model):
             return model.encode_image(pixels).float().sum().item()
 
     label = f"one image encode, ViT-B/16 at {RETRIEVAL_IMAGE_SIZE} px, {images} images (baseline: timm)"
