@@ -37,8 +37,10 @@ class SdpaVisionAttention(BlipAttention):
 
 
 def use_fused_attention(vision_model: BlipVisionModel) -> None:
-    """Replace every layer's ``self_attn`` by an `SdpaVisionAttention` holding the same parameter tensors."""
+    """Replace every layer's ``self_attn`` by an `SdpaVisionAttention` holding the same parameter tensors.
+    Built on the meta device, it draws no random numbers: a seed gives the same model as before."""
     for layer in vision_model.encoder.layers:
-        attention = SdpaVisionAttention(layer.self_attn.config)
+        with torch.device("meta"):
+            attention = SdpaVisionAttention(layer.self_attn.config)
         attention.load_state_dict(layer.self_attn.state_dict(keep_vars=True), assign=True)
         layer.self_attn = attention.train(layer.self_attn.training)

@@ -15,6 +15,7 @@ shards, so a run killed at any moment resumes, and every sample is in its part e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -263,13 +264,10 @@ class ImageDecoder:
         return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-_STORES: dict[str, ImageStore] = {}  # per worker process, so that a tar shard is indexed once, not once per block
-
-
+@functools.lru_cache(maxsize=4)
 def _image_store(dataset_dir: Location) -> ImageStore:
-    if str(dataset_dir) not in _STORES:
-        _STORES[str(dataset_dir)] = ImageStore(dataset_dir)
-    return _STORES[str(dataset_dir)]
+    """One store per dataset folder and worker process: a tar shard is indexed once, not once per block."""
+    return ImageStore(dataset_dir)
 
 
 class ImageModelActor:

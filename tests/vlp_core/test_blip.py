@@ -1,10 +1,13 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
+from transformers.models.blip.modeling_blip import BlipVisionModel
 
 from vlp_core.blip import BlipModel
 from vlp_core.config import load_preset
+from vlp_core.vision_attention import SdpaVisionAttention, use_fused_attention
 
 BATCH, LENGTH = 4, 12
 
@@ -176,6 +179,19 @@ def test_runs_on_cuda_under_bf16_autocast(inputs):
         itm = model.itm_logits(image_embeds, input_ids, mask)
     assert logits.shape == (BATCH, LENGTH, model.config.text.vocab_size) and torch.isfinite(logits).all()
     assert itm.device.type == "cuda" and torch.isfinite(itm.float()).all()
+
+
+def test_swapping_in_the_fused_attention_draws_no_random_numbers():
+    config = dataclasses.replace(load_preset("tiny").vision, stem="patch").to_hf()
+    vision = BlipVisionModel(config)
+    weights = {name: tensor.clone() for name, tensor in vision.state_dict().items()}
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    use_fused_attention(vision)
+    assert torch.equal(torch.rand(3), expected), "the same seed still gives the same model"
+    assert all(torch.equal(vision.state_dict()[name], tensor) for name, tensor in weights.items())
+    assert all(type(layer.self_attn) is SdpaVisionAttention for layer in vision.encoder.layers)
 
 
 def test_the_vit_attention_keeps_transformers_weights_and_its_fused_path_equals_the_eager_one():
