@@ -107,7 +107,7 @@ def run(quick: bool = False, repeats: int | None = None, checkpoint: Path | None
     on_gpu = torch.cuda.is_available() and not quick
     batch_sizes = QUICK_BATCH_SIZES if quick else GPU_BATCH_SIZES if on_gpu else BATCH_SIZES
     if on_gpu and checkpoint is None:  # the size users caption at; random weights run every caption to max_length
-        model, tokenizer = random_blip(GPU_PRESET, image_size=GPU_IMAGE_SIZE)
+        model, tokenizer = random_blip(GPU_PRESET, image_size=GPU_IMAGE_SIZE, full_vocabulary=True)
         described = f"preset {GPU_PRESET} at {GPU_IMAGE_SIZE} px, random weights, vocabulary {len(tokenizer)}"
     else:
         model, tokenizer, described = captioner_under_test(checkpoint, steps=QUICK_CAPTIONER_STEPS if quick else None)

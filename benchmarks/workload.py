@@ -49,13 +49,17 @@ def default_device() -> str:
 
 
 def random_blip(
-    preset: str = "tiny", device: str | None = None, image_size: int | None = None
+    preset: str = "tiny", device: str | None = None, image_size: int | None = None, full_vocabulary: bool = False
 ) -> tuple[BlipModel, PreTrainedTokenizerBase]:
     """`preset` with random weights and a tokenizer trained on world captions (its vocabulary is the model's);
-    `image_size` overrides the preset's (e.g. 384 px, the size of BLIP's released retrieval checkpoints). The
-    tower keeps ViT's patch stem whatever the preset says: the baselines run the same weights in transformers."""
+    `image_size` overrides the preset's (e.g. 384 px, the size of BLIP's released retrieval checkpoints);
+    `full_vocabulary` pads the tokenizer with filler tokens to the preset's size (base: BERT's 30,524, whose LM
+    head a released captioner computes at every step). The tower keeps ViT's patch stem whatever the preset
+    says: the baselines run the same weights in transformers."""
     config = load_preset(preset)
     tokenizer = train_tokenizer(world_captions(2000), vocab_size=config.text.vocab_size)
+    if full_vocabulary:
+        tokenizer.add_tokens([f"filler{index}" for index in range(config.text.vocab_size - len(tokenizer))])
     vision = dataclasses.replace(config.vision, image_size=image_size or config.vision.image_size, stem="patch")
     config = dataclasses.replace(
         config, vision=vision, text=dataclasses.replace(config.text, vocab_size=len(tokenizer))
