@@ -294,7 +294,7 @@ class ImageModelActor:
         decoded = [index for index, pixels in enumerate(data) if pixels is not None]
         pixels = [_tensor(data[index], shapes[index]) for index in decoded]
         started = time.perf_counter()
-        outputs = self.infer(torch.stack(pixels), [requests[index] for index in decoded]) if decoded else []
+        outputs = self._infer_fitting(torch.stack(pixels), [requests[index] for index in decoded]) if decoded else []
         model_seconds = (time.perf_counter() - started) / max(len(decoded), 1)
         output_of = dict(zip(decoded, outputs, strict=True))
         rows = [
@@ -307,6 +307,24 @@ class ImageModelActor:
             for index, request in enumerate(requests)
         ]
         return pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS + self.output_fields))
+
+    def _infer_fitting(self, pixels: torch.Tensor, requests: list[Row]) -> list[Row]:
+        """`infer`, halving the call while the GPU runs out of memory (a GPU smaller than the default batch
+        was chosen for); one image that does not fit is the error it is."""
+        try:
+            return self.infer(pixels, requests)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            log.warning(
+                "out of GPU memory on %d images: splitting the call (a smaller --batch-size avoids it)", len(pixels)
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            return self._infer_fitting(pixels[:half], requests[:half]) + self._infer_fitting(
+                pixels[half:], requests[half:]
+            )
 
 
 def _tensor(pixels: bytes, shape: list[int]) -> torch.Tensor:

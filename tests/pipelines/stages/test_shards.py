@@ -175,3 +175,31 @@ def test_each_image_is_decoded_once_and_failures_reach_the_results(tmp_path: Pat
     assert by_image["grey"]["model_seconds"] == by_image["white"]["model_seconds"] > 0  # one call, shared
     assert by_image["broken"]["model_seconds"] == by_image["gone"]["model_seconds"] == 0.0
     assert [f.name for f in RESULT_FIELDS] == list(results[0])[: len(RESULT_FIELDS)]
+
+
+class _SmallGpuActor(_MeanColourActor):
+    """A model that runs out of GPU memory on more than `fits` images at once."""
+
+    fits = 2
+
+    def infer(self, pixels, requests):
+        if len(pixels) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return super().infer(pixels, requests)
+
+
+def test_a_call_that_runs_out_of_gpu_memory_is_split_until_it_fits(tmp_path: Path, caplog):
+    rows = []
+    for index in range(5):
+        buffer = io.BytesIO()
+        Image.new("RGB", (2, 2), (index, index, index)).save(buffer, format="PNG")
+        (tmp_path / f"{index}.png").write_bytes(buffer.getvalue())
+        rows.append(_row(f"s{index}", f"{index}", image_ref=f"{index}.png"))
+    decoded = ImageDecoder(tmp_path, _pixels)(caption_requests("00000", rows, max_chars=100))
+    actor = _SmallGpuActor(ActorPoolConfig())
+    results = actor(decoded).to_pylist()
+    assert [result["means"] for result in results] == [[float(index)] for index in range(5)], "every image, in order"
+    assert actor.batches == [2, 1, 2] and "out of GPU memory on 5 images" in caplog.text
+    actor.fits = 0
+    with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit is the error it is
+        actor(decoded)
