@@ -25,9 +25,9 @@ import torch
 from pipelines import registry
 from pipelines.manifests.images import rebased
 from pipelines.manifests.manifest import Generation, ManifestError, read_part, sample_id
+from pipelines.stages.actors import ImageModelActor
 from pipelines.stages.shards import (
     ActorPoolConfig,
-    ImageModelActor,
     Row,
     check_config,
     image_requests,

@@ -28,12 +28,12 @@ import torch
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
+from pipelines.stages.actors import ImageModelActor
 from pipelines.stages.rank import ClipActor
 from pipelines.stages.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
     ActorPoolConfig,
     CaptionScoringStage,
-    ImageModelActor,
     Row,
     captioned_shards,
     check_config,

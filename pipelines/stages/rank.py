@@ -18,11 +18,11 @@ import torch
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation
+from pipelines.stages.actors import ImageModelActor
 from pipelines.stages.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
     ActorPoolConfig,
     CaptionScoringStage,
-    ImageModelActor,
     Row,
     check_config,
     rejected,

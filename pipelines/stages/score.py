@@ -16,9 +16,9 @@ import pyarrow as pa
 
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
+from pipelines.stages.actors import ImageModelActor
 from pipelines.stages.filter import SCORERS, FilterConfig, is_scored, scored_by, scorer_actor
 from pipelines.stages.shards import (
-    ImageModelActor,
     Row,
     image_requests,
     model_text,

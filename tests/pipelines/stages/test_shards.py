@@ -10,12 +10,9 @@ import torch
 from PIL import Image
 
 from pipelines.manifests.manifest import Generation, ManifestError, samples_table
+from pipelines.stages.actors import DECODED_SCHEMA, RESULT_FIELDS, ImageDecoder, ImageModelActor
 from pipelines.stages.shards import (
-    DECODED_SCHEMA,
-    RESULT_FIELDS,
     ActorPoolConfig,
-    ImageDecoder,
-    ImageModelActor,
     caption_requests,
     commit_shard,
     image_requests,

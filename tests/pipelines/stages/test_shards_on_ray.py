@@ -13,7 +13,8 @@ from PIL import Image
 from ray import cloudpickle
 
 from pipelines.manifests.manifest import Generation
-from pipelines.stages.shards import ActorPoolConfig, ImageModelActor, _map_requests, image_requests
+from pipelines.stages.actors import ImageModelActor
+from pipelines.stages.shards import ActorPoolConfig, _map_requests, image_requests
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
 
