@@ -129,6 +129,12 @@ def _require_known(model_name: str) -> None:
 def clip_transform(model_name: str) -> PixelTransform:
     """How CLIP `model_name` reads an image (its preprocess), without building its weights (for decode workers)."""
     _require_known(model_name)
+    return open_clip_preprocess(model_name)
+
+
+def open_clip_preprocess(model_name: str) -> PixelTransform:
+    """open_clip's inference preprocess of `model_name` (an architecture, or `local-dir:FOLDER`); the model is
+    built on the meta device, so no weights are made or read."""
     with torch.device("meta"):
         _, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=None, load_weights=False, device="meta"

@@ -18,6 +18,7 @@ import torch
 
 from vlp_core.captioners.base import Sampling
 from vlp_core.checkpoint import CheckpointError, file_digest, require_finite
+from vlp_core.clip import open_clip_preprocess
 from vlp_core.data import PixelTransform
 from vlp_core.generation import DecodingRules, nucleus_choice, row_draws, sample_tokens
 from vlp_core.inference import inference_mode
@@ -79,12 +80,7 @@ class CocaCaptioner:
 
     @staticmethod
     def load_transform(checkpoint: Path) -> PixelTransform:
-        """The folder's image transform; the model is built on the meta device, without its weights."""
-        with torch.device("meta"):
-            _, _, transform = open_clip.create_model_and_transforms(
-                f"local-dir:{checkpoint}", load_weights=False, device="meta"
-            )
-        return transform
+        return open_clip_preprocess(f"local-dir:{checkpoint}")
 
     @staticmethod
     def check(checkpoint: Path) -> None:
