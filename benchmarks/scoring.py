@@ -7,7 +7,7 @@ encoders, in batches of the same size. Both return the same numbers.
 
 The marginal cost of one more caption is measured as (time with 2K candidates - time with K) / (N K),
 against the cost of encoding one image (both vision encoders); the goal is at most 1/5. It is measured
-at the tiny preset (64 px, 65 image tokens, captions of ~15 tokens: images are barely bigger than
+at the tiny preset (a few image tokens, captions of ~15 tokens: images are barely bigger than
 captions) and, in the full run, at the base preset with open_clip's ViT-B-32 (224 px: 197 + 50 image
 tokens; and 384 px, 577 + 50, the size of BLIP's released retrieval checkpoints), the sizes real
 filters run at. On a CPU the naive comparison runs at tiny only (per-pair base forwards take minutes); on a

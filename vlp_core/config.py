@@ -206,6 +206,8 @@ class BlipConfig:
     momentum-distilled targets. temp: initial ITC temperature. label_smoothing: for the LM loss.
     prompt: caption prefix the decoder is trained and sampled with: "" after pretraining (BLIP's LM
     objective has none), CAPTION_PROMPT after captioner fine-tuning. max_text_length: tokens per text.
+    min_crop_area: a training image is a random crop of at least this share of its area, resized back;
+    1.0 trains on whole images (where captions name positions near the edges, a crop can make them false).
     """
 
     vision: VisionConfig
@@ -220,6 +222,7 @@ class BlipConfig:
     max_text_length: int = 35
     image_mean: tuple[float, float, float] = CLIP_IMAGE_MEAN
     image_std: tuple[float, float, float] = CLIP_IMAGE_STD
+    min_crop_area: float = 0.8
     name: str = field(default="custom")
 
     def __post_init__(self) -> None:
@@ -231,6 +234,7 @@ class BlipConfig:
         _require(0.0 < self.temp <= 1.0, "BlipConfig", "temp", self.temp, "in (0, 1]")
         _require(0.0 <= self.label_smoothing < 1.0, "BlipConfig", "label_smoothing", self.label_smoothing, "in [0, 1)")
         _require(isinstance(self.prompt, str), "BlipConfig", "prompt", self.prompt, "a string")
+        _require(0.0 < self.min_crop_area <= 1.0, "BlipConfig", "min_crop_area", self.min_crop_area, "in (0, 1]")
         _require(
             self.max_text_length <= self.text.max_position,
             "BlipConfig",

@@ -38,8 +38,9 @@ PixelTransform = Callable[[Image.Image], torch.Tensor]  # an image -> (3, S, S),
 class ImageTransform:
     """PIL image -> normalised float tensor (3, S, S), S = config.vision.image_size.
 
-    Training adds a light random resized crop (about 80-100 % of the area). There is deliberately
-    no horizontal flip: captions say "left of" / "right of", and a flip would make them false.
+    Training adds a light random resized crop (`min_crop_area` to 100 % of the area; none at 1.0).
+    There is deliberately no horizontal flip: captions say "left of" / "right of", and a flip would make
+    them false.
     """
 
     image_size: int
@@ -49,7 +50,7 @@ class ImageTransform:
     min_crop_area: float = 0.8
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if self.train:
+        if self.train and self.min_crop_area < 1.0:
             image = image.crop(self._random_crop_box(*image.size))
         image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -76,6 +77,7 @@ def image_transform(config: BlipConfig, train: bool) -> ImageTransform:
         mean=tuple(config.image_mean),
         std=tuple(config.image_std),
         train=train,
+        min_crop_area=config.min_crop_area,
     )
 
 

@@ -141,7 +141,8 @@ def test_outputs_depend_on_the_image(model, inputs):
 
 def test_bad_shapes_are_clear_errors(model, inputs):
     pixels, input_ids, mask = inputs
-    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 64, 64\).*got \(4, 3, 32, 32\)"):
+    size = model.config.vision.image_size
+    with pytest.raises(ValueError, match=rf"pixel_values must be \(B, 3, {size}, {size}\).*got \(4, 3, 32, 32\)"):
         model.encode_image(pixels[:, :, :32, :32])
     with pytest.raises(ValueError, match="must both be \\(B, L\\)"):
         model.encode_text(input_ids, mask[:, :-1])

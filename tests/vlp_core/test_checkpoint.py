@@ -46,7 +46,8 @@ def model():
 @pytest.fixture(scope="module")
 def batch(model, tokenizer):
     torch.manual_seed(1)
-    pixels = torch.randn(3, 3, 64, 64)
+    size = model.config.vision.image_size
+    pixels = torch.randn(3, 3, size, size)
     input_ids = torch.randint(5, len(tokenizer) - 2, (3, 9))
     mask = torch.ones_like(input_ids)
     mask[0, 6:] = 0
@@ -114,7 +115,8 @@ def test_hf_captioner_matches_lm_logits_and_generates(model, tokenizer, batch, t
     assert generated[:, 0].tolist() == [special_ids(tokenizer).dec] * 3
     processor = BlipProcessor.from_pretrained(tmp_path)
     inputs = processor(images=[torch.zeros(3, 90, 70, dtype=torch.uint8)], text=["a red circle"], return_tensors="pt")
-    assert inputs["pixel_values"].shape == (1, 3, 64, 64)
+    size = model.config.vision.image_size
+    assert inputs["pixel_values"].shape == (1, 3, size, size)
     assert inputs["input_ids"][0, 0] == special_ids(tokenizer).cls
 
 

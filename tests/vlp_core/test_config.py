@@ -26,10 +26,11 @@ def test_base_and_large_match_the_paper():
 
 def test_tiny_is_small():
     tiny = load_preset("tiny")
-    assert (tiny.vision.image_size, tiny.vision.patch_size, tiny.vision.stem) == (64, 16, "conv")
+    assert (tiny.vision.image_size, tiny.vision.patch_size, tiny.vision.stem) == (48, 16, "conv")
     assert tiny.vision.hidden_size <= 128 and tiny.text.hidden_size <= 128
     assert tiny.vision.num_layers == 1 and 2 <= tiny.text.num_layers <= 4
-    assert tiny.vision.num_patches == 16
+    assert tiny.vision.num_patches == 9
+    assert tiny.min_crop_area == 1.0  # whole images: a crop can cut off an object at the edge
 
 
 @pytest.mark.parametrize("std", [0.02, 0.1])
@@ -49,7 +50,7 @@ def test_unknown_preset_lists_the_available_ones():
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"vision": {"patch_size": 7, "stem": "patch"}}, r"VisionConfig.patch_size must be a divisor of image_size=64"),
+        ({"vision": {"patch_size": 7, "stem": "patch"}}, r"VisionConfig.patch_size must be a divisor of image_size=48"),
         ({"vision": {"patch_size": 2}}, r"VisionConfig.patch_size must be a power of two"),
         ({"vision": {"stem": "resnet"}}, r"VisionConfig.stem must be one of patch, conv"),
         ({"vision": {"num_heads": 3}}, r"VisionConfig.num_heads must be a divisor of hidden_size=128"),
@@ -61,6 +62,8 @@ def test_unknown_preset_lists_the_available_ones():
         ({"temp": 0.0}, r"BlipConfig.temp"),
         ({"max_text_length": 65}, r"max_text_length must be at most text.max_position=64"),
         ({"image_std": [0.5, 0.5]}, r"BlipConfig.image_std must be three numbers"),
+        ({"min_crop_area": 0.0}, r"BlipConfig.min_crop_area must be in \(0, 1\]"),
+        ({"min_crop_area": 1.5}, r"BlipConfig.min_crop_area must be in \(0, 1\]"),
         ({"queue_siz": 3}, r"unknown field\(s\) \['queue_siz'\]"),
         ({"text": {"layers": 3}}, r"TextConfig: unknown field\(s\) \['layers'\]"),
     ],

@@ -4,6 +4,7 @@ import io
 import json
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -163,11 +164,13 @@ def test_transform_resizes_and_normalises():
 def test_image_transform_follows_the_model_config():
     config = load_preset("tiny")
     evaluation, training = image_transform(config, train=False), image_transform(config, train=True)
-    assert (evaluation.image_size, evaluation.mean, evaluation.std) == (64, config.image_mean, config.image_std)
+    size = config.vision.image_size
+    assert (evaluation.image_size, evaluation.mean, evaluation.std) == (size, config.image_mean, config.image_std)
     assert training.train and not evaluation.train
+    assert training.min_crop_area == config.min_crop_area
     grey = evaluation(Image.new("RGB", (100, 80), (128, 128, 128)))
     expected = (128 / 255 - torch.tensor(config.image_mean)) / torch.tensor(config.image_std)
-    assert grey.shape == (3, 64, 64)
+    assert grey.shape == (3, size, size)
     torch.testing.assert_close(grey[:, 10, 10], expected)
 
 
@@ -182,6 +185,13 @@ def test_train_transform_crops_lightly_and_never_flips():
     for pixels in first:
         assert pixels[0, :, 0].min() > 0.9 and pixels[2, :, 0].max() < 0.1  # left edge still red
         assert pixels[2, :, -1].min() > 0.9 and pixels[0, :, -1].max() < 0.1  # right edge still blue
+
+
+def test_a_min_crop_area_of_one_trains_on_the_whole_image():
+    whole = ImageTransform(image_size=32, mean=(0.0,) * 3, std=(1.0,) * 3, train=True, min_crop_area=1.0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    evaluation = replace(whole, train=False)(image)
+    assert all(torch.equal(whole(image), evaluation) for _ in range(5))
 
 
 @pytest.mark.parametrize("width,height", [(64, 64), (200, 10), (3, 90), (1, 1)])

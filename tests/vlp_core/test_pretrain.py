@@ -12,6 +12,7 @@ from vlp_core.tokenizer import special_ids, tokenize, train_tokenizer
 PROMPT = "a picture of "
 COLORS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square"]
+IMAGE_SIZE = load_preset("tiny").vision.image_size
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +44,7 @@ def fixed_batch(tokenizer, size: int = 8):
     """Pair b: a flat image of colour b % 4, captioned with that colour; pairs b and b+4 share an image."""
     palette = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
     image_ids = torch.arange(size) % 4
-    pixels = palette[image_ids][:, :, None, None].expand(size, 3, 64, 64).contiguous()
+    pixels = palette[image_ids][:, :, None, None].expand(size, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous()
     captions = [f"{PROMPT}a {COLORS[i]} {SHAPES[b % 2]}" for b, i in enumerate(image_ids.tolist())]
     input_ids, attention_mask = tokenize(tokenizer, captions, max_length=32)
     return pixels, input_ids, attention_mask, image_ids

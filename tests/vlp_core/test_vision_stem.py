@@ -43,7 +43,8 @@ def test_conv_stem_makes_the_patch_stems_token_grid(patch_size, convolutions):
 def test_the_tiny_preset_sees_through_the_conv_stem():
     model = BlipModel.from_preset("tiny").eval()
     assert isinstance(model.vision_model.embeddings.patch_embedding, ConvStem)
-    assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 1 + 16, 128)
+    size = model.config.vision.image_size
+    assert model.encode_image(torch.randn(2, 3, size, size)).shape == (2, 1 + (size // 16) ** 2, 128)
 
 
 def test_a_checkpoint_carries_the_batchnorm_statistics(model, tokenizer, tmp_path):
