@@ -31,13 +31,14 @@ WORLD = WorldConfig(seed=0, n_web=20, n_human=400, n_test=100)
 PHASES = ((("itc",), 300), (("itc", "itm", "lm"), 250))  # (objectives, steps)
 BATCH_SIZE, LR, WARMUP = 32, 5e-4, 20
 MAX_TOKENS = 40
-# Margins below the measured values with the tiny preset's conv stem (text->image R@1 0.57; 0.75 ranked above
-# a wrong-attribute caption; greedy captions' attribute accuracy 0.58 on the own image vs 0.33 on another); the
-# recipe is deterministic on CPU under its seeds.
-RETRIEVAL_AT_1 = 0.45
-RANKED_ABOVE_WRONG_ATTRIBUTE = 0.68
-CAPTION_ACCURACY = 0.5
-CAPTION_ACCURACY_OVER_ANOTHER_IMAGE = 0.15
+# Margins below the measured values with the tiny preset (conv stem, 48 px: a 3×3 grid of image tokens):
+# text->image R@1 0.71; 0.79 ranked above a wrong-attribute caption; greedy captions' attribute accuracy 0.62
+# on the own image vs 0.32 on another (with the 64 px preset before: 0.57, 0.75, 0.58 vs 0.33). The recipe
+# is deterministic on CPU under its seeds; the slack covers other CPUs' floating-point differences.
+RETRIEVAL_AT_1 = 0.6
+RANKED_ABOVE_WRONG_ATTRIBUTE = 0.72
+CAPTION_ACCURACY = 0.55
+CAPTION_ACCURACY_OVER_ANOTHER_IMAGE = 0.2
 
 
 def load_split(annotations, root, transform):
