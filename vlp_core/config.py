@@ -195,6 +195,7 @@ class TextConfig:
 
 
 CAPTION_PROMPT = "a picture of "  # BLIP's captioner: fine-tuned and sampled after this prefix
+DEFAULT_MIN_CROP_AREA = 0.8  # training crops keep 80-100 % of an image's area
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class BlipConfig:
     max_text_length: int = 35
     image_mean: tuple[float, float, float] = CLIP_IMAGE_MEAN
     image_std: tuple[float, float, float] = CLIP_IMAGE_STD
-    min_crop_area: float = 0.8
+    min_crop_area: float = DEFAULT_MIN_CROP_AREA
     name: str = field(default="custom")
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vlp_core.config import DEFAULT_MIN_CROP_AREA
 from vlp_core.decode import DECODE_REASONS, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image  # noqa: F401 (the decoder's names stay importable from here)
 from vlp_core.storage import Location, location
 from vlp_core.tokenizer import tokenize
@@ -47,7 +48,7 @@ class ImageTransform:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     train: bool = False
-    min_crop_area: float = 0.8
+    min_crop_area: float = DEFAULT_MIN_CROP_AREA
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if self.train and self.min_crop_area < 1.0:
