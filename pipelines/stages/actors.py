@@ -143,7 +143,9 @@ class ImageModelActor:
             if len(pixels) == 1:
                 raise
             log.warning(
-                "out of GPU memory on %d images: splitting the call (a smaller --batch-size avoids it)", len(pixels)
+                "out of GPU memory on %d images: splitting the call (a smaller batch avoids it: --batch-size of "
+                "the stage commands, --inference-batch-size of run and ablate)",
+                len(pixels),
             )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
