@@ -255,7 +255,9 @@ class PairDataset(Dataset):
         pair = self.pairs[index]
         image = load_image(self.store.read(pair.image_ref))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed would also seed (or, before CUDA starts, queue a seed
+            # with a stack trace for) every accelerator's generator, unrestored by fork_rng(devices=[])
+            torch.default_generator.manual_seed(seed)
             pixels = self.transform(image)
         return pixels, self.caption_prefix + pair.caption, pair.image_key
 

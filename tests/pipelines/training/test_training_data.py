@@ -1,11 +1,15 @@
-"""Training data at scale: the pair file and the batch order hold no per-pair state in memory."""
+"""Training data: the pair file and the batch order hold no per-pair state in memory; an item's randomness
+is its own."""
 
 import tracemalloc
 
 import pyarrow as pa
 import pytest
+import torch
+from PIL import Image
 
-from pipelines.training.data import EpochOrder, PairFile, Permutation, image_key, write_pairs
+from pipelines.training.data import EpochOrder, PairDataset, PairFile, Permutation, image_key, write_pairs
+from vlp_core.data import ImageTransform
 
 
 @pytest.mark.parametrize("n", [*range(1, 40), 255, 256, 257, 1000, 4097])
@@ -60,3 +64,26 @@ def test_the_loader_memory_does_not_grow_with_the_number_of_pairs(tmp_path):
     assert large[123_456].caption == "a red circle number 123456"
     small_bytes, large_bytes = _loader_memory(small, 2_000), _loader_memory(large, 2_000)
     assert large_bytes < 1_000_000 and large_bytes < 1.5 * small_bytes + 100_000, (small_bytes, large_bytes)
+
+
+def test_an_item_draws_its_crop_from_its_seed_and_seeds_no_other_generator(tmp_path, monkeypatch):
+    """The item seed alone fixes the crop; the caller's CPU random state is left as it was, and no
+    accelerator generator is touched (torch.manual_seed per item reseeded CUDA's, and cost ~1 ms each on a
+    CPU-only machine, where it queued a seed with a stack trace)."""
+    Image.radial_gradient("L").convert("RGB").save(tmp_path / "x.png")
+    pairs = write_pairs([("a", "x.png", "a red circle")], tmp_path / "pairs.arrow", "one")
+    transform = ImageTransform(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, train=True, min_crop_area=0.3)
+    dataset = PairDataset(pairs, tmp_path, transform)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training item seeded an accelerator's generator")
+
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    monkeypatch.setattr(torch.cuda, "manual_seed", refuse)
+    first, again, other = dataset[0, 11], dataset[0, 11], dataset[0, 12]
+    assert torch.equal(torch.rand(3), expected_next)
+    assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    assert first[1:] == ("a red circle", image_key("a"))
