@@ -90,6 +90,7 @@ def capfilt_ablate(
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
+    n_test: int | None = None,
     download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every arm (default: BLIP's Table 1, `pipelines.stages.ablate.TABLE_1`; all:

@@ -102,6 +102,7 @@ def capfilt(
     ray_address: str | None = None,
     world_seed: int = 0,
     n_web: int | None = None,
+    n_test: int | None = None,
     download_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run CapFilt for `rounds` rounds. Without `url_list`, a synthetic world is made and served. Given a
@@ -117,8 +118,8 @@ def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> t
     """A flow's settings, inputs and resolved run folder, from its parameters (by name): the settings are
     its `preset` with every parameter that names a RunSettings field and is not None; the inputs are the
     URL list and the two COCO sets, or a synthetic world made under `out_dir` (of `world_seed`, `n_web`
-    web pairs) when there is no `url_list`. The held-out set is needed when the flow `evaluates` (None:
-    when it trains a model)."""
+    web pairs and `n_test` held-out images) when there is no `url_list`. The held-out set is needed when
+    the flow `evaluates` (None: when it trains a model)."""
     preset, out = parameters["preset"], absolute(location(parameters["out_dir"]))
     if preset not in RUN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(RUN_PRESETS)}")
@@ -127,8 +128,11 @@ def run_setup(parameters: Mapping[str, Any], evaluates: bool | None = None) -> t
     settings = replace(RUN_PRESETS[preset], **overrides)
     fetch = download_config(parameters.get("download_options"))
     if parameters.get("url_list") is None:
+        sizes = {name: parameters.get(name) for name in ("n_web", "n_test")}
         world = replace(
-            settings.world, seed=parameters["world_seed"], n_web=parameters["n_web"] or settings.world.n_web
+            settings.world,
+            seed=parameters["world_seed"],
+            **{name: value for name, value in sizes.items() if value is not None},
         )
         return settings, Inputs.of_world(make_world(out / "world", world), fetch), out
     sets = {name: parameters.get(name) for name in ("human_annotations", "human_image_root")}

@@ -1,6 +1,7 @@
 """The `capfilt` command line: help everywhere, clear errors and exit codes."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from flows.settings import RUN_PRESETS
 from pipelines.cli.main import build_parser
 from pipelines.cli.options import config_kwargs
 from pipelines.stages.shards import ActorPoolConfig
+from pipelines.world.generate import load_world
 from vlp_core.checkpoint import CheckpointError
 
 COMMANDS = sorted(build_parser(add_flow_commands)._subparsers._group_actions[0].choices)
@@ -65,6 +67,19 @@ def test_bad_run_settings_fail_before_the_world_is_made(overrides: dict, message
     with pytest.raises(ValueError, match=message):
         run_setup({"out_dir": str(tmp_path / "run"), "preset": "smoke", "world_seed": 0, "n_web": None, **overrides})
     assert not (tmp_path / "run").exists()
+
+
+def test_the_world_sizes_of_a_run_are_the_presets_unless_given(tmp_path: Path) -> None:
+    """--n-web and --n-test size the world; the held-out images of a larger set begin with the smaller's."""
+    base = {"preset": "smoke", "world_seed": 0, "n_web": None}
+    _, small, _ = run_setup({**base, "out_dir": str(tmp_path / "small")})
+    _, large, _ = run_setup({**base, "out_dir": str(tmp_path / "large"), "n_web": 70, "n_test": 30})
+    small_test, large_test = (json.loads(inputs.test_annotations.read_text()) for inputs in (small, large))
+    assert (len(small_test), len(large_test)) == (RUN_PRESETS["smoke"].world.n_test, 30)
+    assert large_test[: len(small_test)] == small_test
+    assert load_world(tmp_path / "large" / "world")[0].n_web == 70
+    with pytest.raises(ValueError, match="n_test must be an integer"):
+        run_setup({**base, "out_dir": str(tmp_path / "bad"), "n_test": -1})
 
 
 def test_run_and_ablate_options_set_the_flow_parameters_of_their_names() -> None:
