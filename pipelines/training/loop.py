@@ -116,6 +116,7 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
                 )
             )
             for batch in loader:
+                batch = on_device(batch, device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, spec.total_steps, config.warmup_steps, config.lr)
                 losses = model(batch, step)
@@ -147,6 +148,12 @@ def train_loop(spec: TrainSpec, placement: Placement) -> None:
         atomic_write_json(
             final / SUMMARY_FILE, {"task": spec.task, "steps": step, "digest": digest, "history": history}
         )
+
+
+def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (the loader makes them on the CPU; Ray Train's prepared loader
+    has moved them already, and then this copies nothing); other values (captions) as they are."""
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:

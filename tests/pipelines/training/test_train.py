@@ -21,7 +21,7 @@ from pipelines.manifests.manifest import Generation, samples_table
 from pipelines.progress import listen_to_progress
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import EpochOrder, coco_triples, derive_seed, write_pairs
-from pipelines.training.loop import STATE_FILE, learning_rate
+from pipelines.training.loop import STATE_FILE, learning_rate, on_device
 from pipelines.training.stages import finetune_captioner, finetune_filter, pretrain, train_clip
 from pipelines.training.tasks import load_clip_checkpoint
 from pipelines.world.generate import WorldConfig, make_world
@@ -228,6 +228,15 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[:3] == [0.5, 1.0, 1.0]
     assert all(a > b for a, b in zip(rates[2:], rates[3:]))
     assert learning_rate(10, 10, 2, 1.0) == pytest.approx(0.0)
+
+
+def test_a_batch_meets_the_model_on_the_training_device():
+    """The loader makes a batch on the CPU; a worker training in this process on a GPU has no Ray Train
+    loader to move it, so the loop does (meta stands for the GPU on a CPU-only machine)."""
+    batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "image_index": torch.arange(2), "captions": ["a", "b"]}
+    moved = on_device(batch, torch.device("meta"))
+    assert {moved["pixel_values"].device.type, moved["image_index"].device.type} == {"meta"}
+    assert moved["captions"] == ["a", "b"] and moved["image_index"].dtype == torch.long
 
 
 def test_coco_pairs_key_images_and_keep_every_caption(world, small_set, tmp_path):
