@@ -20,7 +20,8 @@ class RunSettings:
 
     model_preset: str = "tiny"
     rounds: int = 1
-    pretrain_steps: int = 600  # tiny: 400 left the seeds ± 0.15 TR@1 apart, 600 ± 0.05 (docs/architecture.md)
+    # tiny: seeds ± 0.15 TR@1 apart at 400 steps, ± 0.08 at 450, ± 0.05 at 600 (docs/ablation-tiny-1000.md)
+    pretrain_steps: int = 600
     itc_warmup_steps: int = 0  # pretraining from scratch: ITC alone first (tiny's stem and text init need none)
     easy_negative_steps: int = 200  # pretraining: ITM negatives ramp from uniform to hard (fine-tuning: hard)
     # fine-tuning the captioner and the filter from the pretrained model (the filter: hard ITM negatives); on
