@@ -40,7 +40,8 @@ world = make_world(root / "world", WorldConfig(seed=0, n_web=10, n_human=64, n_t
 pairs = write_pairs(coco_triples(world.human_annotations, world.human_root), root / "run" / "pairs.arrow", "human set")
 train_tokenizer(pairs.captions(), vocab_size=256).save_pretrained(root / "tokenizer")
 config = TrainConfig(preset="tiny", max_steps=20, batch_size=32, lr=1e-3, executor="local", use_gpu=device.type == "cuda")
-spec = TrainSpec("pretrain", config, root / "run", pairs, world.human_root, root / "tokenizer", len(pairs) // 32, 20)
+steps_per_epoch = len(pairs) // config.batch_size
+spec = TrainSpec("pretrain", config, root / "run", pairs, world.human_root, root / "tokenizer", steps_per_epoch, config.max_steps)
 train_loop(spec, Placement(device=device))
 history = json.loads((root / "run" / "final" / SUMMARY_FILE).read_text())["history"]
 print(f"train_loop on {device}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
