@@ -45,6 +45,7 @@ from pipelines.report.ablation_table import ablation_summary, arm_summary, write
 from pipelines.stages import ablate as ablation
 from pipelines.stages.assemble import AssembleConfig
 from pipelines.stages.score import run_score
+from pipelines.stopping import reclaim_sigterm
 from pipelines.world.generate import load_world
 from vlp_core.storage import Location, location
 
@@ -98,6 +99,7 @@ def capfilt_ablate(
     (a backend and its folder), the arms that use synthetic captions also run with that captioner's.
     Without `url_list`, a synthetic world is made and served."""
     parameters = locals()
+    reclaim_sigterm()
     chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.TABLE_1))
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
     if not seeds or len(set(seeds)) != len(seeds):

@@ -28,6 +28,7 @@ from pipelines.registry import CAPTION, FILTER, RANK
 from pipelines.report import report
 from pipelines.stages import assemble, caption, download, evaluate, rank
 from pipelines.stages import filter as filtering
+from pipelines.stopping import reclaim_sigterm
 from pipelines.training import stages as train
 from pipelines.training.config import TrainConfig, trains_in_process
 from pipelines.training.tasks import CLIP_WEIGHTS_FILE
@@ -110,6 +111,7 @@ def capfilt(
     `filter_scorer`), it runs one round that trains no BLIP model. `download_options` sets
     the download's options by name (`DownloadConfig`: threads, processes, image_size, samples_per_shard,
     allowed_networks, ...)."""
+    reclaim_sigterm()
     settings, inputs, out = run_setup(locals())
     return bootstrap(settings, inputs, out)
 

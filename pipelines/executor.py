@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from pipelines.stopping import keep_sigterm_handler
+
 EXECUTORS = ("ray", "local")
 EXECUTOR_ENV = "CAPFILT_EXECUTOR"
 
@@ -37,6 +39,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        options = {"address": address, "log_to_driver": True}
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        options = {
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",
+        }
+    keep_sigterm_handler(lambda: ray.init(**options))

@@ -17,6 +17,7 @@ from pipelines.cli.stage_commands import add_stage_commands
 from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import Generation, ManifestError, list_generations
 from pipelines.registry import DOWNLOAD
+from pipelines.stopping import Stopped, stopping_cleanly_on_signals
 from vlp_core.storage import Location, location
 
 DEFAULT_ROOT = location("data_manifests")
@@ -56,7 +57,12 @@ def main(argv: list[str] | None = None, *extensions: Callable[[Commands], None])
     for handler in logging.getLogger().handlers:
         handler.addFilter(_library_info_on_root)
     try:
-        args.handler(args)
+        with stopping_cleanly_on_signals():
+            args.handler(args)
+    except Stopped as stopped:
+        logging.disable()  # the threads that waited on the terminated children end now, quietly
+        print(f"capfilt {args.command}: stopped by {stopped.signal_name}; running it again resumes", file=sys.stderr)
+        return stopped.code
     except Exception as error:
         found = input_error(error)
         if found is None:

@@ -27,6 +27,7 @@ import multiprocessing
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import ray.train
@@ -178,7 +179,7 @@ def _train_here(spec: TrainSpec) -> None:
 def _train_in_child(spec: TrainSpec) -> None:
     """`_train_here` in a fresh child process (spawned: no copy of this process's threads or Ray state). Its
     log records go to this process's loggers and its progress to this process's listener; an exception in
-    it is raised here."""
+    it is raised here, and its death (a stop signal, the kernel's out-of-memory killer) as a RuntimeError."""
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     forwarder = threading.Thread(target=_forward_events, args=(events,), name="child-training-events", daemon=True)
@@ -187,6 +188,11 @@ def _train_in_child(spec: TrainSpec) -> None:
         level = logging.getLogger(__name__).getEffectiveLevel()
         with ProcessPoolExecutor(1, mp_context=context, initializer=_send_events, initargs=(events, level)) as child:
             child.submit(_train_here, spec).result()
+    except BrokenProcessPool as error:
+        raise RuntimeError(
+            f"{spec.task}: its training process ended abruptly (stopped, or killed, e.g. out of memory); "
+            "the same command again resumes from its last checkpoint"
+        ) from error
     finally:
         events.put(None)
         forwarder.join()
