@@ -52,7 +52,8 @@ def _fine_tuning_side_by_side(run: subprocess.Popen, stderr: Path) -> bool:
 def test_sigterm_during_side_by_side_fine_tunes_stops_everything(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CAPFILT_EXECUTOR": "ray"}
     env.pop("RAY_ADDRESS", None)  # a Ray of its own, started by the run
-    command = [sys.executable, "-c", LONG_FINE_TUNES, "run", "--preset", "smoke", "--out", str(tmp_path / "run")]
+    run_options = ["run", "--preset", "smoke", "--n-web", "20", "--out", str(tmp_path / "run")]
+    command = [sys.executable, "-c", LONG_FINE_TUNES, *run_options]
     stderr = tmp_path / "stderr"
     with open(stderr, "w") as stream:
         run = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=stream, start_new_session=True)
