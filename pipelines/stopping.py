@@ -26,7 +26,10 @@ class Stopped(SystemExit):
 
     def __init__(self, signal_number: int) -> None:
         super().__init__(128 + signal_number)
-        self.signal_name = signal.Signals(signal_number).name
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.code - 128).name
 
 
 @contextlib.contextmanager
