@@ -175,9 +175,10 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 
 def _run(args: argparse.Namespace) -> None:
     from flows.capfilt import capfilt
+    from flows.prefect_server import prefect_api
     from pipelines.report.report import REPORT_JSON
 
-    with command_console(_run_folder(args, RUN_FLOW), verbose=args.verbose) as log_file:
+    with command_console(_run_folder(args, RUN_FLOW), verbose=args.verbose) as log_file, prefect_api():
         result = capfilt(**config_kwargs(args, capfilt), download_options=download_options(args) or None)
     root = location(result["manifests"])
     print(format_generations(root, rejects=False))
@@ -222,8 +223,9 @@ def _integers(text: str) -> list[int]:
 
 def _ablate(args: argparse.Namespace) -> None:
     from flows.ablate import capfilt_ablate
+    from flows.prefect_server import prefect_api
 
-    with command_console(_run_folder(args, ABLATE_FLOW), verbose=args.verbose) as log_file:
+    with command_console(_run_folder(args, ABLATE_FLOW), verbose=args.verbose) as log_file, prefect_api():
         result = capfilt_ablate(**config_kwargs(args, capfilt_ablate), download_options=download_options(args) or None)
     print(location(result["table"]).read_text())
     print(f"table: {result['table']} (and ablation.json beside it)\nreport: {result['report']}\nlog: {log_file}")

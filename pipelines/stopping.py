@@ -66,6 +66,23 @@ def reclaim_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+@contextlib.contextmanager
+def img2dataset_stops_cleanly() -> Iterator[None]:
+    """Around img2dataset's `download`, which installs a SIGINT handler of its own that exits with status 0 and
+    leaves it in place: a Ctrl-C during the download still ends as `Stopped` (130), and the SIGINT handler of
+    before (`stop`) is back afterwards, or every later Ctrl-C of the command would end it with status 0."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except Stopped:  # by another signal, through `stop`
+        raise
+    except SystemExit as exit:  # img2dataset exits only from its SIGINT handler
+        raise Stopped(signal.SIGINT) from exit
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
+
+
 def keep_sigterm_handler(start: Callable[[], None]) -> None:
     """Call `start`, a library's set-up that replaces the SIGTERM handler (`ray.init` installs one that only
     exits, and its core worker a C handler that ends the process at once), then put back the handler that was

@@ -34,6 +34,7 @@ from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, config_digest, generation_info, samples_table
 from pipelines.progress import progress
 from pipelines.stages.url_policy import POLICY_REASON, Refusal, UrlPolicy
+from pipelines.stopping import img2dataset_stops_cleanly
 from vlp_core.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
 from vlp_core.decode import DEFAULT_MAX_PIXELS
 from vlp_core.storage import Location, absolute, location, read_parquet
@@ -357,7 +358,7 @@ def _run_img2dataset(input_path: Location, shard_dir: Location, config: Download
         max_seconds=config.max_fetch_seconds,
         max_pixels=config.max_pixels,
     )
-    with guarded_downloads(guard):
+    with guarded_downloads(guard), img2dataset_stops_cleanly():
         img2dataset_download(
             url_list=str(input_path),
             input_format="parquet",

@@ -1,7 +1,9 @@
-"""`capfilt run` stopped by SIGTERM while the captioner and the filter fine-tune side by side, in child
-processes (the Ray executor: Ray's own SIGTERM handler is in place by then): it exits at once with 143,
-and nothing it started is left running (Prefect's temporary server, the training children, Ray)."""
+"""`capfilt run` stopped while the captioner and the filter fine-tune side by side, in child processes (the Ray
+executor: Ray's own SIGTERM handler is in place by then), by SIGTERM to the command or by Ctrl-C in a terminal
+(SIGINT to its whole process group): it exits at once with 128 + the signal's number, and nothing it started
+is left running (Prefect's temporary server, the training children, Ray)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from processes import stop_group, wait_until
+from processes import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,50 +27,65 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _session(session_id: int) -> dict[int, str]:
-    """The command line of every live process of the session `session_id`, by PID."""
+def _started_by(home: Path) -> dict[int, str]:
+    """The command line of every live process with PREFECT_HOME=`home` in its environment, by PID: every process
+    a run starts inherits it, in the run's session or in one of its own."""
+    marker = f"PREFECT_HOME={home}\0".encode()
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and marker in (entry / "environ").read_bytes():
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):  # not a process, or it has just ended
             continue
-        state, _, _, session, *_ = stat.rsplit(")", 1)[1].split()  # after the name: state, ppid, pgrp, session
-        if int(session) == session_id and state != "Z":
-            found[int(entry.name)] = command
     return found
 
 
-def _fine_tuning_side_by_side(run: subprocess.Popen, stderr: Path) -> bool:
+def _children(home: Path, kind: str) -> list[str]:
+    """The command lines of the run's processes that name `kind`."""
+    return [command for command in _started_by(home).values() if kind in command]
+
+
+def _fine_tuning_side_by_side(run: subprocess.Popen, stderr: Path, home: Path) -> bool:
     """Both fine-tunings have started, and two child processes run (or the run has ended)."""
     started = all(f"▸ finetune-{role}" in stderr.read_text() for role in ("captioner", "filter"))
-    children = [command for command in _session(run.pid).values() if "multiprocessing.spawn" in command]
-    return (started and len(children) == 2) or run.poll() is not None
+    return (started and len(_children(home, "multiprocessing.spawn")) == 2) or run.poll() is not None
 
 
-def test_sigterm_during_side_by_side_fine_tunes_stops_everything(tmp_path: Path) -> None:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CAPFILT_EXECUTOR": "ray"}
+@pytest.mark.parametrize(
+    "stop_signal, to_group",
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["sigterm-to-the-command", "ctrl-c-in-a-terminal"],  # Ctrl-C: SIGINT to the whole foreground group
+)
+def test_a_stop_signal_during_side_by_side_fine_tunes_ends_everything(
+    tmp_path: Path, stop_signal: int, to_group: bool
+) -> None:
+    home = tmp_path / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(home), "CAPFILT_EXECUTOR": "ray"}
     env.pop("RAY_ADDRESS", None)  # a Ray of its own, started by the run
+    env.pop("PREFECT_API_URL", None)  # a temporary Prefect server of its own
     run_options = ["run", "--preset", "smoke", "--n-web", "20", "--out", str(tmp_path / "run")]
     command = [sys.executable, "-c", LONG_FINE_TUNES, *run_options]
     stderr = tmp_path / "stderr"
     with open(stderr, "w") as stream:
         run = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=stream, start_new_session=True)
     try:
-        wait_until(lambda: _fine_tuning_side_by_side(run, stderr), "both fine-tunings in child processes", 600)
+        wait_until(lambda: _fine_tuning_side_by_side(run, stderr, home), "both fine-tunings in child processes", 600)
         assert run.poll() is None, stderr.read_text()[-3000:]
-        assert any("ray" in command for command in _session(run.pid).values()), "Ray runs in the session"
-        os.kill(run.pid, signal.SIGTERM)
-        run.wait(timeout=120)  # not the hours the fine-tunings would take
-        wait_until(lambda: not _session(run.pid), "every process the run started gone", 60)
+        assert _children(home, "ray") and _children(home, "uvicorn"), "Ray and Prefect's server run"
+        (os.killpg if to_group else os.kill)(run.pid, stop_signal)
+        run.wait(timeout=60)  # not the hours the fine-tunings would take, nor retries to a stopped Prefect server
+        wait_until(lambda: not _started_by(home), "every process the run started gone", 60)
     finally:
-        if run.poll() is None or _session(run.pid):
-            stop_group(run, signal.SIGKILL)
-    assert run.returncode == 128 + signal.SIGTERM
+        if run.poll() is None or _started_by(home):
+            for pid in [run.pid, *_started_by(home)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert run.returncode == 128 + stop_signal
     said = stderr.read_text()
-    assert "capfilt run: stopped by SIGTERM; running it again resumes" in said
+    assert f"capfilt run: stopped by {signal.Signals(stop_signal).name}; running it again resumes" in said
     assert "Traceback" not in said, said[-3000:]
     assert "✗ finetune-captioner  captioner: its training process ended abruptly (stopped" in said

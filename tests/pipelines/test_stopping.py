@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from pipelines.stopping import STOP_SIGNALS, Stopped, keep_sigterm_handler, stop, stopping_cleanly_on_signals
+from pipelines.stopping import (
+    STOP_SIGNALS,
+    Stopped,
+    img2dataset_stops_cleanly,
+    keep_sigterm_handler,
+    stop,
+    stopping_cleanly_on_signals,
+)
 
 
 @pytest.mark.parametrize("signal_number", STOP_SIGNALS, ids=lambda number: signal.Signals(number).name)
@@ -39,3 +46,18 @@ def test_a_library_that_installs_its_own_sigterm_handler_does_not_replace_the_on
         assert signal.getsignal(signal.SIGTERM) is exit_only, "without a handler set in Python, the library's stays"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_ctrl_c_during_img2dataset_is_a_stop_and_its_handler_goes_with_it() -> None:
+    def exit_with_0(signal_number: int, frame) -> None:  # what img2dataset's download installs on SIGINT
+        raise SystemExit(0)
+
+    with stopping_cleanly_on_signals():
+        with pytest.raises(Stopped) as stopped, img2dataset_stops_cleanly():
+            signal.signal(signal.SIGINT, exit_with_0)
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.code == 128 + signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is stop
+        with pytest.raises(Stopped) as stopped, img2dataset_stops_cleanly():  # another signal stays itself
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.code == 128 + signal.SIGTERM

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import io
+import signal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -107,6 +108,22 @@ def test_rerun_skips_finished_shards_and_redoes_a_torn_one(world: Path, download
     assert generation.read_samples().to_pylist() == table.to_pylist()
     assert torn.stat().st_size > 1000
     assert shards[0].stat().st_mtime_ns == before[shards[0]]
+
+
+def test_a_download_leaves_the_sigint_handler_as_it_found_it(tmp_path: Path, server: WorldServer) -> None:
+    """img2dataset installs a SIGINT handler of its own (exit status 0) and leaves it: the stage takes it away."""
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(pq.read_table(server.write_url_list(tmp_path / "all.parquet")).slice(0, 4), url_list)
+
+    def before(signal_number: int, frame) -> None:
+        raise AssertionError("not called")
+
+    signal.signal(signal.SIGINT, before)
+    try:
+        assert download(CONFIG, url_list, Generation(tmp_path / "manifests", "world", 0))["rows"] == 4
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_url_policy_refuses_loopback_unless_allowed(tmp_path: Path, downloaded) -> None:
