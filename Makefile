@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/capfilt run --preset tiny
 
 test: install
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check .

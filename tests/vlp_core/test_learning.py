@@ -48,8 +48,6 @@ def load_split(annotations, root, transform):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the suite runs one test at a time; the other tests keep the conftest's 1
     torch.manual_seed(0)
     paths = make_world(tmp_path_factory.mktemp("world"), WORLD)
     config = load_preset("tiny")  # its queue (one batch) and momentum (0.99) are set for short runs from scratch
@@ -85,7 +83,6 @@ def trained(tmp_path_factory):
             out["loss"].backward()
             optimizer.step()
         print(objectives, {name: round(value.item(), 3) for name, value in out.items()})
-    torch.set_num_threads(threads)
     return model.eval(), tokenizer, test, test_pixels, load_scenes(paths)
 
 
