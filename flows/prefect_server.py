@@ -10,13 +10,16 @@ server still up, then stops the server.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 from prefect.events.worker import EventsWorker
@@ -31,6 +34,7 @@ from prefect.settings import (
 log = logging.getLogger(__name__)
 
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and the server binding it
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 @contextlib.contextmanager
@@ -45,14 +49,16 @@ def prefect_api() -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: f"{url}/api"}):
             yield
     finally:
-        _send_pending_reports()
-        log.info("stopping the temporary Prefect server on %s", url)
-        server.terminate()
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            _send_pending_reports()
+        finally:  # even if a second stop signal cuts the sending short
+            log.info("stopping the temporary Prefect server on %s", url)
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def _send_pending_reports() -> None:
@@ -72,13 +78,14 @@ def _start_server() -> tuple[subprocess.Popen, str]:
         "PREFECT__SERVER_EPHEMERAL": "1",  # Prefect's own temporary server's settings: no UI, no services
         "PREFECT__SERVER_FINAL": "1",
     }
+    ending_with_parent = _ending_with_its_parent()
     for _ in range(START_ATTEMPTS):
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         log.info("starting a temporary Prefect server on %s", url)
         command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]  # fmt: skip
-        server = subprocess.Popen(command, env=env, start_new_session=True)
+        server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=ending_with_parent)
         if _answers(server, url, timeout_s):
             return server, url
         if server.poll() is None:
@@ -88,6 +95,15 @@ def _start_server() -> tuple[subprocess.Popen, str]:
     raise RuntimeError(
         f"the temporary Prefect server exited at start {START_ATTEMPTS} times (code {server.returncode})"
     )
+
+
+def _ending_with_its_parent() -> Callable[[], object] | None:
+    """The server's preexec_fn on Linux: the kernel sends it SIGTERM when the command that started it dies,
+    even by SIGKILL, so a killed command leaves no server behind in the server's own session. (prctl is looked
+    up here, not in the forked child.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    return functools.partial(ctypes.CDLL(None, use_errno=True).prctl, PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _answers(server: subprocess.Popen, url: str, timeout_s: float) -> bool:

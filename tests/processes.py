@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -37,3 +38,20 @@ def stop_group(process: subprocess.Popen, first_signal: int = signal.SIGTERM) ->
     except ProcessLookupError:  # the whole group is gone
         pass
     process.wait()
+
+
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """The command line of every live process with `name`=`value` in its environment, by PID: what a command
+    started inherits its environment, in the command's session or in one of its own."""
+    marker = f"{name}={value}\0".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and marker in (entry / "environ").read_bytes():
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):  # not a process, or it has just ended
+            continue
+    return found

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from processes import wait_until
+from processes import processes_with_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +28,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _started_by(home: Path) -> dict[int, str]:
-    """The command line of every live process with PREFECT_HOME=`home` in its environment, by PID: every process
-    a run starts inherits it, in the run's session or in one of its own."""
-    marker = f"PREFECT_HOME={home}\0".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and marker in (entry / "environ").read_bytes():
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):  # not a process, or it has just ended
-            continue
-    return found
+    """Every process the run started (and the run itself): they have its PREFECT_HOME in their environment."""
+    return processes_with_env("PREFECT_HOME", str(home))
 
 
 def _children(home: Path, kind: str) -> list[str]:
