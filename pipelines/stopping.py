@@ -5,8 +5,9 @@ temporary server and any training child process are left running, orphaned. And 
 main thread, Python joins the worker threads before its `atexit` hooks run, while a thread that waits on a
 training child process (the captioner's and filter's fine-tunings, side by side) waits until the child's
 training ends. So a stop signal terminates this process's child processes first, then unwinds the main
-thread with `Stopped`: the threads end, and the `atexit` hooks stop Prefect's server and Ray's local
-cluster. Finished work is kept and a re-run resumes from it (checkpoints, finished shards).
+thread with `Stopped`: the threads end, the command's temporary Prefect server stops as its block unwinds
+(`flows/prefect_server.py`), and an `atexit` hook stops Ray's local cluster. Finished work is kept and a
+re-run resumes from it (checkpoints, finished shards).
 """
 
 from __future__ import annotations
@@ -39,14 +40,23 @@ def stopping_cleanly_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {signal_number: signal.getsignal(signal_number) for signal_number in STOP_SIGNALS}
-    for signal_number in STOP_SIGNALS:
-        signal.signal(signal_number, stop)
+    with _handlers_put_back(STOP_SIGNALS):
+        for signal_number in STOP_SIGNALS:
+            signal.signal(signal_number, stop)
+        yield
+
+
+@contextlib.contextmanager
+def _handlers_put_back(signal_numbers: tuple[int, ...]) -> Iterator[None]:
+    """The handlers of `signal_numbers` as they are now come back at the end of the block, whatever replaced
+    them within it (in the main thread; no other thread can set one)."""
+    before = {signal_number: signal.getsignal(signal_number) for signal_number in signal_numbers}
     try:
         yield
     finally:
-        for signal_number, handler in before.items():
-            signal.signal(signal_number, handler)
+        if threading.current_thread() is threading.main_thread():
+            for signal_number, handler in before.items():
+                signal.signal(signal_number, handler)
 
 
 def stop(signal_number: int, frame: FrameType | None) -> None:
@@ -71,16 +81,13 @@ def img2dataset_stops_cleanly() -> Iterator[None]:
     """Around img2dataset's `download`, which installs a SIGINT handler of its own that exits with status 0 and
     leaves it in place: a Ctrl-C during the download still ends as `Stopped` (130), and the SIGINT handler of
     before (`stop`) is back afterwards, or every later Ctrl-C of the command would end it with status 0."""
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    except Stopped:  # by another signal, through `stop`
-        raise
-    except SystemExit as exit:  # img2dataset exits only from its SIGINT handler
-        raise Stopped(signal.SIGINT) from exit
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, before)
+    with _handlers_put_back((signal.SIGINT,)):
+        try:
+            yield
+        except Stopped:  # by another signal, through `stop`
+            raise
+        except SystemExit as exit:  # img2dataset exits only from its SIGINT handler
+            raise Stopped(signal.SIGINT) from exit
 
 
 def keep_sigterm_handler(start: Callable[[], None]) -> None:

@@ -41,8 +41,8 @@ def stop_group(process: subprocess.Popen, first_signal: int = signal.SIGTERM) ->
 
 
 def processes_with_env(name: str, value: str) -> dict[int, str]:
-    """The command line of every live process with `name`=`value` in its environment, by PID: what a command
-    started inherits its environment, in the command's session or in one of its own."""
+    """The command line of every live process with `name`=`value` in its environment, by PID: every process a
+    command starts inherits the command's environment, whether it runs in the command's session or in its own."""
     marker = f"{name}={value}\0".encode()
     found = {}
     for entry in Path("/proc").iterdir():

@@ -56,7 +56,8 @@ def test_a_killed_command_leaves_no_server_behind(tmp_path: Path) -> None:
         command.wait(timeout=30)
         wait_until(lambda: not _servers(tmp_path), "the server ends with the command that started it", 30)
     finally:
-        for pid in [command.pid, *_servers(tmp_path)]:
+        command.kill()  # nothing once it has ended
+        for pid in _servers(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -68,10 +68,10 @@ def test_a_stop_signal_during_side_by_side_fine_tunes_ends_everything(
         run.wait(timeout=60)  # not the hours the fine-tunings would take, nor retries to a stopped Prefect server
         wait_until(lambda: not _started_by(home), "every process the run started gone", 60)
     finally:
-        if run.poll() is None or _started_by(home):
-            for pid in [run.pid, *_started_by(home)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        run.kill()  # nothing once it has ended (Popen knows; its PID may be another process's by then)
+        for pid in _started_by(home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert run.returncode == 128 + stop_signal
     said = stderr.read_text()
     assert f"capfilt run: stopped by {signal.Signals(stop_signal).name}; running it again resumes" in said
