@@ -1,7 +1,8 @@
 """The CapFilt ablation (BLIP Table 1) as a Prefect flow, composed from the bootstrapping flow's pieces.
 
     download → CLIP ranker → pretrain(gen 0) → one CapFilt round (the scored candidates, gen 1)
-    → per arm: its generation from the candidates → per seed: pretrain (same budget) → evaluate
+    → per arm: its generation from the candidates → per arm and seed: pretrain (same budget, two side by
+    side where the trainings can) → per arm and seed: evaluate
     → ablation.json / ablation.md next to the candidates → their report (with the ablation section)
 
 Two captioners are compared by a second CapFilt round with the other captioner (the same web images,
@@ -32,11 +33,14 @@ from flows.capfilt import (
     download_web,
     evaluation_config,
     filter_config,
+    placed,
     pretrain_config,
     pretrain_task,
     report_task,
     run_setup,
+    run_trainings,
     training_dir,
+    trains_side_by_side,
 )
 from flows.settings import RunSettings
 from flows.tasks import stage_task
@@ -46,6 +50,7 @@ from pipelines.stages import ablate as ablation
 from pipelines.stages.assemble import AssembleConfig
 from pipelines.stages.score import run_score
 from pipelines.stopping import reclaim_sigterm
+from pipelines.training.stages import TrainResult
 from pipelines.world.generate import load_world
 from vlp_core.storage import Location, location
 
@@ -151,13 +156,19 @@ def run_ablation(
         capfilt_round(compared, inputs, out, model, web, other, clip_weights)
         variants.append((other, [replace(arm, name=f"{arm.name}_{backend}") for arm in arms if arm.captioner]))
 
-    entries = []
+    human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
+    arm_generations = []
     for arm_candidates, arm_list in variants:
         for scorer in sorted({arm.scorer for arm in arm_list} - {None, settings.filter_scorer}):  # compared scorers
             score_task(filter_config(settings, None, clip_weights, scorer), arm_candidates)
-        for arm in arm_list:
-            logger.info("arm %s: %d pretraining run(s)", arm.name, len(seeds))
-            entries.append(train_arm(settings, inputs, out, arm_candidates, arm, seeds))
+        arm_generations += [
+            (arm, derive_arm_task(arm_candidates, arm, human, settings.thresholds, settings.top_k)) for arm in arm_list
+        ]
+    models = pretrain_arms(settings, out, [generation for _, generation in arm_generations], seeds)
+    entries = [
+        evaluate_arm(settings, inputs, arm, generation, {seed: models[generation.path, seed] for seed in seeds})
+        for arm, generation in arm_generations
+    ]
     summary = ablation_summary(
         entries,
         seeds=seeds,
@@ -184,17 +195,32 @@ def run_ablation(
     return {"table": str(table), "summary": summary, "candidates": str(candidates.path), "report": str(report)}
 
 
-def train_arm(
-    settings: RunSettings, inputs: Inputs, out: Location, candidates: Generation, arm: ablation.Arm, seeds: list[int]
+def pretrain_arms(
+    settings: RunSettings, out: Location, generations: list[Generation], seeds: list[int]
+) -> dict[tuple[Location, int], TrainResult]:
+    """One pretraining per arm generation and seed, all with the same budget, two side by side where
+    `trains_side_by_side`; keyed by (generation folder, seed). Arms that keep the same pairs share their
+    trainings (a training's folder is named by its settings and data)."""
+    at_once = 2 if trains_side_by_side(settings) else 1
+    run_dirs, calls = {}, {}
+    for generation in generations:
+        digest = manifest_digest(generation)
+        for seed in seeds:
+            config = pretrain_config(settings, seed)
+            run_dir = training_dir(out, "pretrain", config, digest)
+            calls.setdefault(run_dir, (pretrain_task, (placed(settings, config, at_once), generation, run_dir)))
+            run_dirs[generation.path, seed] = run_dir
+    get_run_logger().info("%d pretrainings for %d arm(s) x %d seed(s)", len(calls), len(generations), len(seeds))
+    results = dict(zip(calls, run_trainings(list(calls.values()), at_once), strict=True))
+    return {key: results[run_dir] for key, run_dir in run_dirs.items()}
+
+
+def evaluate_arm(
+    settings: RunSettings, inputs: Inputs, arm: ablation.Arm, generation: Generation, models: dict[int, TrainResult]
 ) -> dict[str, Any]:
-    """The arm's generation, then one pretraining (same budget, its own seed) and evaluation per seed."""
-    human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)
-    generation = derive_arm_task(candidates, arm, human, settings.thresholds, settings.top_k)
-    digest = manifest_digest(generation)
+    """Each seed's model of the arm evaluated on the held-out set; the arm's entry of the table."""
     runs = []
-    for seed in seeds:
-        config = pretrain_config(settings, seed)
-        model = pretrain_task(config, generation, training_dir(out, "pretrain", config, digest))
+    for seed, model in models.items():
         evaluation_file = generation.path / f"evaluation-seed-{seed}.json"
         evaluation = evaluate_once_task(evaluation_config(settings, inputs, model), generation, evaluation_file)
         runs.append(
@@ -207,4 +233,5 @@ def train_arm(
             }
         )
     counts = generation.read_info()["counts"]
-    return arm_summary(asdict(arm), {"path": str(generation.path), "manifest_digest": digest, "counts": counts}, runs)
+    data = {"path": str(generation.path), "manifest_digest": manifest_digest(generation), "counts": counts}
+    return arm_summary(asdict(arm), data, runs)

@@ -2,7 +2,7 @@
 preset, three arms (an ITM and a CLIP-score filter among them) × two seeds, and a second captioner (a
 BLIP-2 stand-in) compared on the arms with synthetic captions; the table, the arms' training data against
 their rules, a re-run that reuses everything, and the report's ablation section. With two training cores
-the captioner and the filter fine-tune side by side, in child processes."""
+the captioner and the filter fine-tune side by side, in child processes, and so do the arms' pretrainings."""
 
 import json
 import os
@@ -122,6 +122,20 @@ def test_the_report_of_the_candidates_has_the_ablation_section(ablation_run) -> 
     assert [row["name"] for row in figures["ablation"]["rows"]] == ARMS + COMPARED
     page = (report / "index.html").read_text()
     assert 'id="ablation"' in page and "no_capfilt" in page and "mean ± std over seeds 0, 1" in page
+
+
+def test_the_arms_pretrain_two_at_a_time_in_child_processes(ablation_run) -> None:
+    out, _, _ = ablation_run
+    log = (out / "capfilt.log").read_text()
+    arms = len(ARMS) + len(COMPARED)
+    assert f"{arms * len(SEEDS)} pretrainings for {arms} arm(s) x {len(SEEDS)} seed(s)" in log
+    assert len(re.findall(r"pretrain: \d+ pairs, .* in a child process", log)) == arms * len(SEEDS)
+    assert len(re.findall(r"pretrain: \d+ pairs, .* in this process", log)) == 1, "generation 0's, alone"
+    running, most = 0, 0
+    for mark in re.findall(r"([▸✓]) pretrain ", log):
+        running += 1 if mark == "▸" else -1
+        most = max(most, running)
+    assert most == 2
 
 
 def test_a_rerun_reuses_every_training_and_evaluation(ablation_run) -> None:
