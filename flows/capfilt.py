@@ -269,7 +269,8 @@ def trains_side_by_side(settings: RunSettings) -> bool:
 
 def placed(settings: RunSettings, config: TrainConfig, at_once: int) -> TrainConfig:
     """`config` for a training that runs beside `at_once - 1` others: on its share of `train_cpus`, in a
-    child process when it trains in this one. Placement does not change a training's folder or result."""
+    child process when it trains in this one. Placement does not change a training's folder; on another
+    number of threads its sums round differently (weights 5e-4 apart after 150 tiny pretraining steps)."""
     if at_once == 1:
         return config
     return replace(

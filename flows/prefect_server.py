@@ -27,6 +27,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    PREFECT_UI_URL,
     get_current_settings,
     temporary_settings,
 )
@@ -46,7 +47,8 @@ def prefect_api() -> Iterator[None]:
         return
     server, url = _start_server()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: f"{url}/api"}):
+        # no UI URL: Prefect would log a "View at" link to a UI that this server does not serve
+        with temporary_settings(updates={PREFECT_API_URL: f"{url}/api", PREFECT_UI_URL: ""}):
             yield
     finally:
         try:

@@ -16,11 +16,14 @@ from flows.prefect_server import prefect_api
 
 COMMAND = """
 import sys, time, httpx
+from prefect import flow
 from prefect.settings import PREFECT_API_URL
 from flows.prefect_server import prefect_api
 with prefect_api():
     url = PREFECT_API_URL.value()
     print(url, httpx.get(f"{url}/health").status_code, flush=True)
+    if sys.argv[1] == "flow":
+        flow(name="hello")(lambda: None)()
     if sys.argv[1] == "stay":
         time.sleep(600)
 """
@@ -30,7 +33,12 @@ def _command(home: Path, then: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     return subprocess.Popen(
-        [sys.executable, "-c", COMMAND, then], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", COMMAND, then],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -44,6 +52,14 @@ def test_the_server_answers_inside_the_block_and_is_gone_after_it(tmp_path: Path
     assert command.wait(timeout=60) == 0
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api") and status == "200"
     assert not _servers(tmp_path)
+
+
+def test_a_flow_run_reports_to_it_without_a_link_to_a_ui_it_does_not_serve(tmp_path: Path) -> None:
+    command = _command(tmp_path, "flow")
+    _, stderr = command.communicate(timeout=120)
+    assert command.returncode == 0, stderr
+    assert "Beginning flow run" in stderr and "Finished in state Completed()" in stderr
+    assert "View at" not in stderr
 
 
 def test_a_killed_command_leaves_no_server_behind(tmp_path: Path) -> None:
