@@ -31,11 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-import ray.train
-import ray.train.torch
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from pipelines.executor import init_ray
 from pipelines.manifests.manifest import Generation
@@ -221,7 +217,11 @@ def _forward_events(events: multiprocessing.Queue) -> None:
 
 
 def _train_on_ray(spec: TrainSpec) -> None:
-    """The Ray executor: a `TorchTrainer` with `num_workers` workers (DDP when more than one)."""
+    """The Ray executor: a `TorchTrainer` with `num_workers` workers (DDP when more than one). Ray Train is
+    imported here: a training in this process or its child does not pay for it (1.7 s)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     config = spec.config
     init_ray(config.ray_address)
     trainer = TorchTrainer(
@@ -240,6 +240,9 @@ def _train_on_ray(spec: TrainSpec) -> None:
 
 def _ray_train_worker(spec: TrainSpec) -> None:
     """Ray Train's `train_loop_per_worker`: the training loop, placed by Ray Train."""
+    import ray.train
+    import ray.train.torch
+
     context = ray.train.get_context()
     train_loop(
         spec,
