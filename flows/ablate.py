@@ -40,7 +40,7 @@ from flows.capfilt import (
     run_setup,
     run_trainings,
     training_dir,
-    trains_side_by_side,
+    trainings_at_once,
 )
 from flows.settings import RunSettings
 from flows.tasks import stage_task
@@ -161,13 +161,13 @@ def run_ablation(
     for arm_candidates, arm_list in variants:
         for scorer in sorted({arm.scorer for arm in arm_list} - {None, settings.filter_scorer}):  # compared scorers
             score_task(filter_config(settings, None, clip_weights, scorer), arm_candidates)
-        arm_generations += [
-            (arm, derive_arm_task(arm_candidates, arm, human, settings.thresholds, settings.top_k)) for arm in arm_list
-        ]
-    models = pretrain_arms(settings, out, [generation for _, generation in arm_generations], seeds)
+        for arm in arm_list:
+            generation = derive_arm_task(arm_candidates, arm, human, settings.thresholds, settings.top_k)
+            arm_generations.append((arm, generation, manifest_digest(generation)))
+    models = pretrain_arms(settings, out, [(generation, digest) for _, generation, digest in arm_generations], seeds)
     entries = [
-        evaluate_arm(settings, inputs, arm, generation, {seed: models[generation.path, seed] for seed in seeds})
-        for arm, generation in arm_generations
+        evaluate_arm(settings, inputs, arm, generation, digest, {seed: models[generation.path, seed] for seed in seeds})
+        for arm, generation, digest in arm_generations
     ]
     summary = ablation_summary(
         entries,
@@ -196,15 +196,14 @@ def run_ablation(
 
 
 def pretrain_arms(
-    settings: RunSettings, out: Location, generations: list[Generation], seeds: list[int]
+    settings: RunSettings, out: Location, generations: list[tuple[Generation, str]], seeds: list[int]
 ) -> dict[tuple[Location, int], TrainResult]:
-    """One pretraining per arm generation and seed, all with the same budget, two side by side where
-    `trains_side_by_side`; keyed by (generation folder, seed). Arms that keep the same pairs share their
-    trainings (a training's folder is named by its settings and data)."""
-    at_once = 2 if trains_side_by_side(settings) else 1
+    """One pretraining per arm generation (with its manifest digest) and seed, all with the same budget, two
+    side by side where `trainings_at_once` allows; keyed by (generation folder, seed). Arms that keep the same
+    pairs share their trainings (a training's folder is named by its settings and data)."""
+    at_once = trainings_at_once(settings)
     run_dirs, calls = {}, {}
-    for generation in generations:
-        digest = manifest_digest(generation)
+    for generation, digest in generations:
         for seed in seeds:
             config = pretrain_config(settings, seed)
             run_dir = training_dir(out, "pretrain", config, digest)
@@ -216,9 +215,15 @@ def pretrain_arms(
 
 
 def evaluate_arm(
-    settings: RunSettings, inputs: Inputs, arm: ablation.Arm, generation: Generation, models: dict[int, TrainResult]
+    settings: RunSettings,
+    inputs: Inputs,
+    arm: ablation.Arm,
+    generation: Generation,
+    digest: str,
+    models: dict[int, TrainResult],
 ) -> dict[str, Any]:
-    """Each seed's model of the arm evaluated on the held-out set; the arm's entry of the table."""
+    """Each seed's model of the arm (whose generation has manifest `digest`) evaluated on the held-out set;
+    the arm's entry of the table."""
     runs = []
     for seed, model in models.items():
         evaluation_file = generation.path / f"evaluation-seed-{seed}.json"
@@ -233,5 +238,5 @@ def evaluate_arm(
             }
         )
     counts = generation.read_info()["counts"]
-    data = {"path": str(generation.path), "manifest_digest": manifest_digest(generation), "counts": counts}
+    data = {"path": str(generation.path), "manifest_digest": digest, "counts": counts}
     return arm_summary(asdict(arm), data, runs)

@@ -235,7 +235,7 @@ def round_models(
     settings: RunSettings, inputs: Inputs, out: Location, model: train.TrainResult | None
 ) -> tuple[ModelRef, ModelRef | None]:
     """A round's captioner and filter (None for the clip scorer): the given ones, and the others fine-tuned
-    from `model` on the human pairs, side by side where `trains_side_by_side`."""
+    from `model` on the human pairs, side by side where `trainings_at_once` allows."""
     given = {"captioner": settings.captioner_checkpoint}
     if settings.filter_scorer == "itm":
         given["filter"] = settings.filter_checkpoint
@@ -247,7 +247,7 @@ def round_models(
     fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
     steps = {"captioner": settings.captioner_steps, "filter": settings.filter_steps}
     to_train = [role for role in given if role not in models]
-    at_once = 2 if len(to_train) > 1 and trains_side_by_side(settings) else 1
+    at_once = trainings_at_once(settings) if len(to_train) > 1 else 1
     human = (inputs.human_annotations, inputs.human_image_root)
     calls = []
     for role in to_train:
@@ -258,13 +258,13 @@ def round_models(
     return models["captioner"], models.get("filter")
 
 
-def trains_side_by_side(settings: RunSettings) -> bool:
-    """Whether independent trainings run two at a time, each on half of `train_cpus`: on Ray Train, or in
-    child processes of this one (torch's threads and random state are process-wide). With one core, or on
-    this machine's GPU, they take turns in this process. On 2 CPU cores two tiny pretrainings side by side
+def trainings_at_once(settings: RunSettings) -> int:
+    """How many independent trainings run side by side: two, each on half of `train_cpus`, on Ray Train or in
+    child processes of this one (torch's threads and random state are process-wide); one (they take turns in
+    this process) with one core, or on this machine's GPU. On 2 CPU cores two tiny pretrainings side by side
     took 1.2-1.5x less time than in turn, by the hour: a second thread speeds one training up far less than 2x."""
     in_process = trains_in_process(settings.executor, ray_address=settings.ray_address)
-    return not in_process or (settings.train_cpus > 1 and not settings.num_gpus)
+    return 2 if not in_process or (settings.train_cpus > 1 and not settings.num_gpus) else 1
 
 
 def placed(settings: RunSettings, config: TrainConfig, at_once: int) -> TrainConfig:
