@@ -165,10 +165,11 @@ def run_ablation(
             generation = derive_arm_task(arm_candidates, arm, human, settings.thresholds, settings.top_k)
             arm_generations.append((arm, generation, manifest_digest(generation)))
     models = pretrain_arms(settings, out, [(generation, digest) for _, generation, digest in arm_generations], seeds)
-    entries = [
-        evaluate_arm(settings, inputs, arm, generation, digest, {seed: models[generation.path, seed] for seed in seeds})
-        for arm, generation, digest in arm_generations
-    ]
+    evaluations: dict[Location, dict[str, Any]] = {}  # by model folder: arms that keep the same pairs share it
+    entries = []
+    for arm, generation, digest in arm_generations:
+        arm_models = {seed: models[generation.path, seed] for seed in seeds}
+        entries.append(evaluate_arm(settings, inputs, arm, generation, digest, arm_models, evaluations))
     summary = ablation_summary(
         entries,
         seeds=seeds,
@@ -221,13 +222,18 @@ def evaluate_arm(
     generation: Generation,
     digest: str,
     models: dict[int, TrainResult],
+    evaluations: dict[Location, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Each seed's model of the arm (whose generation has manifest `digest`) evaluated on the held-out set;
-    the arm's entry of the table."""
+    """Each seed's model of the arm (whose generation has manifest `digest`) evaluated on the held-out set,
+    once for all arms that share it (`evaluations`, by model folder); the arm's entry of the table."""
     runs = []
     for seed, model in models.items():
         evaluation_file = generation.path / f"evaluation-seed-{seed}.json"
-        evaluation = evaluate_once_task(evaluation_config(settings, inputs, model), generation, evaluation_file)
+        same_pairs = evaluations.get(model.checkpoint_dir)
+        evaluation = evaluate_once_task(
+            evaluation_config(settings, inputs, model), generation, evaluation_file, same_pairs
+        )
+        evaluations.setdefault(model.checkpoint_dir, evaluation)
         runs.append(
             {
                 "seed": seed,

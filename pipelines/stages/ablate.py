@@ -48,6 +48,7 @@ from pipelines.stages.filter import STAGE as FILTER_STAGE
 from pipelines.stages.rank import STAGE as RANK_STAGE
 from pipelines.stages.rank import keep_top_k
 from pipelines.stages.shards import Row, rejected, rows_table, shards_finished_by
+from vlp_core.atomic import atomic_write_json
 from vlp_core.storage import Location
 
 STAGE = registry.ABLATE.name
@@ -187,11 +188,21 @@ def derive_arm(
     return target
 
 
-def evaluate_once(config: EvaluateConfig, generation: Generation, output: Location) -> dict[str, Any]:
+def evaluate_once(
+    config: EvaluateConfig, generation: Generation, output: Location, same_pairs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """`run_evaluate` into `output`, unless `output` already holds an evaluation with this very config
-    (the checkpoint folder is named by its training's settings and data, so the same path is the same model)."""
+    (the checkpoint folder is named by its training's settings and data, so the same path is the same model).
+
+    `same_pairs`: this model's evaluation on another arm's generation that keeps the very same pairs (such
+    arms share their trainings); written as `generation`'s without evaluating again, as the model, the
+    held-out set and the pairs the data figures count are the same."""
     if output.is_file():
         previous = json.loads(output.read_text())
         if previous.get("config") == json.loads(json.dumps(asdict(config), default=str)):
             return previous
+    if same_pairs is not None:
+        evaluation = {**same_pairs, "dataset": generation.dataset, "generation": generation.number}
+        atomic_write_json(output, evaluation)
+        return evaluation
     return run_evaluate(config, generation, output)

@@ -1,8 +1,11 @@
 """`capfilt ablate` end to end: the real flow (Prefect, Ray, img2dataset on a served world) with the smoke
-preset, three arms (an ITM and a CLIP-score filter among them) × two seeds, and a second captioner (a
+preset, four arms (an ITM and a CLIP-score filter among them) × two seeds, and a second captioner (a
 BLIP-2 stand-in) compared on the arms with synthetic captions; the table, the arms' training data against
 their rules, a re-run that reuses everything, and the report's ablation section. With two training cores
-the captioner and the filter fine-tune side by side, in child processes, and so do the arms' pretrainings."""
+the captioner and the filter fine-tune side by side, in child processes, and so do the arms' pretrainings.
+The CLIP ranker's top 3 keeps every caption of an image (the web one and two synthetic), so capfilt_rank
+keeps capfilt's pairs and shares its models and evaluations, as in the tiny preset with one synthetic
+caption and top 2."""
 
 import json
 import os
@@ -19,8 +22,9 @@ from flows.settings import RUN_PRESETS
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-ARMS, SEEDS = ["no_capfilt", "capfilt", "capfilt_clip"], [0, 1]  # ITM against a CLIP-score cut, same candidates
-COMPARED = ["capfilt_blip2", "capfilt_clip_blip2"]  # the arms with synthetic captions, with the other captioner's
+ARMS, SEEDS = ["no_capfilt", "capfilt", "capfilt_rank", "capfilt_clip"], [0, 1]  # ITM against a CLIP-score cut
+COMPARED = ["capfilt_blip2", "capfilt_rank_blip2", "capfilt_clip_blip2"]  # the arms with synthetic captions, blip2's
+SHARED = {"capfilt_rank": "capfilt", "capfilt_rank_blip2": "capfilt_blip2"}  # arm → the arm whose pairs it keeps
 
 
 def _ablate(out: Path, home: Path) -> subprocess.CompletedProcess:
@@ -29,7 +33,7 @@ def _ablate(out: Path, home: Path) -> subprocess.CompletedProcess:
     if not blip2.is_dir():
         blip2_folder(blip2)
     command = [
-        str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--out", str(out), "--train-cpus", "2",
+        str(BIN / "capfilt"), "ablate", "--preset", "smoke", "--out", str(out), "--train-cpus", "2", "--top-k", "3",
         "--arms", ",".join(ARMS), "--seeds", ",".join(map(str, SEEDS)),
         "--compare-captioner-backend", "blip2", "--compare-captioner-checkpoint", str(blip2),
     ]  # fmt: skip
@@ -99,7 +103,8 @@ def test_arms_train_on_the_pairs_their_rules_keep(ablation_run) -> None:
         row["caption_source"] != "human" and (row["filter_clip_score"] or -1) >= clip_threshold for row in rows
     )
     candidate_rows = sum(row["caption_source"] != "human" for row in rows)
-    expected = {"no_capfilt": scored_web + human, "capfilt": passing + human, "capfilt_clip": clip_passing + human}
+    expected = {"no_capfilt": scored_web + human, "capfilt": passing + human, "capfilt_rank": passing + human,
+                "capfilt_clip": clip_passing + human}  # fmt: skip
     arms = summary["arms"][: len(ARMS)]  # those of these candidates (the compared captioner's: the test below)
     for arm in arms:
         name = arm["arm"]["name"]
@@ -112,7 +117,7 @@ def test_arms_train_on_the_pairs_their_rules_keep(ablation_run) -> None:
         for column, cut in (("itm_score", threshold), ("filter_clip_score", clip_threshold))
     ]
     kept_synthetic = [arm["generation"]["counts"]["kept_by_source"].get("synthetic", 0) for arm in arms]
-    assert kept_synthetic == [0, *synthetic_passing]
+    assert kept_synthetic == [0, synthetic_passing[0], *synthetic_passing]
 
 
 def test_the_report_of_the_candidates_has_the_ablation_section(ablation_run) -> None:
@@ -127,15 +132,32 @@ def test_the_report_of_the_candidates_has_the_ablation_section(ablation_run) -> 
 def test_the_arms_pretrain_two_at_a_time_in_child_processes(ablation_run) -> None:
     out, _, _ = ablation_run
     log = (out / "capfilt.log").read_text()
-    arms = len(ARMS) + len(COMPARED)
-    assert f"{arms * len(SEEDS)} pretrainings for {arms} arm(s) x {len(SEEDS)} seed(s)" in log
-    assert len(re.findall(r"pretrain: \d+ pairs, .* in a child process", log)) == arms * len(SEEDS)
+    arms, trained = len(ARMS) + len(COMPARED), len(ARMS) + len(COMPARED) - len(SHARED)
+    assert f"{trained * len(SEEDS)} pretrainings for {arms} arm(s) x {len(SEEDS)} seed(s)" in log
+    assert len(re.findall(r"pretrain: \d+ pairs, .* in a child process", log)) == trained * len(SEEDS)
     assert len(re.findall(r"pretrain: \d+ pairs, .* in this process", log)) == 1, "generation 0's, alone"
     running, most = 0, 0
     for mark in re.findall(r"([▸✓]) pretrain ", log):
         running += 1 if mark == "▸" else -1
         most = max(most, running)
     assert most == 2
+
+
+def test_arms_that_keep_the_same_pairs_share_their_models_and_evaluations(ablation_run) -> None:
+    out, _, _ = ablation_run
+    summary = json.loads((out / "data_manifests" / "web" / "gen-0001" / "ablation.json").read_text())
+    arms = {arm["arm"]["name"]: arm for arm in summary["arms"]}
+    log = (out / "capfilt.log").read_text()
+    evaluated = re.findall(r"pipelines\.stages\.evaluate: evaluate: \S+ on (\S+) gen 1", log)
+    assert sorted(evaluated) == sorted(f"ablate-{arm}" for arm in arms if arm not in SHARED for _ in SEEDS)
+    for name, same in SHARED.items():
+        assert arms[name]["generation"]["manifest_digest"] == arms[same]["generation"]["manifest_digest"]
+        assert arms[name]["per_seed"] == arms[same]["per_seed"]
+        for run, its in zip(arms[name]["runs"], arms[same]["runs"], strict=True):
+            assert run["checkpoint"] == its["checkpoint"]
+            copy, original = (json.loads(Path(r["evaluation_file"]).read_text()) for r in (run, its))
+            assert copy["dataset"] == f"ablate-{name}" and original["dataset"] == f"ablate-{same}"
+            assert {**copy, "dataset": None} == {**original, "dataset": None}
 
 
 def test_a_rerun_reuses_every_training_and_evaluation(ablation_run) -> None:

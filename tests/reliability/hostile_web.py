@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
+from processes import free_port
 
 from pipelines.manifests.manifest import Generation
 
@@ -156,15 +157,6 @@ class HostileWeb:
         self._thread.join()
 
 
-def closed_port() -> int:
-    """A loopback port that nothing listens on."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # images served with an X-Robots-Tag: name, the header's value, expected reject reason (None: downloaded)
 OPT_OUT_CASES = (
     ("robots_noai", "noai", "opt_out"),
@@ -207,7 +199,7 @@ def download_cases(internal: str) -> dict[str, tuple[str, Reply | None, str | No
             "space_in_path": ("/a jpeg.jpg", None, "invalid_url"),
             "http_404": ("/http_404", None, "http_404"),
             "http_500": ("/http_500", Reply(500, "text/plain", b"oops"), "http_500"),
-            "connection_refused": (f"http://127.0.0.1:{closed_port()}/a.jpg", None, "connection_refused"),
+            "connection_refused": (f"http://127.0.0.1:{free_port()}/a.jpg", None, "connection_refused"),
             "hang": ("/hang", Reply(body=images["jpeg"], hang_s=60), "timeout"),
             "drip": ("/drip", Reply(body=bytes(5000), drip_s=0.01), "timeout"),
             "redirect_ok": ("/redirect_ok", Reply(302, "text/plain", location="/jpeg"), None),
