@@ -82,7 +82,7 @@ def _start_server() -> tuple[subprocess.Popen, str]:
     }
     ending_with_parent = _ending_with_its_parent()
     for _ in range(START_ATTEMPTS):
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log.info("starting a temporary Prefect server on %s", url)
         command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
@@ -122,7 +122,8 @@ def _answers(server: subprocess.Popen, url: str, timeout_s: float) -> bool:
     return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

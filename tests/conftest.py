@@ -81,7 +81,9 @@ def s3_env():
     import urllib.request
 
     import s3fs
-    from processes import free_port, stop_group, wait_until
+    from processes import stop_group, wait_until
+
+    from flows.prefect_server import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     env = {

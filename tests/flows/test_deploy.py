@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from processes import free_port, stop_group, wait_until
+from processes import stop_group, wait_until
+
+from flows.prefect_server import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -20,9 +20,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import s3fs
-from processes import free_port, stop_group, wait_until
+from processes import stop_group, wait_until
 from released_models import released_filter
 
+from flows.prefect_server import free_port
 from pipelines.manifests.manifest import Generation
 from vlp_core.clip import load_clip, save_clip
 from vlp_core.storage import Location, location, upload_folder

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
-from processes import free_port
 
+from flows.prefect_server import free_port
 from pipelines.manifests.manifest import Generation
 
 INTERNAL_HOST = "127.0.0.2"
