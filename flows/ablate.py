@@ -76,6 +76,7 @@ def capfilt_ablate(
     filter_scorer: str | None = None,
     itm_threshold: float | None = None,
     clip_threshold: float | None = None,
+    best_per_image: int | None = None,
     top_k: int | None = None,
     pretrain_steps: int | None = None,
     batch_size: int | None = None,
@@ -162,7 +163,9 @@ def run_ablation(
         for scorer in sorted({arm.scorer for arm in arm_list} - {None, settings.filter_scorer}):  # compared scorers
             score_task(filter_config(settings, None, clip_weights, scorer), arm_candidates)
         for arm in arm_list:
-            generation = derive_arm_task(arm_candidates, arm, human, settings.thresholds, settings.top_k)
+            generation = derive_arm_task(
+                arm_candidates, arm, human, settings.thresholds, settings.top_k, settings.best_per_image
+            )
             arm_generations.append((arm, generation, manifest_digest(generation)))
     models = pretrain_arms(settings, out, [(generation, digest) for _, generation, digest in arm_generations], seeds)
     evaluations: dict[Location, dict[str, Any]] = {}  # by model folder: arms that keep the same pairs share it

@@ -89,6 +89,7 @@ def capfilt(
     filter_scorer: str | None = None,
     itm_threshold: float | None = None,
     clip_threshold: float | None = None,
+    best_per_image: int | None = None,
     top_k: int | None = None,
     clip_model: str | None = None,
     clip_checkpoint: str | None = None,
@@ -362,8 +363,13 @@ def filter_config(
         if scorer == "itm"
         else {"clip_model": settings.clip_model, "clip_checkpoint": clip_weights}
     )
-    threshold = settings.thresholds[scorer]
-    return filtering.FilterConfig(scorer=scorer, threshold=threshold, **model, **inference_pool(settings))
+    return filtering.FilterConfig(
+        scorer=scorer,
+        threshold=settings.thresholds[scorer],
+        best_per_image=settings.best_per_image,
+        **model,
+        **inference_pool(settings),
+    )
 
 
 def _training(

@@ -102,6 +102,11 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
         type=float,
         help="the clip scorer's: CLIP cosine similarity a caption needs to be kept (default: 0.28)",
     )
+    option(
+        "--best-per-image",
+        type=int,
+        help="the filter keeps only each image's N best-scored passing captions; 0: all (default: the preset's)",
+    )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
     option("--n-test", type=int, help="held-out images of the synthetic world (default: the preset's)")

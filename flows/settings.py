@@ -38,6 +38,9 @@ class RunSettings:
     num_captions: int = 1
     filter_scorer: str = "itm"  # itm: the BLIP filter's ITM head; clip: the CLIP ranker's cosine similarity
     itm_threshold: float = 0.5  # the itm scorer's: an ITM match probability
+    # each image keeps only its best-scored caption of those the filter passes (0: all of them, BLIP's): on
+    # the tiny world captioner + filter then leads filter only, where keeping both trails it (architecture.md)
+    best_per_image: int = 1
     clip_threshold: float = 0.28  # the clip scorer's: a cosine similarity (DataComp's CLIP-score cut for ViT-L/14)
     top_k: int = 2
     k_test: int = 8  # evaluation: ITC candidates re-ranked by ITM per query
@@ -101,6 +104,7 @@ class RunSettings:
             "train_cpus": 1,
             "num_captions": 1,
             "top_k": 1,
+            "best_per_image": 0,
             "k_test": 1,
             "concurrency": 1,
         }
@@ -159,6 +163,7 @@ RUN_PRESETS = {
         clip_steps=5,
         batch_size=8,
         num_captions=2,
+        best_per_image=0,  # the flow tests count what the threshold keeps
         inference_batch_size=8,
         train_cpus=1,
         world=WorldConfig(n_web=60, n_human=24, n_test=12, captions_per_image=2),

@@ -100,6 +100,13 @@ def add_stage_commands(commands: Commands, add_command: Callable[..., argparse.A
         type=float,
         help="the score a caption needs: an ITM match probability in [0, 1], or a CLIP cosine similarity in [-1, 1]",
     )
+    config_option(
+        filtering,
+        "--best-per-image",
+        FILTER_CONFIG,
+        type=int,
+        help="keep only each image's N best-scored captions of those that reach the threshold; 0: all",
+    )
     filtering.add_argument("--rethreshold", action="store_true", help="re-decide from stored scores, no model")
     _pool_options(filtering, FILTER_CONFIG)
 
@@ -255,7 +262,7 @@ def _filter(args: argparse.Namespace) -> None:
 
     if args.rethreshold:
         threshold = args.threshold if args.threshold is not None else config_default(FILTER_CONFIG, "threshold")
-        counts = rethreshold(_generation(args), threshold)
+        counts = rethreshold(_generation(args), threshold, args.best_per_image)
     elif args.checkpoint is None and args.clip_checkpoint is None:
         raise ValueError(
             "filter: give --checkpoint (the filter model), --scorer clip --clip-checkpoint (a CLIP's weights), or "

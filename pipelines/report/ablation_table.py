@@ -221,7 +221,10 @@ def read_ablation(folder: Location) -> dict[str, Any] | None:
 
 
 def filter_rule(settings: dict[str, Any]) -> str:
-    """The filter's scorer and threshold, as a run's settings record them."""
+    """The filter's scorer, threshold and captions kept per image, as a run's settings record them."""
     if settings.get("filter_scorer", "itm") == "clip":
-        return f"CLIP score ≥ {settings.get('clip_threshold')}"
-    return f"ITM ≥ {settings.get('itm_threshold')}"
+        rule = f"CLIP score ≥ {settings.get('clip_threshold')}"
+    else:
+        rule = f"ITM ≥ {settings.get('itm_threshold')}"
+    best = settings.get("best_per_image") or 0
+    return rule + (f", each image's {'best' if best == 1 else f'{best} best'}" if best else "")

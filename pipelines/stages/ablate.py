@@ -10,6 +10,7 @@ scores, and differs only in what it keeps:
     filter_only         -         ✓        -       web captions whose filter score ≥ threshold
     captioner_only      ✓         -        -       every web and synthetic caption
     capfilt             ✓         ✓        -       web and synthetic captions whose score ≥ threshold
+                                                   (with the filter's best_per_image: each image's best)
     capfilt_rank        ✓         ✓        ✓       those, then the CLIP top-k per image
     filter_only_clip    -       CLIP       -       filter_only, decided by the clip scorer
     capfilt_clip        ✓       CLIP       -       capfilt, decided by the clip scorer
@@ -43,7 +44,7 @@ from pipelines.manifests.images import rebased
 from pipelines.manifests.manifest import Generation, config_digest, manifest_digest, read_part
 from pipelines.stages.assemble import AssembleConfig, run_assemble
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
-from pipelines.stages.filter import SCORERS, decide, is_scored, scored_by
+from pipelines.stages.filter import SCORERS, decide, is_scored, keep_best, scored_by
 from pipelines.stages.filter import STAGE as FILTER_STAGE
 from pipelines.stages.rank import STAGE as RANK_STAGE
 from pipelines.stages.rank import keep_top_k
@@ -105,9 +106,11 @@ def lift_score_decisions(rows: list[Row]) -> list[Row]:
     ]
 
 
-def arm_rows(rows: list[Row], arm: Arm, scorer: str, threshold: float, top_k: int) -> list[Row]:
+def arm_rows(
+    rows: list[Row], arm: Arm, scorer: str, threshold: float, top_k: int, best_per_image: int = 0
+) -> list[Row]:
     """The candidate rows (web and synthetic, fully scored) as `arm` decides them with `scorer` at
-    `threshold`, in the same order."""
+    `threshold` and `best_per_image` (see `FilterConfig`), in the same order."""
     decided = []
     for row in lift_score_decisions(rows):
         if row["kept"] and row["caption_source"] == "synthetic" and not arm.captioner:
@@ -120,6 +123,8 @@ def arm_rows(rows: list[Row], arm: Arm, scorer: str, threshold: float, top_k: in
                 )
             row = decide(row, threshold, SCORERS[scorer])
         decided.append(row)
+    if arm.filter:
+        decided = keep_best(decided, SCORERS[scorer], best_per_image)
     if not arm.rank:
         return decided
     survivors = [row for row in decided if row["kept"] and is_scored(row)]
@@ -139,10 +144,16 @@ def arm_generation(candidates: Generation, arm: Arm) -> Generation:
 
 
 def derive_arm(
-    candidates: Generation, arm: Arm, human: AssembleConfig, thresholds: dict[str, float], top_k: int
+    candidates: Generation,
+    arm: Arm,
+    human: AssembleConfig,
+    thresholds: dict[str, float],
+    top_k: int,
+    best_per_image: int = 0,
 ) -> Generation:
     """Write `arm`'s generation from the ranked `candidates` (see the module docstring), each filter arm
-    deciding at its scorer's threshold (`thresholds`: scorer name -> threshold); returns it."""
+    deciding at its scorer's threshold (`thresholds`: scorer name -> threshold) and `best_per_image`;
+    returns it."""
     target = arm_generation(candidates, arm)
     with target.writer(STAGE):
         shards = shards_finished_by(candidates, RANK_STAGE)
@@ -151,13 +162,15 @@ def derive_arm(
             raise ValueError(f"{candidates.path}: its shards were filtered by different scorers {sorted(scorers)}")
         scorer = scorers.pop() if scorers else "itm"
         rules = {"arm": asdict(arm), "scorer": scorer, "threshold": thresholds[scorer], "top_k": top_k}
+        if best_per_image:  # absent when 0, so that arms derived before the setting existed stay valid
+            rules["best_per_image"] = best_per_image
         for shard in shards:
             source = candidates.part_path(shard)
             key = config_digest({**rules, "candidates": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()})
             if target.is_done(STAGE, shard) and json.loads(target.marker_path(STAGE, shard).read_text())["key"] == key:
                 continue
             rows = rebased(
-                arm_rows(read_part(source).to_pylist(), arm, scorer, thresholds[scorer], top_k),
+                arm_rows(read_part(source).to_pylist(), arm, scorer, thresholds[scorer], top_k, best_per_image),
                 candidates.path.parent,
                 target.path.parent,
             )

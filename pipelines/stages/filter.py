@@ -10,7 +10,9 @@ Scoring and deciding are separate. Scoring stores the scores of every candidate 
 and a caption that is not empty once cleaned); each image is encoded once for all its candidates.
 Deciding keeps a row when its scorer's score reaches the threshold, else rejects it
 (`filter/itm_below_threshold` or `filter/clip_below_threshold`: the reason names the scorer); a caption
-that cleans to nothing is rejected as `filter/empty_caption` without scoring.
+that cleans to nothing is rejected as `filter/empty_caption` without scoring. With `best_per_image` N > 0,
+an image keeps only its N best-scored captions of those that reach the threshold, web and synthetic
+alike; the others are rejected as `filter/itm_outranked` (or `clip_outranked`).
 
 `rethreshold` re-decides from the stored scores without loading a model, and `run_filter` on shards
 that are already scored does the same. A changed decision invalidates the shard's rank marker.
@@ -29,7 +31,7 @@ import torch
 from pipelines import registry
 from pipelines.manifests.manifest import Generation, ManifestError, read_part
 from pipelines.stages.actors import ImageModelActor
-from pipelines.stages.rank import ClipActor
+from pipelines.stages.rank import ClipActor, ranks_by_image
 from pipelines.stages.shards import (
     DEFAULT_MAX_CAPTION_CHARS,
     ActorPoolConfig,
@@ -79,6 +81,10 @@ class Scorer:
     def reject_reason(self) -> str:
         return f"{self.name}_below_threshold"
 
+    @property
+    def outranked_reason(self) -> str:
+        return f"{self.name}_outranked"
+
     def scores(self, results: list[Row]) -> dict[str, dict[str, float]]:
         """Its columns' values by sample_id, from its actor's results (see `scores_by_sample`)."""
         return {column: scores_by_sample(results, output) for column, output in self.outputs.items()}
@@ -113,6 +119,7 @@ class FilterConfig(ActorPoolConfig):
     checkpoint: Location | None = None
     threshold: float = 0.5
     scorer: str = "itm"
+    best_per_image: int = 0  # keep only each image's N best-scored captions that reach the threshold; 0: all
     clip_model: str | None = None
     clip_checkpoint: Location | None = None
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS  # captions are cleaned and cut to this before scoring
@@ -139,6 +146,10 @@ class FilterConfig(ActorPoolConfig):
             [
                 *model,
                 SCORERS[self.scorer].check_threshold(self.threshold),
+                (
+                    isinstance(self.best_per_image, int) and self.best_per_image >= 0,
+                    f"best_per_image must be an integer ≥ 0 (0 keeps every caption), got {self.best_per_image!r}",
+                ),
                 (self.max_caption_chars >= 1, f"max_caption_chars must be >= 1, got {self.max_caption_chars}"),
             ],
         )
@@ -186,7 +197,22 @@ def decide(row: Row, threshold: float, scorer: Scorer) -> Row:
     return rejected(row, STAGE, scorer.reject_reason)
 
 
-def _stats(rows: list[Row], scorer: str, threshold: float, model_ref: str | None) -> dict[str, Any]:
+def keep_best(rows: list[Row], scorer: Scorer, best_per_image: int) -> list[Row]:
+    """The rows with every image's kept, scored captions beyond its `best_per_image` best rejected as
+    outranked (ties go to the smaller sample_id); 0 changes nothing."""
+    if best_per_image == 0:
+        return rows
+    scores = {row["sample_id"]: row[scorer.column] for row in rows if row["kept"] and row[scorer.column] is not None}
+    rank_of = ranks_by_image(rows, scores)
+    return [
+        rejected(row, STAGE, scorer.outranked_reason) if rank_of.get(row["sample_id"], 0) >= best_per_image else row
+        for row in rows
+    ]
+
+
+def _stats(
+    rows: list[Row], scorer: str, threshold: float, best_per_image: int, model_ref: str | None
+) -> dict[str, Any]:
     return {
         "rows": len(rows),
         "scored": sum(row[SCORERS[scorer].column] is not None for row in rows),
@@ -194,6 +220,7 @@ def _stats(rows: list[Row], scorer: str, threshold: float, model_ref: str | None
         "rejected": dict(Counter(row["reject_reason"] for row in rows if row["reject_stage"] == STAGE)),
         "scorer": scorer,
         "threshold": threshold,
+        "best_per_image": best_per_image,
         "model_ref": model_ref,
     }
 
@@ -225,7 +252,9 @@ class _Filtering(CaptionScoringStage):
             else:  # no image to score it against
                 rows.append(row)
         model_ref = results[0]["model_ref"] if results else None
-        return rows_table(rows), _stats(rows, scorer.name, self.config.threshold, model_ref)
+        config = self.config
+        rows = keep_best(rows, scorer, config.best_per_image)
+        return rows_table(rows), _stats(rows, scorer.name, config.threshold, config.best_per_image, model_ref)
 
 
 def scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
@@ -234,9 +263,16 @@ def scored_by(target: Generation, shard: str) -> tuple[str, dict[str, Any]]:
     return marker.get("scorer", "itm"), marker
 
 
-def _redecide_shard(target: Generation, shard: str, threshold: float, expected: tuple[str, str] | None = None) -> None:
-    """Re-decide a scored shard from its stored scores; rewrites it only when the threshold changed.
-    With `expected` (scorer, model_ref), refuses scores that another scorer or model produced."""
+def _redecide_shard(
+    target: Generation,
+    shard: str,
+    threshold: float,
+    best_per_image: int | None = None,
+    expected: tuple[str, str] | None = None,
+) -> None:
+    """Re-decide a scored shard from its stored scores; rewrites it only when the threshold or `best_per_image`
+    (None: the shard's) changed. With `expected` (scorer, model_ref), refuses scores that another scorer or
+    model produced."""
     name, marker = scored_by(target, shard)
     scorer = SCORERS[name]
     if expected is not None and (name != expected[0] or marker["model_ref"] not in (None, expected[1])):
@@ -245,17 +281,21 @@ def _redecide_shard(target: Generation, shard: str, threshold: float, expected: 
             f"by the given {expected[0]} scorer and model ({expected[1]}); filter into a new generation, "
             f"or delete {target.marker_path(STAGE, '*')} to re-score"
         )
-    if marker["threshold"] == threshold:
+    shard_best = marker.get("best_per_image", 0)
+    best_per_image = shard_best if best_per_image is None else best_per_image
+    if (marker["threshold"], shard_best) == (threshold, best_per_image):
         return
     rows = undo_from(read_part(target.part_path(shard)).to_pylist(), "rank")  # rank's view will be stale
     rows = [decide(row, threshold, scorer) if row[scorer.column] is not None else row for row in rows]
-    commit_shard(target, STAGE, shard, rows_table(rows), _stats(rows, name, threshold, marker["model_ref"]))
+    rows = keep_best(rows, scorer, best_per_image)
+    stats = _stats(rows, name, threshold, best_per_image, marker["model_ref"])
+    commit_shard(target, STAGE, shard, rows_table(rows), stats)
 
 
-def rethreshold(target: Generation, threshold: float) -> dict[str, Any]:
+def rethreshold(target: Generation, threshold: float, best_per_image: int | None = None) -> dict[str, Any]:
     """Re-decide every shard of a filtered generation at `threshold` (a threshold of the scorer that scored
-    it) from the stored scores, without loading a model; returns the target's `generation_counts`. Shards
-    whose decision changed must be ranked again."""
+    it) and `best_per_image` (None: each shard's) from the stored scores, without loading a model; returns
+    the target's `generation_counts`. Shards whose decision changed must be ranked again."""
     with target.writer(STAGE):
         shards = shards_finished_by(target, STAGE)
         for scorer in sorted({scored_by(target, shard)[0] for shard in shards}):
@@ -264,7 +304,7 @@ def rethreshold(target: Generation, threshold: float) -> dict[str, Any]:
                 raise ValueError(message)
         _check_parts(target, shards)
         for shard in shards:
-            _redecide_shard(target, shard, threshold)
+            _redecide_shard(target, shard, threshold, best_per_image)
         return target.counts()
 
 
@@ -276,7 +316,7 @@ def _check_parts(target: Generation, shards: list[str]) -> None:
 
 def run_filter(config: FilterConfig, target: Generation) -> dict[str, Any]:
     """Score and decide every captioned shard of `target`; already scored shards are only re-decided
-    at `config.threshold`. Returns the target's `generation_counts`."""
+    (at `config.threshold` and `config.best_per_image`). Returns the target's `generation_counts`."""
     with target.writer(STAGE):
         shards = captioned_shards(target)
         scored = [shard for shard in shards if target.is_done(STAGE, shard)]
@@ -284,5 +324,5 @@ def run_filter(config: FilterConfig, target: Generation) -> dict[str, Any]:
             expected = (config.scorer, config.model_ref())
             _check_parts(target, scored)
             for shard in scored:
-                _redecide_shard(target, shard, config.threshold, expected)
+                _redecide_shard(target, shard, config.threshold, config.best_per_image, expected)
         return run_sharded_inference(_Filtering(config, target), target, shards, config)

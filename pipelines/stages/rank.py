@@ -92,23 +92,23 @@ class ClipActor(ImageModelActor):
         return [{"clip": image_scores.tolist()} for image_scores in scores]
 
 
-def clip_ranks(rows: list[Row], clip_score: dict[str, float]) -> dict[str, int]:
-    """sample_id -> rank among its image's scored rows: best score first, ties by sample_id."""
+def ranks_by_image(rows: list[Row], scores: dict[str, float]) -> dict[str, int]:
+    """sample_id -> rank among its image's scored rows (those in `scores`): best score first, ties by sample_id."""
     by_image: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        if row["sample_id"] in clip_score:
+        if row["sample_id"] in scores:
             by_image[row["image_id"]].append(row["sample_id"])
     return {
         sample: rank
         for samples in by_image.values()
-        for rank, sample in enumerate(sorted(samples, key=lambda s: (-clip_score[s], s)))
+        for rank, sample in enumerate(sorted(samples, key=lambda s: (-scores[s], s)))
     }
 
 
 def keep_top_k(rows: list[Row], clip_score: dict[str, float], top_k: int) -> list[Row]:
     """The rows with their `clip_score` and `clip_rank` set where scored; scored rows ranked `top_k` or
     worse among their image's are rejected as `rank/clip_rank`. Unscored rows are returned unchanged."""
-    rank_of = clip_ranks(rows, clip_score)
+    rank_of = ranks_by_image(rows, clip_score)
     ranked = []
     for row in rows:
         if row["sample_id"] in rank_of:

@@ -98,14 +98,16 @@ def test_given_models_on_a_url_list_train_nothing_and_make_the_next_generation(t
 
 
 def test_a_released_blip2_captioner_with_the_clip_scorer_trains_nothing(tmp_path: Path) -> None:
-    """Nguyen et al. 2023's recipe: BLIP-2 captions, one CLIP-score cut for web and synthetic captions."""
+    """Nguyen et al. 2023's recipe: BLIP-2 captions, one CLIP-score cut for web and synthetic captions (here
+    keeping each image's best)."""
+    reasons = {"clip_below_threshold", "clip_outranked"}
     captioner = blip2_folder(tmp_path / "blip2")
     clip = tmp_path / "clip.safetensors"
     save_clip(load_clip("clip_tiny"), clip)
     command = [
         str(BIN / "capfilt"), "run", "--preset", "smoke", "--n-web", "20", "--out", str(tmp_path / "run"),
         "--captioner-checkpoint", str(captioner), "--captioner-backend", "blip2", "--caption-prompt", "a photo of",
-        "--scorer", "clip", "--clip-threshold", "0.0", "--clip-checkpoint", str(clip),
+        "--scorer", "clip", "--clip-threshold", "0.0", "--clip-checkpoint", str(clip), "--best-per-image", "1",
     ]  # fmt: skip
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CAPFILT_EXECUTOR": "local"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
@@ -121,9 +123,12 @@ def test_a_released_blip2_captioner_with_the_clip_scorer_trains_nothing(tmp_path
     }
     scored = [row for row in rows if row["filter_clip_score"] is not None]
     assert scored and all(row["itm_score"] is None for row in rows)
-    assert all(row["kept"] or row["reject_stage"] != "filter" or row["reject_reason"] == "clip_below_threshold"
-               for row in scored)  # fmt: skip
+    assert all(row["kept"] or row["reject_stage"] != "filter" or row["reject_reason"] in reasons for row in scored)
+    best = {row["image_id"]: row["filter_clip_score"] for row in scored if row["kept"]}
     assert all(row["filter_clip_score"] >= 0.0 for row in scored if row["kept"])
+    assert len(best) == sum(row["kept"] for row in scored), "each image keeps its best caption only"
+    outranked = [row for row in scored if row["reject_reason"] == "clip_outranked"]
+    assert outranked and all(0.0 <= row["filter_clip_score"] <= best[row["image_id"]] for row in outranked)
     assert json.loads(target.marker_path("filter", "00000").read_text())["scorer"] == "clip"
 
     page = (target.path / "report" / "index.html").read_text()

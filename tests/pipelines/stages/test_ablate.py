@@ -142,6 +142,20 @@ def test_an_arm_re_decides_at_its_own_threshold_and_ranks_the_new_survivors() ->
         arm_rows(candidate_rows(), ARMS["capfilt_rank"], "itm", 0.15, TOP_K)
 
 
+def test_with_best_per_image_each_image_keeps_its_best_scored_passing_caption() -> None:
+    capfilt = arm_rows(candidate_rows(), ARMS["capfilt"], "itm", THRESHOLD, TOP_K, best_per_image=1)
+    assert kept(capfilt) == [("A", "a web caption"), ("B", "syn of b")]  # A's best is its web caption (0.9)
+    assert reasons(capfilt)["syn one"] == reasons(capfilt)["syn two"] == "filter/itm_outranked"
+    assert reasons(capfilt)["syn three"] == "filter/itm_below_threshold"
+    two = arm_rows(candidate_rows(), ARMS["capfilt"], "itm", THRESHOLD, TOP_K, best_per_image=2)
+    assert kept(two) == [("A", "a web caption"), ("A", "syn one"), ("B", "syn of b")]
+    assert arm_rows(candidate_rows(), ARMS["filter_only"], "itm", THRESHOLD, TOP_K, best_per_image=1) == arm_rows(
+        candidate_rows(), ARMS["filter_only"], "itm", THRESHOLD, TOP_K
+    ), "one web caption per image: nothing to outrank"
+    unfiltered = arm_rows(candidate_rows(), ARMS["captioner_only"], "itm", THRESHOLD, TOP_K, best_per_image=1)
+    assert len(kept(unfiltered)) == 6, "the arms without the filter keep every caption"
+
+
 def test_arm_names_are_checked() -> None:
     assert [arm.name for arm in arms_named(["capfilt", "no_capfilt"])] == ["capfilt", "no_capfilt"]
     for bad in (["capfilt", "capfilt"], ["nope"], []):

@@ -123,6 +123,64 @@ def test_rethreshold_redecides_from_stored_scores_without_a_model(
     assert sum(row["kept"] and row["itm_score"] is not None for row in strict.to_pylist()) == 1
 
 
+def _kept_per_image(table: pa.Table) -> dict[str, list[float]]:
+    """Each image's kept, scored captions' ITM scores, best first."""
+    kept: dict[str, list[float]] = {}
+    for row in table.to_pylist():
+        if row["kept"] and row["itm_score"] is not None:
+            kept.setdefault(row["image_id"], []).append(row["itm_score"])
+    return {image: sorted(scores, reverse=True) for image, scores in kept.items()}
+
+
+def test_a_first_filtering_with_best_per_image_decides_as_a_rethreshold_of_its_scores(
+    captioned, filtered, config, tmp_path, dataset_copier
+):
+    scored_now = dataset_copier(captioned, tmp_path / "now")
+    run_filter(dataclasses.replace(config, best_per_image=1), scored_now)
+    redecided = dataset_copier(filtered, tmp_path / "redecided")
+    rethreshold(redecided, config.threshold, best_per_image=1)
+    assert scored_now.read_samples().equals(redecided.read_samples())
+    assert "itm_outranked" in scored_now.read_samples()["reject_reason"].to_pylist()
+
+
+def test_best_per_image_keeps_each_images_best_scored_captions_that_pass(
+    filtered, config, tmp_path, dataset_copier, no_inference
+):
+    target = dataset_copier(filtered, tmp_path)
+    rows = target.read_samples().to_pylist()
+    scores = [row["itm_score"] for row in rows if row["itm_score"] is not None]
+    low = min(scores)
+    passing = {}  # image -> its scored captions' scores, best first
+    for row in rows:
+        if row["itm_score"] is not None:
+            passing.setdefault(row["image_id"], []).append(row["itm_score"])
+    passing = {image: sorted(values, reverse=True) for image, values in passing.items()}
+    assert max(len(values) for values in passing.values()) == 4, "a web caption and 3 synthetic ones per image"
+
+    rethreshold(target, low, best_per_image=1)
+    best = target.read_samples()
+    assert _kept_per_image(best) == {image: values[:1] for image, values in passing.items()}
+    outranked = [row for row in best.to_pylist() if row["reject_reason"] == "itm_outranked"]
+    assert len(outranked) == len(scores) - len(passing) and {row["reject_stage"] for row in outranked} == {"filter"}
+    marker = json.loads(target.marker_path("filter", "00000").read_text())
+    assert marker["best_per_image"] == 1 and marker["rejected"]["itm_outranked"] >= 1
+
+    median = statistics.median(scores)
+    run_filter(dataclasses.replace(config, threshold=median, best_per_image=2), target)  # stored scores, no model
+    two = target.read_samples()
+    assert _kept_per_image(two) == {
+        image: [score for score in values if score >= median][:2]
+        for image, values in passing.items()
+        if values[0] >= median
+    }
+    rethreshold(target, median)  # keeps each shard's best_per_image
+    assert target.read_samples().equals(two)
+    rethreshold(target, median, best_per_image=0)
+    _assert_decided_at(target.read_samples(), median)
+    with pytest.raises(ValueError, match="best_per_image must be an integer ≥ 0"):
+        dataclasses.replace(config, best_per_image=-1)
+
+
 def test_a_rethreshold_with_a_truncated_part_stops_before_rewriting_any_shard(
     filtered, tmp_path, dataset_copier, no_inference
 ):

@@ -10,7 +10,7 @@ from pipelines.manifests.images import ImageStore
 from pipelines.manifests.manifest import Generation, ManifestError
 from pipelines.stages.caption import CaptionConfig, run_caption
 from pipelines.stages.filter import FilterConfig, rethreshold, run_filter
-from pipelines.stages.rank import RankConfig, clip_ranks, run_rank
+from pipelines.stages.rank import RankConfig, ranks_by_image, run_rank
 from vlp_core.checkpoint import file_digest
 from vlp_core.clip import load_clip
 from vlp_core.data import load_image, normalize_caption
@@ -75,8 +75,8 @@ def test_survivors_of_the_filter_are_ranked_per_image_and_the_top_k_kept(ranked,
 
 def test_ties_go_to_the_smaller_sample_id():
     rows = [{"sample_id": s, "image_id": i} for s, i in [("b", "x"), ("a", "x"), ("c", "x"), ("d", "y")]]
-    assert clip_ranks(rows, {"a": 0.5, "b": 0.5, "c": 0.9, "d": 0.1}) == {"c": 0, "a": 1, "b": 2, "d": 0}
-    assert clip_ranks(rows, {"a": 0.5}) == {"a": 0}, "unscored rows have no rank"
+    assert ranks_by_image(rows, {"a": 0.5, "b": 0.5, "c": 0.9, "d": 0.1}) == {"c": 0, "a": 1, "b": 2, "d": 0}
+    assert ranks_by_image(rows, {"a": 0.5}) == {"a": 0}, "unscored rows have no rank"
 
 
 def test_rerun_skips_ranked_shards_and_a_new_threshold_reopens_them(
