@@ -20,6 +20,8 @@ class Stage:
     model_stage: it runs a model over the shards (`stages.shards.run_sharded_inference`), in STAGES order.
     screens_captions: a row it rejects was judged on its caption; rows rejected by the other stages (a dead
         URL, an undecodable image) never reached a caption screen.
+    outranked_reasons: the reasons it gives a row that passed its screen but ranked below others of its
+        image (the report counts them apart from the rows it judged noisy).
     """
 
     name: str
@@ -27,6 +29,7 @@ class Stage:
     scores: tuple[str, ...] = ()
     model_stage: bool = False
     screens_captions: bool = False
+    outranked_reasons: tuple[str, ...] = ()
 
 
 DOWNLOAD = Stage("download", "pipelines.stages.download:DownloadConfig")
@@ -37,6 +40,7 @@ FILTER = Stage(
     scores=("itm_score", "itc_score", "filter_clip_score"),
     model_stage=True,
     screens_captions=True,
+    outranked_reasons=("itm_outranked", "clip_outranked"),  # best_per_image
 )
 RANK = Stage(
     "rank",
@@ -54,6 +58,8 @@ STAGES = (DOWNLOAD, CAPTION, FILTER, RANK, SCORE, ABLATE, ASSEMBLE)  # the order
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 MODEL_STAGES = tuple(stage.name for stage in STAGES if stage.model_stage)  # the shard loop's stages, in order
 UNSCREENED_STAGES = tuple(stage.name for stage in STAGES if not stage.screens_captions)
+OUTRANKED = "outranked"  # the decision of a row rejected for one of its stage's outranked_reasons
+OUTRANKED_REASONS = frozenset(reason for stage in STAGES for reason in stage.outranked_reasons)
 
 
 def stage_named(name: str) -> Stage:

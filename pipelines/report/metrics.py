@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from pipelines.registry import OUTRANKED, OUTRANKED_REASONS
 from pipelines.world.generate import web_key
 from pipelines.world.grammar import NOISY_TYPES, Scene, attribute_accuracy
 
@@ -199,12 +200,13 @@ def removal_metrics(removed: Mapping[tuple[str, bool], int], noisy_types: Iterab
     }
 
 
-WEB_DECISION_COLUMNS = ("url", "caption_source", "kept", "reject_stage")
+WEB_DECISION_COLUMNS = ("url", "caption_source", "kept", "reject_stage", "reject_reason")
 
 
 def web_decisions(rows: pa.Table, noise_by_key: Mapping[str, str]) -> Counter[tuple[str, str]]:
     """The number of web pairs among `rows` (WEB_DECISION_COLUMNS at least) per (true noise type, decision);
-    a decision is "kept" or the reject stage. Raises when a web URL is not a pair of the world."""
+    a decision is "kept", "outranked" (passed the filter, but another caption of its image was kept
+    instead) or the reject stage. Raises when a web URL is not a pair of the world."""
     web = rows.filter(pc.equal(rows["caption_source"], "web")).select(list(WEB_DECISION_COLUMNS)).to_pylist()
     unknown = [row["url"] for row in web if web_key(row["url"] or "") not in noise_by_key]
     if unknown:
@@ -212,16 +214,22 @@ def web_decisions(rows: pa.Table, noise_by_key: Mapping[str, str]) -> Counter[tu
             f"{len(unknown)} web row(s) have URLs that are not pairs of the given world "
             f"(e.g. {unknown[0]}); pass the world the generation was downloaded from"
         )
-    return Counter((noise_by_key[web_key(row["url"])], "kept" if row["kept"] else row["reject_stage"]) for row in web)
+    return Counter((noise_by_key[web_key(row["url"])], _decision(row)) for row in web)
+
+
+def _decision(row: Mapping[str, object]) -> str:
+    if row["kept"]:
+        return "kept"
+    return OUTRANKED if row["reject_reason"] in OUTRANKED_REASONS else str(row["reject_stage"])
 
 
 def decision_metrics(
     decisions: Mapping[tuple[str, str], int], filter_stage: str, unscreened: Iterable[str]
 ) -> dict[str, object]:
     """The filter's and all stages' removal metrics and the noise type × decision table, from the number
-    of web pairs per (noise type, decision); a decision is "kept" or the pair's reject stage. Pairs decided
-    at an `unscreened` stage (e.g. a failed download) never met the filter: they count in the decision
-    table only."""
+    of web pairs per (noise type, decision; see `web_decisions`). The filter's count the pairs it judged
+    noisy, not those it outranked (all stages' do). Pairs decided at an `unscreened` stage (e.g. a failed
+    download) never met the filter: they count in the decision table only."""
     skip = set(unscreened)
     screened = {(n, d): count for (n, d), count in decisions.items() if d not in skip}
 

@@ -5,10 +5,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from pipelines.manifests.manifest import samples_table
 from pipelines.report.metrics import (
     attribute_accuracy_summary,
     caption_scores,
     confusion_table,
+    decision_metrics,
     first_relevant_rank,
     recall_at_k,
     removal_metrics,
@@ -17,7 +19,9 @@ from pipelines.report.metrics import (
     simple_tokenize,
     top_k_candidates,
     top_k_pairs,
+    web_decisions,
 )
+from pipelines.world.generate import web_key
 from pipelines.world.grammar import NOISY_TYPES, Scene, SceneObject
 
 # 3 images, 2 texts each: text t belongs to image t // 2.
@@ -143,3 +147,29 @@ def test_removal_metrics_per_noise_type() -> None:
 def test_confusion_table() -> None:
     table = confusion_table(Counter(zip(["clean", "clean", "empty", "clean"], ["kept", "rank", "filter", "kept"])))
     assert table == {"clean": {"kept": 2, "rank": 1}, "empty": {"filter": 1}}
+
+
+def test_captions_the_filter_outranked_are_not_counted_as_its_noise_verdicts() -> None:
+    """A clean web caption that passed the filter but lost to the image's synthetic caption (best_per_image)
+    is left out by the filter stage, yet not judged noisy: it counts in all stages' removals only."""
+    urls = [f"http://127.0.0.1/{n}.png" for n in range(4)]
+    rows = samples_table(
+        {
+            "image_id": ["a", "b", "c", "d", "a"],
+            "url": [*urls, urls[0]],
+            "caption": ["clean kept", "clean outranked", "noisy removed", "noisy kept", "synthetic"],
+            "caption_source": ["web", "web", "web", "web", "synthetic"],
+            "generation": [1] * 5,
+            "kept": [True, False, False, True, True],
+            "reject_stage": [None, "filter", "filter", None, None],
+            "reject_reason": [None, "itm_outranked", "itm_below_threshold", None, None],
+        }
+    )
+    noise = {web_key(urls[0]): "clean", web_key(urls[1]): "clean", web_key(urls[2]): "other_image"}
+    noise[web_key(urls[3])] = "wrong_attribute"
+    decisions = web_decisions(rows, noise)
+    assert decisions == Counter({("clean", "kept"): 1, ("clean", "outranked"): 1, ("other_image", "filter"): 1,
+                                 ("wrong_attribute", "kept"): 1})  # fmt: skip
+    metrics = decision_metrics(decisions, "filter", unscreened=["download"])
+    assert (metrics["filter"]["removed"], metrics["filter"]["precision"]) == (1, 1.0)
+    assert (metrics["all_stages"]["removed"], metrics["all_stages"]["precision"]) == (2, 0.5)
