@@ -256,6 +256,12 @@ def test_derived_generation_holds_the_arm_rows_and_the_human_pairs(
     assert counts["kept_by_source"] == {"human": 3, "web": 2}
     assert counts["rejected_by_stage_reason"]["ablate/synthetic_not_in_arm"] == 4
 
+    digest = manifest_digest(arm)
+    best = derive_arm(candidates, ARMS["capfilt"], human, THRESHOLDS, TOP_K, best_per_image=1)
+    assert best == arm and manifest_digest(best) != digest, "the same arm, re-derived by its new rule"
+    assert best.read_info()["counts"]["kept_by_source"] == {"human": 3, "synthetic": 1, "web": 1}
+    assert json.loads(best.marker_path(STAGE, "00000").read_text())["best_per_image"] == 1
+
 
 def test_a_rerun_rewrites_nothing_and_a_changed_candidate_shard_is_redone(
     candidates: Generation, human: AssembleConfig
