@@ -210,8 +210,9 @@ def lineage(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_settings(markers: dict[str, list[dict]]) -> dict[str, list]:
-    """The decision settings the stages recorded per shard: the filter's scorers and thresholds (ITM
-    probability, CLIP cosine) and the ranker's top-k (several values when shards were decided differently)."""
+    """The decision settings the stages recorded per shard: the filter's scorers, thresholds (ITM
+    probability, CLIP cosine) and captions kept per image, and the ranker's top-k (several values when
+    shards were decided differently)."""
 
     def recorded(stage: str, key: str, scorer: str | None = None) -> list:
         shards = [m for m in markers.get(stage, []) if m and (scorer is None or m.get("scorer", "itm") == scorer)]
@@ -221,6 +222,7 @@ def stage_settings(markers: dict[str, list[dict]]) -> dict[str, list]:
         "filter_scorer": sorted({m.get("scorer", "itm") for m in markers.get("filter", []) if m}),
         "itm_threshold": recorded("filter", "threshold", "itm"),
         "clip_threshold": recorded("filter", "threshold", "clip"),
+        "best_per_image": recorded("filter", "best_per_image"),
         "clip_top_k": recorded("rank", "top_k"),
     }
 

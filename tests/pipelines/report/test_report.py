@@ -134,6 +134,7 @@ def test_score_histograms_and_thresholds_equal_duckdb(lineage, figures) -> None:
         "filter_scorer": ["itm"],
         "itm_threshold": [threshold],
         "clip_threshold": [],
+        "best_per_image": [0],
         "clip_top_k": [TOP_K],
     }
     for name, column in (("itm", "itm_score"), ("clip", "clip_score")):
