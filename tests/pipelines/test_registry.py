@@ -7,6 +7,7 @@ import pytest
 
 from pipelines.manifests.manifest import SAMPLE_SCHEMA
 from pipelines.registry import MODEL_STAGES, STAGES, UNSCREENED_STAGES, in_stage_order, stage_named
+from pipelines.stages.filter import SCORERS
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
@@ -31,3 +32,7 @@ def test_order_and_lookup():
     assert stage_named("rank").scores == ("clip_score", "clip_rank")
     with pytest.raises(ValueError, match="unknown stage 'crop'"):
         stage_named("crop")
+
+
+def test_the_filters_outranked_reasons_are_its_scorers():
+    assert set(stage_named("filter").outranked_reasons) == {scorer.outranked_reason for scorer in SCORERS.values()}
