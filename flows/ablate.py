@@ -1,6 +1,7 @@
 """The CapFilt ablation (BLIP Table 1) as a Prefect flow, composed from the bootstrapping flow's pieces.
 
-    download → CLIP ranker → pretrain(gen 0) → one CapFilt round (the scored candidates, gen 1)
+    download → pretrain(gen 0) → one CapFilt round (its CLIP ranker trained beside its fine-tunings; the
+    scored candidates, gen 1)
     → per arm: its generation from the candidates → per arm and seed: pretrain (same budget, two side by
     side where the trainings can) → per arm and seed: evaluate
     → ablation.json / ablation.md next to the candidates → their report (with the ablation section)
@@ -29,7 +30,6 @@ from flows.capfilt import (
     DATASET,
     Inputs,
     capfilt_round,
-    clip_ranker,
     download_web,
     evaluation_config,
     filter_config,
@@ -144,17 +144,17 @@ def run_ablation(
     logger = get_run_logger()
     root = out / "data_manifests"
     web = download_web(inputs, Generation(root, DATASET, 0))
-    clip_weights = clip_ranker(settings, inputs, out)
     model = None  # the fine-tunings' start; none is needed when the captioner and filter are given
     if not settings.trains_nothing:
         pretraining = pretrain_config(settings)
         model = pretrain_task(pretraining, web, training_dir(out, "pretrain", pretraining, manifest_digest(web)))
-    candidates = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, 1), clip_weights)
+    candidates = Generation(root, DATASET, 1)
+    clip_weights = capfilt_round(settings, inputs, out, model, web, candidates).clip_weights
     variants = [(candidates, arms)]
     if compared is not None:  # the same round with the other captioner, beside the web dataset
         backend = compared.captioner_backend
         other = Generation(root, f"{DATASET}-{backend}", 1)
-        capfilt_round(compared, inputs, out, model, web, other, clip_weights)
+        capfilt_round(compared, inputs, out, model, web, other)
         variants.append((other, [replace(arm, name=f"{arm.name}_{backend}") for arm in arms if arm.captioner]))
 
     human = AssembleConfig(inputs.human_annotations, inputs.human_image_root)

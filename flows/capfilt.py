@@ -1,7 +1,8 @@
 """The CapFilt bootstrapping loop as a Prefect flow. Each task is one stage call; the stages own resume.
 
     download → pretrain(gen 0) → evaluate → report → artifact
-    round r = 1..R:  fine-tune captioner ∥ fine-tune filter  (from the model pretrained on gen r-1)
+    round r = 1..R:  fine-tune captioner ∥ fine-tune filter  (from the model pretrained on gen r-1),
+                     then the CLIP ranker in the captioner's lane (round 1)
                      → caption → filter → CLIP-rank → assemble gen r → pretrain(gen r) → evaluate → report
                      → artifact
 
@@ -153,10 +154,10 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Location) -> dict[str,
     logger = get_run_logger()
     root = out / "data_manifests"
     web = download_web(inputs, Generation(root, DATASET, 0))
-    clip_weights = clip_ranker(settings, inputs, out)
     if settings.trains_nothing:
         announce(logger, "a given captioner and filter: one CapFilt round, no BLIP model trained or evaluated")
-        target = capfilt_round(settings, inputs, out, None, web, Generation(root, DATASET, 1), clip_weights)
+        target = Generation(root, DATASET, 1)
+        capfilt_round(settings, inputs, out, None, web, target)
         reports = {
             generation.number: report_task(generation, world_dir=inputs.world_dir) for generation in (web, target)
         }
@@ -172,7 +173,8 @@ def bootstrap(settings: RunSettings, inputs: Inputs, out: Location) -> dict[str,
 
     for round_number in range(1, settings.rounds + 1):
         announce(logger, "round %d: CapFilt with the model pretrained on generation %d", round_number, round_number - 1)
-        target = capfilt_round(settings, inputs, out, model, web, Generation(root, DATASET, round_number), clip_weights)
+        target = Generation(root, DATASET, round_number)
+        capfilt_round(settings, inputs, out, model, web, target)
         model = pretrain_task(pretraining, target, training_dir(out, "pretrain", pretraining, manifest_digest(target)))
         metrics[round_number] = evaluate_task(evaluation_config(settings, inputs, model), target)
         reports[round_number] = report_task(target, world_dir=inputs.world_dir)
@@ -200,16 +202,6 @@ def download_web(inputs: Inputs, web: Generation) -> Generation:
     return web
 
 
-def clip_ranker(settings: RunSettings, inputs: Inputs, out: Location) -> Location:
-    """The CLIP ranker's weights: the given checkpoint, or `clip_model` trained here on the human pairs."""
-    if settings.clip_checkpoint is not None:
-        return settings.clip_checkpoint
-    config = _training(settings, settings.clip_steps)
-    human = (inputs.human_annotations, inputs.human_image_root)
-    run = train_clip_task(config, *human, training_dir(out, "clip", config, file_digest(inputs.human_annotations)))
-    return run.checkpoint_dir / CLIP_WEIGHTS_FILE
-
-
 def pretrain_config(settings: RunSettings, seed: int | None = None) -> TrainConfig:
     """BLIP pretraining from the preset's random weights (ITC alone for the settings' warm-up steps, if any)."""
     return replace(
@@ -232,11 +224,21 @@ class ModelRef:
     digest: str
 
 
-def round_models(
-    settings: RunSettings, inputs: Inputs, out: Location, model: train.TrainResult | None
-) -> tuple[ModelRef, ModelRef | None]:
-    """A round's captioner and filter (None for the clip scorer): the given ones, and the others fine-tuned
-    from `model` on the human pairs, side by side where `trainings_at_once` allows."""
+@dataclass(frozen=True)
+class RoundModels:
+    """What a CapFilt round scores with: its captioner, its filter (None for the clip scorer) and the weights
+    of its CLIP ranker."""
+
+    captioner: ModelRef
+    filter: ModelRef | None
+    clip_weights: Location
+
+
+def round_models(settings: RunSettings, inputs: Inputs, out: Location, model: train.TrainResult | None) -> RoundModels:
+    """A round's models: the given ones, and the others trained on the human pairs (the captioner and the
+    filter fine-tuned from `model`, the CLIP ranker `clip_model` from scratch), side by side where
+    `trainings_at_once` allows; the ranker goes last, in the captioner's lane (`run_trainings`; at the tiny
+    preset's steps, the captioner's fine-tuning ends first), and later rounds find it trained."""
     given = {"captioner": settings.captioner_checkpoint}
     if settings.filter_scorer == "itm":
         given["filter"] = settings.filter_checkpoint
@@ -245,18 +247,31 @@ def round_models(
         "filter": checkpoint_digest,
     }
     models = {role: ModelRef(path, digests[role](path)) for role, path in given.items() if path is not None}
-    fine_tunes = {"captioner": finetune_captioner_task, "filter": finetune_filter_task}
-    steps = {"captioner": settings.captioner_steps, "filter": settings.filter_steps}
-    to_train = [role for role in given if role not in models]
-    at_once = trainings_at_once(settings) if len(to_train) > 1 else 1
+    tasks = {"captioner": finetune_captioner_task, "filter": finetune_filter_task, "clip": train_clip_task}
+    trainings = {  # role: (its training config, the digest of what it starts from)
+        role: (
+            _training(settings, steps, lr=settings.finetune_lr, init_checkpoint=model.checkpoint_dir),
+            model.digest,
+        )
+        for role, steps in (("captioner", settings.captioner_steps), ("filter", settings.filter_steps))
+        if role in given and role not in models
+    }
+    if settings.clip_checkpoint is None:
+        trainings["clip"] = (_training(settings, settings.clip_steps), file_digest(inputs.human_annotations))
+    at_once = trainings_at_once(settings) if len(trainings) > 1 else 1
     human = (inputs.human_annotations, inputs.human_image_root)
-    calls = []
-    for role in to_train:
-        config = _training(settings, steps[role], lr=settings.finetune_lr, init_checkpoint=model.checkpoint_dir)
-        run_dir = training_dir(out, role, config, model.digest)
-        calls.append((fine_tunes[role], (placed(settings, config, at_once), *human, run_dir)))
-    models |= dict(zip(to_train, run_trainings(calls, at_once), strict=True))
-    return models["captioner"], models.get("filter")
+    calls = [
+        (tasks[role], (placed(settings, config, at_once), *human, training_dir(out, role, config, start)))
+        for role, (config, start) in trainings.items()
+    ]
+    trained = dict(zip(trainings, run_trainings(calls, at_once), strict=True))
+    clip = trained.pop("clip", None)
+    models |= trained
+    return RoundModels(
+        models["captioner"],
+        models.get("filter"),
+        settings.clip_checkpoint if clip is None else clip.checkpoint_dir / CLIP_WEIGHTS_FILE,
+    )
 
 
 def trainings_at_once(settings: RunSettings) -> int:
@@ -300,12 +315,12 @@ def capfilt_round(
     model: train.TrainResult | None,
     web: Generation,
     target: Generation,
-    clip_weights: Location,
-) -> Generation:
-    """One CapFilt round: a captioner and a filter (given, or fine-tuned from `model`), caption `web` into
-    `target`, filter, CLIP-rank, and assemble `target` with the human pairs."""
+) -> RoundModels:
+    """One CapFilt round: a captioner, a filter and a CLIP ranker (given, or trained: `round_models`), caption
+    `web` into `target`, filter, CLIP-rank, and assemble `target` with the human pairs; returns the models."""
     human = (inputs.human_annotations, inputs.human_image_root)
-    captioner, filter_model = round_models(settings, inputs, out, model)
+    models = round_models(settings, inputs, out, model)
+    captioner, filter_model, clip_weights = models.captioner, models.filter, models.clip_weights
     pool = inference_pool(settings)
     caption_task(
         caption.CaptionConfig(
@@ -338,7 +353,7 @@ def capfilt_round(
         config_digest=config_digest(asdict(settings)),
         flow_run_id=_flow_run_id(),
     )
-    return target
+    return models
 
 
 def inference_pool(settings: RunSettings) -> dict[str, Any]:
@@ -409,6 +424,7 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
         world_dir=inputs.world_dir,
         k_test=settings.k_test,
         batch_size=settings.inference_batch_size,
+        concurrency=settings.concurrency,
         num_gpus=settings.num_gpus,
         executor=settings.executor,
         ray_address=settings.ray_address,

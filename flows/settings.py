@@ -54,7 +54,7 @@ class RunSettings:
     caption_prompt: str | None = None  # None: the captioner backend's default
     filter_checkpoint: Location | None = None
     inference_batch_size: int | None = None  # images per model call; None: 32 on a CPU, 256 on a GPU
-    concurrency: int = 1
+    concurrency: int = 1  # Ray actors (caption, filter, rank) and evaluation tasks; one runs in this process
     num_gpus: float = 0.0
     executor: str | None = None  # "ray" or "local" (pipelines.executor); None: $CAPFILT_EXECUTOR, else ray
     ray_address: str | None = None

@@ -6,7 +6,8 @@ one) or in this process.
 - "local": the same actors, training loop and tasks, called in this process one after the other: no
   Ray start-up (~25 s per Ray Train run). For tests and small single-machine runs.
 
-A config's `executor` chooses; None means `$CAPFILT_EXECUTOR`, else "ray".
+A config's `executor` chooses; None means `$CAPFILT_EXECUTOR`, else "ray". Under "ray", work that Ray would
+only slow down runs in this process too (`runs_in_process`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ def resolve_executor(executor: str | None) -> str:
         source = "executor" if executor else f"${EXECUTOR_ENV}"
         raise ValueError(f"{source} must be one of {EXECUTORS}, got {value!r}")
     return value
+
+
+def joins_cluster(ray_address: str | None) -> bool:
+    """Whether Ray work goes to a cluster: an address is given, or `$RAY_ADDRESS` names one."""
+    return ray_address is not None or "RAY_ADDRESS" in os.environ
+
+
+def runs_in_process(executor: str, *, workers: int = 1, num_gpus: float = 0.0, ray_address: str | None = None) -> bool:
+    """Whether a stage's model work (inference actors, evaluation tasks) runs in this process: with the local
+    executor, and under Ray when Ray would add only its start-up: one worker, on the CPU, no cluster to join
+    (a Ray worker would also get one core, where this process has all of them). GPU actors stay on Ray, whose
+    CPU tasks decode images beside them."""
+    return executor == "local" or (workers == 1 and not num_gpus and not joins_cluster(ray_address))
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:

@@ -13,10 +13,11 @@ noise type and a noise type × decision table; the kept captions' attribute accu
 clean the bootstrapped dataset is.
 
 Ray: the model work runs in Ray tasks (each loads the checkpoint once, with `num_gpus` from the config),
-so a driver without a GPU can evaluate on a cluster's GPU nodes; the local executor calls the same
-functions in this process. One task encodes every image and text
-(the similarity matrix must be whole to rank) and captions the images; the ITM re-rank, which costs
-about 20x more (k_test pairs per image and per text), is split by image over `concurrency` tasks.
+so a driver without a GPU can evaluate on a cluster's GPU nodes; the local executor, or a single CPU task
+without a cluster (`EvaluateConfig.in_process`), calls the same functions in this process. One task
+encodes every image and text (the similarity matrix must be whole to rank) and captions the images; the
+ITM re-rank, which costs about 20x more (k_test pairs per image and per text), is split by image over
+`concurrency` tasks.
 Results are written atomically to `<generation>/evaluation.json` (or a given file) and returned.
 """
 
@@ -35,7 +36,7 @@ import ray
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipelines.executor import init_ray, resolve_executor
+from pipelines.executor import init_ray, resolve_executor, runs_in_process
 from pipelines.manifests.manifest import Generation
 from pipelines.progress import progress
 from pipelines.registry import UNSCREENED_STAGES
@@ -118,6 +119,13 @@ class EvaluateConfig:
         for ok, message in problems:
             if not ok:
                 raise ValueError(f"evaluate config: {message}")
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the model work runs in this process (`pipelines.executor.runs_in_process`), not in Ray tasks."""
+        return runs_in_process(
+            self.executor, workers=self.concurrency, num_gpus=self.num_gpus, ray_address=self.ray_address
+        )
         # a bad or wrong model stops here, before any work
         check_checkpoint(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
 
@@ -189,9 +197,9 @@ def load_test_set(config: EvaluateConfig) -> list[CaptionRecord]:
 
 
 def _run_tasks(config: EvaluateConfig, function: Callable, calls: list[tuple]) -> list[Any]:
-    """`function(*args)` for each args of `calls`: in this process one after the other (local), or as
-    Ray tasks with one CPU and the config's GPUs each (ray)."""
-    if config.executor == "local":
+    """`function(*args)` for each args of `calls`: in this process one after the other (`config.in_process`),
+    or as Ray tasks with one CPU and the config's GPUs each."""
+    if config.in_process:
         return [function(*args) for args in calls]
     init_ray(config.ray_address)
     task = ray.remote(num_cpus=1, num_gpus=config.num_gpus)(function)
@@ -200,8 +208,8 @@ def _run_tasks(config: EvaluateConfig, function: Callable, calls: list[tuple]) -
 
 def _itm_scores(config: EvaluateConfig, pairs: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
     """(N, T) ITM scores of `pairs` (the texts to score per image), NaN elsewhere, from `concurrency` tasks
-    (one with the local executor) that each score a contiguous slice of the images."""
-    tasks = 1 if config.executor == "local" else config.concurrency
+    (one in this process) that each score a contiguous slice of the images."""
+    tasks = 1 if config.in_process else config.concurrency
     slices = [chunk for chunk in np.array_split(np.arange(len(pairs)), tasks) if len(chunk)]
     results = _run_tasks(config, score_pairs, [(config, int(chunk[0]), [pairs[i] for i in chunk]) for chunk in slices])
     itm = np.full(shape, np.nan, dtype=np.float32)

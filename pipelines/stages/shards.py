@@ -4,9 +4,10 @@ A stage (caption, filter, rank) turns each pending shard into *requests*, one pe
 and the candidate captions (with their sample_ids) the model should look at. The requests of a wave of
 pending shards (about WAVE_IMAGES images, so the driver's memory does not grow with the generation) are
 decoded (`ImageDecoder`: in CPU tasks beside GPU actors) and flow through a Ray Data actor pool, whose
-actors load the model once each per wave, or, with the local executor, through one such actor in this
-process. On the CPU every batch is one block of one shard's requests, cut the same way on every run, so a
-shard's results do not depend on which other shards a run still had to do, nor on the executor.
+actors load the model once each per wave, or through one such actor in this process (the local executor,
+or a single CPU actor, which Ray would only slow down: `ActorPoolConfig.in_process`). On the CPU every
+batch is one block of one shard's requests, cut the same way on every run, so a shard's results do not
+depend on which other shards a run still had to do, nor on the executor.
 
 As soon as every image of a shard has its result, the stage merges the results into the shard's rows and
 `commit_shard` rewrites the part atomically, then writes the stage's marker. A re-run skips marked
@@ -26,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 import pyarrow as pa
 import ray
 
-from pipelines.executor import init_ray, resolve_executor
+from pipelines.executor import init_ray, resolve_executor, runs_in_process
 from pipelines.manifests.images import ShardUnavailableError
 from pipelines.manifests.manifest import SAMPLE_SCHEMA, Generation, ManifestError, read_part
 from pipelines.progress import announce, progress
@@ -81,6 +82,13 @@ class ActorPoolConfig:
     @property
     def device(self) -> str:
         return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the actor runs in this process (`pipelines.executor.runs_in_process`), not in Ray Data."""
+        return runs_in_process(
+            self.executor, workers=self.concurrency, num_gpus=self.num_gpus, ray_address=self.ray_address
+        )
 
 
 # --------------------------------------------------------------------------- rows
@@ -247,7 +255,7 @@ def run_sharded_inference(
     with target.writer(stage.name):
         todo = [shard for shard in shards if not target.is_done(stage.name, shard)]
         log.info("%s: %d of %d shards to do", stage.name, len(todo), len(shards))
-        throughput = Throughput(actors=1 if pool.executor == "local" else pool.concurrency)
+        throughput = Throughput(actors=1 if pool.in_process else pool.concurrency)
         for pending in _waves(stage, todo):
             images = sum(map(len, pending.values()))
             log.info("%s: a wave of %d shards, %d images", stage.name, len(pending), images)
@@ -332,14 +340,14 @@ def _map_requests(
     stage: ShardedStage, target: Generation, requests: list[pa.Table], pool: ActorPoolConfig
 ) -> Iterator[Row]:
     """Stream the results of `stage`'s actor over the requests, one block of `batch_size` images at a time,
-    each block decoded first (`ImageDecoder`): in this process (local) or in Ray Data, with decode tasks
-    on CPU workers feeding an actor pool."""
+    each block decoded first (`ImageDecoder`): in this process (`pool.in_process`) or in Ray Data, with
+    decode tasks on CPU workers feeding an actor pool."""
     blocks = [
         table.slice(start, pool.batch_size) for table in requests for start in range(0, table.num_rows, pool.batch_size)
     ]
     actor = stage.actor()
     decode = ImageDecoder(target.path.parent, actor.image_transform(pool))
-    if pool.executor == "local":
+    if pool.in_process:
         model = actor(pool)
         for block in blocks:
             yield from model(decode(block)).to_pylist()

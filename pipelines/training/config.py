@@ -4,10 +4,9 @@ the loop each Ray Train worker runs both take it."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
-from pipelines.executor import resolve_executor
+from pipelines.executor import joins_cluster, resolve_executor
 from vlp_core.checkpoint import check_checkpoint
 from vlp_core.config import preset_names
 from vlp_core.storage import Location, absolute, location
@@ -130,8 +129,7 @@ def trains_in_process(
     would add nothing but its start-up (~25 s): one worker, no restarts, no cluster to join."""
     if executor == "local":
         return True
-    joins_cluster = ray_address is not None or "RAY_ADDRESS" in os.environ
-    return num_workers == 1 and max_failures == 0 and not joins_cluster
+    return num_workers == 1 and max_failures == 0 and not joins_cluster(ray_address)
 
 
 def _is_int(value: object) -> bool:

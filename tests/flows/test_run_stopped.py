@@ -15,13 +15,14 @@ from processes import processes_with_env, wait_until
 
 pytestmark = pytest.mark.slow
 
-# The smoke preset, with fine-tunings that would run for hours and two training cores (side by side)
+# The smoke preset, with fine-tunings that would run for hours, two training cores (side by side), and two
+# Ray tasks for the evaluation before them (one would run in the command's process: no Ray would start)
 LONG_FINE_TUNES = """
 import dataclasses, sys
 from flows.cli import main
 from flows.settings import RUN_PRESETS
 RUN_PRESETS["smoke"] = dataclasses.replace(
-    RUN_PRESETS["smoke"], captioner_steps=10**6, filter_steps=10**6, train_cpus=2
+    RUN_PRESETS["smoke"], captioner_steps=10**6, filter_steps=10**6, train_cpus=2, concurrency=2
 )
 sys.exit(main(sys.argv[1:]))
 """

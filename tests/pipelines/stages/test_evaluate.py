@@ -189,6 +189,7 @@ def test_run_evaluate_writes_evaluation_json(
         world_dir=world.root,
         executor="ray",
     )
+    assert not config.in_process and dataclasses.replace(config, concurrency=1).in_process, "one CPU task runs here"
     results = run_evaluate(config, generation)
 
     assert json.loads((generation.path / EVALUATION_FILE).read_text()) == json.loads(json.dumps(results))
