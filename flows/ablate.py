@@ -42,7 +42,7 @@ from flows.capfilt import (
     training_dir,
     trainings_at_once,
 )
-from flows.settings import RunSettings
+from flows.settings import RUN_PRESETS, RunSettings
 from flows.tasks import stage_task
 from pipelines.manifests.manifest import Generation, manifest_digest
 from pipelines.report.ablation_table import ablation_summary, arm_summary, write_ablation
@@ -103,9 +103,12 @@ def capfilt_ablate(
     """Train and evaluate every arm (default: BLIP's Table 1, `pipelines.stages.ablate.TABLE_1`; all:
     `ARMS`) with every seed (default 0, 1, 2) on the same inputs and budget. With a `compare_captioner_*`
     (a backend and its folder), the arms that use synthetic captions also run with that captioner's.
-    Without `url_list`, a synthetic world is made and served."""
+    Without `url_list`, a synthetic world is made and served, with the preset's `ablation_n_test` held-out
+    images unless `n_test` is given."""
     parameters = locals()
     reclaim_sigterm()
+    if n_test is None and preset in RUN_PRESETS:  # an unknown preset is refused by run_setup
+        parameters["n_test"] = RUN_PRESETS[preset].ablation_n_test
     chosen = ablation.arms_named(list(arms) if arms is not None else list(ablation.TABLE_1))
     seeds = list(seeds) if seeds is not None else list(DEFAULT_SEEDS)
     if not seeds or len(set(seeds)) != len(seeds):

@@ -109,7 +109,12 @@ def _add_run_options(parser: argparse.ArgumentParser, flow: str) -> None:
     )
     option("--top-k", type=int, help="captions kept per image after CLIP ranking (default: the preset's)")
     option("--n-web", type=int, help="web pairs of the synthetic world (default: the preset's)")
-    option("--n-test", type=int, help="held-out images of the synthetic world (default: the preset's)")
+    option(
+        "--n-test",
+        type=int,
+        help="held-out images of the synthetic world (default: the preset's; for ablate its ablation_n_test, "
+        "500 for tiny)",
+    )
     option(
         "--gpus",
         dest="num_gpus",

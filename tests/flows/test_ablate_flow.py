@@ -62,6 +62,7 @@ def test_the_table_has_every_arm_and_seed(ablation_run) -> None:
     assert [arm["arm"]["name"] for arm in summary["arms"]] == ARMS + COMPARED and summary["seeds"] == SEEDS
     assert summary["settings"]["pretrain_steps"] == RUN_PRESETS["smoke"].pretrain_steps
     assert summary["world"]["noise_rates"] == dict(RUN_PRESETS["smoke"].world.noise_rates)
+    assert summary["world"]["n_test"] == RUN_PRESETS["smoke"].ablation_n_test != RUN_PRESETS["smoke"].world.n_test
     assert set(summary["candidates"]["checkpoints"]) == {"pretrained", "captioner", "filter", "clip"}
     log = (out / "capfilt.log").read_text()
     for role in ("captioner", "filter"):
