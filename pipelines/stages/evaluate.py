@@ -119,6 +119,8 @@ class EvaluateConfig:
         for ok, message in problems:
             if not ok:
                 raise ValueError(f"evaluate config: {message}")
+        # a bad or wrong model stops here, before any work
+        check_checkpoint(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
 
     @property
     def in_process(self) -> bool:
@@ -126,8 +128,6 @@ class EvaluateConfig:
         return runs_in_process(
             self.executor, workers=self.concurrency, num_gpus=self.num_gpus, ray_address=self.ray_address
         )
-        # a bad or wrong model stops here, before any work
-        check_checkpoint(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,9 @@ def test_config_validation_names_the_field(world: WorldPaths, checkpoint: tuple[
         EvaluateConfig(folder, world.test_annotations, world.test_root, k_test=0)
     with pytest.raises(ValueError, match="checkpoint .* is not a checkpoint folder"):
         EvaluateConfig(tmp_path / "none", world.test_annotations, world.test_root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is not a checkpoint: config.json is missing"):
+        EvaluateConfig(tmp_path / "empty", world.test_annotations, world.test_root)  # before any work
 
 
 def test_test_set_image_ids_must_be_unique(world: WorldPaths, checkpoint: tuple[Path, str], tmp_path: Path) -> None:
