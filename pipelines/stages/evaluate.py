@@ -36,7 +36,7 @@ import ray
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipelines.executor import init_ray, resolve_executor, runs_in_process
+from pipelines.executor import init_ray
 from pipelines.manifests.manifest import Generation
 from pipelines.progress import progress
 from pipelines.registry import UNSCREENED_STAGES
@@ -52,7 +52,7 @@ from pipelines.report.metrics import (
     web_decisions,
 )
 from pipelines.stages.filter import STAGE as FILTER_STAGE
-from pipelines.stages.shards import default_batch_size
+from pipelines.stages.shards import ActorPoolConfig, check_config
 from pipelines.world.generate import WorldPaths, load_scenes, load_world, web_key
 from vlp_core.atomic import atomic_write_json
 from vlp_core.blip import BlipModel
@@ -72,8 +72,9 @@ N_EXAMPLES = 8  # generated captions stored in evaluation.json for people to rea
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    """What to evaluate and how. Caption defaults follow BLIP's COCO evaluation (beam 3, min length 5)."""
+class EvaluateConfig(ActorPoolConfig):
+    """What to evaluate and how. Caption defaults follow BLIP's COCO evaluation (beam 3, min length 5). The pool
+    fields say how the model work runs: `concurrency` Ray tasks share the ITM re-rank, each with `num_gpus`."""
 
     checkpoint: Location  # a capfilt checkpoint folder or a transformers BLIP folder (vlp_core.checkpoint)
     test_annotations: Location  # COCO Karpathy json of the held-out set
@@ -84,50 +85,33 @@ class EvaluateConfig:
     min_length: int = 5  # caption tokens after the prompt
     max_length: int = 30
     world_dir: Location | None = None  # a synthetic world folder: adds the world metrics
-    batch_size: int | None = None  # images (and texts) per forward pass; None: 32 on a CPU, 256 on a GPU
-    concurrency: int = 1  # Ray tasks sharing the ITM re-rank (local: one)
-    num_gpus: float = 0.0  # GPUs per Ray task (local: the process's GPU when > 0)
-    executor: str | None = None  # "ray" (Ray tasks) or "local" (this process); None: $CAPFILT_EXECUTOR, else ray
-    ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "executor", resolve_executor(self.executor))
-        if self.batch_size is None:
-            object.__setattr__(self, "batch_size", default_batch_size(self.num_gpus))
-        problems = [
-            (location(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
-            (location(self.test_annotations).is_file(), f"test_annotations {self.test_annotations} is not a file"),
-            (location(self.test_image_root).is_dir(), f"test_image_root {self.test_image_root} is not a folder"),
-            (
-                self.world_dir is None or location(self.world_dir).is_dir(),
-                f"world_dir {self.world_dir} is not a folder",
-            ),
-            (self.k_test >= 1, f"k_test must be >= 1, got {self.k_test}"),
-            (
-                self.caption_method in CAPTION_METHODS,
-                f"caption_method must be one of {CAPTION_METHODS}, got {self.caption_method!r}",
-            ),
-            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
-            (
-                0 <= self.min_length <= self.max_length,
-                f"need 0 <= min_length <= max_length, got {self.min_length} and {self.max_length}",
-            ),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
-            (self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}"),
-        ]
-        for ok, message in problems:
-            if not ok:
-                raise ValueError(f"evaluate config: {message}")
+        super().__post_init__()
+        check_config(
+            type(self).__name__,
+            [
+                (location(self.checkpoint).is_dir(), f"checkpoint {self.checkpoint} is not a checkpoint folder"),
+                (location(self.test_annotations).is_file(), f"test_annotations {self.test_annotations} is not a file"),
+                (location(self.test_image_root).is_dir(), f"test_image_root {self.test_image_root} is not a folder"),
+                (
+                    self.world_dir is None or location(self.world_dir).is_dir(),
+                    f"world_dir {self.world_dir} is not a folder",
+                ),
+                (self.k_test >= 1, f"k_test must be >= 1, got {self.k_test}"),
+                (
+                    self.caption_method in CAPTION_METHODS,
+                    f"caption_method must be one of {CAPTION_METHODS}, got {self.caption_method!r}",
+                ),
+                (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+                (
+                    0 <= self.min_length <= self.max_length,
+                    f"need 0 <= min_length <= max_length, got {self.min_length} and {self.max_length}",
+                ),
+            ],
+        )
         # a bad or wrong model stops here, before any work
         check_checkpoint(self.checkpoint, FILTER_NEEDS, "the evaluation's retrieval")
-
-    @property
-    def in_process(self) -> bool:
-        """Whether the model work runs in this process (`pipelines.executor.runs_in_process`), not in Ray tasks."""
-        return runs_in_process(
-            self.executor, workers=self.concurrency, num_gpus=self.num_gpus, ray_address=self.ray_address
-        )
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def default_batch_size(num_gpus: float) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class ActorPoolConfig:
-    """How a stage runs its model (Ray actors or this process): shared by the caption, filter and rank configs."""
+    """How a stage runs its model (Ray actors or tasks, or this process): shared by the caption, filter, rank and
+    evaluate configs."""
 
     batch_size: int | None = None  # images per model call (one Ray Data block); None: 32 on a CPU, 256 on a GPU
     concurrency: int = 1  # Ray actors, each holding one copy of the model (local: one)
