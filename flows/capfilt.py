@@ -357,7 +357,7 @@ def capfilt_round(
 
 
 def inference_pool(settings: RunSettings) -> dict[str, Any]:
-    """How the caption, filter and rank stages run their models (`ActorPoolConfig`'s fields)."""
+    """How the caption, filter, rank and evaluate stages run their models (`ActorPoolConfig`'s fields)."""
     return {
         "batch_size": settings.inference_batch_size,
         "concurrency": settings.concurrency,
@@ -423,11 +423,7 @@ def evaluation_config(settings: RunSettings, inputs: Inputs, model: train.TrainR
         test_image_root=inputs.test_image_root,
         world_dir=inputs.world_dir,
         k_test=settings.k_test,
-        batch_size=settings.inference_batch_size,
-        concurrency=settings.concurrency,
-        num_gpus=settings.num_gpus,
-        executor=settings.executor,
-        ray_address=settings.ray_address,
+        **inference_pool(settings),
     )
 
 
