@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.harness import Report, compare, machine
 from pipelines.manifests.manifest import Generation
-from pipelines.stages.download import LOOPBACK, DownloadConfig, download
+from pipelines.stages.download import LOOPBACK, DownloadConfig, download, img2dataset_options
 from pipelines.world.generate import WorldConfig, make_world
 from pipelines.world.server import WorldServer
 
@@ -28,22 +28,9 @@ def raw_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig)
 
     img2dataset_download(
         url_list=str(url_list),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_format="webdataset",
         output_folder=str(output_folder),
-        image_size=config.image_size,
-        resize_mode="keep_ratio",
-        resize_only_if_bigger=True,
-        processes_count=config.processes,
-        thread_count=config.threads,
-        number_sample_per_shard=config.samples_per_shard,
-        timeout=config.timeout_s,
-        retries=config.retries,
-        compute_hash="sha256",
-        enable_wandb=False,
         disallowed_header_directives=[],
+        **img2dataset_options(config),
     )
 
 

@@ -361,25 +361,32 @@ def _run_img2dataset(input_path: Location, shard_dir: Location, config: Download
     with guarded_downloads(guard), img2dataset_stops_cleanly():
         img2dataset_download(
             url_list=str(input_path),
-            input_format="parquet",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=["row_index"],
-            output_format="webdataset",
             output_folder=str(shard_dir),
-            image_size=config.image_size,
-            resize_mode="keep_ratio",
-            resize_only_if_bigger=True,
-            processes_count=config.processes,
-            thread_count=config.threads,
-            number_sample_per_shard=config.samples_per_shard,
-            timeout=config.timeout_s,
-            retries=config.retries,
+            save_additional_columns=["row_index"],
             incremental_mode="incremental",
-            compute_hash="sha256",
-            enable_wandb=False,
             disallowed_header_directives=list(config.opt_out_directives),  # [] respects none
+            **img2dataset_options(config),
         )
+
+
+def img2dataset_options(config: DownloadConfig) -> dict[str, Any]:
+    """img2dataset's options for a parquet URL list (url, caption) read into webdataset shards, from `config`."""
+    return {
+        "input_format": "parquet",
+        "url_col": "url",
+        "caption_col": "caption",
+        "output_format": "webdataset",
+        "image_size": config.image_size,
+        "resize_mode": "keep_ratio",
+        "resize_only_if_bigger": True,
+        "processes_count": config.processes,
+        "thread_count": config.threads,
+        "number_sample_per_shard": config.samples_per_shard,
+        "timeout": config.timeout_s,
+        "retries": config.retries,
+        "compute_hash": "sha256",
+        "enable_wandb": False,
+    }
 
 
 def _convert_shard(generation: Generation, shard_parquet: Location) -> None:
