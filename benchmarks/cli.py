@@ -17,6 +17,7 @@ BENCHMARKS = {
     "download": "benchmarks.download",
     "end-to-end": "benchmarks.end_to_end",
     "scale": "benchmarks.scale",
+    "revision": "benchmarks.revision",
 }
 
 
@@ -45,6 +46,11 @@ def add_bench_command(commands: Commands) -> None:
     bench.add_argument(
         "--rows", type=int, nargs="+", help="scale: generation sizes in rows (default: 1000000 10000000)"
     )
+    bench.add_argument(
+        "--base",
+        default="HEAD",
+        help="revision: the git revision whose vlp_core is the baseline (default: %(default)s)",
+    )
     bench.add_argument("--json", type=location, help="also write the reports to this JSON file")
 
 
@@ -57,6 +63,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> Report:
         options["preset"] = args.preset
     if name == "scale" and args.rows:
         options["sizes"] = tuple(args.rows)
+    if name == "revision":
+        options["base"] = args.base
     return importlib.import_module(module).run(quick=args.quick, repeats=args.repeats, **options)
 
 

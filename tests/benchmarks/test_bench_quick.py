@@ -11,7 +11,7 @@ from released_captioners import RELEASED_CAPTIONERS
 from benchmarks.cli import BENCHMARKS
 from flows.cli import main
 
-SLOW = {"download", "end-to-end", "scale"}  # img2dataset's start-up; whole flow runs; ten fresh processes
+SLOW = {"download", "end-to-end", "scale", "revision"}  # img2dataset's start-up; flow runs; fresh processes
 
 
 def _positive(values: list[float]) -> bool:
@@ -59,11 +59,19 @@ def test_quick_benchmark_reports(name: str, tmp_path: Path, capsys: pytest.Captu
         assert set(flops) == {"batch 1, ours: TFLOP/s", "batch 4, ours: TFLOP/s"} and min(flops.values()) > 0
     if name == "scoring":
         assert set(flops) == {"ours: TFLOP/s"} and flops["ours: TFLOP/s"] > 0
+    if name == "revision":  # each work of the workload, HEAD's vlp_core against this tree's
+        assert [c["label"].split(":")[0] for c in report["comparisons"]] == ["caption", "score", "train_step"]
+        assert all(len(c["baseline_s"]) == len(c["ours_s"]) == 1 for c in report["comparisons"])
 
 
 def test_bad_repeats_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "scoring", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_an_unknown_base_revision_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "revision", "--quick", "--base", "no-such-revision"]) == 2
+    assert "git rev-parse --short no-such-revision^{commit} failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["llava", "coca"])  # against transformers' own sampler / alone
