@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A GPU session's checks in one call, on a machine with torch, CUDA, transformers and timm but not Ray or
 # Prefect (the device tool's): the CUDA tests of vlp_core, a training through pipelines.training.loop, then
-# `bench training`, `scoring` and `caption` at their GPU sizes. Logs and JSON reports go to $OUT (default
-# /tmp/gpu-check).
+# `bench training`, `scoring` and `caption` at their GPU sizes, then a profile of a caption call and a
+# pretraining step (benchmarks/gpu_profile.py). Logs and JSON reports go to $OUT (default /tmp/gpu-check).
 #
 # The packages such a machine lacks travel as wheels in .whl/ (ignored by git). Here, once:
 #   echo /.whl/ >> .git/info/exclude
@@ -57,3 +57,5 @@ print(report.text())
 save_reports([report], Path('$OUT/$name.json'))
 " 2>&1 | tee "$OUT/$name.log"
 done
+# Where the GPU's time goes in a caption call and a pretraining step: what to speed up next.
+timeout 240 python3 -m benchmarks.gpu_profile ${GPU_CHECK_QUICK:+--quick} 2>&1 | tee "$OUT/profile.log"

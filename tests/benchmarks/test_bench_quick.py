@@ -8,6 +8,7 @@ import pytest
 import torch
 from released_captioners import RELEASED_CAPTIONERS
 
+from benchmarks import gpu_profile
 from benchmarks.cli import BENCHMARKS
 from flows.cli import main
 
@@ -85,3 +86,16 @@ def test_quick_caption_backend_benchmark(backend: str, tmp_path: Path, capsys: p
     assert len(timed) == 1 and "batch 2 images x 10 captions" in capsys.readouterr().out
     assert report["figures"]["example"]
     assert main(["bench", "caption", "--quick", "--backend", backend]) == 2  # a backend's folder is needed
+
+
+def test_the_gpu_profile_runs_at_quick_sizes(capsys: pytest.CaptureFixture) -> None:
+    """What gpu_check.sh runs last: each work's wall time and its top operations (CPU time without a GPU)."""
+    gpu_profile.main(["--quick"])
+    printed = capsys.readouterr().out
+    for label in (
+        "== caption: tiny at 48 px, 4 images x K=10: wall",
+        "== pretraining step: tiny at 48 px, batch 8: wall",
+    ):
+        assert label in printed
+    assert printed.count("aten::") >= 2 * 10  # a table of the busiest operations for each
+    assert ("GPU busy" in printed) == torch.cuda.is_available()
