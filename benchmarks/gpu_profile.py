@@ -49,7 +49,7 @@ def profiled(label: str, work: Callable[[], object]) -> str:
     if on_gpu:
         busy_us = sum(operation.self_device_time_total for operation in operations)
         lines[0] += f", GPU busy {busy_us / wall_us:.0%} of it ({busy_us / 1e3:.1f} ms of kernels)"
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     lines.append(operations.table(sort_by=sort_by, row_limit=TOP_OPERATIONS))
     return "\n".join(lines)
 
