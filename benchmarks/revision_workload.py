@@ -1,7 +1,8 @@
 """The work `capfilt bench revision` times in each tree: run as the source of `python -c`, with one tree of
 capfilt on PYTHONPATH, so it uses only what vlp_core has had since 3fab4bf, the code #16 measured (the base
-preset, generate with seeds, score_captions, BlipPretrainer). Its argument is JSON {"preset", "repeats"}; it prints one JSON line
-{work: {"label", "unit", "count", "seconds": [per timed call]}} after one untimed call of each work.
+preset, generate with seeds, score_captions, BlipPretrainer). Its argument is JSON {"preset", "repeats"}; it
+prints one JSON line {work: {"label", "unit", "count", "seconds": [per timed call]}} after one untimed call of
+each work.
 
 The model has random weights and BERT's 30,524-token vocabulary at the base preset (a tokenizer of world
 words padded with filler tokens), seed 0: both trees build the same model, so they do the same arithmetic.
