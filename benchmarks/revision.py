@@ -36,14 +36,14 @@ def _git(*arguments: str) -> str:
     return result.stdout.strip()
 
 
-def time_tree(tree: Path, preset: str, calls: int) -> dict[str, dict]:
+def time_tree(workload: str, tree: Path, preset: str, calls: int) -> dict[str, dict]:
     """Each work's label, unit, count and seconds (the median of `calls` timed calls), from one fresh process
-    with `tree` on PYTHONPATH."""
+    running `workload` (the source of revision_workload.py) with `tree` on PYTHONPATH."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     settings = json.dumps({"preset": preset, "repeats": calls})
     with tempfile.TemporaryDirectory() as cwd:  # nothing of this tree's folder on sys.path
         result = subprocess.run(
-            [sys.executable, "-c", WORKLOAD.read_text(), settings], env=env, cwd=cwd, capture_output=True, text=True
+            [sys.executable, "-c", workload, settings], env=env, cwd=cwd, capture_output=True, text=True
         )
     if result.returncode != 0:
         raise RuntimeError(f"the workload failed in {tree}:\n{result.stderr[-3000:]}")
@@ -68,6 +68,7 @@ def run(quick: bool = False, repeats: int | None = None, base: str = "HEAD") -> 
             f"a repetition's time is the median of {calls} timed call(s) after one untimed",
         ],
     )
+    workload = WORKLOAD.read_text()  # once: every process of both sides runs the same source
     times: dict[str, list[dict[str, dict]]] = {"baseline": [], "ours": []}
     load_before = load_1min()
     with tempfile.TemporaryDirectory() as parent:
@@ -77,7 +78,7 @@ def run(quick: bool = False, repeats: int | None = None, base: str = "HEAD") -> 
             for repetition in range(repeats):
                 order = [("baseline", worktree), ("ours", HERE)]
                 for side, tree in order if repetition % 2 == 0 else order[::-1]:
-                    times[side].append(time_tree(tree, preset, calls))
+                    times[side].append(time_tree(workload, tree, preset, calls))
         finally:
             _git("worktree", "remove", "--force", str(worktree))
     load_after = load_1min()
